@@ -1,0 +1,104 @@
+"""The annotation round trip: export generated images for people to label, import their labels.
+
+The export folder opens in any labeling tool: plain PNGs under `images/`, the label names in
+`classes.txt`, instructions in `README.txt`. `export.json` records the seed, latent and pixel hash of
+every image and the backbone's hash, so import (and training) can prove that regenerating an image
+from its seed gives back exactly the pixels that were labeled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+from factory import labels
+from factory.backbones import load_backbone
+from factory.config import FactoryConfig
+
+log = logging.getLogger(__name__)
+
+_README = """\
+Label these images for the factory ({task}).
+
+images/       the generated images; do not rename them
+classes.txt   the label names; the line number (from 0) is the label id
+export.json   seed, latent and pixel hash of every image (do not edit)
+
+Segmentation: for each image, save an index mask with the same file name under masks/
+  (single-channel PNG, mode L or P, same size as the image, pixel value = class id),
+  or export COCO JSON as coco.json here (category names must match classes.txt).
+Keypoints: export COCO JSON as coco.json here, keypoints in the order of classes.txt.
+Images you cannot label: list their file names in skip.txt, one per line.
+Then run: factory annotate import CONFIG
+"""
+
+
+def label_names(cfg: FactoryConfig) -> list[str]:
+    return cfg.labels.classes if cfg.decoder.task == "segmentation" else cfg.labels.keypoints
+
+
+def export_images(cfg: FactoryConfig) -> str:
+    """Generate `annotate.num_images` images from consecutive seeds into `annotate.dir`."""
+    out = cfg.annotate.dir
+    backbone = load_backbone(cfg.backbone)
+    seeds = list(range(cfg.annotate.start_seed, cfg.annotate.start_seed + cfg.annotate.num_images))
+    os.makedirs(os.path.join(out, labels.IMAGES_DIR), exist_ok=True)
+    os.makedirs(os.path.join(out, labels.MASKS_DIR), exist_ok=True)
+    records = []
+    for start in range(0, len(seeds), 16):
+        batch = backbone(seeds[start : start + 16])
+        for seed, image, latent in zip(seeds[start : start + 16], batch.images.numpy(), batch.latents):
+            name = f"{seed:08d}.png"
+            Image.fromarray(image).save(os.path.join(out, labels.IMAGES_DIR, name))
+            records.append(
+                {"file": name, "seed": seed, "latent": latent.tolist(), "sha256": labels.pixels_sha256(image)}
+            )
+    record = {
+        "backbone_hash": backbone.weights_hash,
+        "psi": cfg.backbone.psi,
+        "resolution": backbone.resolution,
+        "task": cfg.decoder.task,
+        "labels": label_names(cfg),
+        "images": records,
+    }
+    with open(os.path.join(out, labels.EXPORT_RECORD), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(out, "classes.txt"), "w") as f:
+        f.write("\n".join(label_names(cfg)) + "\n")
+    with open(os.path.join(out, "README.txt"), "w") as f:
+        f.write(_README.format(task=cfg.decoder.task))
+    log.info("exported %d images to %s", len(records), out)
+    return out
+
+
+def import_labels(cfg: FactoryConfig) -> labels.LabeledSet:
+    """Validate the annotators' work and write `train.labeled`; raises AnnotationError listing problems."""
+    export = labels.read_export(cfg.annotate.dir)
+    backbone = load_backbone(cfg.backbone)
+    problems = []
+    if export["backbone_hash"] != backbone.weights_hash:
+        problems.append(
+            f"{labels.EXPORT_RECORD}: exported with backbone {export['backbone_hash'][:12]}, but the config's "
+            f"backbone is {backbone.weights_hash[:12]} (check backbone.weights / backbone.init_seed)"
+        )
+    if export["psi"] != cfg.backbone.psi:
+        problems.append(f"{labels.EXPORT_RECORD}: exported with psi={export['psi']}, config has backbone.psi={cfg.backbone.psi}")
+    if export["labels"] != label_names(cfg):
+        problems.append(f"{labels.EXPORT_RECORD}: exported for labels {export['labels']}, config has {label_names(cfg)}")
+    if problems:
+        raise labels.AnnotationError(problems)
+    labeled = labels.import_annotations(cfg.annotate.dir, cfg.decoder.task, label_names(cfg))
+    labels.save_labeled_set(cfg.train.labeled, labeled)
+    log.info("imported %d labeled images into %s", len(labeled.files), cfg.train.labeled)
+    return labeled
+
+
+def write_masks(directory: str, masks: dict[str, np.ndarray]) -> None:
+    """Save index masks the way an annotator would (used by the demo's stand-in annotator and tests)."""
+    os.makedirs(os.path.join(directory, labels.MASKS_DIR), exist_ok=True)
+    for name, mask in masks.items():
+        Image.fromarray(mask.astype(np.uint8)).save(os.path.join(directory, labels.MASKS_DIR, name))

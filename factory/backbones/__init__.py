@@ -1,0 +1,93 @@
+"""Backbones: generators that return images *and* the internal feature maps a decoder reads.
+
+Every backbone is called the same way, `backbone(seeds) -> BackboneOutput`, so the annotation,
+training and generation recipes never look at which generator runs underneath.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from factory.backbones.stylegan2 import StyleGAN2Generator, load_stylegan2
+
+if TYPE_CHECKING:
+    from factory.config import BackboneConfig
+
+
+@dataclass
+class BackboneOutput:
+    images: torch.Tensor
+    """[B, H, W, 3] uint8 on the CPU: exactly the pixels written to PNG."""
+    features: list[torch.Tensor]
+    """One [B, C_j, h_j, w_j] map per tap, at native resolution, on the model's device."""
+    latents: torch.Tensor
+    """[B, z_dim] float32 on the CPU: the z each sample was generated from."""
+
+
+class Backbone(Protocol):
+    resolution: int
+    feature_channels: list[int]
+    feature_names: list[str]
+    weights_hash: str
+
+    def __call__(self, seeds: Sequence[int]) -> BackboneOutput: ...
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] floats in [-1, 1] -> [B, H, W, 3] uint8 (clamped, rounded)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().contiguous()
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """sha256 over parameter names and bytes: identifies the weights whatever file they came from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class StyleGAN2Backbone:
+    """A StyleGAN2 generator sampled at a fixed truncation: a sample is a function of its seed."""
+
+    def __init__(self, cfg: BackboneConfig, device: str | torch.device = "cpu") -> None:
+        if cfg.weights is None:
+            generator = StyleGAN2Generator(cfg.stylegan2, seed=cfg.init_seed)
+        else:
+            generator = load_stylegan2(cfg.weights)
+        self.generator = generator.eval().requires_grad_(False).to(device)
+        self.psi = cfg.psi
+        self.rgb_taps = cfg.rgb_taps
+        self.batch_invariant = cfg.batch_invariant
+        info = self.generator.feature_info(rgb_taps=cfg.rgb_taps)
+        self.feature_names = [name for name, _, _ in info]
+        self.feature_channels = [channels for _, channels, _ in info]
+        self.resolution = self.generator.cfg.resolution
+        self.weights_hash = state_hash(self.generator)
+
+    @torch.no_grad()  # not inference_mode: training backpropagates through decoders fed these features
+    def __call__(self, seeds: Sequence[int]) -> BackboneOutput:
+        # Batched convolutions differ from unbatched ones in the last float bits, enough to flip a
+        # uint8 pixel; one seed per forward pass makes a sample a function of its seed alone.
+        groups = [[s] for s in seeds] if self.batch_invariant else [list(seeds)]
+        parts = [self.generator.sample(group, psi=self.psi, rgb_taps=self.rgb_taps) for group in groups]
+        z = torch.cat([p[0] for p in parts])
+        images = torch.cat([p[1] for p in parts])
+        features = {name: torch.cat([p[2][name] for p in parts]) for name in self.feature_names}
+        return BackboneOutput(
+            images=to_uint8(images),
+            features=[features[name] for name in self.feature_names],
+            latents=z.detach().float().cpu(),
+        )
+
+
+def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
+    if cfg.kind == "stylegan2":
+        return StyleGAN2Backbone(cfg, device)
+    raise ValueError(f"backbone.kind must be 'stylegan2', got {cfg.kind!r}")

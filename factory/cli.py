@@ -1,0 +1,196 @@
+"""The `factory` command: one verb per recipe. Errors print one line naming what is wrong and exit
+non-zero (2: bad input or config, 1: a run that failed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from factory import __version__
+
+log = logging.getLogger("factory")
+
+_CONFIG_HELP = "YAML config file (see configs/); its values overlay the built-in defaults"
+_OVERRIDES_HELP = "config overrides as key=value, e.g. train.steps=200 generate.num_samples=5000"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="factory",
+        description="A labeled-data factory on Ray: turn a generative backbone plus a few annotated "
+        "examples into a sharded, reproducible image + label dataset.",
+    )
+    p.add_argument("--version", action="version", version=f"factory {__version__}")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    d = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on the built-in tiny backbone",
+        description="Export 16 generated images, label them with a stand-in annotator, import, fit "
+        "the Style Interpreter on Ray Train, generate a labeled dataset on Ray Data and inspect it. "
+        "Runs on a laptop CPU in a few minutes; prints where the output is.",
+    )
+    d.add_argument("--workdir", default="factory-demo", help="folder for every output (default ./factory-demo)")
+    d.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    t = sub.add_parser(
+        "train",
+        help="fit the decoder on the labeled set with Ray Train",
+        description="Fit the decoder (train.*) on the labeled set written by `annotate import`, on "
+        "Ray Train with train.num_workers workers. Re-running with the same train.run_name resumes "
+        "from the last checkpoint. The fitted decoder is written to generate.decoder.",
+    )
+    g = sub.add_parser(
+        "generate",
+        help="generate a labeled, sharded dataset with Ray Data",
+        description="Generate generate.num_samples labeled samples from consecutive seeds with a "
+        "Ray Data actor pool, as Parquet shards under generate.output, then write manifest.json. "
+        "Re-running resumes: finished shards are skipped.",
+    )
+    for verb in (t, g):
+        verb.add_argument("config", help=_CONFIG_HELP)
+        verb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    a = sub.add_parser("annotate", help="export images for labeling / import the labels",
+                       description="The annotation round trip for the GAN path.")
+    asub = a.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ex = asub.add_parser(
+        "export",
+        help="write generated images for annotators",
+        description="Generate annotate.num_images images from seeds into annotate.dir: PNGs under "
+        "images/, classes.txt, README.txt with labeling instructions, export.json with each "
+        "image's seed, latent and pixel hash.",
+    )
+    im = asub.add_parser(
+        "import",
+        help="validate the annotators' labels into a labeled set",
+        description="Read index-mask PNGs from annotate.dir/masks (named like the images) and/or "
+        "annotate.dir/coco.json, plus skip.txt; check sizes, class ids and coverage; write "
+        "train.labeled. Every problem is listed with its file; nothing is written unless all pass.",
+    )
+    for verb in (ex, im):
+        verb.add_argument("config", help=_CONFIG_HELP)
+        verb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    i = sub.add_parser(
+        "inspect",
+        help="summarize a dataset and draw a preview",
+        description="Print a dataset's manifest summary, failed shards, label statistics and "
+        "uncertainty histogram, and write a preview PNG of images with their labels overlaid.",
+    )
+    i.add_argument("dataset", help="dataset folder or URL (the generate.output of a build)")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--preview", default=None, help="where to write the preview PNG (default DATASET/preview.png)")
+    i.add_argument("--samples", type=int, default=2000, help="samples read for label statistics (default 2000)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("factory: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
+        print(f"factory: error: {e}", file=sys.stderr)
+        return code
+
+
+def _exit_code(e: Exception) -> int | None:
+    """2 for bad input the user can fix, 1 for a run that failed; None lets a bug show its traceback."""
+    from factory.config import ConfigError
+    from factory.generate import GenerateError
+    from factory.labels import AnnotationError
+    from factory.storage import StorageError
+    from factory.train import TrainError
+
+    if isinstance(e, (ConfigError, AnnotationError, FileNotFoundError, FileExistsError, StorageError)):
+        return 2
+    if isinstance(e, (TrainError, GenerateError)):
+        return 1
+    if isinstance(e, ValueError):
+        return 2
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from factory import config as config_lib
+
+    if args.verb == "inspect":
+        return _inspect(args)
+    if args.verb == "demo":
+        from factory.demo import demo_config
+
+        cfg = demo_config(args.workdir, args.overrides)
+    else:
+        cfg = config_lib.load_config(args.config, args.overrides)
+    log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
+    started = time.perf_counter()
+
+    if args.verb == "demo":
+        from factory import inspect
+        from factory.demo import run_demo
+
+        summary = run_demo(cfg)
+        print(inspect.format_summary(summary))
+        print(f"decoder   {cfg.generate.decoder}  {_metrics(summary['train_metrics'])}")
+        print(f"preview   {summary['preview']}")
+        print(f"done in {time.perf_counter() - started:.0f} s; read the shards with pyarrow, e.g.\n"
+              f"  python -c \"import pyarrow.parquet as pq; print(pq.read_table('{cfg.generate.output}/shards'))\"")
+    elif args.verb == "annotate" and args.action == "export":
+        from factory.annotate import export_images
+
+        out = export_images(cfg)
+        print(f"exported {cfg.annotate.num_images} images to {out}; label them as {out}/README.txt says, "
+              f"then run: factory annotate import {args.config}")
+    elif args.verb == "annotate":
+        from factory.annotate import import_labels
+
+        labeled = import_labels(cfg)
+        print(f"imported {len(labeled.files)} labeled images into {cfg.train.labeled}")
+    elif args.verb == "train":
+        from factory.runtime import init_ray
+        from factory.train import train
+
+        init_ray(cfg.ray)
+        metrics = train(cfg)
+        print(f"decoder written to {cfg.generate.decoder}  {_metrics(metrics)}")
+    elif args.verb == "generate":
+        from factory.generate import generate
+        from factory.runtime import init_ray
+
+        init_ray(cfg.ray)
+        manifest = generate(cfg)
+        print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards at {cfg.generate.output} "
+              f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from factory import inspect, storage
+
+    summary = inspect.summarize(args.dataset, stat_samples=args.samples)
+    summary["preview"] = inspect.preview(args.dataset, args.preview or storage.join(args.dataset, "preview.png"))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(inspect.format_summary(summary))
+        print(f"preview   {summary['preview']}")
+    return 0 if summary["complete"] else 1
+
+
+def _metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Typed configuration: one dataclass per section, loaded through `OmegaConf.structured`.
+
+The dataclass defaults *are* the embedded default (a tiny built-in StyleGAN2 and a toy class list),
+so `factory demo` needs no file. YAML files under `configs/` overlay them; `key=value` arguments
+overlay the file. Unknown keys, wrong types and bad values raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from factory.backbones.stylegan2 import StyleGAN2Config
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Cluster to join ("auto", "ray://head:10001"); None starts a local cluster in this process."""
+    num_cpus: int | None = 4
+    """Logical CPUs of a local cluster. More than the physical cores lets fractional actors and
+    Ray Train's controller share a 2-core machine without deadlock. Ignored when joining a cluster."""
+
+
+@dataclass
+class BackboneConfig:
+    kind: str = "stylegan2"
+    """Which generator: "stylegan2"."""
+    weights: str | None = None
+    """safetensors file written by `save_stylegan2`; None builds the tiny seeded random-weight
+    generator described by `stylegan2` (the embedded default)."""
+    init_seed: int = 0
+    """Seed of the random weights when `weights` is None."""
+    psi: float = 0.7
+    """Truncation: w = w_avg + psi * (w - w_avg). 1.0 is no truncation."""
+    rgb_taps: bool = True
+    """Also feed each block's running skip-RGB image (StyleGAN2's toRGB outputs) to the decoder,
+    besides every conv layer's features."""
+    batch_invariant: bool = True
+    """Run the generator one seed at a time, so a sample's bytes never depend on its batch-mates:
+    regenerating any single seed reproduces it bit for bit. False batches the generator for
+    throughput; re-running a shard still reproduces it (same batches), a lone seed may differ by
+    one grey level in a few pixels."""
+    stylegan2: StyleGAN2Config = field(default_factory=lambda: StyleGAN2Config(channel_max=8))
+    """Architecture of the random-weight generator; with `weights` set, the file's stored
+    architecture is used instead."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("stylegan2",):
+            raise ConfigError(f"backbone.kind must be 'stylegan2', got {self.kind!r}")
+        if not 0.0 <= self.psi <= 2.0:
+            raise ConfigError(f"backbone.psi must be in [0, 2], got {self.psi}")
+
+
+@dataclass
+class DecoderConfig:
+    kind: str = "interpreter"
+    """Which decoder: "interpreter" (DatasetGAN's Style Interpreter, an ensemble of pixel MLPs)."""
+    task: str = "segmentation"
+    """"segmentation" (one class per pixel) or "keypoints" (one heatmap per keypoint)."""
+    num_heads: int = 10
+    """Ensemble size; disagreement between heads is the uncertainty score."""
+    hidden: list[int] | None = None
+    """Hidden widths; None means the paper's (128, 32), or (256, 128) with >= 32 outputs."""
+    init_seed: int = 0
+    """Seed of the heads' initial weights (each head differs)."""
+    heatmap_sigma: float = 2.0
+    """Keypoints: standard deviation in pixels of the Gaussian regressed around each keypoint."""
+    uncertainty_top_fraction: float = 0.1
+    """A sample's score is the mean uncertainty of its most uncertain pixels, this fraction of them."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("interpreter",):
+            raise ConfigError(f"decoder.kind must be 'interpreter', got {self.kind!r}")
+        if self.task not in ("segmentation", "keypoints"):
+            raise ConfigError(f"decoder.task must be 'segmentation' or 'keypoints', got {self.task!r}")
+        if self.num_heads < 1:
+            raise ConfigError(f"decoder.num_heads must be >= 1, got {self.num_heads}")
+        if self.hidden is not None and (len(self.hidden) != 2 or min(self.hidden) < 1):
+            raise ConfigError(f"decoder.hidden must be two positive widths, got {self.hidden}")
+        if not 0.0 < self.uncertainty_top_fraction <= 1.0:
+            raise ConfigError(
+                f"decoder.uncertainty_top_fraction must be in (0, 1], got {self.uncertainty_top_fraction}"
+            )
+        if self.heatmap_sigma <= 0:
+            raise ConfigError(f"decoder.heatmap_sigma must be > 0, got {self.heatmap_sigma}")
+
+
+@dataclass
+class LabelsConfig:
+    classes: list[str] = field(default_factory=lambda: ["background", "blue"])
+    """Segmentation classes; the index in this list is the pixel value in mask PNGs. The default is
+    the demo's colour classes (see factory/demo.py)."""
+    keypoints: list[str] = field(default_factory=list)
+    """Keypoint names, in the order of COCO's `keypoints` triplets (keypoints task only)."""
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2 or len(self.classes) > 255:
+            raise ConfigError(f"labels.classes must list 2-255 classes, got {len(self.classes)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"labels.classes has duplicates: {self.classes}")
+
+
+@dataclass
+class AnnotateConfig:
+    dir: str = "${workdir}/annotations"
+    """Folder handed to annotators: generated images, their seeds/latents, and the labels they add."""
+    num_images: int = 16
+    """How many generated images to export for labeling (the paper labels 16-30)."""
+    start_seed: int = 0
+    """Seeds start_seed .. start_seed + num_images - 1 are exported."""
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise ConfigError(f"annotate.num_images must be >= 1, got {self.num_images}")
+
+
+@dataclass
+class TrainConfig:
+    labeled: str = "${annotate.dir}/labeled.safetensors"
+    """The labeled set written by `factory annotate import`."""
+    storage_path: str = "${workdir}/train"
+    """Where Ray Train keeps checkpoints; the fitted decoder lands in <storage_path>/<run_name>/decoder."""
+    run_name: str = "interpreter"
+    """Ray Train run name; re-running with the same name resumes from its last checkpoint."""
+    num_workers: int = 2
+    """Data-parallel workers (DDP; gloo on CPU, nccl on GPU)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per worker; fractional values let workers share a small machine."""
+    steps: int = 400
+    """Optimizer steps."""
+    batch_pixels: int = 64
+    """Pixels per head per step per worker (the paper's batch is 64)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    class_balanced: bool = True
+    """Sample pixels uniformly over classes first, so small parts are seen as often as background."""
+    val_images: int = 4
+    """Labeled images held out for validation (the last ones by seed); 0 disables validation."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (and validation reports)."""
+    seed: int = 0
+    """Seed of the pixel sampling; a step's pixels are a function of (seed, rank, step)."""
+    max_failures: int = 1
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_workers", "steps", "batch_pixels", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.val_images < 0:
+            raise ConfigError(f"train.val_images must be >= 0, got {self.val_images}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class GenerateConfig:
+    decoder: str = "${train.storage_path}/${train.run_name}/decoder"
+    """Folder of the fitted decoder (written by `factory train`)."""
+    output: str = "${workdir}/dataset"
+    """Dataset folder: shards/, one completion record per shard, manifest.json last."""
+    num_samples: int = 1000
+    """Samples to generate."""
+    start_seed: int = 1_000_000
+    """First seed; kept apart from the annotation seeds so no labeled image is regenerated."""
+    shard_size: int = 250
+    """Samples per shard (the unit of work and of resume)."""
+    batch_size: int = 16
+    """Seeds per backbone + decoder forward pass."""
+    num_actors: int = 2
+    """Actors in the Ray Data pool; each loads the backbone and decoder once."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor (fractional values share cores)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per actor; > 0 runs the models on CUDA."""
+    overwrite: bool = False
+    """Replace a dataset that was built from a different config instead of refusing."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "shard_size", "batch_size", "num_actors"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"generate.{key} must be >= 1, got {getattr(self, key)}")
+        if self.start_seed < 0:
+            raise ConfigError(f"generate.start_seed must be >= 0, got {self.start_seed}")
+        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ConfigError(
+                f"generate.cpus_per_actor must be > 0 and generate.gpus_per_actor >= 0, "
+                f"got {self.cpus_per_actor} and {self.gpus_per_actor}"
+            )
+
+
+@dataclass
+class FactoryConfig:
+    name: str = "demo"
+    """A name for this factory, recorded in checkpoints and manifests."""
+    workdir: str = "factory-work"
+    """Base folder the default paths below are relative to."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def __post_init__(self) -> None:
+        if self.decoder.task == "keypoints" and not self.labels.keypoints:
+            raise ConfigError("labels.keypoints must name the keypoints when decoder.task is 'keypoints'")
+        if self.train.val_images >= self.annotate.num_images:
+            raise ConfigError(
+                f"train.val_images ({self.train.val_images}) must be smaller than "
+                f"annotate.num_images ({self.annotate.num_images})"
+            )
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FactoryConfig:
+    """Defaults <- YAML file <- `key=value` overrides, validated, interpolations resolved."""
+    merged = OmegaConf.structured(FactoryConfig)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {_describe(e)}") from None
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad[0]!r}")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # runs every __post_init__
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override: {_describe(e)}" if overrides else _describe(e)) from None
+
+
+def from_dict(data: dict) -> FactoryConfig:
+    """Rebuild a config shipped across processes (e.g. to Ray workers) as a plain dict."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FactoryConfig), data))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def to_dict(cfg: FactoryConfig) -> dict:
+    return asdict(cfg)
+
+
+def to_yaml(cfg: FactoryConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def stable_hash(obj: object) -> str:
+    """sha256 of a JSON-able object in canonical form: equal settings give equal hashes everywhere."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    first = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    if key and key not in first:
+        return f"{first} (key: {key})"
+    return first

@@ -1,0 +1,121 @@
+"""Decoders: backbone features -> labels, plus an uncertainty score per pixel and per sample.
+
+A fitted decoder is a folder: `model.safetensors` (weights; metadata holds the decoder config, the
+input channels, the label names and the backbone hash it was fitted on), `config.yaml` (the full
+resolved training config) and `labels.json` (task and label names, for people and tools).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from factory.config import DecoderConfig
+from factory.decoders.interpreter import StyleInterpreter, predict_keypoints, predict_segmentation
+
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class Decoded:
+    masks: torch.Tensor | None
+    """[B, H, W] uint8 class ids (segmentation), else None."""
+    keypoints: torch.Tensor | None
+    """[B, K, 3] float (x, y, score) in pixels (keypoints), else None."""
+    pixel_uncertainty: torch.Tensor
+    """[B, H, W] float32."""
+    score: torch.Tensor
+    """[B] float32: mean of the most uncertain pixels."""
+
+
+@dataclass
+class FittedDecoder:
+    model: StyleInterpreter
+    cfg: DecoderConfig
+    label_names: list[str]
+    in_channels: list[int]
+    backbone_hash: str
+
+    @torch.inference_mode()
+    def __call__(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> Decoded:
+        if self.cfg.task == "segmentation":
+            p = predict_segmentation(self.model, features, size, self.cfg.uncertainty_top_fraction)
+            masks = p.labels.to(torch.uint8).cpu()
+            return Decoded(masks, None, p.pixel_uncertainty.float().cpu(), p.score.float().cpu())
+        p = predict_keypoints(self.model, features, size, self.cfg.uncertainty_top_fraction)
+        return Decoded(None, p.keypoints.float().cpu(), p.pixel_uncertainty.float().cpu(), p.score.float().cpu())
+
+
+def build_decoder(cfg: DecoderConfig, in_channels: Sequence[int], num_outputs: int) -> StyleInterpreter:
+    if cfg.kind == "interpreter":
+        return StyleInterpreter(
+            in_channels, num_outputs, num_heads=cfg.num_heads, hidden=cfg.hidden, seed=cfg.init_seed
+        )
+    raise ValueError(f"decoder.kind must be 'interpreter', got {cfg.kind!r}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def save_decoder(
+    directory: str,
+    model: torch.nn.Module,
+    cfg: DecoderConfig,
+    label_names: Sequence[str],
+    in_channels: Sequence[int],
+    backbone_hash: str,
+    config_yaml: str,
+) -> None:
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    metadata = {
+        "format": "factory.decoder",
+        "decoder": json.dumps(asdict(cfg)),
+        "labels": json.dumps(list(label_names)),
+        "in_channels": json.dumps(list(in_channels)),
+        "backbone_hash": backbone_hash,
+    }
+    save_file(state, os.path.join(directory, MODEL_FILE), metadata=metadata)
+    with open(os.path.join(directory, "config.yaml"), "w") as f:
+        f.write(config_yaml)
+    with open(os.path.join(directory, "labels.json"), "w") as f:
+        json.dump({"task": cfg.task, "labels": list(label_names)}, f, indent=2)
+
+
+def read_decoder_metadata(directory: str) -> dict[str, str]:
+    path = os.path.join(directory, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no fitted decoder at {directory} (missing {MODEL_FILE}); run `factory train` first")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if metadata.get("format") != "factory.decoder":
+        raise ValueError(f"{path} is not a factory decoder (metadata format={metadata.get('format')!r})")
+    return metadata
+
+
+def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDecoder:
+    metadata = read_decoder_metadata(directory)
+    cfg = DecoderConfig(**json.loads(metadata["decoder"]))
+    labels = json.loads(metadata["labels"])
+    in_channels = json.loads(metadata["in_channels"])
+    model = build_decoder(cfg, in_channels, len(labels))
+    state = load_file(os.path.join(directory, MODEL_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{os.path.join(directory, MODEL_FILE)} does not match decoder {cfg.kind}: "
+            f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    model = model.eval().requires_grad_(False).to(device)
+    return FittedDecoder(model, cfg, labels, in_channels, metadata["backbone_hash"])

@@ -1,0 +1,127 @@
+"""`factory inspect`: what a dataset holds, in numbers and in one picture a person can check."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from factory import read, shards, storage
+
+TILE = 128
+
+
+def palette(n: int) -> np.ndarray:
+    """The PASCAL VOC colour map: distinct, stable colours for class ids 0..n-1 (0 is black)."""
+    colors = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colors[i] = (r, g, b)
+    return colors
+
+
+def summarize(dataset: str, stat_samples: int = 2000) -> dict:
+    """Manifest summary, failed shards, uncertainty histogram (all samples), label statistics
+    (pixel frequencies per class, or keypoint scores) over the first `stat_samples` samples."""
+    manifest = shards.read_manifest(dataset)
+    labels = manifest["labels"]
+    scores = np.concatenate(
+        [t.column("uncertainty").to_numpy() for t in read.shard_tables(dataset, ["uncertainty"])] or [np.zeros(0)]
+    )
+    counts, edges = np.histogram(scores, bins=10) if scores.size else (np.zeros(10, int), np.zeros(11))
+    summary = {
+        "dataset": dataset,
+        "name": manifest["name"],
+        "task": manifest["task"],
+        "labels": labels,
+        "num_samples": manifest["num_samples"],
+        "num_shards": manifest["num_shards"],
+        "complete": manifest["complete"],
+        "failed_shards": manifest["failed"],
+        "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "config_hash": manifest["config_hash"],
+        "package_version": manifest["package_version"],
+        "uncertainty": {
+            "mean": float(scores.mean()) if scores.size else None,
+            "histogram": {"counts": counts.tolist(), "edges": [round(float(e), 6) for e in edges]},
+        },
+    }
+    if manifest["task"] == "segmentation":
+        pixels = np.zeros(len(labels), dtype=np.int64)
+        for sample in read.iter_samples(dataset, limit=stat_samples):
+            pixels += np.bincount(sample["mask"].ravel(), minlength=len(labels))[: len(labels)]
+        total = max(int(pixels.sum()), 1)
+        summary["class_pixel_frequency"] = {name: round(int(c) / total, 6) for name, c in zip(labels, pixels)}
+    else:
+        scores_by_kp: dict[str, list[float]] = {name: [] for name in labels}
+        for sample in read.iter_samples(dataset, limit=stat_samples):
+            for kp in sample["keypoints"]:
+                scores_by_kp[kp["name"]].append(kp["score"])
+        summary["keypoint_mean_score"] = {k: float(np.mean(v)) if v else None for k, v in scores_by_kp.items()}
+    return summary
+
+
+def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
+    """A grid of image | image-with-labels pairs and a class legend, written as PNG to `path`."""
+    manifest = shards.read_manifest(dataset)
+    labels = manifest["labels"]
+    colors = palette(max(len(labels), 2))
+    tiles = []
+    for sample in read.iter_samples(dataset, limit=num):
+        image = sample["image"]
+        overlay = image.copy()
+        if sample["mask"] is not None:
+            colored = colors[sample["mask"]]
+            overlay = (0.45 * image + 0.55 * colored).astype(np.uint8)
+        pair = Image.fromarray(np.concatenate([image, overlay], axis=1)).resize((2 * TILE, TILE), Image.NEAREST)
+        if sample["keypoints"]:
+            draw = ImageDraw.Draw(pair)
+            scale = TILE / image.shape[1]
+            for i, kp in enumerate(sample["keypoints"]):
+                x, y = TILE + kp["x"] * scale, kp["y"] * scale
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=tuple(int(c) for c in colors[(i + 1) % len(colors)]))
+        tiles.append(pair)
+    rows = max(1, -(-len(tiles) // columns))
+    legend_h = 18 * (-(-len(labels) // 4)) + 8
+    grid = Image.new("RGB", (columns * (2 * TILE + 4), rows * (TILE + 4) + legend_h), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * (2 * TILE + 4), (i // columns) * (TILE + 4)))
+    draw = ImageDraw.Draw(grid)
+    top = rows * (TILE + 4) + 4
+    for i, name in enumerate(labels):
+        x, y = (i % 4) * (grid.width // 4) + 4, top + (i // 4) * 18
+        color = tuple(int(c) for c in colors[i]) if manifest["task"] == "segmentation" else tuple(
+            int(c) for c in colors[(i + 1) % len(colors)])
+        draw.rectangle([x, y, x + 12, y + 12], fill=color, outline=(0, 0, 0))
+        draw.text((x + 18, y), f"{i}: {name}", fill=(0, 0, 0))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    storage.write_bytes(path, buf.getvalue())
+    return path
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"dataset   {s['dataset']}  ({s['name']}, {s['task']})",
+        f"samples   {s['num_samples']} in {s['num_shards']} shards, {s['bytes'] / 1e6:.1f} MB, "
+        f"{'complete' if s['complete'] else 'INCOMPLETE'}",
+        f"config    {s['config_hash'][:16]}  (factory {s['package_version']})",
+    ]
+    for f in s["failed_shards"]:
+        lines.append(f"FAILED    {f['name']}: {f['error']}")
+    if "class_pixel_frequency" in s:
+        lines.append("classes   " + ", ".join(f"{k} {v:.1%}" for k, v in s["class_pixel_frequency"].items()))
+    if "keypoint_mean_score" in s:
+        lines.append("keypoints " + ", ".join(f"{k} {v:.2f}" for k, v in s["keypoint_mean_score"].items() if v is not None))
+    hist = s["uncertainty"]["histogram"]
+    peak = max(hist["counts"]) or 1
+    lines.append(f"uncertainty per sample (mean {s['uncertainty']['mean']:.4f}):")
+    for count, lo, hi in zip(hist["counts"], hist["edges"], hist["edges"][1:]):
+        lines.append(f"  {lo:8.4f} - {hi:8.4f} {'#' * round(30 * count / peak):<30} {count}")
+    return "\n".join(lines)

@@ -1,0 +1,259 @@
+"""Annotations in, a validated labeled set out.
+
+Reads what annotators produce for an exported folder (index-mask PNGs named like the images, or a
+COCO JSON read with pycocotools, plus an optional `skip.txt`), checks every file against the export
+record and the configured label names, and stores the result as one `labeled.safetensors`.
+Every problem found is reported, each naming its file; nothing is written unless all pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+EXPORT_RECORD = "export.json"
+IMAGES_DIR = "images"
+MASKS_DIR = "masks"
+COCO_FILE = "coco.json"
+SKIP_FILE = "skip.txt"
+
+
+class AnnotationError(ValueError):
+    """One or more annotation files are wrong; `problems` lists each with its file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} annotation problem(s):\n{lines}")
+
+
+@dataclass
+class LabeledSet:
+    task: str
+    label_names: list[str]
+    files: list[str]
+    seeds: torch.Tensor
+    """[N] int64: the seed each labeled image was generated from."""
+    image_sha256: list[str]
+    """sha256 of each exported image's uint8 pixels, to prove regeneration reproduces it."""
+    backbone_hash: str
+    psi: float
+    masks: torch.Tensor | None = None
+    """[N, H, W] uint8 class ids (segmentation)."""
+    keypoints: torch.Tensor | None = None
+    """[N, K, 3] float32 (x, y, visibility) (keypoints)."""
+
+
+def pixels_sha256(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def read_export(directory: str) -> dict:
+    path = os.path.join(directory, EXPORT_RECORD)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run `factory annotate export` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def import_annotations(directory: str, task: str, label_names: list[str]) -> LabeledSet:
+    """Read and validate everything the annotators left in `directory`."""
+    export = read_export(directory)
+    images = {entry["file"]: entry for entry in export["images"]}
+    size = export["resolution"]
+    problems: list[str] = []
+
+    skipped = _read_skip(directory, images, problems)
+    masks: dict[str, np.ndarray] = {}
+    keypoints: dict[str, np.ndarray] = {}
+    attempted: set[str] = set()  # labeled, though maybe wrongly: reported once, not also as missing
+    if task == "segmentation":
+        attempted = _read_masks(directory, images, size, label_names, masks, problems)
+    coco_path = os.path.join(directory, COCO_FILE)
+    if os.path.isfile(coco_path):
+        _read_coco(coco_path, images, size, task, label_names, masks, keypoints, problems)
+    labeled = masks if task == "segmentation" else keypoints
+    for name in sorted(images):
+        if name in labeled and name in skipped:
+            problems.append(f"{SKIP_FILE}: {name} is labeled but also listed as skipped")
+        elif name not in labeled and name not in skipped and name not in attempted:
+            problems.append(
+                f"{IMAGES_DIR}/{name}: not labeled (no {MASKS_DIR}/{name} and no {COCO_FILE} annotation) "
+                f"and not listed in {SKIP_FILE}"
+            )
+    if not problems and not labeled:
+        problems.append(f"{directory}: every image is skipped; nothing to train on")
+    if problems:
+        raise AnnotationError(problems)
+
+    files = sorted(labeled, key=lambda name: images[name]["seed"])
+    return LabeledSet(
+        task=task,
+        label_names=list(label_names),
+        files=files,
+        seeds=torch.tensor([images[n]["seed"] for n in files], dtype=torch.int64),
+        image_sha256=[images[n]["sha256"] for n in files],
+        backbone_hash=export["backbone_hash"],
+        psi=export["psi"],
+        masks=torch.from_numpy(np.stack([masks[n] for n in files])) if task == "segmentation" else None,
+        keypoints=torch.from_numpy(np.stack([keypoints[n] for n in files])) if task == "keypoints" else None,
+    )
+
+
+def _read_skip(directory: str, images: dict, problems: list[str]) -> set[str]:
+    path = os.path.join(directory, SKIP_FILE)
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        names = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+    for name in sorted(names - set(images)):
+        problems.append(f"{SKIP_FILE}: {name} is not an exported image")
+    return names & set(images)
+
+
+def _read_masks(
+    directory: str, images: dict, size: int, label_names: list[str], out: dict, problems: list[str]
+) -> set[str]:
+    """Valid masks go into `out`; returns the names of every mask file found for an exported image."""
+    mask_dir = os.path.join(directory, MASKS_DIR)
+    if not os.path.isdir(mask_dir):
+        return set()
+    found = {name for name in os.listdir(mask_dir) if name in images}
+    for name in sorted(os.listdir(mask_dir)):
+        rel = f"{MASKS_DIR}/{name}"
+        if name.startswith("."):
+            continue
+        if name not in images:
+            problems.append(f"{rel}: no exported image named {IMAGES_DIR}/{name}")
+            continue
+        try:
+            with Image.open(os.path.join(mask_dir, name)) as im:
+                mode, (w, h) = im.mode, im.size
+                mask = np.array(im)
+        except OSError as e:
+            problems.append(f"{rel}: not a readable image ({e})")
+            continue
+        if mode not in ("L", "P", "I", "I;16"):
+            problems.append(f"{rel}: mode {mode}; expected a single-channel index PNG (mode L or P) of class ids")
+            continue
+        if (w, h) != (size, size):
+            problems.append(f"{rel}: size {w}x{h}, expected {size}x{size} like {IMAGES_DIR}/{name}")
+            continue
+        top = int(mask.max())
+        if top >= len(label_names):
+            problems.append(
+                f"{rel}: class id {top} is outside labels.classes (0..{len(label_names) - 1}: {label_names})"
+            )
+            continue
+        out[name] = mask.astype(np.uint8)
+    return found
+
+
+def _read_coco(
+    path: str,
+    images: dict,
+    size: int,
+    task: str,
+    label_names: list[str],
+    masks: dict,
+    keypoints: dict,
+    problems: list[str],
+) -> None:
+    from pycocotools.coco import COCO
+
+    name = os.path.basename(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        problems.append(f"{name}: not a COCO annotation file ({type(e).__name__}: {e})")
+        return
+    class_of = {}
+    for cat in coco.loadCats(coco.getCatIds()):
+        if task == "segmentation" and cat["name"] not in label_names:
+            problems.append(f"{name}: category {cat['name']!r} (id {cat['id']}) is not in labels.classes {label_names}")
+        elif task == "segmentation":
+            class_of[cat["id"]] = label_names.index(cat["name"])
+    for img in coco.loadImgs(coco.getImgIds()):
+        file = os.path.basename(img["file_name"])
+        where = f"{name}: image {img['file_name']!r}"
+        if file not in images:
+            problems.append(f"{where} is not an exported image")
+            continue
+        if (img.get("width"), img.get("height")) != (size, size):
+            problems.append(f"{where} has size {img.get('width')}x{img.get('height')}, expected {size}x{size}")
+            continue
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])), key=lambda a: a["id"])
+        if task == "segmentation":
+            if file in masks:
+                problems.append(f"{where} is labeled twice: in {MASKS_DIR}/{file} and in {name}")
+                continue
+            mask = np.zeros((size, size), dtype=np.uint8)
+            for ann in anns:  # later annotations paint over earlier ones
+                if ann["category_id"] in class_of:
+                    mask[coco.annToMask(ann) > 0] = class_of[ann["category_id"]]
+            masks[file] = mask
+        else:
+            with_kp = [a for a in anns if a.get("num_keypoints", 1) and a.get("keypoints")]
+            if not with_kp:
+                continue
+            kp = np.asarray(with_kp[0]["keypoints"], dtype=np.float32)
+            if kp.size != 3 * len(label_names):
+                problems.append(
+                    f"{where} has {kp.size // 3} keypoints, expected {len(label_names)} (labels.keypoints)"
+                )
+                continue
+            keypoints[file] = kp.reshape(-1, 3)
+
+
+def save_labeled_set(path: str, labeled: LabeledSet) -> None:
+    tensors = {"seeds": labeled.seeds}
+    if labeled.masks is not None:
+        tensors["masks"] = labeled.masks.contiguous()
+    if labeled.keypoints is not None:
+        tensors["keypoints"] = labeled.keypoints.contiguous()
+    metadata = {
+        "format": "factory.labeled_set",
+        "task": labeled.task,
+        "labels": json.dumps(labeled.label_names),
+        "files": json.dumps(labeled.files),
+        "image_sha256": json.dumps(labeled.image_sha256),
+        "backbone_hash": labeled.backbone_hash,
+        "psi": repr(labeled.psi),
+    }
+    save_file(tensors, path, metadata=metadata)
+
+
+def load_labeled_set(path: str) -> LabeledSet:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labeled set {path} not found: run `factory annotate import` first")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if metadata.get("format") != "factory.labeled_set":
+        raise ValueError(f"{path} is not a labeled set (metadata format={metadata.get('format')!r})")
+    return LabeledSet(
+        task=metadata["task"],
+        label_names=json.loads(metadata["labels"]),
+        files=json.loads(metadata["files"]),
+        seeds=tensors["seeds"],
+        image_sha256=json.loads(metadata["image_sha256"]),
+        backbone_hash=metadata["backbone_hash"],
+        psi=float(metadata["psi"]),
+        masks=tensors.get("masks"),
+        keypoints=tensors.get("keypoints"),
+    )

@@ -1,0 +1,128 @@
+"""Every filesystem the factory touches is built here, from a URL.
+
+Local paths and `file://` URLs map to the local filesystem; any other fsspec protocol goes through
+fsspec. Writes that must look atomic go through `publish`: write a temporary name, then move it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(RuntimeError):
+    """A storage location is missing, unreachable or not writable; the message names it."""
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or an fsspec URL."""
+    if "://" not in url:
+        return LocalFileSystem(), os.path.abspath(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """Absolute local path of a local URL (Ray Train and similar APIs want plain paths)."""
+    if not is_local(url):
+        raise StorageError(f"{url}: a local path is needed here")
+    return os.path.abspath(url.removeprefix("file://"))
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    try:
+        fs.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot create {url}: {e.strerror or e}") from None
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+
+
+def read_json(url: str) -> dict:
+    data = read_bytes(url)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{url} is not valid JSON: {e}") from None
+
+
+@contextmanager
+def publish(url: str) -> Iterator[str]:
+    """Yield a temporary local-or-remote path to write; on success it is moved to `url`.
+
+    Readers never see a half-written file under the final name: a crash leaves only the temporary
+    name behind, which resume ignores and overwrites.
+    """
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0]
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+    try:
+        fs.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot create {parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, _ = filesystem(url)
+    with publish(url) as tmp, fs.open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_json(url: str, obj: object) -> None:
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def put_file(local_file: str, url: str) -> None:
+    """Upload or move a finished local file to `url` through a temporary name."""
+    fs, _ = filesystem(url)
+    with publish(url) as tmp:
+        if isinstance(fs, LocalFileSystem):
+            shutil.move(local_file, tmp)
+        else:
+            fs.put_file(local_file, tmp)
+
+
+def listdir(url: str) -> list[str]:
+    fs, path = filesystem(url)
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+
+
+def remove_tree(url: str) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

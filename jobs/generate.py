@@ -1,0 +1,26 @@
+"""Ray job: generate (or resume) a labeled dataset.
+
+    ray job submit --working-dir . -- python jobs/generate.py configs/demo.yaml ray.address=auto
+"""
+
+import logging
+import sys
+
+from factory import config as config_lib
+from factory.generate import generate
+from factory.runtime import init_ray
+
+log = logging.getLogger("jobs.generate")
+
+
+def main(cfg: config_lib.FactoryConfig) -> dict:
+    log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
+    init_ray(cfg.ray)
+    manifest = generate(cfg)
+    log.info("%d samples in %d shards at %s", manifest["num_samples"], manifest["num_shards"], cfg.generate.output)
+    return manifest
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main(config_lib.load_config(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,69 @@
+import glob
+import os
+
+import pytest
+
+from factory.config import ConfigError, FactoryConfig, load_config, to_yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_are_the_embedded_default():
+    cfg = load_config()
+    assert isinstance(cfg, FactoryConfig)
+    assert cfg.backbone.weights is None and cfg.backbone.stylegan2.resolution == 32
+    assert cfg.annotate.dir == "factory-work/annotations"
+    assert cfg.generate.decoder == "factory-work/train/interpreter/decoder"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_config_file_validates(path, tmp_path):
+    cfg = load_config(path)
+    assert cfg.name
+    # the resolved config, as written next to checkpoints, loads back to the same config
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(to_yaml(cfg))
+    assert load_config(str(resolved)) == cfg
+
+
+def test_overrides_apply_and_interpolate():
+    cfg = load_config(None, ["workdir=/data/x", "train.steps=7", "labels.classes=[bg,a,b]"])
+    assert cfg.train.steps == 7
+    assert cfg.labels.classes == ["bg", "a", "b"]
+    assert cfg.train.labeled == "/data/x/annotations/labeled.safetensors"
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stpes: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*stpes"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.stpes=3", "stpes"),
+        ("train.steps=abc", "train.steps"),
+        ("train.steps=0", "train.steps must be >= 1"),
+        ("decoder.task=depth", "decoder.task"),
+        ("backbone.psi=5", "backbone.psi"),
+        ("stylegan2.resolution=32", "stylegan2"),
+        ("backbone.stylegan2.resolution=24", "resolution"),
+        ("train.val_images=16", "train.val_images"),
+        ("generate.batch_size", "key=value"),
+    ],
+)
+def test_bad_override_names_the_key(override, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(None, [override])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_keypoints_need_names():
+    with pytest.raises(ConfigError, match="labels.keypoints"):
+        load_config(None, ["decoder.task=keypoints"])
