@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def taps(size: int) -> list[tuple[int, int]]:
-    return [(c, r * size // 256) for c, r in TAPS]
+    return [(c, max(1, r * size // 256)) for c, r in TAPS]
 
 
 def build(args: argparse.Namespace) -> tuple[StyleInterpreter, list[torch.Tensor]]:
@@ -77,6 +77,22 @@ def current_rss() -> int:
 def peak_rss() -> int:
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def busy_cpu_seconds() -> float | None:
+    """Machine-wide non-idle CPU time so far (Linux /proc/stat), to tell whether others competed."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
 
 
 def measure(variant: str, model: StyleInterpreter, features: list[torch.Tensor], args) -> tuple[dict, torch.Tensor]:
@@ -159,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device available")
-    load_before = os.getloadavg()
+    busy_before, own_before, wall_before = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
     results, max_abs_diff = run_all(args)
+    busy_after, own_after, wall = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter() - wall_before
+    others = None if busy_before is None else max(0.0, (busy_after - busy_before) - (own_after - own_before))
     fast, naive = results["fast"], results["naive"]
     ratios = {
         "time_naive_over_fast": naive["median_s"] / fast["median_s"],
@@ -188,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
         "ratios": ratios,
         "max_abs_diff": max_abs_diff,
-        "loadavg_before_after": [load_before, os.getloadavg()],
+        "wall_s": wall,
+        "cpu_s_used_by_other_processes": others,
     }
     mib = 2**20
     print(f"Style Interpreter, {args.size}px, D={report['config']['in_features']}, {args.heads} heads, "
@@ -201,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{v:<8} {r['median_s']:>10.3f} {runs:>24} {r['peak_bytes'] / mib:>10.1f}")
     print(f"naive/fast: time {ratios['time_naive_over_fast']:.1f}x, memory {ratios['memory_naive_over_fast']:.1f}x; "
           f"max |fast - naive| = {max_abs_diff:.2e}")
+    if others is not None:
+        print(f"other processes used {others:.1f} CPU-s during the {wall:.0f} s run (timings are only "
+              "comparable when this is small)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

@@ -242,9 +242,24 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"overrides must be key=value, got {bad[0]!r}")
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)  # runs every __post_init__
+        cfg = OmegaConf.to_object(merged)  # runs every __post_init__
     except OmegaConfBaseException as e:
         raise ConfigError(f"override: {_describe(e)}" if overrides else _describe(e)) from None
+    return absolute_paths(cfg)
+
+
+PATH_KEYS = ("backbone.weights", "annotate.dir", "train.labeled", "train.storage_path", "generate.decoder",
+             "generate.output")
+
+
+def absolute_paths(cfg: FactoryConfig) -> FactoryConfig:
+    """Local paths made absolute, so Ray workers (which run elsewhere) see the same files."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and "://" not in value:
+            setattr(getattr(cfg, section), name, os.path.abspath(value))
+    return cfg
 
 
 def from_dict(data: dict) -> FactoryConfig:

@@ -76,9 +76,9 @@ def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
     for sample in read.iter_samples(dataset, limit=num):
         image = sample["image"]
         overlay = image.copy()
-        if sample["mask"] is not None:
-            colored = colors[sample["mask"]]
-            overlay = (0.45 * image + 0.55 * colored).astype(np.uint8)
+        if sample["mask"] is not None:  # class 0 (background) is left untinted
+            tinted = (0.4 * image + 0.6 * colors[sample["mask"]]).astype(np.uint8)
+            overlay = np.where(sample["mask"][..., None] > 0, tinted, image)
         pair = Image.fromarray(np.concatenate([image, overlay], axis=1)).resize((2 * TILE, TILE), Image.NEAREST)
         if sample["keypoints"]:
             draw = ImageDraw.Draw(pair)

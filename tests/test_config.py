@@ -12,8 +12,9 @@ def test_defaults_are_the_embedded_default():
     cfg = load_config()
     assert isinstance(cfg, FactoryConfig)
     assert cfg.backbone.weights is None and cfg.backbone.stylegan2.resolution == 32
-    assert cfg.annotate.dir == "factory-work/annotations"
-    assert cfg.generate.decoder == "factory-work/train/interpreter/decoder"
+    assert cfg.annotate.dir == os.path.abspath("factory-work/annotations")  # absolute: Ray workers run elsewhere
+    assert cfg.generate.decoder == os.path.abspath("factory-work/train/interpreter/decoder")
+    assert load_config(None, ["generate.output=s3://bucket/ds"]).generate.output == "s3://bucket/ds"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
