@@ -188,13 +188,13 @@ def fit(
     num_labels = len(labeled.label_names)
     model = wrap(build_decoder(cfg.decoder, backbone.feature_channels, num_labels).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    step = restore(model, optimizer) if restore else 0
+    step = start_step = restore(model, optimizer) if restore else 0
     sampler = PixelSampler(data.region, data.train_index, cfg.train.class_balanced)
     metrics: dict[str, float] = {}
     loss_sum, loss_count = 0.0, 0
     while True:
         if step == cfg.train.steps or (step and step % cfg.train.checkpoint_every == 0 and loss_count):
-            metrics = {"step": step, "loss": loss_sum / max(loss_count, 1)}
+            metrics = {"step": step, "start_step": start_step, "loss": loss_sum / max(loss_count, 1)}
             metrics.update(evaluate(model, data, data.val_index, num_labels))
             if report:
                 report(metrics, model, optimizer, step)

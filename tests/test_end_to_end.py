@@ -77,12 +77,21 @@ def test_rerun_is_a_noop_and_resume_rebuilds_identically(built):
     assert shard.read_bytes() == before
 
 
-def test_train_rerun_resumes_from_its_checkpoint(built, caplog):
+def test_train_rerun_resumes_from_its_checkpoint(built):
+    from factory.config import load_config
+    from factory.train import train
+
     work, args = built
-    assert main(["train", *args]) == 0  # already at train.steps: resumes, re-reports, publishes
-    assert main(["train", *args, "train.steps=90"]) == 0  # continues from step 60
-    state = sorted((work / "train" / "interpreter").glob("checkpoint_*"))
-    assert state, "no checkpoints kept"
+    decoder = work / "train" / "interpreter" / "decoder" / "model.safetensors"
+    before = decoder.read_bytes()
+    done = train(load_config(args[0]))  # already at train.steps: restores, trains nothing, re-publishes
+    assert done["start_step"] == 60 and done["step"] == 60
+    assert decoder.read_bytes() == before
+    more = train(load_config(args[0], ["train.steps=90"]))  # continues from step 60, not from 0
+    assert more["start_step"] == 60 and more["step"] == 90
+    assert decoder.read_bytes() != before
+    with pytest.raises(Exception, match="different inputs"):
+        train(load_config(args[0], ["train.lr=0.01"]))
 
 
 def test_different_config_into_same_output_is_refused(built, capsys):

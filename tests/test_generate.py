@@ -56,3 +56,24 @@ def test_sample_hash_tracks_what_the_bytes_depend_on(tiny_cfg, models):
     assert h == sample_hash(tiny_cfg, backbone.weights_hash, tiny_cfg.generate.decoder)
     tiny_cfg.backbone.psi = 0.5
     assert h != sample_hash(tiny_cfg, backbone.weights_hash, tiny_cfg.generate.decoder)
+
+
+def test_a_failing_shard_is_reported_not_dropped(tiny_cfg, models, monkeypatch):
+    import json
+
+    from factory import generate as generate_mod
+
+    real = generate_mod.build_shard
+
+    def flaky(backbone, decoder, cfg, spec, config_hash):
+        if spec.index == 1:
+            raise OSError("disk full")
+        return real(backbone, decoder, cfg, spec, config_hash)
+
+    monkeypatch.setattr(generate_mod, "build_shard", flaky)
+    builder = generate_mod.ShardBuilder(config_lib.to_dict(tiny_cfg), "abc")
+    out = builder({"index": np.array([0, 1]), "start_seed": np.array([0, 16]), "stop_seed": np.array([16, 32])})
+    first, second = (json.loads(r) for r in out["record"])
+    assert first["count"] == 16 and "failed" not in first
+    assert second == {"shard": 1, "name": "shard-00001", "failed": "OSError: disk full"}
+    assert shards.read_completion(tiny_cfg.generate.output, shards.ShardSpec(1, 16, 32)) is None

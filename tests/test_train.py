@@ -57,3 +57,69 @@ def test_interpreter_learns_the_annotators_rule(tmp_path):
                      report=lambda m, *_: reports.append(m))
     assert [r["step"] for r in reports] == [400]
     assert metrics["val_miou"] >= 0.9, metrics
+
+
+def _coco_keypoints(directory, names, rule):
+    """COCO keypoints JSON for exported images, one annotation per image, keypoints from `rule`."""
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    images, anns = [], []
+    for i, name in enumerate(names):
+        with Image.open(os.path.join(directory, "images", name)) as im:
+            pixels = np.array(im)
+        points = rule(pixels)
+        images.append({"id": i, "file_name": name, "width": 32, "height": 32})
+        anns.append({"id": i + 1, "image_id": i, "category_id": 1, "num_keypoints": len(points),
+                     "keypoints": [v for x, y in points for v in (x, y, 2)], "bbox": [0, 0, 32, 32],
+                     "area": 1024, "iscrowd": 0})
+    coco = {"images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": "scene", "keypoints": ["bluest", "reddest"]}]}
+    with open(os.path.join(directory, "coco.json"), "w") as f:
+        json.dump(coco, f)
+
+
+def _extreme_points(pixels):
+    out = []
+    for channel in (2, 0):
+        y, x = divmod(int(pixels[..., channel].astype("int64").argmax()), pixels.shape[1])
+        out.append((x, y))
+    return out
+
+
+@pytest.mark.slow
+def test_keypoint_interpreter_learns_and_generates(tmp_path):
+    """Keypoints end to end without Ray: COCO import, heatmap regression, decoded (x, y, score)."""
+    import json
+
+    from factory.backbones import load_backbone
+    from factory.decoders import load_decoder, save_decoder
+    from factory.generate import label_seeds
+    from factory.labels import read_export
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "decoder.task=keypoints", "labels.keypoints=[bluest,reddest]",
+                             "annotate.num_images=32", "train.val_images=16", "train.steps=400",
+                             "train.checkpoint_every=400"])
+    annotate.export_images(cfg)
+    names = [e["file"] for e in read_export(cfg.annotate.dir)["images"]]
+    _coco_keypoints(cfg.annotate.dir, names, _extreme_points)
+    labeled = annotate.import_labels(cfg)
+    assert labeled.keypoints.shape == (32, 2, 3)
+    model, metrics = fit(cfg, load_labeled_set(cfg.train.labeled), torch.device("cpu"))
+    # chance: a keypoint guessed uniformly over the image is ~13 px away on average
+    truth = labeled.keypoints[16:, :, :2]
+    guess = torch.rand(1000, 1, 1, 2, generator=torch.Generator().manual_seed(0)) * 31
+    chance = float((guess - truth).norm(dim=-1).mean())
+    assert metrics["val_keypoint_error_px"] < 0.5 * chance, (metrics, chance)
+
+    backbone = load_backbone(cfg.backbone)
+    save_decoder(cfg.generate.decoder, model, cfg.decoder, cfg.labels.keypoints, backbone.feature_channels,
+                 backbone.weights_hash, "")
+    [row] = label_seeds(backbone, load_decoder(cfg.generate.decoder), [5], shard=0, psi=0.7, config_hash="h")
+    assert row["mask"] is None
+    points = json.loads(row["keypoints"])
+    assert [p["name"] for p in points] == ["bluest", "reddest"]
+    assert all(0 <= p["x"] <= 31 and 0 <= p["y"] <= 31 for p in points)
