@@ -10,10 +10,10 @@ completion record it returns is what resume and the manifest are built from.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
+import os
 import time
 import traceback
 from dataclasses import asdict
@@ -26,7 +26,8 @@ from factory import __version__, shards, storage
 from factory import config as config_lib
 from factory.backbones import Backbone, load_backbone
 from factory.config import FactoryConfig
-from factory.decoders import FittedDecoder, load_decoder, read_decoder_metadata
+from factory.decoders import MODEL_FILE, FittedDecoder, load_decoder, read_decoder_metadata
+from factory.fingerprint import safetensors_fingerprint
 from factory.shards import ShardSpec
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ class GenerateError(RuntimeError):
 
 def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str:
     """Identifies everything a sample's bytes depend on besides its seed."""
-    with open(f"{decoder_dir}/model.safetensors", "rb") as f:
-        decoder_sha = hashlib.sha256(f.read()).hexdigest()
+    decoder_sha = safetensors_fingerprint(os.path.join(decoder_dir, MODEL_FILE))
     return config_lib.stable_hash(
         {"backbone": backbone_hash, "psi": cfg.backbone.psi, "rgb_taps": cfg.backbone.rgb_taps, "decoder": decoder_sha}
     )
@@ -97,7 +97,7 @@ def build_shard(
     backbone: Backbone, decoder: FittedDecoder, cfg: FactoryConfig, spec: ShardSpec, config_hash: str
 ) -> dict:
     """Generate, encode and publish one shard; returns its completion record (written last)."""
-    timings = {"generate_s": 0.0, "write_s": 0.0}
+    timings = {"label_encode_s": 0.0, "write_s": 0.0}
     writer = shards.ParquetShardWriter(cfg.generate.output, spec)
     scores: list[float] = []
     started = time.perf_counter()
@@ -113,7 +113,7 @@ def build_shard(
             for row in rows:
                 writer.write(row)
                 scores.append(row["uncertainty"])
-            timings["generate_s"] += t1 - t0
+            timings["label_encode_s"] += t1 - t0
             timings["write_s"] += time.perf_counter() - t1
         t0 = time.perf_counter()
         files = writer.close()

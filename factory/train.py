@@ -9,7 +9,6 @@ with the same `train.run_name` resumes from the last one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ from factory.config import FactoryConfig
 from factory.decoders import build_decoder, save_decoder, unwrap
 from factory.decoders.interpreter import gather_pixel_features
 from factory.decoders.keypoints import decode_heatmaps, gaussian_heatmaps
+from factory.fingerprint import safetensors_fingerprint
 from factory.labels import LabeledSet, load_labeled_set, pixels_sha256
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ class TrainingData:
 
 def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
     """What a checkpoint was fitted on; resuming onto different inputs is refused."""
-    with open(labeled_path, "rb") as f:
-        labeled_sha = hashlib.sha256(f.read()).hexdigest()
+    labeled_sha = safetensors_fingerprint(labeled_path)
     t = cfg.train
     return config_lib.stable_hash(
         {

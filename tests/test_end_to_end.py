@@ -79,17 +79,19 @@ def test_rerun_is_a_noop_and_resume_rebuilds_identically(built):
 
 def test_train_rerun_resumes_from_its_checkpoint(built):
     from factory.config import load_config
+    from factory.fingerprint import safetensors_fingerprint
     from factory.train import train
 
     work, args = built
-    decoder = work / "train" / "interpreter" / "decoder" / "model.safetensors"
-    before = decoder.read_bytes()
+    decoder = str(work / "train" / "interpreter" / "decoder" / "model.safetensors")
+    before = safetensors_fingerprint(decoder)
     done = train(load_config(args[0]))  # already at train.steps: restores, trains nothing, re-publishes
     assert done["start_step"] == 60 and done["step"] == 60
-    assert decoder.read_bytes() == before
+    assert safetensors_fingerprint(decoder) == before
+    assert main(["generate", *args]) == 0  # the same decoder: the dataset is still this config's
     more = train(load_config(args[0], ["train.steps=90"]))  # continues from step 60, not from 0
     assert more["start_step"] == 60 and more["step"] == 90
-    assert decoder.read_bytes() != before
+    assert safetensors_fingerprint(decoder) != before
     with pytest.raises(Exception, match="different inputs"):
         train(load_config(args[0], ["train.lr=0.01"]))
 
@@ -121,3 +123,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "num_sampels" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path)]) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+def _load_job(name):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_job_entry_points_run_the_same_recipes(built):
+    from factory.config import load_config
+
+    work, args = built
+    cfg = load_config(args[0], [f"generate.output={work}/job-dataset", "generate.num_samples=30"])
+    manifest = _load_job("generate").main(cfg)
+    assert manifest["complete"] and manifest["num_samples"] == 30
+    assert pq.read_table(work / "job-dataset" / "shards").num_rows == 30
+    assert callable(_load_job("train_decoder").main)

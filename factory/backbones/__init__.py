@@ -6,7 +6,6 @@ training and generation recipes never look at which generator runs underneath.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from factory.backbones.stylegan2 import StyleGAN2Generator, load_stylegan2
+from factory.fingerprint import state_hash
 
 if TYPE_CHECKING:
     from factory.config import BackboneConfig
@@ -42,15 +42,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] floats in [-1, 1] -> [B, H, W, 3] uint8 (clamped, rounded)."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().contiguous()
-
-
-def state_hash(module: torch.nn.Module) -> str:
-    """sha256 over parameter names and bytes: identifies the weights whatever file they came from."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class StyleGAN2Backbone:
