@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--preview", default=None, help="where to write the preview PNG (default DATASET/preview.png)")
     i.add_argument("--samples", type=int, default=2000, help="samples read for label statistics (default 2000)")
+    i.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// datasets (storage.endpoint_url)")
+    i.add_argument("--region", default=None, help="S3 region (storage.region)")
+    i.add_argument("--anonymous", action="store_true", help="read a public bucket without credentials")
     return p
 
 
@@ -124,6 +127,7 @@ def _exit_code(e: Exception) -> int | None:
 
 def _run(args: argparse.Namespace) -> int:
     from factory import config as config_lib
+    from factory import storage
 
     if args.verb == "inspect":
         return _inspect(args)
@@ -134,6 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = config_lib.load_config(args.config, args.overrides)
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
+    storage.configure(cfg.storage)
     started = time.perf_counter()
 
     if args.verb == "demo":
@@ -177,7 +182,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from factory import inspect, storage
+    from factory.config import StorageConfig
 
+    storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
     summary = inspect.summarize(args.dataset, stat_samples=args.samples)
     summary["preview"] = inspect.preview(args.dataset, args.preview or storage.join(args.dataset, "preview.png"))
     if args.json:

@@ -32,6 +32,17 @@ class RayConfig:
 
 
 @dataclass
+class StorageConfig:
+    endpoint_url: str | None = None
+    """S3 endpoint for s3:// URLs (MinIO, on-prem, a local test server); None means AWS itself."""
+    region: str | None = None
+    """S3 region; None lets the AWS credential chain decide."""
+    anonymous: bool = False
+    """Access public buckets without credentials. Otherwise credentials come from the standard AWS
+    chain (environment, profile, instance or pod role), never from config files."""
+
+
+@dataclass
 class BackboneConfig:
     kind: str = "stylegan2"
     """Which generator: "stylegan2"."""
@@ -210,6 +221,7 @@ class FactoryConfig:
     workdir: str = "factory-work"
     """Base folder the default paths below are relative to."""
     ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)

@@ -152,6 +152,7 @@ class ShardBuilder:
 
     def __init__(self, cfg: dict, config_hash: str) -> None:
         self.cfg = config_lib.from_dict(cfg)
+        storage.configure(self.cfg.storage)
         device = "cuda" if self.cfg.generate.gpus_per_actor > 0 else "cpu"
         self.backbone = load_backbone(self.cfg.backbone, device)
         self.decoder = load_decoder(self.cfg.generate.decoder, device)
@@ -176,6 +177,7 @@ def generate(cfg: FactoryConfig) -> dict:
     from ray.data import ActorPoolStrategy
 
     g = cfg.generate
+    storage.configure(cfg.storage)
     # 1. Check inputs: the decoder exists and was fitted on this backbone.
     meta = read_decoder_metadata(g.decoder)
     backbone = load_backbone(cfg.backbone)

@@ -1,7 +1,10 @@
-"""Every filesystem the factory touches is built here, from a URL.
+"""Every filesystem the factory touches is built here, from a URL and one `storage` config.
 
-Local paths and `file://` URLs map to the local filesystem; any other fsspec protocol goes through
-fsspec. Writes that must look atomic go through `publish`: write a temporary name, then move it.
+Local paths and `file://` URLs map to the local filesystem; `s3://` URLs to s3fs (and, for Arrow
+readers and writers, `pyarrow.fs.S3FileSystem`), both pointed at `storage.endpoint_url`; any other
+fsspec protocol goes through fsspec. Each process that touches storage calls `configure` with the
+run's config first (drivers, Ray actors and Ray Train workers alike). Writes that must look atomic
+go through `publish`: write a temporary name, then move it.
 """
 
 from __future__ import annotations
@@ -16,17 +19,52 @@ from contextlib import contextmanager
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from factory.config import StorageConfig
+
 
 class StorageError(RuntimeError):
     """A storage location is missing, unreachable or not writable; the message names it."""
+
+
+_settings = StorageConfig()
+
+
+def configure(cfg: StorageConfig) -> None:
+    """Use `cfg` for every filesystem this process builds from now on."""
+    global _settings
+    _settings = cfg
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path or an fsspec URL."""
     if "://" not in url:
         return LocalFileSystem(), os.path.abspath(url)
+    if url.startswith("s3://"):
+        from s3fs import S3FileSystem
+
+        client_kwargs = {k: v for k, v in (("endpoint_url", _settings.endpoint_url),
+                                            ("region_name", _settings.region)) if v}
+        return S3FileSystem(anon=_settings.anonymous, client_kwargs=client_kwargs), url.removeprefix("s3://")
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+def arrow_filesystem(url: str):
+    """(pyarrow filesystem, path) for Arrow-native readers and writers, from the same settings."""
+    import pyarrow.fs as pafs
+
+    if url.startswith("s3://"):
+        kwargs: dict = {"anonymous": _settings.anonymous}
+        if _settings.endpoint_url:
+            scheme, _, host = _settings.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        if _settings.region:
+            kwargs["region"] = _settings.region
+        return pafs.S3FileSystem(**kwargs), url.removeprefix("s3://")
+    if is_local(url):
+        return pafs.LocalFileSystem(), local_path(url)
+    fs, path = filesystem(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def join(base: str, *parts: str) -> str:

@@ -216,6 +216,7 @@ def _worker(loop_config: dict) -> None:
     import ray.train.torch
 
     cfg = config_lib.from_dict(loop_config["cfg"])
+    storage.configure(cfg.storage)
     labeled = load_labeled_set(cfg.train.labeled)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
@@ -258,6 +259,7 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage.configure(cfg.storage)
     # 1. Check inputs: the labeled set exists and matches the configured task, labels and backbone.
     labeled = load_labeled_set(cfg.train.labeled)
     expected = cfg.labels.classes if cfg.decoder.task == "segmentation" else cfg.labels.keypoints

@@ -9,6 +9,11 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Dummy credentials for the loopback S3 server, set before Ray starts so that its workers inherit
+# them the way cluster workers inherit platform credentials (never through config files).
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture
@@ -54,3 +59,32 @@ def ray_cluster():
     init_ray(RayConfig(num_cpus=4))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-protocol server on loopback (moto's server mode)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket; storage is configured for the endpoint while the test runs."""
+    import re
+
+    import boto3
+
+    from factory import storage
+    from factory.config import StorageConfig
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    storage.configure(StorageConfig(endpoint_url=s3_endpoint, region="us-east-1"))
+    yield f"s3://{name}"
+    storage.configure(StorageConfig())

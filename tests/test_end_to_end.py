@@ -144,3 +144,15 @@ def test_job_entry_points_run_the_same_recipes(built):
     assert manifest["complete"] and manifest["num_samples"] == 30
     assert pq.read_table(work / "job-dataset" / "shards").num_rows == 30
     assert callable(_load_job("train_decoder").main)
+
+
+def test_generate_to_s3_on_loopback(built, s3_bucket, s3_endpoint):
+    from factory import read
+
+    work, args = built
+    out = f"{s3_bucket}/datasets/v1"
+    assert main(["generate", *args, f"generate.output={out}", "generate.num_samples=60",
+                 f"storage.endpoint_url={s3_endpoint}", "storage.region=us-east-1"]) == 0
+    tables = list(read.shard_tables(out))
+    assert [t.num_rows for t in tables] == [50, 10]
+    assert main(["inspect", out, "--json", "--endpoint-url", s3_endpoint, "--region", "us-east-1"]) == 0
