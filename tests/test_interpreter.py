@@ -59,7 +59,11 @@ def upsample_concat(features: list[torch.Tensor], size: tuple[int, int]) -> torc
 
 
 @pytest.mark.parametrize("band_elements", [50, 5_000, 1 << 23])
-@pytest.mark.parametrize(("taps", "size"), [(TAPS, SIZE), (WIDE_TAPS, WIDE_SIZE)], ids=["narrow", "wide"])
+@pytest.mark.parametrize(
+    ("taps", "size"),
+    [(TAPS, SIZE), (WIDE_TAPS, WIDE_SIZE), ([(3, SIZE), (2, SIZE)], SIZE)],
+    ids=["narrow", "wide", "full-size-only"],
+)
 def test_project_then_upsample_equals_naive(taps, size, band_elements):
     model, features = make_model(taps=taps), make_features(taps=taps)
     with torch.no_grad():
@@ -174,6 +178,7 @@ def test_forward_maps_needs_eval_mode():
         predict_segmentation(model, features, SIZE)
     with pytest.raises(ValueError, match="channels"):
         model.eval().forward_maps(features[:-1], SIZE)
+    assert not model.forward_maps(features, SIZE).requires_grad  # inference only, even with grad enabled
 
 
 def test_state_dict_round_trips_through_safetensors(tmp_path):

@@ -25,11 +25,15 @@ from torch import nn
 from factory.decoders.keypoints import decode_heatmaps
 from factory.decoders.uncertainty import js_uncertainty, top_fraction_mean
 
-BAND_ELEMENTS = 1 << 22
+BAND_ELEMENTS = 1 << 21
 """Default bound on one band's first-layer activations (elements); it bounds peak memory."""
+PROJECT_PIXELS = 1024
+"""Wide maps are projected at least this many pixels at a time (rows ahead of the band)."""
 NARROW_WIDTH = 32
-"""Maps at most this wide are upsampled across columns together, by one matmul with their stacked
+"""Maps at most this wide are upsampled across columns together, by matmuls with their stacked
 interpolation weights, which also sums them; wider maps go through F.interpolate one by one."""
+COLUMN_SEGMENT = 64
+"""Those matmuls cover this many output columns each, so each reads only the source columns it needs."""
 
 
 def default_hidden(num_outputs: int) -> tuple[int, int]:
@@ -186,25 +190,29 @@ class StyleInterpreter(nn.Module):
             )
 
     def _folded_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Layers 2.. as (weight [E, in, out], bias [E, 1, out]) with the preceding eval BN folded in."""
+        """Layers 2.. as (weight [E, out, in], bias [E, out, 1]) with the preceding eval BN folded in,
+        to apply to channel-major activations [E, in, pixels]."""
         layers = []
         for norm, linear in zip(self.norms, self.linears[1:]):
             scale, shift = norm.affine()
             weight = linear.weight * scale[:, :, None]
             bias = linear.bias + torch.einsum("ei,eio->eo", shift, linear.weight)
-            layers.append((weight, bias[:, None, :]))
+            layers.append((weight.transpose(1, 2).contiguous(), bias[:, :, None]))
         return layers
 
+    @torch.no_grad()
     def forward_maps(
         self, features: Sequence[torch.Tensor], size: tuple[int, int], band_elements: int = BAND_ELEMENTS
     ) -> torch.Tensor:
         """Native-resolution maps [B, C_j, h_j, w_j] -> logits [E, B, K, H, W], project-then-upsample.
 
-        Eval mode only. Maps of one size are projected together. Output rows are processed in
-        bands whose first-layer activations hold about `band_elements` values, which bounds peak
-        memory whatever the image size; wide maps are projected band by band (reusing rows two
-        bands share), narrow ones once. Activations are channels-last ([B, rows, cols, E * hidden]),
-        where upsampling is fastest and the heads' next layers need no transpose.
+        Inference only: eval mode (BatchNorm is folded into the next layer), no gradients. Maps of
+        one size are projected together. Output rows are processed in bands whose first-layer
+        activations hold about `band_elements` values, which bounds peak memory whatever the image
+        size; wide maps are projected a few rows ahead of the band, narrow ones once. Upsampling is
+        separable and uses F.interpolate's own weights: rows by a small matmul, columns by
+        F.interpolate (wide maps) or by matmuls that also sum all narrow maps. Activations are
+        channels-last ([B, rows, cols, E * hidden]), where upsampling is fastest.
         """
         self._check_maps(features, "forward_maps")
         out_h, out_w = size
@@ -233,30 +241,44 @@ class StyleInterpreter(nn.Module):
             y = torch.addmm(first.bias.reshape(-1), x, w1) if bias else x @ w1
             return y.view(batch, hi - lo, -1, channels)
 
-        narrow: list[tuple[tuple[int, int], torch.Tensor]] = []  # (size, whole projection)
-        wide: list[tuple[tuple[int, int], list[int], torch.Tensor, bool]] = []  # (size, maps, weights, bias)
+        def row_weights(h: int) -> torch.Tensor:
+            """[H, h]: rows are interpolated by a small matmul, one pass instead of gather-and-lerp."""
+            return _interpolation_matrix(h, out_h).to(device, dtype)
+
+        narrow: list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = []  # (size, projection, row weights)
+        wide: list[tuple[tuple[int, int], list[int], torch.Tensor, bool, torch.Tensor]] = []  # (.., weights, bias, ..)
         for i, hw in enumerate(sorted(by_size, key=lambda hw: (hw == (out_h, out_w), hw[1], hw[0]))):
             js = by_size[hw]
             if hw[1] <= NARROW_WIDTH and hw != (out_h, out_w):
-                narrow.append((hw, project(js, weight(js), 0, hw[0], i == 0)))
+                narrow.append((hw, project(js, weight(js), 0, hw[0], i == 0).flatten(2), row_weights(hw[0])))
             else:
-                wide.append((hw, js, weight(js), i == 0))
-        if narrow:
-            columns = torch.cat([_interpolation_matrix(w, out_w) for (_, w), _ in narrow], 1).to(device, dtype)
+                wide.append((hw, js, weight(js), i == 0, row_weights(hw[0])))
+        segments = []  # (first output column, last + 1, [(source column range) per narrow map], weights)
+        for x0 in range(0, out_w, COLUMN_SEGMENT) if narrow else []:
+            x1 = min(out_w, x0 + COLUMN_SEGMENT)
+            ranges, mats = [], []
+            for (_, w), _, _ in narrow:
+                i0, i1, _ = _source_index(torch.tensor([x0, x1 - 1]), w, out_w)
+                a, b = int(i0[0]), int(i1[1]) + 1
+                ranges.append((a, b))
+                mats.append(_interpolation_matrix(w, out_w)[x0:x1, a:b])
+            segments.append((x0, x1, ranges, torch.cat(mats, 1).to(device, dtype)))
         cache: dict[int, tuple[int, torch.Tensor]] = {}
 
         def projected_rows(k: int, lo: int, hi: int) -> torch.Tensor:
-            """Rows lo:hi of wide group k projected, reusing those the previous band projected."""
-            _, js, w1, bias = wide[k]
+            """Rows lo:hi of wide group k projected. Rows are projected once, a few bands' worth
+            at a time (at least PROJECT_PIXELS pixels, so the matmuls stay efficient)."""
+            (h, w), js, w1, bias, _ = wide[k]
             prev_lo, prev = cache.get(k, (lo, None))
             start = lo
             if prev is not None and prev_lo <= lo < prev_lo + prev.shape[1]:
                 start = min(prev_lo + prev.shape[1], hi)
-            parts = [prev[:, lo - prev_lo : start - prev_lo]] if start > lo else []
+            parts = [prev[:, lo - prev_lo :]] if start > lo else []
             if hi > start:
-                parts.append(project(js, w1, start, hi, bias))
+                end = min(h, max(hi, start - (-PROJECT_PIXELS // (batch * w))))
+                parts.append(project(js, w1, start, end, bias))
             cache[k] = (lo, torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-            return cache[k][1]
+            return cache[k][1][:, : hi - lo]
 
         layers = self._folded_layers()
         out = torch.empty(heads, batch, self.num_outputs, out_h, out_w, dtype=dtype, device=device)
@@ -265,35 +287,33 @@ class StyleInterpreter(nn.Module):
             r1 = min(out_h, r0 + rows)
             acc = None
             if narrow:
-                stacked = torch.empty(batch, r1 - r0, columns.shape[1], channels, dtype=dtype, device=device)
-                c0 = 0
-                for (h, w), whole in narrow:
-                    y0, y1, ly = _source_index(torch.arange(r0, r1), h, out_h)
-                    torch.lerp(whole.index_select(1, y0.to(device)), whole.index_select(1, y1.to(device)),
-                               ly.to(device, dtype).view(1, -1, 1, 1), out=stacked[:, :, c0 : c0 + w])
-                    c0 += w
-                acc = torch.matmul(columns, stacked)  # upsamples all narrow maps' columns and sums them
-            for k, ((h, w), js, w1, bias) in enumerate(wide):
+                acc = torch.empty(batch, r1 - r0, out_w, channels, dtype=dtype, device=device)
+                rows_up = [torch.matmul(ry[r0:r1], whole).view(batch, r1 - r0, w, channels)
+                           for (_, w), whole, ry in narrow]
+                for x0, x1, ranges, cols in segments:  # upsample and sum the narrow maps' columns
+                    stacked = torch.cat([r[:, :, a:b] for r, (a, b) in zip(rows_up, ranges)], dim=2)
+                    torch.matmul(cols, stacked, out=acc[:, :, x0:x1])
+            for k, ((h, w), js, w1, bias, ry) in enumerate(wide):
                 if (h, w) == (out_h, out_w):
                     if acc is None:
                         acc = project(js, w1, r0, r1, bias)
                     else:
                         acc.view(-1, channels).addmm_(pixels(js, r0, r1), w1)
                     continue
-                y0, y1, ly = _source_index(torch.arange(r0, r1), h, out_h)
-                p = projected_rows(k, int(y0[0]), int(y1[-1]) + 1)
-                top, bottom = p.index_select(1, (y0 - y0[0]).to(device)), p.index_select(1, (y1 - y0[0]).to(device))
-                p = torch.lerp(top, bottom, ly.to(device, dtype).view(1, -1, 1, 1))
+                y0, y1, _ = _source_index(torch.tensor([r0, r1 - 1]), h, out_h)
+                lo, hi = int(y0[0]), int(y1[1]) + 1
+                p = projected_rows(k, lo, hi)
+                p = torch.matmul(ry[r0:r1, lo:hi], p.flatten(2)).view(batch, r1 - r0, w, channels)
                 if w != out_w:
                     p = F.interpolate(p.permute(0, 3, 1, 2), size=(r1 - r0, out_w), mode="bilinear",
                                       align_corners=False).permute(0, 2, 3, 1)
                 acc = p.contiguous() if acc is None else acc.add_(p)
-            z = acc.relu_().view(-1, heads, width).transpose(0, 1)
-            for k, (weight_k, bias_k) in enumerate(layers):
-                z = torch.baddbmm(bias_k, z, weight_k)
-                if k < len(layers) - 1:
+            z = acc.relu_().view(-1, heads, width).permute(1, 2, 0)  # [E, hidden, pixels]
+            for n, (w_n, b_n) in enumerate(layers):
+                z = torch.baddbmm(b_n, w_n, z)
+                if n < len(layers) - 1:
                     z = z.relu_()
-            out[:, :, :, r0:r1] = z.view(heads, batch, r1 - r0, out_w, self.num_outputs).permute(0, 1, 4, 2, 3)
+            out[:, :, :, r0:r1] = z.view(heads, self.num_outputs, batch, r1 - r0, out_w).transpose(1, 2)
         return out
 
     def forward_maps_naive(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
