@@ -194,7 +194,8 @@ def generate(cfg: FactoryConfig) -> dict:
     plan = shards.plan_shards(g.start_seed, g.num_samples, g.shard_size)
     resolved = config_lib.to_dict(cfg)
     shards.prepare_output(g.output, dataset_hash, resolved, g.overwrite)
-    todo = [s for s in plan if shards.read_completion(g.output, s) is None]
+    records = {s.index: shards.read_completion(g.output, s) for s in plan}
+    todo = [s for s in plan if records[s.index] is None]
     log.info("%d shards planned, %d to build, output %s", len(plan), len(todo), g.output)
 
     # 3. Ray Data: shard specs -> actor pool (backbone -> decoder -> encode -> write) -> records.
@@ -213,10 +214,11 @@ def generate(cfg: FactoryConfig) -> dict:
             record = json.loads(row["record"])
             if "failed" in record:
                 failed[record["shard"]] = record["failed"]
+            else:
+                records[record["shard"]] = record  # the completion record the actor just wrote
 
     # 4. Manifest, last.
-    records = [shards.read_completion(g.output, s) for s in plan]
-    done = [r for r in records if r is not None]
+    done = [records[s.index] for s in plan if records[s.index] is not None]
     manifest = {
         "format": shards.FORMAT,
         "name": cfg.name,
@@ -230,7 +232,7 @@ def generate(cfg: FactoryConfig) -> dict:
         "complete": len(done) == len(plan),
         "shards": done,
         "failed": [{"shard": s.index, "name": s.name, "error": failed.get(s.index, "not built")}
-                   for s, r in zip(plan, records) if r is None],
+                   for s in plan if records[s.index] is None],
         "config": resolved,
     }
     shards.write_manifest(g.output, manifest)
