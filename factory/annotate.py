@@ -37,10 +37,6 @@ Then run: factory annotate import CONFIG
 """
 
 
-def label_names(cfg: FactoryConfig) -> list[str]:
-    return cfg.labels.classes if cfg.decoder.task == "segmentation" else cfg.labels.keypoints
-
-
 def export_images(cfg: FactoryConfig) -> str:
     """Generate `annotate.num_images` images from consecutive seeds into `annotate.dir`."""
     out = cfg.annotate.dir
@@ -62,13 +58,13 @@ def export_images(cfg: FactoryConfig) -> str:
         "psi": cfg.backbone.psi,
         "resolution": backbone.resolution,
         "task": cfg.decoder.task,
-        "labels": label_names(cfg),
+        "labels": cfg.label_names(),
         "images": records,
     }
     with open(os.path.join(out, labels.EXPORT_RECORD), "w") as f:
         json.dump(record, f, indent=1)
     with open(os.path.join(out, "classes.txt"), "w") as f:
-        f.write("\n".join(label_names(cfg)) + "\n")
+        f.write("\n".join(cfg.label_names()) + "\n")
     with open(os.path.join(out, "README.txt"), "w") as f:
         f.write(_README.format(task=cfg.decoder.task))
     log.info("exported %d images to %s", len(records), out)
@@ -87,11 +83,11 @@ def import_labels(cfg: FactoryConfig) -> labels.LabeledSet:
         )
     if export["psi"] != cfg.backbone.psi:
         problems.append(f"{labels.EXPORT_RECORD}: exported with psi={export['psi']}, config has backbone.psi={cfg.backbone.psi}")
-    if export["labels"] != label_names(cfg):
-        problems.append(f"{labels.EXPORT_RECORD}: exported for labels {export['labels']}, config has {label_names(cfg)}")
+    if export["labels"] != cfg.label_names():
+        problems.append(f"{labels.EXPORT_RECORD}: exported for labels {export['labels']}, config has {cfg.label_names()}")
     if problems:
         raise labels.AnnotationError(problems)
-    labeled = labels.import_annotations(cfg.annotate.dir, cfg.decoder.task, label_names(cfg))
+    labeled = labels.import_annotations(cfg.annotate.dir, cfg.decoder.task, cfg.label_names())
     labels.save_labeled_set(cfg.train.labeled, labeled)
     log.info("imported %d labeled images into %s", len(labeled.files), cfg.train.labeled)
     return labeled

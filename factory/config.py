@@ -229,6 +229,10 @@ class FactoryConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
+    def label_names(self) -> list[str]:
+        """What the decoder predicts: the classes (segmentation) or the keypoint names."""
+        return self.labels.classes if self.decoder.task == "segmentation" else self.labels.keypoints
+
     def __post_init__(self) -> None:
         if self.decoder.task == "keypoints" and not self.labels.keypoints:
             raise ConfigError("labels.keypoints must name the keypoints when decoder.task is 'keypoints'")

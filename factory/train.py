@@ -262,7 +262,7 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
     storage.configure(cfg.storage)
     # 1. Check inputs: the labeled set exists and matches the configured task, labels and backbone.
     labeled = load_labeled_set(cfg.train.labeled)
-    expected = cfg.labels.classes if cfg.decoder.task == "segmentation" else cfg.labels.keypoints
+    expected = cfg.label_names()
     if labeled.task != cfg.decoder.task or labeled.label_names != expected:
         raise TrainError(
             f"{cfg.train.labeled} holds {labeled.task} labels {labeled.label_names}, but the config asks for "
