@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"decoder   {cfg.generate.decoder}  {_metrics(summary['train_metrics'])}")
         print(f"preview   {summary['preview']}")
         print(f"done in {time.perf_counter() - started:.0f} s; read the shards with pyarrow, e.g.\n"
-              f"  python -c \"import pyarrow.parquet as pq; print(pq.read_table('{cfg.generate.output}/shards'))\"")
+              f"  python -c \"import pyarrow.parquet as pq; print(pq.read_table('{cfg.generate.output}/parquet'))\"")
     elif args.verb == "annotate" and args.action == "export":
         from factory.annotate import export_images
 

@@ -1,11 +1,12 @@
 """Generate a labeled dataset on Ray Data.
 
-    shard plan (seed ranges) -> actor pool: backbone -> decoder -> encode -> shard writer -> completion records
-                             -> manifest.json (driver, last)
+    calibration (first seeds -> scores -> drop threshold)
+    shard plan (seed ranges) -> actor pool: backbone -> decoder -> filter -> encode -> shard writers
+                             -> completion records -> manifest.json (driver, last)
 
 Each actor loads the backbone and the fitted decoder once and builds whole shards, so shard files
 are named from their seed range, written under a temporary name and published atomically; the
-completion record it returns is what resume and the manifest are built from.
+completion record it writes after the data is what resume and the manifest are built from.
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str
 
 
 def build_hash(cfg: FactoryConfig, sample_config_hash: str) -> str:
-    """Identifies a whole dataset: sample settings plus the shard layout."""
+    """Identifies a whole dataset: sample settings plus everything that decides which samples land in
+    which shard with which bytes (batching can change the decoder's last float bits)."""
     g = cfg.generate
-    return config_lib.stable_hash([sample_config_hash, g.start_seed, g.num_samples, g.shard_size])
+    return config_lib.stable_hash(
+        [sample_config_hash, g.start_seed, g.num_samples, g.shard_size, g.batch_size, sorted(g.formats),
+         g.drop_uncertain, g.calibration_samples]
+    )
 
 
 def png(array: np.ndarray) -> bytes:
@@ -93,33 +98,47 @@ def label_seeds(
     return rows
 
 
+def score_seeds(backbone: Backbone, decoder: FittedDecoder, seeds: list[int]) -> list[float]:
+    """Seeds -> per-sample uncertainty scores, the same numbers `label_seeds` stores."""
+    out = backbone(seeds)
+    return decoder(out.features, (backbone.resolution, backbone.resolution)).score.tolist()
+
+
 def build_shard(
-    backbone: Backbone, decoder: FittedDecoder, cfg: FactoryConfig, spec: ShardSpec, config_hash: str
+    backbone: Backbone, decoder: FittedDecoder, cfg: FactoryConfig, spec: ShardSpec, config_hash: str,
+    threshold: float | None = None,
 ) -> dict:
-    """Generate, encode and publish one shard; returns its completion record (written last)."""
+    """Generate, encode and publish one shard in every configured format; returns its completion
+    record (written last). Samples scoring above `threshold` are dropped."""
+    g = cfg.generate
     timings = {"label_encode_s": 0.0, "write_s": 0.0}
-    writer = shards.ParquetShardWriter(cfg.generate.output, spec)
+    writers = shards.open_writers(g.output, spec, g.formats)
     scores: list[float] = []
+    kept = 0
     started = time.perf_counter()
     try:
         seeds = list(spec.seeds)
-        for start in range(0, len(seeds), cfg.generate.batch_size):
+        for start in range(0, len(seeds), g.batch_size):
             t0 = time.perf_counter()
             rows = label_seeds(
-                backbone, decoder, seeds[start : start + cfg.generate.batch_size], spec.index,
-                cfg.backbone.psi, config_hash,
+                backbone, decoder, seeds[start : start + g.batch_size], spec.index, cfg.backbone.psi, config_hash
             )
             t1 = time.perf_counter()
             for row in rows:
-                writer.write(row)
                 scores.append(row["uncertainty"])
+                if threshold is not None and row["uncertainty"] > threshold:
+                    continue
+                kept += 1
+                for writer in writers:
+                    writer.write(row)
             timings["label_encode_s"] += t1 - t0
             timings["write_s"] += time.perf_counter() - t1
         t0 = time.perf_counter()
-        files = writer.close()
+        files = [f for writer in writers for f in writer.close()]
         timings["write_s"] += time.perf_counter() - t0
     except BaseException:
-        writer.abort()
+        for writer in writers:
+            writer.abort()
         raise
     timings["total_s"] = time.perf_counter() - started
     u = np.asarray(scores, dtype=np.float64)
@@ -128,7 +147,9 @@ def build_shard(
         "name": spec.name,
         "start_seed": spec.start_seed,
         "stop_seed": spec.stop_seed,
-        "count": writer.count,
+        "generated": len(scores),
+        "dropped": len(scores) - kept,
+        "count": kept,
         "files": files,
         "bytes": sum(f["bytes"] for f in files),
         "uncertainty": {
@@ -138,43 +159,132 @@ def build_shard(
         "config_hash": config_hash,
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
-    shards.write_completion(cfg.generate.output, spec, record)
+    shards.write_completion(g.output, spec, record)
     return record
+
+
+def load_models(cfg: FactoryConfig) -> tuple[Backbone, FittedDecoder]:
+    device = "cuda" if cfg.generate.gpus_per_actor > 0 else "cpu"
+    return load_backbone(cfg.backbone, device), load_decoder(cfg.generate.decoder, device)
+
+
+class SeedScorer:
+    """Ray Data actor for the calibration pass: rows of seed ranges -> rows of (seed, score)."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = config_lib.from_dict(cfg)
+        storage.configure(self.cfg.storage)
+        self.backbone, self.decoder = load_models(self.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seeds = [s for start, stop in zip(batch["start"], batch["stop"]) for s in range(int(start), int(stop))]
+        return {"seed": np.asarray(seeds, dtype=np.int64),
+                "score": np.asarray(score_seeds(self.backbone, self.decoder, seeds), dtype=np.float64)}
 
 
 class ShardBuilder:
     """Ray Data actor: loads the models once, then turns rows of shard specs into completion records.
 
-    A shard that raises is reported as failed (with its error) instead of failing the whole build:
-    the other shards still finish, and the driver records the failure in the manifest and exits
-    non-zero. A failed shard publishes nothing, so a re-run builds it again.
+    A shard that raises is retried `generate.max_retries` times, then reported as failed (with its
+    error) instead of failing the whole build: the other shards still finish, and the driver records
+    the failure in the manifest and exits non-zero. A failed shard publishes nothing, so a re-run
+    builds it again. (An actor that crashes is restarted by Ray, which resubmits its shard.)
     """
 
-    def __init__(self, cfg: dict, config_hash: str) -> None:
+    def __init__(self, cfg: dict, config_hash: str, threshold: float | None) -> None:
         self.cfg = config_lib.from_dict(cfg)
         storage.configure(self.cfg.storage)
-        device = "cuda" if self.cfg.generate.gpus_per_actor > 0 else "cpu"
-        self.backbone = load_backbone(self.cfg.backbone, device)
-        self.decoder = load_decoder(self.cfg.generate.decoder, device)
+        self.backbone, self.decoder = load_models(self.cfg)
         self.config_hash = config_hash
+        self.threshold = threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
         for index, start, stop in zip(batch["index"], batch["start_seed"], batch["stop_seed"]):
             spec = ShardSpec(int(index), int(start), int(stop))
-            try:
-                record = build_shard(self.backbone, self.decoder, self.cfg, spec, self.config_hash)
-            except Exception as e:  # recorded in the manifest and the exit code by the driver
-                log.error("shard %s failed:\n%s", spec.name, traceback.format_exc())
-                record = {"shard": spec.index, "name": spec.name, "failed": f"{type(e).__name__}: {e}"}
-            out.append(json.dumps(record))
+            out.append(json.dumps(self.build(spec)))
         return {"record": np.asarray(out, dtype=object)}
+
+    def build(self, spec: ShardSpec) -> dict:
+        attempts = self.cfg.generate.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return build_shard(self.backbone, self.decoder, self.cfg, spec, self.config_hash, self.threshold)
+            except Exception as e:  # recorded in the manifest and the exit code by the driver
+                log.error("shard %s failed (attempt %d of %d):\n%s", spec.name, attempt, attempts,
+                          traceback.format_exc())
+                error = f"{type(e).__name__}: {e}"
+        return {"shard": spec.index, "name": spec.name, "failed": error, "attempts": attempts}
+
+
+def actor_pool(cfg: FactoryConfig, num_items: int) -> dict:
+    """map_batches arguments shared by the calibration and build passes.
+
+    Ray 2.60 has no named parameter for actor restarts, so they travel as `ray_remote_args`; its
+    deprecation warning is silenced where `map_batches` is called (see `_map`)."""
+    from ray.data import ActorPoolStrategy
+
+    g = cfg.generate
+    return {
+        "batch_size": 1,
+        "compute": ActorPoolStrategy(size=min(g.num_actors, num_items)),
+        "num_cpus": g.cpus_per_actor,
+        "num_gpus": g.gpus_per_actor,
+        # Ray restarts a crashed actor and resubmits its work this many times (Ray Data's default
+        # is forever, which would loop on a shard that always kills its actor).
+        "max_restarts": g.max_retries,
+        "max_task_retries": g.max_retries,
+    }
+
+
+def _map(ds, actor: type, cfg: FactoryConfig, num_items: int, constructor_kwargs: dict):
+    """`ds.map_batches` on an actor pool sized and retried from `generate`'s config."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(actor, fn_constructor_kwargs=constructor_kwargs, **actor_pool(cfg, num_items))
+
+
+def calibrate(cfg: FactoryConfig, config_hash: str) -> dict | None:
+    """Fix the uncertainty threshold before the build: score the first `calibration_samples` seeds
+    and take the (1 - drop_uncertain) quantile. Only the scores are held, never the samples.
+    Stored as calibration.json, so a resumed build reuses it."""
+    import ray
+
+    g = cfg.generate
+    if g.drop_uncertain == 0:
+        return None
+    url = storage.join(g.output, shards.CALIBRATION)
+    if storage.exists(url):
+        record = storage.read_json(url)
+        if record.get("config_hash") == config_hash:
+            return record
+    n = min(g.calibration_samples, g.num_samples)
+    chunks = [{"start": s, "stop": min(s + g.batch_size, g.start_seed + n)}
+              for s in range(g.start_seed, g.start_seed + n, g.batch_size)]
+    t0 = time.perf_counter()
+    ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 4 * g.num_actors))
+    ds = _map(ds, SeedScorer, cfg, len(chunks), {"cfg": config_lib.to_dict(cfg)})
+    result = ds.to_pandas().sort_values("seed")
+    scores = result["score"].to_numpy()
+    record = {
+        "drop_fraction": g.drop_uncertain,
+        "threshold": float(np.quantile(scores, 1 - g.drop_uncertain)),
+        "seeds": [g.start_seed, g.start_seed + n],
+        "num_scored": int(scores.size),
+        "score_quantiles": {f"p{q}": float(np.quantile(scores, q / 100)) for q in (10, 50, 90, 99)},
+        "config_hash": config_hash,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    storage.write_json(url, record)
+    log.info("calibration: dropping scores above %.5f (%d seeds scored)", record["threshold"], n)
+    return record
 
 
 def generate(cfg: FactoryConfig) -> dict:
     """Build (or resume) the dataset at `generate.output`; returns the manifest."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     g = cfg.generate
     storage.configure(cfg.storage)
@@ -190,35 +300,40 @@ def generate(cfg: FactoryConfig) -> dict:
     dataset_hash = build_hash(cfg, config_hash)
     del backbone
 
-    # 2. Plan shards; skip those already complete.
+    # 2. Claim the output, plan shards, skip those already complete, clear an interrupted run's debris.
     plan = shards.plan_shards(g.start_seed, g.num_samples, g.shard_size)
     resolved = config_lib.to_dict(cfg)
     shards.prepare_output(g.output, dataset_hash, resolved, g.overwrite)
-    records = {s.index: shards.read_completion(g.output, s) for s in plan}
-    todo = [s for s in plan if records[s.index] is None]
+    for path in shards.remove_temporaries(g.output):
+        log.info("removed %s, left by an interrupted build", path)
+    records = shards.read_completions(g.output)
+    todo = [s for s in plan if s.name not in records]
     log.info("%d shards planned, %d to build, output %s", len(plan), len(todo), g.output)
 
-    # 3. Ray Data: shard specs -> actor pool (backbone -> decoder -> encode -> write) -> records.
-    failed: dict[int, str] = {}
+    # 3. Calibration pass (fixes the drop threshold), then Ray Data: shard specs -> actor pool
+    #    (backbone -> decoder -> filter -> encode -> write) -> completion records.
+    calibration = calibrate(cfg, config_hash)  # read back from calibration.json when resuming
+    failed: dict[str, str] = {}
     if todo:
         ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            ShardBuilder,
-            batch_size=1,
-            compute=ActorPoolStrategy(size=min(g.num_actors, len(todo))),
-            num_cpus=g.cpus_per_actor,
-            num_gpus=g.gpus_per_actor,
-            fn_constructor_kwargs={"cfg": resolved, "config_hash": config_hash},
-        )
-        for row in ds.iter_rows():
-            record = json.loads(row["record"])
-            if "failed" in record:
-                failed[record["shard"]] = record["failed"]
-            else:
-                records[record["shard"]] = record  # the completion record the actor just wrote
+        ds = _map(ds, ShardBuilder, cfg, len(todo),
+                  {"cfg": resolved, "config_hash": config_hash,
+                   "threshold": calibration["threshold"] if calibration else None})
+        try:
+            for row in ds.iter_rows():
+                record = json.loads(row["record"])
+                if "failed" in record:
+                    failed[record["name"]] = record["failed"]
+                else:
+                    log.info("%s: %d samples", record["name"], record["count"])
+        except Exception as e:  # e.g. an actor that kept crashing after max_retries restarts
+            log.error("the build stopped early: %s", e)
+            reason = f"not built: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            failed.update({s.name: reason for s in todo if s.name not in failed})
+        records = shards.read_completions(g.output)  # what the actors published, read back
 
     # 4. Manifest, last.
-    done = [records[s.index] for s in plan if records[s.index] is not None]
+    done = [records[s.name] for s in plan if s.name in records]
     manifest = {
         "format": shards.FORMAT,
         "name": cfg.name,
@@ -227,12 +342,15 @@ def generate(cfg: FactoryConfig) -> dict:
         "config_hash": config_hash,
         "task": cfg.decoder.task,
         "labels": json.loads(meta["labels"]),
+        "formats": list(g.formats),
         "num_samples": sum(r["count"] for r in done),
+        "num_generated": sum(r["generated"] for r in done),
         "num_shards": len(plan),
         "complete": len(done) == len(plan),
+        "calibration": calibration,
         "shards": done,
-        "failed": [{"shard": s.index, "name": s.name, "error": failed.get(s.index, "not built")}
-                   for s in plan if records[s.index] is None],
+        "failed": [{"shard": s.index, "name": s.name, "error": failed.get(s.name, "not built")}
+                   for s in plan if s.name not in records],
         "config": resolved,
     }
     shards.write_manifest(g.output, manifest)
@@ -240,3 +358,4 @@ def generate(cfg: FactoryConfig) -> dict:
         names = ", ".join(f"{f['name']} ({f['error']})" for f in manifest["failed"][:5])
         raise GenerateError(f"{len(manifest['failed'])} of {len(plan)} shards failed: {names}; re-run to retry them")
     return manifest
+

@@ -17,9 +17,10 @@ from factory import shards, storage
 def shard_tables(dataset: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Each complete shard's Parquet table, in shard order."""
     manifest = shards.read_manifest(dataset)
+    suffix = ".meta.parquet" if "parquet" not in manifest["formats"] else ".parquet"
     for record in manifest["shards"]:
         for file in record["files"]:
-            if file["path"].endswith(".parquet"):
+            if file["path"].startswith(suffix == ".parquet" and "parquet/" or "webdataset/") and file["path"].endswith(suffix):
                 fs, path = storage.filesystem(storage.join(dataset, file["path"]))
                 yield pq.read_table(path, filesystem=fs, columns=columns)
 

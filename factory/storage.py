@@ -27,6 +27,8 @@ class StorageError(RuntimeError):
 
 
 _settings = StorageConfig()
+TEMPORARY_PREFIX = ".tmp-"
+"""Names `publish` writes before moving into place; readers and listings skip them."""
 
 
 def configure(cfg: StorageConfig) -> None:
@@ -121,7 +123,7 @@ def publish(url: str) -> Iterator[str]:
     """
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+    tmp = f"{parent}/{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
     try:
         fs.makedirs(parent, exist_ok=True)
     except OSError as e:

@@ -25,7 +25,8 @@ def built(tmp_path_factory, ray_cluster):
         "annotate: {num_images: 10}\n"
         "decoder: {num_heads: 4}\n"
         "train: {num_workers: 2, steps: 60, checkpoint_every: 30, val_images: 2}\n"
-        "generate: {num_samples: 120, shard_size: 50, batch_size: 16, num_actors: 2, cpus_per_actor: 0.5}\n"
+        "generate: {num_samples: 120, shard_size: 50, batch_size: 16, num_actors: 2, cpus_per_actor: 0.5,\n"
+        "           formats: [parquet, webdataset]}\n"
     )
     args = [str(config)]
     assert main(["annotate", "export", *args]) == 0
@@ -39,22 +40,28 @@ def built(tmp_path_factory, ray_cluster):
 def test_dataset_reads_back_with_pyarrow(built):
     work, _ = built
     manifest = json.loads((work / "dataset" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["num_samples"] == 120 and manifest["num_shards"] == 3
-    assert [s["count"] for s in manifest["shards"]] == [50, 50, 20]
-    assert manifest["labels"] == ["background", "blue"]
+    assert manifest["complete"] and manifest["num_generated"] == 120 and manifest["num_shards"] == 3
+    assert [s["generated"] for s in manifest["shards"]] == [50, 50, 20]
+    kept = manifest["num_samples"]
+    assert kept == sum(s["count"] for s in manifest["shards"]) and 105 <= kept <= 111  # ~10% dropped
+    calibration = manifest["calibration"]
+    assert calibration["drop_fraction"] == 0.1 and calibration["num_scored"] == 120
+    assert manifest["labels"] == ["background", "blue"] and manifest["formats"] == ["parquet", "webdataset"]
     assert manifest["config"]["generate"]["num_samples"] == 120 and manifest["package_version"]
-    table = pq.read_table(work / "dataset" / "shards")
-    assert table.num_rows == 120
-    assert sorted(table.column("seed").to_pylist()) == list(range(1_000_000, 1_000_120))
-    assert len(set(table.column("key").to_pylist())) == 120
+    table = pq.read_table(work / "dataset" / "parquet")
+    assert table.num_rows == kept and max(table.column("uncertainty").to_pylist()) <= calibration["threshold"]
+    assert set(table.column("seed").to_pylist()) <= set(range(1_000_000, 1_000_120))
+    assert len(set(table.column("key").to_pylist())) == kept
+    tars = sorted(p.name for p in (work / "dataset" / "webdataset").iterdir())
+    assert tars == [f"shard-0000{i}.{ext}" for i in range(3) for ext in ("meta.parquet", "tar")]
     assert set(table.column("config_hash").to_pylist()) == {manifest["config_hash"]}
     row = table.slice(0, 1).to_pylist()[0]
     image, mask = decode_png(row["image"]), decode_png(row["mask"])
     assert image.shape == (32, 32, 3) and mask.shape == (32, 32) and mask.dtype == np.uint8
     assert len(row["latent"]) == 64 and 0 <= row["uncertainty"] <= np.log(2)
     for record in manifest["shards"]:
-        path = work / "dataset" / record["files"][0]["path"]
-        assert path.stat().st_size == record["files"][0]["bytes"]
+        for file in record["files"]:
+            assert (work / "dataset" / file["path"]).stat().st_size == file["bytes"]
 
 
 def test_decoder_checkpoint_carries_config_and_labels(built):
@@ -66,15 +73,18 @@ def test_decoder_checkpoint_carries_config_and_labels(built):
 
 def test_rerun_is_a_noop_and_resume_rebuilds_identically(built):
     work, args = built
-    shard = work / "dataset" / "shards" / "shard-00001.parquet"
-    before = shard.read_bytes()
+    shard = work / "dataset" / "parquet" / "shard-00001.parquet"
+    tar = work / "dataset" / "webdataset" / "shard-00001.tar"
+    before = shard.read_bytes(), tar.read_bytes()
     mtime = shard.stat().st_mtime_ns
     assert main(["generate", *args]) == 0
     assert shard.stat().st_mtime_ns == mtime  # finished shards are skipped
     os.remove(work / "dataset" / "_stats" / "shard-00001.json")  # as if the build died mid-shard
     shard.unlink()
+    (work / "dataset" / "webdataset" / ".tmp-0a1b-shard-00001.tar").write_bytes(b"half a tar")
     assert main(["generate", *args]) == 0
-    assert shard.read_bytes() == before
+    assert (shard.read_bytes(), tar.read_bytes()) == before
+    assert not [p for p in (work / "dataset" / "webdataset").iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_train_rerun_resumes_from_its_checkpoint(built):
@@ -106,8 +116,8 @@ def test_inspect_summarizes_and_draws(built, capsys):
     work, _ = built
     assert main(["inspect", str(work / "dataset"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["num_samples"] == 120 and summary["complete"]
-    assert sum(summary["uncertainty"]["histogram"]["counts"]) == 120
+    assert 105 <= summary["num_samples"] <= 111 and summary["complete"]
+    assert sum(summary["uncertainty"]["histogram"]["counts"]) == summary["num_samples"]
     assert abs(sum(summary["class_pixel_frequency"].values()) - 1) < 1e-3
     with Image.open(summary["preview"]) as im:
         assert im.width >= 4 * 256 and im.mode == "RGB"
@@ -141,18 +151,19 @@ def test_job_entry_points_run_the_same_recipes(built):
     work, args = built
     cfg = load_config(args[0], [f"generate.output={work}/job-dataset", "generate.num_samples=30"])
     manifest = _load_job("generate").main(cfg)
-    assert manifest["complete"] and manifest["num_samples"] == 30
-    assert pq.read_table(work / "job-dataset" / "shards").num_rows == 30
+    assert manifest["complete"] and manifest["num_generated"] == 30
+    assert pq.read_table(work / "job-dataset" / "parquet").num_rows == manifest["num_samples"]
     assert callable(_load_job("train_decoder").main)
 
 
 def test_generate_to_s3_on_loopback(built, s3_bucket, s3_endpoint):
-    from factory import read
+    from factory import read, shards
 
     work, args = built
     out = f"{s3_bucket}/datasets/v1"
     assert main(["generate", *args, f"generate.output={out}", "generate.num_samples=60",
                  f"storage.endpoint_url={s3_endpoint}", "storage.region=us-east-1"]) == 0
     tables = list(read.shard_tables(out))
-    assert [t.num_rows for t in tables] == [50, 10]
+    assert [t.num_rows for t in tables] == [s["count"] for s in shards.read_manifest(out)["shards"]]
+    assert sum(t.num_rows for t in tables) >= 50
     assert main(["inspect", out, "--json", "--endpoint-url", s3_endpoint, "--region", "us-east-1"]) == 0

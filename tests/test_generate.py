@@ -42,7 +42,7 @@ def test_a_rebuilt_shard_has_identical_bytes(tiny_cfg, models):
     backbone, decoder = models
     spec = shards.ShardSpec(1, 16, 32)
     first = build_shard(backbone, decoder, tiny_cfg, spec, "abc")
-    path = f"{tiny_cfg.generate.output}/shards/shard-00001.parquet"
+    path = f"{tiny_cfg.generate.output}/parquet/shard-00001.parquet"
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     second = build_shard(backbone, decoder, tiny_cfg, spec, "abc")
     assert first["files"] == second["files"] and first["files"][0]["sha256"] == digest
@@ -58,22 +58,53 @@ def test_sample_hash_tracks_what_the_bytes_depend_on(tiny_cfg, models):
     assert h != sample_hash(tiny_cfg, backbone.weights_hash, tiny_cfg.generate.decoder)
 
 
-def test_a_failing_shard_is_reported_not_dropped(tiny_cfg, models, monkeypatch):
+def test_a_failing_shard_is_retried_then_reported_not_dropped(tiny_cfg, models, monkeypatch):
     import json
 
     from factory import generate as generate_mod
 
     real = generate_mod.build_shard
+    calls = {0: 0, 1: 0}
 
-    def flaky(backbone, decoder, cfg, spec, config_hash):
-        if spec.index == 1:
+    def flaky(backbone, decoder, cfg, spec, config_hash, threshold):
+        calls[spec.index] += 1
+        if spec.index == 1 or calls[0] == 1:  # shard 0 fails once, shard 1 always
             raise OSError("disk full")
-        return real(backbone, decoder, cfg, spec, config_hash)
+        return real(backbone, decoder, cfg, spec, config_hash, threshold)
 
     monkeypatch.setattr(generate_mod, "build_shard", flaky)
-    builder = generate_mod.ShardBuilder(config_lib.to_dict(tiny_cfg), "abc")
+    tiny_cfg.generate.max_retries = 2
+    builder = generate_mod.ShardBuilder(config_lib.to_dict(tiny_cfg), "abc", None)
     out = builder({"index": np.array([0, 1]), "start_seed": np.array([0, 16]), "stop_seed": np.array([16, 32])})
     first, second = (json.loads(r) for r in out["record"])
-    assert first["count"] == 16 and "failed" not in first
-    assert second == {"shard": 1, "name": "shard-00001", "failed": "OSError: disk full"}
+    assert first["count"] == 16 and "failed" not in first and calls[0] == 2
+    assert second == {"shard": 1, "name": "shard-00001", "failed": "OSError: disk full", "attempts": 3}
+    assert calls[1] == 3
     assert shards.read_completion(tiny_cfg.generate.output, shards.ShardSpec(1, 16, 32)) is None
+
+
+def test_uncertain_samples_are_dropped_in_every_format(tiny_cfg, models):
+    import pyarrow.parquet as pq
+
+    backbone, decoder = models
+    tiny_cfg.generate.formats = ["parquet", "webdataset"]
+    spec = shards.ShardSpec(0, 0, 16)
+    full = build_shard(backbone, decoder, tiny_cfg, spec, "abc")
+    scores = pq.read_table(f"{tiny_cfg.generate.output}/parquet/shard-00000.parquet").column("uncertainty")
+    threshold = float(np.quantile(scores.to_numpy(), 0.75))
+    kept = build_shard(backbone, decoder, tiny_cfg, spec, "abc", threshold)
+    assert full["count"] == full["generated"] == 16 and full["dropped"] == 0
+    assert kept["generated"] == 16 and kept["count"] == 12 and kept["dropped"] == 4
+    assert [f["path"] for f in kept["files"]] == [
+        "parquet/shard-00000.parquet", "webdataset/shard-00000.tar", "webdataset/shard-00000.meta.parquet"]
+    for path in ("parquet/shard-00000.parquet", "webdataset/shard-00000.meta.parquet"):
+        table = pq.read_table(f"{tiny_cfg.generate.output}/{path}")
+        assert table.num_rows == 12 and max(table.column("uncertainty").to_pylist()) <= threshold
+
+
+def test_scores_match_the_stored_uncertainty(tiny_cfg, models):
+    from factory.generate import score_seeds
+
+    backbone, decoder = models
+    rows = label_seeds(backbone, decoder, [3, 4, 5], shard=0, psi=0.7, config_hash="abc")
+    assert score_seeds(backbone, decoder, [3, 4, 5]) == [r["uncertainty"] for r in rows]

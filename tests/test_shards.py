@@ -1,4 +1,4 @@
-"""Shard plan, the Parquet writer and the output claim, without Ray or models."""
+"""Shard plan, the Parquet and WebDataset writers and the output claim, without Ray or models."""
 
 import os
 
@@ -24,27 +24,70 @@ def _row(seed):
 def test_parquet_writer_publishes_only_on_close(tmp_path):
     out = str(tmp_path / "ds")
     spec = shards.ShardSpec(3, 30, 35)
-    w = shards.ParquetShardWriter(out, spec, rows_per_group=2)
+    [w] = shards.open_writers(out, spec, ["parquet"])
+    w._rows_per_group = 2
     for seed in spec.seeds:
         w.write(_row(seed))
-    assert not os.path.exists(f"{out}/shards/shard-00003.parquet")
+    assert not os.path.exists(f"{out}/parquet/shard-00003.parquet")
     [record] = w.close()
-    table = pq.read_table(f"{out}/shards/shard-00003.parquet")
+    table = pq.read_table(f"{out}/parquet/shard-00003.parquet")
     assert table.column("seed").to_pylist() == list(range(30, 35))
     assert table.schema.equals(shards.SAMPLE_SCHEMA)
-    assert record["path"] == "shards/shard-00003.parquet" and record["bytes"] == os.path.getsize(
-        f"{out}/shards/shard-00003.parquet"
+    assert record["path"] == "parquet/shard-00003.parquet" and record["bytes"] == os.path.getsize(
+        f"{out}/parquet/shard-00003.parquet"
     )
-    assert not [f for f in os.listdir(f"{out}/shards") if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(f"{out}/parquet") if f.startswith(".tmp")]
 
 
-def test_same_rows_give_the_same_bytes(tmp_path):
+def test_webdataset_writer_writes_a_tar_and_its_metadata(tmp_path):
+    import json
+    import tarfile
+
+    out = str(tmp_path / "ds")
+    spec = shards.ShardSpec(2, 20, 23)
+    [w] = shards.open_writers(out, spec, ["webdataset"])
+    for seed in spec.seeds:
+        w.write({**_row(seed), "mask": b"seg", "keypoints": '[{"name": "nose", "x": 1.0, "y": 2.0, "score": 0.5}]'})
+    assert not os.path.exists(f"{out}/webdataset/shard-00002.tar")
+    tar_record, meta_record = w.close()
+    assert [tar_record["path"], meta_record["path"]] == ["webdataset/shard-00002.tar",
+                                                          "webdataset/shard-00002.meta.parquet"]
+    with tarfile.open(f"{out}/webdataset/shard-00002.tar") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members[:3]] == ["000000000020.png", "000000000020.seg.png", "000000000020.json"]
+        assert len(members) == 9 and {(m.mtime, m.uid, m.mode) for m in members} == {(0, 0, 0o644)}
+        meta = json.loads(tar.extractfile("000000000021.json").read())
+        assert tar.extractfile("000000000021.seg.png").read() == b"seg"
+    assert meta["seed"] == 21 and meta["latent"] == [0.5, -1.0] and meta["keypoints"][0]["name"] == "nose"
+    assert "image" not in meta and "mask" not in meta
+    table = pq.read_table(f"{out}/webdataset/shard-00002.meta.parquet")
+    assert table.schema.equals(shards.META_SCHEMA) and table.column("key").to_pylist()[0] == "000000000020"
+
+
+def test_keys_with_dots_are_refused(tmp_path):
+    [w] = shards.open_writers(str(tmp_path), shards.ShardSpec(0, 0, 1), ["webdataset"])
+    with pytest.raises(ValueError, match="'a.b' must not contain"):
+        w.write({**_row(0), "key": "a.b"})
+    w.abort()
+
+
+def test_interrupted_writes_are_cleared_as_debris(tmp_path):
+    out = str(tmp_path / "ds")
+    os.makedirs(f"{out}/parquet")
+    open(f"{out}/parquet/.tmp-0123-shard-00000.parquet", "wb").close()
+    open(f"{out}/parquet/shard-00001.parquet", "wb").close()
+    assert shards.remove_temporaries(out) == ["parquet/.tmp-0123-shard-00000.parquet"]
+    assert os.listdir(f"{out}/parquet") == ["shard-00001.parquet"]
+
+
+@pytest.mark.parametrize("fmt", shards.FORMATS)
+def test_same_rows_give_the_same_bytes(tmp_path, fmt):
     digests = []
     for name in ("a", "b"):
-        w = shards.ParquetShardWriter(str(tmp_path / name), shards.ShardSpec(0, 0, 3))
+        [w] = shards.open_writers(str(tmp_path / name), shards.ShardSpec(0, 0, 3), [fmt])
         for seed in range(3):
             w.write(_row(seed))
-        digests.append(w.close()[0]["sha256"])
+        digests.append([f["sha256"] for f in w.close()])
     assert digests[0] == digests[1]
 
 
@@ -56,7 +99,7 @@ def test_output_claim_refuses_another_config(tmp_path):
         shards.prepare_output(out, "hash-b", {"x": 2}, overwrite=False)
     shards.write_completion(out, shards.ShardSpec(0, 0, 1), {"count": 1})
     shards.prepare_output(out, "hash-b", {"x": 2}, overwrite=True)
-    assert sorted(os.listdir(out)) == ["build.json", "shards"]
+    assert sorted(os.listdir(out)) == ["build.json"]
     assert shards.read_completion(out, shards.ShardSpec(0, 0, 1)) is None
 
 

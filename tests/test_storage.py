@@ -36,15 +36,15 @@ def test_failed_publish_leaves_nothing(root):
 def test_shard_round_trip_through_fsspec_and_arrow(root):
     spec = shards.ShardSpec(0, 10, 13)
     shards.prepare_output(root, "h", {}, overwrite=False)
-    w = shards.ParquetShardWriter(root, spec)
+    [w] = shards.open_writers(root, spec, ["parquet"])
     for seed in spec.seeds:
         w.write({"key": f"{seed:012d}", "seed": seed, "shard": 0, "latent": [0.0], "psi": 1.0, "width": 1,
                  "height": 1, "image": b"i", "mask": None, "keypoints": None, "uncertainty": 0.5,
                  "config_hash": "h"})
     record = {"count": w.count, "files": w.close(), "bytes": 0}
     shards.write_completion(root, spec, record)
-    shards.write_manifest(root, {"format": shards.FORMAT, "shards": [record]})
+    shards.write_manifest(root, {"format": shards.FORMAT, "formats": ["parquet"], "shards": [record]})
     assert [t.num_rows for t in read.shard_tables(root)] == [3]
-    fs, path = storage.arrow_filesystem(storage.join(root, "shards", "shard-00000.parquet"))
+    fs, path = storage.arrow_filesystem(storage.join(root, "parquet", "shard-00000.parquet"))
     assert pq.read_table(path, filesystem=fs).column("seed").to_pylist() == [10, 11, 12]
     assert shards.read_completion(root, spec)["count"] == 3
