@@ -9,11 +9,12 @@ go through `publish`: write a temporary name, then move it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import fsspec
@@ -46,7 +47,13 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
         client_kwargs = {k: v for k, v in (("endpoint_url", _settings.endpoint_url),
                                             ("region_name", _settings.region)) if v}
-        return S3FileSystem(anon=_settings.anonymous, client_kwargs=client_kwargs), url.removeprefix("s3://")
+        fs = S3FileSystem(
+            anon=_settings.anonymous,
+            client_kwargs=client_kwargs,
+            config_kwargs={"connect_timeout": 10, "retries": {"max_attempts": 4, "mode": "standard"}},
+            use_listings_cache=False,  # other processes (Ray actors) write the same prefixes
+        )
+        return fs, url.removeprefix("s3://")
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
 
@@ -84,19 +91,76 @@ def local_path(url: str) -> str:
     return os.path.abspath(url.removeprefix("file://"))
 
 
+def _errors(fn: Callable, writes: bool = False) -> Callable:
+    """Turn a storage call's low-level failures into one-line errors that name the URL.
+
+    Unreachable endpoints and missing credentials (botocore) and unwritable or blocked local paths
+    become StorageError; a missing object read stays FileNotFoundError, with the URL in the message.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(url: str, *args, **kwargs):
+        try:
+            return fn(url, *args, **kwargs)
+        except StorageError:
+            raise
+        except FileNotFoundError as e:
+            if writes:
+                raise StorageError(f"cannot write {url}: {e.strerror or e}") from None
+            if url in str(e):
+                raise
+            raise FileNotFoundError(f"{url} does not exist ({e.strerror or e})") from None
+        except PermissionError as e:
+            raise StorageError(f"cannot access {url}: permission denied ({e.strerror or e})") from None
+        except OSError as e:
+            raise StorageError(f"cannot access {url}: {e.strerror or e}") from None
+        except Exception as e:
+            if type(e).__module__.startswith("botocore"):
+                where = _settings.endpoint_url or "AWS S3"
+                raise StorageError(f"cannot reach {where} for {url}: {str(e).splitlines()[0]}") from None
+            raise
+
+    return wrapper
+
+
+def _write_errors(fn: Callable) -> Callable:
+    """`_errors` for calls that write: a missing parent is a StorageError, not a missing object."""
+    return _errors(fn, writes=True)
+
+
+_known_buckets: set[tuple[str | None, str]] = set()
+
+
+def _require_bucket(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
+    """Object stores have no folders to create, but the bucket must exist: never create one."""
+    bucket = path.split("/", 1)[0]
+    if (_settings.endpoint_url, bucket) in _known_buckets:
+        return
+    if not fs.exists(bucket):
+        raise StorageError(f"bucket {bucket!r} does not exist (for {url}); create it or fix the URL")
+    _known_buckets.add((_settings.endpoint_url, bucket))
+
+
+def _makedirs(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
+    if "s3" in fs.protocol:
+        _require_bucket(fs, path, url)
+    else:
+        fs.makedirs(path, exist_ok=True)
+
+
+@_errors
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
 
 
+@_write_errors
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
-    try:
-        fs.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise StorageError(f"cannot create {url}: {e.strerror or e}") from None
+    _makedirs(fs, path, url)
 
 
+@_errors
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     try:
@@ -124,10 +188,7 @@ def publish(url: str) -> Iterator[str]:
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
     tmp = f"{parent}/{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
-    try:
-        fs.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise StorageError(f"cannot create {parent}: {e.strerror or e}") from None
+    makedirs(url.rsplit("/", 1)[0])
     try:
         yield tmp
         fs.mv(tmp, path)
@@ -137,6 +198,7 @@ def publish(url: str) -> Iterator[str]:
         raise
 
 
+@_write_errors
 def write_bytes(url: str, data: bytes) -> None:
     fs, _ = filesystem(url)
     with publish(url) as tmp, fs.open(tmp, "wb") as f:
@@ -149,6 +211,11 @@ def write_json(url: str, obj: object) -> None:
 
 def put_file(local_file: str, url: str) -> None:
     """Upload or move a finished local file to `url` through a temporary name."""
+    _put_file(url, local_file)
+
+
+@_write_errors
+def _put_file(url: str, local_file: str) -> None:
     fs, _ = filesystem(url)
     with publish(url) as tmp:
         if isinstance(fs, LocalFileSystem):
@@ -157,11 +224,13 @@ def put_file(local_file: str, url: str) -> None:
             fs.put_file(local_file, tmp)
 
 
+@_errors
 def listdir(url: str) -> list[str]:
     fs, path = filesystem(url)
     return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
 
 
+@_write_errors
 def remove_tree(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):

@@ -167,3 +167,20 @@ def test_generate_to_s3_on_loopback(built, s3_bucket, s3_endpoint):
     assert [t.num_rows for t in tables] == [s["count"] for s in shards.read_manifest(out)["shards"]]
     assert sum(t.num_rows for t in tables) >= 50
     assert main(["inspect", out, "--json", "--endpoint-url", s3_endpoint, "--region", "us-east-1"]) == 0
+
+
+@pytest.mark.parametrize("case", ["unreachable endpoint", "missing bucket", "unwritable path"])
+def test_bad_storage_gives_a_one_line_error(built, s3_endpoint, case, capsys):
+    work, args = built
+    (work / "a-file").write_text("not a folder")
+    overrides = {
+        "unreachable endpoint": ["generate.output=s3://bucket/ds", "storage.endpoint_url=http://127.0.0.1:9"],
+        "missing bucket": ["generate.output=s3://no-such-bucket/ds", f"storage.endpoint_url={s3_endpoint}"],
+        "unwritable path": [f"generate.output={work}/a-file/ds"],
+    }[case]
+    assert main(["generate", *args, *overrides, "storage.region=us-east-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("factory: error: ")
+    assert {"unreachable endpoint": "cannot reach http://127.0.0.1:9 for s3://bucket/ds",
+            "missing bucket": "bucket 'no-such-bucket' does not exist",
+            "unwritable path": f"cannot access {work}/a-file/ds"}[case] in err
