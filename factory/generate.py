@@ -40,7 +40,8 @@ class GenerateError(RuntimeError):
 
 def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str:
     """Identifies everything a sample's bytes depend on besides its seed."""
-    decoder_sha = safetensors_fingerprint(os.path.join(decoder_dir, MODEL_FILE))
+    with storage.local_copy(decoder_dir, [MODEL_FILE]) as local:
+        decoder_sha = safetensors_fingerprint(os.path.join(local, MODEL_FILE))
     return config_lib.stable_hash(
         {"backbone": backbone_hash, "psi": cfg.backbone.psi, "rgb_taps": cfg.backbone.rgb_taps, "decoder": decoder_sha}
     )

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -235,3 +236,36 @@ def remove_tree(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+@contextmanager
+def local_copy(url: str, names: list[str] | None = None) -> Iterator[str]:
+    """A local folder holding the files under `url` (or just those of `names` that exist): the
+    folder itself when local, otherwise a temporary download that is removed on exit."""
+    if is_local(url):
+        yield local_path(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="factory-") as d:
+        _download(url, d, names)
+        yield d
+
+
+@_errors
+def _download(url: str, local_dir: str, names: list[str] | None) -> None:
+    fs, path = filesystem(url)
+    if names is None:
+        files = [f for f in fs.find(path) if not f.rsplit("/", 1)[-1].startswith(TEMPORARY_PREFIX)]
+    else:
+        files = [f"{path}/{n}" for n in names if fs.exists(f"{path}/{n}")]
+    for remote in files:
+        local = os.path.join(local_dir, os.path.relpath(remote, path))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fs.get_file(remote, local)
+
+
+def upload_tree(local_dir: str, url: str, last: str | None = None) -> None:
+    """Copy a local folder's files to `url`, each through a temporary name; `last` (a file name)
+    goes last, so a reader that checks for it never sees a half-copied folder."""
+    names = sorted(os.listdir(local_dir), key=lambda n: n == last)
+    for name in names:
+        put_file(os.path.join(local_dir, name), join(url, name))

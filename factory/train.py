@@ -23,7 +23,7 @@ from factory import config as config_lib
 from factory import storage
 from factory.backbones import load_backbone
 from factory.config import FactoryConfig
-from factory.decoders import build_decoder, save_decoder, unwrap
+from factory.decoders import MODEL_FILE, build_decoder, save_decoder, unwrap
 from factory.decoders.interpreter import gather_pixel_features
 from factory.decoders.keypoints import decode_heatmaps, gaussian_heatmaps
 from factory.fingerprint import safetensors_fingerprint
@@ -279,7 +279,11 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
             f"{cfg.train.labeled} was labeled on backbone {labeled.backbone_hash[:12]}, the config builds "
             f"{backbone.weights_hash[:12]}; check backbone.weights / backbone.init_seed"
         )
-    storage_path = storage.local_path(cfg.train.storage_path)
+    if storage.is_local(cfg.train.storage_path):
+        storage_path, storage_fs = storage.local_path(cfg.train.storage_path), None
+    else:  # checkpoints on S3 or another fsspec store, through the same endpoint settings
+        storage_fs, storage_path = storage.arrow_filesystem(cfg.train.storage_path)
+        storage.makedirs(cfg.train.storage_path)
 
     # 2. Fit on Ray Train.
     trainer = TorchTrainer(
@@ -298,6 +302,7 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
         run_config=RunConfig(
             name=cfg.train.run_name,
             storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -306,16 +311,23 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
     if result.error is not None:
         raise TrainError(f"training failed: {result.error}") from result.error
     if result.checkpoint is None:
-        raise TrainError(f"training in {storage_path}/{cfg.train.run_name} produced no checkpoint")
+        raise TrainError(f"training in {cfg.train.storage_path}/{cfg.train.run_name} produced no checkpoint")
 
-    # 3. Publish the decoder from the last checkpoint (copy to a temporary name, then rename).
+    # 3. Publish the decoder from the last checkpoint (each file through a temporary name; the
+    #    weights last, since readers take a folder without them as "no decoder").
     target = cfg.generate.decoder
-    staging = f"{target}.tmp-{os.getpid()}"
     with result.checkpoint.as_directory() as d:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(d, staging, ignore=shutil.ignore_patterns(STATE_FILE))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+        if storage.is_local(target):
+            staging = f"{target}.tmp-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(d, staging, ignore=shutil.ignore_patterns(STATE_FILE))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        else:
+            storage.remove_tree(storage.join(target, MODEL_FILE))
+            with tempfile.TemporaryDirectory() as staging:
+                shutil.copytree(d, staging, ignore=shutil.ignore_patterns(STATE_FILE), dirs_exist_ok=True)
+                storage.upload_tree(staging, target, last=MODEL_FILE)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     log.info("decoder written to %s; final metrics %s", target, metrics)
     return metrics

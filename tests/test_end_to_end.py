@@ -184,3 +184,24 @@ def test_bad_storage_gives_a_one_line_error(built, s3_endpoint, case, capsys):
     assert {"unreachable endpoint": "cannot reach http://127.0.0.1:9 for s3://bucket/ds",
             "missing bucket": "bucket 'no-such-bucket' does not exist",
             "unwritable path": f"cannot access {work}/a-file/ds"}[case] in err
+
+
+def test_train_checkpoints_and_decoder_on_s3(built, s3_bucket, s3_endpoint):
+    from factory import read, shards
+
+    work, args = built
+    s3 = [f"storage.endpoint_url={s3_endpoint}", "storage.region=us-east-1",
+          f"train.storage_path={s3_bucket}/runs", "train.steps=10", "train.checkpoint_every=5"]
+    assert main(["train", *args, *s3]) == 0
+    assert storage_listing(f"{s3_bucket}/runs/interpreter/decoder") == ["config.yaml", "labels.json", "model.safetensors"]
+    assert any(n.startswith("checkpoint") for n in storage_listing(f"{s3_bucket}/runs/interpreter"))
+    out = f"{s3_bucket}/from-s3-decoder"
+    assert main(["generate", *args, *s3, f"generate.output={out}", "generate.num_samples=20"]) == 0
+    assert shards.read_manifest(out)["num_generated"] == 20
+    assert sum(t.num_rows for t in read.shard_tables(out)) == shards.read_manifest(out)["num_samples"]
+
+
+def storage_listing(url):
+    from factory import storage
+
+    return sorted(storage.listdir(url))

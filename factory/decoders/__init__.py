@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from factory import storage
 from factory.config import DecoderConfig
 from factory.decoders.interpreter import StyleInterpreter, predict_keypoints, predict_segmentation
 
@@ -91,6 +92,12 @@ def save_decoder(
 
 
 def read_decoder_metadata(directory: str) -> dict[str, str]:
+    """The safetensors metadata of the decoder saved in `directory` (a local folder or any URL)."""
+    with storage.local_copy(directory, [MODEL_FILE]) as local:
+        return _read_metadata(local)
+
+
+def _read_metadata(directory: str) -> dict[str, str]:
     path = os.path.join(directory, MODEL_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no fitted decoder at {directory} (missing {MODEL_FILE}); run `factory train` first")
@@ -105,7 +112,13 @@ def read_decoder_metadata(directory: str) -> dict[str, str]:
 
 
 def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDecoder:
-    metadata = read_decoder_metadata(directory)
+    """The decoder saved in `directory` (a local folder or any URL), ready for inference."""
+    with storage.local_copy(directory, [MODEL_FILE]) as local:
+        return _load(local, device)
+
+
+def _load(directory: str, device: str | torch.device) -> FittedDecoder:
+    metadata = _read_metadata(directory)
     cfg = DecoderConfig(**json.loads(metadata["decoder"]))
     labels = json.loads(metadata["labels"])
     in_channels = json.loads(metadata["in_channels"])
