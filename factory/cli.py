@@ -186,12 +186,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
     summary = inspect.summarize(args.dataset, stat_samples=args.samples)
-    summary["preview"] = inspect.preview(args.dataset, args.preview or storage.join(args.dataset, "preview.png"))
+    if not summary.get("in_progress"):
+        summary["preview"] = inspect.preview(args.dataset, args.preview or storage.join(args.dataset, "preview.png"))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(inspect.format_summary(summary))
-        print(f"preview   {summary['preview']}")
+        if "preview" in summary:
+            print(f"preview   {summary['preview']}")
     return 0 if summary["complete"] else 1
 
 

@@ -27,8 +27,12 @@ def palette(n: int) -> np.ndarray:
 
 
 def summarize(dataset: str, stat_samples: int = 2000) -> dict:
-    """Manifest summary, failed shards, uncertainty histogram (all samples), label statistics
-    (pixel frequencies per class, or keypoint scores) over the first `stat_samples` samples."""
+    """Manifest summary, failed and missing shards, uncertainty histogram (all samples), label
+    statistics (pixel frequencies per class, or keypoint scores) over the first `stat_samples`
+    samples. A build with no manifest yet (running or interrupted) gets a progress summary."""
+    if not storage.exists(storage.join(dataset, shards.MANIFEST)) and storage.exists(
+            storage.join(dataset, shards.BUILD_RECORD)):
+        return progress(dataset)
     manifest = shards.read_manifest(dataset)
     labels = manifest["labels"]
     scores = np.concatenate(
@@ -40,18 +44,23 @@ def summarize(dataset: str, stat_samples: int = 2000) -> dict:
         "name": manifest["name"],
         "task": manifest["task"],
         "labels": labels,
+        "formats": manifest["formats"],
         "num_samples": manifest["num_samples"],
+        "num_generated": manifest["num_generated"],
         "num_shards": manifest["num_shards"],
         "complete": manifest["complete"],
         "failed_shards": manifest["failed"],
+        "missing_files": missing_files(dataset, manifest),
         "bytes": sum(s["bytes"] for s in manifest["shards"]),
         "config_hash": manifest["config_hash"],
         "package_version": manifest["package_version"],
+        "calibration": manifest["calibration"],
         "uncertainty": {
             "mean": float(scores.mean()) if scores.size else None,
             "histogram": {"counts": counts.tolist(), "edges": [round(float(e), 6) for e in edges]},
         },
     }
+    summary["complete"] = summary["complete"] and not summary["missing_files"]
     if manifest["task"] == "segmentation":
         pixels = np.zeros(len(labels), dtype=np.int64)
         for sample in read.iter_samples(dataset, limit=stat_samples):
@@ -65,6 +74,41 @@ def summarize(dataset: str, stat_samples: int = 2000) -> dict:
                 scores_by_kp[kp["name"]].append(kp["score"])
         summary["keypoint_mean_score"] = {k: float(np.mean(v)) if v else None for k, v in scores_by_kp.items()}
     return summary
+
+
+def missing_files(dataset: str, manifest: dict) -> list[str]:
+    """Files the manifest lists that are not in storage (one listing per folder)."""
+    present: dict[str, set[str]] = {}
+    missing = []
+    for record in manifest["shards"]:
+        for file in record["files"]:
+            folder, name = file["path"].rsplit("/", 1)
+            if folder not in present:
+                url = storage.join(dataset, folder)
+                present[folder] = set(storage.listdir(url)) if storage.exists(url) else set()
+            if name not in present[folder]:
+                missing.append(file["path"])
+    return missing
+
+
+def progress(dataset: str) -> dict:
+    """How far a build without a manifest got: shards done and still to build, from build.json and
+    the completion records."""
+    build = storage.read_json(storage.join(dataset, shards.BUILD_RECORD))
+    g = build["config"]["generate"]
+    plan = shards.plan_shards(g["start_seed"], g["num_samples"], g["shard_size"])
+    done = shards.read_completions(dataset)
+    return {
+        "dataset": dataset,
+        "name": build["config"]["name"],
+        "in_progress": True,
+        "complete": False,
+        "num_shards": len(plan),
+        "shards_done": len(done),
+        "num_samples": sum(r["count"] for r in done.values()),
+        "missing_shards": [s.name for s in plan if s.name not in done],
+        "build_hash": build["build_hash"],
+    }
 
 
 def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
@@ -107,14 +151,28 @@ def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
 
 
 def format_summary(s: dict) -> str:
+    if s.get("in_progress"):
+        missing = s["missing_shards"]
+        return "\n".join([
+            f"dataset   {s['dataset']}  ({s['name']})",
+            f"NO MANIFEST: building or interrupted; {s['shards_done']} of {s['num_shards']} shards done "
+            f"({s['num_samples']} samples); re-run `factory generate` with the same config to finish",
+            f"missing   {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}",
+        ])
     lines = [
         f"dataset   {s['dataset']}  ({s['name']}, {s['task']})",
-        f"samples   {s['num_samples']} in {s['num_shards']} shards, {s['bytes'] / 1e6:.1f} MB, "
-        f"{'complete' if s['complete'] else 'INCOMPLETE'}",
+        f"samples   {s['num_samples']} kept of {s['num_generated']} generated, in {s['num_shards']} shards "
+        f"({', '.join(s['formats'])}), {s['bytes'] / 1e6:.1f} MB, {'complete' if s['complete'] else 'INCOMPLETE'}",
         f"config    {s['config_hash'][:16]}  (factory {s['package_version']})",
     ]
+    if s["calibration"]:
+        c = s["calibration"]
+        lines.append(f"filter    dropped the {c['drop_fraction']:.0%} most uncertain: scores above "
+                     f"{c['threshold']:.5f} (calibrated on {c['num_scored']} seeds)")
     for f in s["failed_shards"]:
         lines.append(f"FAILED    {f['name']}: {f['error']}")
+    for path in s["missing_files"]:
+        lines.append(f"MISSING   {path}")
     if "class_pixel_frequency" in s:
         lines.append("classes   " + ", ".join(f"{k} {v:.1%}" for k, v in s["class_pixel_frequency"].items()))
     if "keypoint_mean_score" in s:

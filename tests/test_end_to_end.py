@@ -119,8 +119,29 @@ def test_inspect_summarizes_and_draws(built, capsys):
     assert 105 <= summary["num_samples"] <= 111 and summary["complete"]
     assert sum(summary["uncertainty"]["histogram"]["counts"]) == summary["num_samples"]
     assert abs(sum(summary["class_pixel_frequency"].values()) - 1) < 1e-3
+    assert summary["missing_files"] == [] and summary["formats"] == ["parquet", "webdataset"]
     with Image.open(summary["preview"]) as im:
         assert im.width >= 4 * 256 and im.mode == "RGB"
+    assert main(["inspect", str(work / "dataset")]) == 0
+    text = capsys.readouterr().out
+    assert "kept of 120 generated" in text and "dropped the 10% most uncertain" in text
+
+
+def test_inspect_reports_missing_files_and_unfinished_builds(built, tmp_path, capsys):
+    import shutil
+
+    work, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(work / "dataset", copy)
+    (copy / "webdataset" / "shard-00002.tar").unlink()
+    assert main(["inspect", str(copy), "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["missing_files"] == ["webdataset/shard-00002.tar"] and not summary["complete"]
+    (copy / "manifest.json").unlink()  # as a build that is still running, or was killed
+    (copy / "_stats" / "shard-00001.json").unlink()
+    assert main(["inspect", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "NO MANIFEST" in out and "2 of 3 shards done" in out and "missing   shard-00001" in out
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
