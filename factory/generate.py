@@ -283,8 +283,12 @@ def calibrate(cfg: FactoryConfig, config_hash: str) -> dict | None:
     return record
 
 
-def generate(cfg: FactoryConfig) -> dict:
-    """Build (or resume) the dataset at `generate.output`; returns the manifest."""
+def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
+    """Build (or resume) the dataset at `generate.output`; returns the manifest.
+
+    `builder` is the Ray Data actor class that builds shards (default `ShardBuilder`); wrappers of
+    it can instrument or fault-inject a build."""
+    builder = builder or ShardBuilder
     import ray
 
     g = cfg.generate
@@ -317,7 +321,7 @@ def generate(cfg: FactoryConfig) -> dict:
     failed: dict[str, str] = {}
     if todo:
         ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
-        ds = _map(ds, ShardBuilder, cfg, len(todo),
+        ds = _map(ds, builder, cfg, len(todo),
                   {"cfg": resolved, "config_hash": config_hash,
                    "threshold": calibration["threshold"] if calibration else None})
         try:

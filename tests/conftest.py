@@ -37,6 +37,20 @@ def tiny_cfg(tmp_path):
     )
 
 
+def save_untrained_decoder(cfg):
+    """The config's backbone and a seeded, untrained decoder saved where `generate.decoder` points,
+    the way `factory train` publishes one: enough for tests about bytes, layout and resume."""
+    from factory import config as config_lib
+    from factory.backbones import load_backbone
+    from factory.decoders import build_decoder, save_decoder
+
+    backbone = load_backbone(cfg.backbone)
+    model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.label_names())).eval()
+    save_decoder(cfg.generate.decoder, model, cfg.decoder, cfg.label_names(), backbone.feature_channels,
+                 backbone.weights_hash, config_lib.to_yaml(cfg))
+    return backbone
+
+
 @pytest.fixture
 def labeled_dir(tiny_cfg):
     """An exported folder labeled by the demo's stand-in annotator (masks/*.png present)."""

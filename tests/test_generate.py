@@ -8,19 +8,16 @@ import pytest
 
 from factory import config as config_lib
 from factory import shards
-from factory.backbones import load_backbone
-from factory.decoders import build_decoder, load_decoder, save_decoder
+from factory.decoders import load_decoder
 from factory.generate import build_shard, label_seeds, sample_hash
 from factory.read import decode_png
+from conftest import save_untrained_decoder
 
 
 @pytest.fixture
 def models(tiny_cfg):
     """The tiny backbone and an (untrained, seeded) decoder saved and loaded like a fitted one."""
-    backbone = load_backbone(tiny_cfg.backbone)
-    model = build_decoder(tiny_cfg.decoder, backbone.feature_channels, len(tiny_cfg.labels.classes)).eval()
-    save_decoder(tiny_cfg.generate.decoder, model, tiny_cfg.decoder, tiny_cfg.labels.classes,
-                 backbone.feature_channels, backbone.weights_hash, config_lib.to_yaml(tiny_cfg))
+    backbone = save_untrained_decoder(tiny_cfg)
     return backbone, load_decoder(tiny_cfg.generate.decoder)
 
 

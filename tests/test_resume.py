@@ -12,9 +12,8 @@ import pytest
 
 from factory import config as config_lib
 from factory import shards, storage
-from factory.backbones import load_backbone
-from factory.decoders import build_decoder, save_decoder
 from factory.generate import generate
+from conftest import save_untrained_decoder
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -37,10 +36,7 @@ def setup(tmp_path_factory, ray_cluster, s3_endpoint):
         "           cpus_per_actor: 1, calibration_samples: 500, formats: [parquet, webdataset]}\n"
     )
     cfg = config_lib.load_config(str(path))
-    backbone = load_backbone(cfg.backbone)  # an untrained, seeded decoder: resume is about bytes, not quality
-    model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.labels.classes)).eval()
-    save_decoder(cfg.generate.decoder, model, cfg.decoder, cfg.labels.classes, backbone.feature_channels,
-                 backbone.weights_hash, config_lib.to_yaml(cfg))
+    save_untrained_decoder(cfg)  # resume is about bytes, not label quality
     storage.configure(cfg.storage)
     yield path, cfg
     storage.configure(config_lib.StorageConfig())

@@ -1,0 +1,65 @@
+"""Ray-level retries: an actor that crashes mid-shard is restarted and its shard resubmitted; once
+`generate.max_retries` is spent, the shard is reported failed in the manifest and the exit code."""
+
+import os
+import sys
+
+import pytest
+import ray.cloudpickle
+
+from factory import shards
+from factory.generate import GenerateError, ShardBuilder, generate
+from conftest import save_untrained_decoder
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+
+
+class CrashingBuilder(ShardBuilder):
+    """Kills its own actor process on shard 1: once (a marker file remembers), or every time."""
+
+    def __init__(self, *args, marker: str, always: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.marker, self.always = marker, always
+
+    def build(self, spec):
+        if spec.index == 1 and (self.always or not os.path.exists(self.marker)):
+            open(self.marker, "a").close()
+            os._exit(1)  # as an OOM kill or a segfault would
+        return super().build(spec)
+
+
+def crashing(marker: str, always: bool) -> type:
+    class Builder(CrashingBuilder):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, marker=marker, always=always, **kwargs)
+
+    return Builder
+
+
+@pytest.fixture
+def cfg(tiny_cfg, ray_cluster):
+    tiny_cfg.generate.drop_uncertain = 0.0
+    tiny_cfg.generate.num_actors = 1
+    tiny_cfg.generate.cpus_per_actor = 0.5
+    save_untrained_decoder(tiny_cfg)
+    return tiny_cfg
+
+
+def test_a_crashed_actor_is_restarted_and_its_shard_rebuilt(cfg, tmp_path):
+    cfg.generate.max_retries = 1
+    manifest = generate(cfg, builder=crashing(str(tmp_path / "crashed"), always=False))
+    assert (tmp_path / "crashed").exists()  # the actor did die once
+    assert manifest["complete"] and [s["count"] for s in manifest["shards"]] == [16, 16, 8]
+
+
+def test_a_shard_that_keeps_crashing_is_reported_failed(cfg, tmp_path):
+    cfg.generate.max_retries = 0
+    with pytest.raises(GenerateError, match="shard-00001"):
+        generate(cfg, builder=crashing(str(tmp_path / "crashed"), always=True))
+    manifest = shards.read_manifest(cfg.generate.output)
+    assert not manifest["complete"]
+    assert "shard-00001" in [f["name"] for f in manifest["failed"]]
+    assert "shard-00001" not in [s["name"] for s in manifest["shards"]]
+    assert shards.read_completion(cfg.generate.output, shards.ShardSpec(1, 0, 0)) is None
