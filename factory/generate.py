@@ -314,6 +314,10 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
     records = shards.read_completions(g.output)
     todo = [s for s in plan if s.name not in records]
     log.info("%d shards planned, %d to build, output %s", len(plan), len(todo), g.output)
+    if not todo and storage.exists(storage.join(g.output, shards.MANIFEST)):
+        finished = shards.read_manifest(g.output)
+        if finished["build_hash"] == dataset_hash and finished["complete"]:
+            return finished  # a finished build: nothing to do, nothing written
 
     # 3. Calibration pass (fixes the drop threshold), then Ray Data: shard specs -> actor pool
     #    (backbone -> decoder -> filter -> encode -> write) -> completion records.

@@ -99,4 +99,4 @@ def test_killed_build_resumes_to_the_uninterrupted_bytes(setup, ray_cluster):
         found = keys(resumed, folder, suffix)
         assert len(found) == len(set(found)) == manifest["num_samples"]
     assert 0.85 * NUM_SAMPLES < manifest["num_samples"] < 0.95 * NUM_SAMPLES  # ~10% dropped as uncertain
-    assert manifest["calibration"] == generate(cfg)["calibration"]  # a finished build: re-run is a no-op
+    assert generate(cfg) == manifest  # a finished build: a re-run is a no-op
