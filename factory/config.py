@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 @dataclass
 class RayConfig:
     address: str | None = None
-    """Cluster to join ("auto", "ray://head:10001"); None starts a local cluster in this process."""
+    """Cluster to join ("auto", "ray://head:10001"). None joins the job's cluster when run by
+    `ray job submit` (RAY_ADDRESS is set), else starts a local cluster in this process."""
     num_cpus: int | None = 4
     """Logical CPUs of a local cluster. More than the physical cores lets fractional actors and
     Ray Train's controller share a 2-core machine without deadlock. Ignored when joining a cluster."""
@@ -235,6 +236,26 @@ class GenerateConfig:
 
 
 @dataclass
+class NightlyConfig:
+    root: str = "${workdir}/datasets"
+    """Dataset root: each night's build is <root>/<YYYY-MM-DD>, and <root>/LATEST names the newest
+    version that validated. Consumers read `<root>@latest`."""
+    keep: int = 7
+    """Versions kept; older ones are deleted after a successful night (never the one LATEST names)."""
+    min_samples: int = 1
+    """Validation: fewer kept samples than this fails the night and leaves LATEST where it was."""
+    verify_checksums: bool = True
+    """Validation: re-read every shard file and compare its sha256 with the completion record."""
+    label_samples: int = 200
+    """Validation: samples whose labels are checked (ids within the label set, not all background)."""
+
+    def __post_init__(self) -> None:
+        for key in ("keep", "min_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"nightly.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class FactoryConfig:
     name: str = "demo"
     """A name for this factory, recorded in checkpoints and manifests."""
@@ -248,6 +269,7 @@ class FactoryConfig:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def label_names(self) -> list[str]:
         """What the decoder predicts: the classes (segmentation) or the keypoint names."""
@@ -285,7 +307,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 PATH_KEYS = ("backbone.weights", "annotate.dir", "train.labeled", "train.storage_path", "generate.decoder",
-             "generate.output")
+             "generate.output", "nightly.root")
 
 
 def absolute_paths(cfg: FactoryConfig) -> FactoryConfig:

@@ -1,0 +1,72 @@
+"""Dataset versions without Ray: LATEST resolution, retention, and validation catching damage."""
+
+import json
+import os
+
+import pytest
+
+from factory import shards, versions
+from factory.generate import build_shard
+from conftest import save_untrained_decoder
+
+
+@pytest.fixture
+def version(tiny_cfg, tmp_path):
+    """A small finished version <root>/2026-11-20 written the way generate() writes one."""
+    from factory.decoders import load_decoder
+
+    backbone = save_untrained_decoder(tiny_cfg)
+    decoder = load_decoder(tiny_cfg.generate.decoder)
+    root = str(tmp_path / "root")
+    tiny_cfg.generate.output = f"{root}/2026-11-20"
+    shards.prepare_output(tiny_cfg.generate.output, "b", {}, overwrite=False)
+    plan = shards.plan_shards(0, 24, 12)
+    records = [build_shard(backbone, decoder, tiny_cfg, spec, "c") for spec in plan]
+    manifest = {"format": shards.FORMAT, "build_hash": "b", "config_hash": "c", "task": "segmentation",
+                "labels": ["background", "blue"], "formats": ["parquet"], "num_samples": 24, "num_shards": 2,
+                "complete": True, "shards": records, "failed": []}
+    shards.write_manifest(tiny_cfg.generate.output, manifest)
+    return root, manifest
+
+
+def test_latest_moves_only_when_set_and_resolves(version):
+    root, manifest = version
+    with pytest.raises(FileNotFoundError, match="no LATEST pointer"):
+        versions.resolve(f"{root}@latest")
+    versions.set_latest(root, "2026-11-20", manifest)
+    assert versions.resolve(f"{root}@latest") == f"{root}/2026-11-20"
+    assert versions.resolve(f"{root}/2026-11-20") == f"{root}/2026-11-20"
+    assert json.loads(open(f"{root}/LATEST").read())["version"] == "2026-11-20"
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        versions.set_latest(root, "tonight", manifest)
+
+
+def test_retention_keeps_the_newest_and_never_latest(version):
+    root, manifest = version
+    for name in ("2026-11-18", "2026-11-19", "2026-11-21", "2026-11-22"):
+        os.makedirs(f"{root}/{name}")
+    versions.set_latest(root, "2026-11-20", manifest)
+    assert versions.prune(root, keep=2) == ["2026-11-18", "2026-11-19"]
+    assert versions.list_versions(root) == ["2026-11-20", "2026-11-21", "2026-11-22"]
+
+
+def test_a_good_version_validates(version):
+    root, _ = version
+    checked = versions.validate(f"{root}/2026-11-20")
+    assert checked == {"samples": 24, "files_checked": 2, "samples_checked": 24}
+
+
+def test_validation_lists_damage(version):
+    root, _ = version
+    ds = f"{root}/2026-11-20"
+    with open(f"{ds}/parquet/shard-00001.parquet", "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(versions.ValidationError, match="shard-00001.parquet does not match"):
+        versions.validate(ds)
+    with pytest.raises(versions.ValidationError, match="cannot read its samples: ArrowInvalid"):
+        versions.validate(ds, verify_checksums=False)
+    with pytest.raises(versions.ValidationError, match="24 samples kept, fewer than the required 100"):
+        versions.validate(ds, min_samples=100)
+    os.remove(f"{ds}/parquet/shard-00000.parquet")
+    with pytest.raises(versions.ValidationError, match="shard-00000.parquet is missing"):
+        versions.validate(ds)
