@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Print a dataset's manifest summary, failed shards, label statistics and "
         "uncertainty histogram, and write a preview PNG of images with their labels overlaid.",
     )
-    i.add_argument("dataset", help="dataset folder or URL (the generate.output of a build)")
+    i.add_argument("dataset", help="dataset folder or URL (the generate.output of a build), or ROOT@latest "
+                   "for the newest published version under a nightly root")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--preview", default=None, help="where to write the preview PNG (default DATASET/preview.png)")
     i.add_argument("--samples", type=int, default=2000, help="samples read for label statistics (default 2000)")
@@ -181,13 +182,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from factory import inspect, storage
+    from factory import inspect, storage, versions
     from factory.config import StorageConfig
 
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
-    summary = inspect.summarize(args.dataset, stat_samples=args.samples)
+    dataset = versions.resolve(args.dataset)  # ROOT@latest -> the version LATEST names
+    summary = inspect.summarize(dataset, stat_samples=args.samples)
     if not summary.get("in_progress"):
-        summary["preview"] = inspect.preview(args.dataset, args.preview or storage.join(args.dataset, "preview.png"))
+        summary["preview"] = inspect.preview(dataset, args.preview or storage.join(dataset, "preview.png"))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

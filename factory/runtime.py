@@ -4,24 +4,40 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from factory.config import RayConfig
 
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: RayConfig) -> None:
+def init_ray(cfg: RayConfig) -> bool:
     """Join `ray.address` (or, inside a Ray job, the job's cluster), else start a local cluster with
-    `ray.num_cpus` logical CPUs."""
+    `ray.num_cpus` logical CPUs. Returns False if Ray was already initialized in this process (the
+    caller then leaves it running), True if this call connected."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Workers must import `factory` the way the driver does, even from a source checkout.
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
     if address is None:
         ray.init(num_cpus=cfg.num_cpus, configure_logging=False)
     else:
         ray.init(address=address, configure_logging=False)
     log.info("ray: %s", ray.cluster_resources())
+    return True
+
+
+@contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Ray for the duration of a job: connected on entry, shut down on exit if this job connected."""
+    import ray
+
+    started = init_ray(cfg)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -8,15 +8,15 @@ import sys
 
 from factory import config as config_lib
 from factory.generate import generate
-from factory.runtime import init_ray
+from factory.runtime import ray_session
 
 log = logging.getLogger("jobs.generate")
 
 
 def main(cfg: config_lib.FactoryConfig) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
-    init_ray(cfg.ray)
-    manifest = generate(cfg)
+    with ray_session(cfg.ray):
+        manifest = generate(cfg)
     log.info("%d samples in %d shards at %s", manifest["num_samples"], manifest["num_shards"], cfg.generate.output)
     return manifest
 

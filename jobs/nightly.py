@@ -20,7 +20,7 @@ from factory import config as config_lib
 from factory import storage, versions
 from factory.decoders import MODEL_FILE
 from factory.generate import GenerateError, generate
-from factory.runtime import init_ray
+from factory.runtime import ray_session
 from factory.train import TrainError, inputs_hash, train
 
 log = logging.getLogger("jobs.nightly")
@@ -34,7 +34,11 @@ def decoder_run(cfg: config_lib.FactoryConfig) -> str:
 def main(cfg: config_lib.FactoryConfig, date: datetime.date) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
     storage.configure(cfg.storage)
-    init_ray(cfg.ray)
+    with ray_session(cfg.ray):
+        return build(cfg, date)
+
+
+def build(cfg: config_lib.FactoryConfig, date: datetime.date) -> dict:
     root, version = cfg.nightly.root, versions.version_name(date)
 
     # 1. The decoder: reuse the one published for these inputs, or train it.

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from factory import config as config_lib
-from factory.runtime import init_ray
+from factory.runtime import ray_session
 from factory.train import train
 
 log = logging.getLogger("jobs.train_decoder")
@@ -15,8 +15,8 @@ log = logging.getLogger("jobs.train_decoder")
 
 def main(cfg: config_lib.FactoryConfig) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
-    init_ray(cfg.ray)
-    metrics = train(cfg)
+    with ray_session(cfg.ray):
+        metrics = train(cfg)
     log.info("decoder at %s: %s", cfg.generate.decoder, metrics)
     return metrics
 

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from factory import shards, storage, versions
+from factory.cli import main
 from factory.config import StorageConfig, load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -30,15 +31,20 @@ def ray_head(tmp_path_factory):
     """A separate Ray head started with the real CLI; killed (not `ray stop`ped) at the end so the
     test session's own cluster survives."""
     port, dashboard = free_port(), free_port()
+    # Every fixed default port moved, so this head can run beside the session's own cluster.
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port")]
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", *ports,
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
          f"--temp-dir={tmp_path_factory.mktemp('ray')}", "--include-dashboard=true"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
-    while subprocess.run([RAY, "job", "list", "--address", address], capture_output=True).returncode != 0:
+    ready = [RAY, "job", "submit", "--address", address, "--", sys.executable, "-c", "pass"]
+    while subprocess.run(ready, capture_output=True).returncode != 0:  # the job agent can lag the server
         assert head.poll() is None, "ray start --head exited"
         assert time.monotonic() < deadline, "the Ray head's job server did not come up in 2 minutes"
         time.sleep(2)
@@ -97,6 +103,8 @@ def test_nightly_job_publishes_validates_and_is_idempotent(ray_head, nightly_con
     version = versions.resolve(f"{root}@latest")
     assert version == f"{root}/2026-11-23"
     assert versions.validate(version)["samples"] == shards.read_manifest(version)["num_samples"] > 0
+    endpoint = load_config(str(nightly_config)).storage.endpoint_url
+    assert main(["inspect", f"{root}@latest", "--json", "--endpoint-url", endpoint, "--region", "us-east-1"]) == 0
 
     # The same night again: the decoder is reused and the version is already finished.
     stats = storage.join(version, "_stats", "shard-00000.json")
