@@ -39,8 +39,12 @@ def annotate_by_rule(directory: str) -> None:
     annotate.write_masks(directory, masks)
 
 
+DEMO_SETTINGS = ("generate.shard_size=250", "generate.calibration_samples=250")
+"""Where the demo departs from the defaults (as configs/demo.yaml does): 1,000 seeds in 4 shards."""
+
+
 def demo_config(workdir: str, overrides: list[str] | tuple[str, ...] = ()) -> FactoryConfig:
-    return load_config(None, [f"workdir={workdir}", *overrides])
+    return load_config(None, [f"workdir={workdir}", *DEMO_SETTINGS, *overrides])
 
 
 def run_demo(cfg: FactoryConfig) -> dict:

@@ -17,7 +17,15 @@ def test_defaults_are_the_embedded_default():
     assert load_config(None, ["generate.output=s3://bucket/ds"]).generate.output == "s3://bucket/ds"
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_demo_yaml_spells_out_what_the_demo_runs(tmp_path):
+    from factory.config import to_dict
+    from factory.demo import demo_config
+
+    from_file = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [f"workdir={tmp_path}"])
+    assert to_dict(from_file) == to_dict(demo_config(str(tmp_path)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))), ids=os.path.basename)
 def test_every_config_file_validates(path, tmp_path):
     cfg = load_config(path)
     assert cfg.name
