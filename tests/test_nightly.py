@@ -42,18 +42,20 @@ def ray_head(tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    ready = [RAY, "job", "submit", "--address", address, "--", sys.executable, "-c", "pass"]
-    while subprocess.run(ready, capture_output=True).returncode != 0:  # the job agent can lag the server
-        assert head.poll() is None, "ray start --head exited"
-        assert time.monotonic() < deadline, "the Ray head's job server did not come up in 2 minutes"
-        time.sleep(2)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        ready = [RAY, "job", "submit", "--address", address, "--", sys.executable, "-c", "pass"]
+        while subprocess.run(ready, capture_output=True).returncode != 0:  # the job agent can lag the server
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray head's job server did not come up in 3 minutes"
+            time.sleep(2)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
