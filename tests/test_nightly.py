@@ -51,11 +51,15 @@ def ray_head(tmp_path_factory):
             time.sleep(2)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # and whatever of the group outlived it
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
