@@ -1,28 +1,62 @@
-"""Reading a finished dataset back: its manifest, shard tables and decoded samples."""
+"""Reading a finished dataset back: manifest, shard tables, decoded samples, and loaders for
+downstream training (a PyTorch `IterableDataset` and a `ray.data.Dataset`).
+
+Every reader takes a dataset URL (local path, file:// or s3://, or `ROOT@latest` for the newest
+published version under a nightly root), reads only the shards the manifest lists as complete, in
+shard order, and builds its filesystems through `factory.storage`.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import tarfile
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
 
-from factory import shards, storage
+from factory import shards, storage, versions
+from factory.config import StorageConfig
+
+
+def open_dataset(dataset: str) -> tuple[str, dict]:
+    """(resolved URL, manifest) of a finished dataset; `ROOT@latest` resolves through LATEST."""
+    url = versions.resolve(dataset)
+    return url, shards.read_manifest(url)
+
+
+def choose_format(manifest: dict, fmt: str, url: str) -> str:
+    """`fmt`, checked against what the dataset holds; "auto" prefers Parquet."""
+    formats = manifest["formats"]
+    if fmt == "auto":
+        return "parquet" if "parquet" in formats else formats[0]
+    if fmt not in formats:
+        raise ValueError(f"{url} was written as {', '.join(formats)}, not {fmt!r}")
+    return fmt
+
+
+def files_of(record: dict, suffix: str) -> list[str]:
+    """A completion record's file paths (relative to the dataset) that end in `suffix`."""
+    if suffix == ".parquet":
+        return [f["path"] for f in record["files"] if f["path"].startswith("parquet/")]
+    return [f["path"] for f in record["files"] if f["path"].endswith(suffix)]
 
 
 def shard_tables(dataset: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Each complete shard's Parquet table, in shard order."""
-    manifest = shards.read_manifest(dataset)
-    suffix = ".meta.parquet" if "parquet" not in manifest["formats"] else ".parquet"
+    """Each complete shard's table, in shard order: the Parquet shards, or for a WebDataset-only
+    dataset the metadata Parquet beside each tar (no `image`/`mask` columns there)."""
+    url, manifest = open_dataset(dataset)
+    suffix = ".parquet" if "parquet" in manifest["formats"] else ".meta.parquet"
     for record in manifest["shards"]:
-        for file in record["files"]:
-            if file["path"].startswith(suffix == ".parquet" and "parquet/" or "webdataset/") and file["path"].endswith(suffix):
-                fs, path = storage.filesystem(storage.join(dataset, file["path"]))
-                yield pq.read_table(path, filesystem=fs, columns=columns)
+        for path in files_of(record, suffix):
+            fs, inner = storage.filesystem(storage.join(url, path))
+            yield pq.read_table(inner, filesystem=fs, columns=columns)
 
 
 def decode_png(data: bytes | None) -> np.ndarray | None:
@@ -32,15 +66,167 @@ def decode_png(data: bytes | None) -> np.ndarray | None:
         return np.array(im)
 
 
-def iter_samples(dataset: str, limit: int | None = None) -> Iterator[dict]:
-    """Decoded samples: `image` [H, W, 3] uint8, `mask` [H, W] uint8 or None, `keypoints` list or None."""
-    n = 0
-    for table in shard_tables(dataset):
-        for row in table.to_pylist():
-            if limit is not None and n >= limit:
-                return
-            row["image"] = decode_png(row["image"])
-            row["mask"] = decode_png(row["mask"])
-            row["keypoints"] = json.loads(row["keypoints"]) if row["keypoints"] else None
-            n += 1
-            yield row
+def iter_tar(url: str) -> Iterator[dict]:
+    """The samples of one WebDataset tar, streamed: rows with the Parquet columns (`image` and
+    `mask` as PNG bytes, `keypoints` as JSON text), so both formats feed the same decoding."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        row: dict = {}
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if row and row["key"] != key:
+                yield _tar_row(row)
+                row = {}
+            row["key"] = key
+            row[ext] = tar.extractfile(member).read()
+        if row:
+            yield _tar_row(row)
+
+
+def _tar_row(members: dict) -> dict:
+    meta = json.loads(members["json"])
+    meta["keypoints"] = json.dumps(meta["keypoints"]) if meta.get("keypoints") is not None else None
+    for field, ext in shards.TAR_MEMBERS.items():
+        meta[field] = members.get(ext)
+    return meta
+
+
+def iter_rows(url: str, manifest: dict, fmt: str, records: list[dict]) -> Iterator[dict]:
+    """Undecoded sample rows of the given shards, in order, from one format."""
+    for record in records:
+        if fmt == "parquet":
+            for path in files_of(record, ".parquet"):
+                fs, inner = storage.filesystem(storage.join(url, path))
+                with fs.open(inner, "rb") as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
+                        yield from batch.to_pylist()
+        else:
+            for path in files_of(record, ".tar"):
+                yield from iter_tar(storage.join(url, path))
+
+
+def decode(row: dict) -> dict:
+    """`image` [H, W, 3] uint8, `mask` [H, W] uint8 or None, `keypoints` list or None."""
+    row["image"] = decode_png(row["image"])
+    row["mask"] = decode_png(row["mask"])
+    row["keypoints"] = json.loads(row["keypoints"]) if row["keypoints"] else None
+    return row
+
+
+def iter_samples(dataset: str, limit: int | None = None, fmt: str = "auto") -> Iterator[dict]:
+    """Decoded samples in shard order, from either format (see `decode`)."""
+    url, manifest = open_dataset(dataset)
+    fmt = choose_format(manifest, fmt, url)
+    for n, row in enumerate(iter_rows(url, manifest, fmt, manifest["shards"])):
+        if limit is not None and n >= limit:
+            return
+        yield decode(row)
+
+
+def split(records: list[dict], part: int, parts: int) -> tuple[list[dict], int | None]:
+    """Which shards one of `parts` readers reads, and whether it keeps every row or only its own.
+
+    With at least as many shards as readers, reader `part` takes shards part, part + parts, ...
+    whole (returns None as the row stride). With fewer, every reader reads every shard and keeps the
+    rows whose position in the dataset is `part` modulo `parts`. Either way the readers' samples are
+    disjoint and together are the whole dataset."""
+    if len(records) >= parts:
+        return records[part::parts], None
+    return records, parts
+
+
+class ShardDataset(IterableDataset):
+    """A PyTorch `IterableDataset` over a dataset URL for downstream training.
+
+    Yields `(image, target, meta)`: image a uint8 tensor [3, H, W]; target the class-id mask as an
+    int64 tensor [H, W] (segmentation) or the keypoints as a float32 tensor [K, 3] of (x, y, score)
+    (keypoints); meta a dict of scalars (key, seed, shard, uncertainty, config_hash) that
+    DataLoader's default collate batches.
+
+    Shards are split across distributed ranks and DataLoader workers without overlap (see `split`);
+    rank and world size default to torch.distributed's when it is initialized, else to the RANK and
+    WORLD_SIZE environment variables, else 0 and 1. `shuffle` permutes the shard order with
+    (seed, epoch); call `set_epoch` each epoch. `max_uncertainty` skips samples scoring above it,
+    after the split, so the split stays the same whatever the threshold.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        format: str = "auto",
+        rank: int | None = None,
+        world_size: int | None = None,
+        storage_cfg: StorageConfig | None = None,
+        max_uncertainty: float | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.storage_cfg = storage_cfg or storage.current()
+        storage.configure(self.storage_cfg)
+        self.url, self.manifest = open_dataset(url)
+        self.format = choose_format(self.manifest, format, self.url)
+        self.rank, self.world_size = _distributed(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        self.max_uncertainty, self.shuffle, self.seed, self.epoch = max_uncertainty, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shard_order(self) -> list[dict]:
+        records = list(self.manifest["shards"])
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(records))
+            records = [records[i] for i in order]
+        return records
+
+    def __iter__(self):
+        storage.configure(self.storage_cfg)  # DataLoader workers may be fresh processes
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        parts, part = self.world_size * workers, self.rank * workers + worker
+        records = self.shard_order()
+        mine, stride = split(records, part, parts)
+        offsets = dict(zip((r["name"] for r in records), np.cumsum([0] + [r["count"] for r in records])))
+        for record in mine:
+            for i, row in enumerate(iter_rows(self.url, self.manifest, self.format, [record])):
+                if stride is not None and (offsets[record["name"]] + i) % stride != part:
+                    continue
+                if self.max_uncertainty is not None and row["uncertainty"] > self.max_uncertainty:
+                    continue
+                sample = decode(row)
+                image = torch.from_numpy(sample["image"]).permute(2, 0, 1).contiguous()
+                if sample["mask"] is not None:
+                    target = torch.from_numpy(sample["mask"].astype(np.int64))
+                else:
+                    target = torch.tensor([[k["x"], k["y"], k["score"]] for k in sample["keypoints"]],
+                                          dtype=torch.float32)
+                meta = {k: sample[k] for k in ("key", "seed", "shard", "uncertainty", "config_hash")}
+                yield image, target, meta
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def ray_dataset(url: str, format: str = "parquet", storage_cfg: StorageConfig | None = None):
+    """The dataset as a `ray.data.Dataset` for Ray Train consumers: the Parquet shards through
+    `read_parquet` (one row per sample, the Parquet columns) or the tars through `read_webdataset`,
+    on the pyarrow filesystem built from the storage settings, so an S3 endpoint reaches Ray's
+    workers too."""
+    import ray
+
+    if storage_cfg is not None:
+        storage.configure(storage_cfg)
+    resolved, manifest = open_dataset(url)
+    fmt = choose_format(manifest, format, resolved)
+    suffix = ".parquet" if fmt == "parquet" else ".tar"
+    fs, root = storage.arrow_filesystem(resolved)
+    paths = [f"{root}/{p}" for r in manifest["shards"] for p in files_of(r, suffix)]
+    if fmt == "parquet":
+        return ray.data.read_parquet(paths, filesystem=fs)
+    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None)

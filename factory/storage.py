@@ -39,6 +39,11 @@ def configure(cfg: StorageConfig) -> None:
     _settings = cfg
 
 
+def current() -> StorageConfig:
+    """The settings this process builds filesystems from (to hand to another process)."""
+    return _settings
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path or an fsspec URL."""
     if "://" not in url:

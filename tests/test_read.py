@@ -1,0 +1,178 @@
+"""Readers: our own (both formats, local and loopback S3, split across ranks and DataLoader workers)
+and the ecosystems' (webdataset, HF datasets, Ray Data, pyarrow) reading the shards unchanged."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from factory import read, shards, storage
+from factory.config import StorageConfig
+from factory.decoders import load_decoder
+from factory.generate import build_shard
+from conftest import save_untrained_decoder
+
+NUM_SHARDS, SHARD_SIZE = 5, 6
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """5 shards x 6 samples in both formats, with a manifest as `generate` writes it (no Ray)."""
+    from factory.config import load_config
+
+    work = tmp_path_factory.mktemp("read")
+    cfg = load_config(None, [f"workdir={work}", "decoder.num_heads=2", "generate.batch_size=6",
+                             "generate.formats=[parquet,webdataset]"])
+    backbone = save_untrained_decoder(cfg)
+    decoder = load_decoder(cfg.generate.decoder)
+    out = cfg.generate.output
+    shards.prepare_output(out, "build", {}, overwrite=False)
+    records = [build_shard(backbone, decoder, cfg, spec, "cfg")
+               for spec in shards.plan_shards(100, NUM_SHARDS * SHARD_SIZE, SHARD_SIZE)]
+    shards.write_manifest(out, {
+        "format": shards.FORMAT, "build_hash": "build", "config_hash": "cfg", "task": "segmentation",
+        "labels": ["background", "blue"], "formats": ["parquet", "webdataset"],
+        "num_samples": NUM_SHARDS * SHARD_SIZE, "num_shards": NUM_SHARDS, "complete": True,
+        "shards": records, "failed": [],
+    })
+    return out
+
+
+ALL_KEYS = [f"{seed:012d}" for seed in range(100, 100 + NUM_SHARDS * SHARD_SIZE)]
+
+
+def test_both_formats_decode_to_the_same_samples(dataset):
+    from_parquet = list(read.iter_samples(dataset, fmt="parquet"))
+    from_tars = list(read.iter_samples(dataset, fmt="webdataset"))
+    assert [s["key"] for s in from_parquet] == [s["key"] for s in from_tars] == ALL_KEYS
+    for a, b in zip(from_parquet, from_tars):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+        assert a["image"].shape == (32, 32, 3) and a["mask"].dtype == np.uint8
+        assert (a["seed"], a["uncertainty"], a["config_hash"]) == (b["seed"], b["uncertainty"], b["config_hash"])
+        np.testing.assert_allclose(a["latent"], b["latent"])
+
+
+def test_round_trip_through_loopback_s3(dataset, s3_bucket):
+    for path in glob.glob(f"{dataset}/**/*", recursive=True):
+        if os.path.isfile(path):
+            storage.put_file(path, storage.join(s3_bucket, os.path.relpath(path, dataset)))
+    local = {s["key"]: s for s in read.iter_samples(dataset)}
+    for fmt in ("parquet", "webdataset"):
+        remote = list(read.iter_samples(s3_bucket, fmt=fmt))
+        assert [s["key"] for s in remote] == ALL_KEYS
+        np.testing.assert_array_equal(remote[7]["image"], local[remote[7]["key"]]["image"])
+        images, masks, meta = next(iter(DataLoader(read.ShardDataset(s3_bucket, format=fmt), batch_size=4)))
+        assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 32, 32) and masks.dtype == torch.int64
+        assert meta["key"] == ALL_KEYS[:4]
+
+
+def keys_seen(url, ranks, workers, **kwargs):
+    seen = []
+    for rank in range(ranks):
+        ds = read.ShardDataset(url, rank=rank, world_size=ranks, **kwargs)
+        loader = DataLoader(ds, batch_size=None, num_workers=workers)
+        seen.append([meta["key"] for _, _, meta in loader])
+    return seen
+
+
+@pytest.mark.parametrize("ranks,regime", [(2, "by shard"), (4, "by sample")])
+def test_ranks_and_workers_see_disjoint_complete_parts(dataset, ranks, regime):
+    seen = keys_seen(dataset, ranks, workers=2)
+    flat = [k for part in seen for k in part]
+    assert len(flat) == len(set(flat)) and sorted(flat) == ALL_KEYS
+    assert all(seen)  # every rank gets work
+    if regime == "by shard":  # 5 shards over 4 readers: whole shards each
+        assert {len(part) % SHARD_SIZE for part in seen} == {0}
+
+
+def test_shuffle_is_deterministic_per_epoch_and_filtering_keeps_the_split(dataset):
+    ds = read.ShardDataset(dataset, shuffle=True, seed=3)
+    first = [m["key"] for _, _, m in ds]
+    assert first == [m["key"] for _, _, m in read.ShardDataset(dataset, shuffle=True, seed=3)]
+    ds.set_epoch(1)
+    second = [m["key"] for _, _, m in ds]
+    assert sorted(first) == sorted(second) == ALL_KEYS and first != second
+    scores = {s["key"]: s["uncertainty"] for s in read.iter_samples(dataset)}
+    cut = float(np.median(list(scores.values())))
+    kept = [m["key"] for _, _, m in read.ShardDataset(dataset, max_uncertainty=cut)]
+    assert kept == [k for k in ALL_KEYS if scores[k] <= cut]
+
+
+def test_webdataset_reads_the_tars(dataset):
+    import webdataset as wds
+
+    tars = sorted(glob.glob(f"{dataset}/webdataset/*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("rgb8"))
+    assert [s["__key__"] for s in samples] == ALL_KEYS
+    ours = next(read.iter_samples(dataset))
+    np.testing.assert_array_equal(samples[0]["png"], ours["image"])
+    assert samples[0]["json"]["seed"] == 100 and samples[0]["seg.png"].shape[:2] == (32, 32)
+
+
+def test_hf_datasets_read_both_formats(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    parquet = datasets.load_dataset("parquet", data_files=sorted(glob.glob(f"{dataset}/parquet/*.parquet")),
+                                    split="train", cache_dir=str(tmp_path / "cache"))
+    assert parquet["key"] == ALL_KEYS
+    tars = datasets.load_dataset("webdataset", data_files=sorted(glob.glob(f"{dataset}/webdataset/*.tar")),
+                                 split="train", cache_dir=str(tmp_path / "cache"))
+    assert tars["__key__"] == ALL_KEYS
+    ours = next(read.iter_samples(dataset))
+    np.testing.assert_array_equal(np.array(tars[0]["png"]), ours["image"])
+    assert tars[0]["json"]["seed"] == 100
+
+
+def test_pyarrow_reads_the_parquet(dataset):
+    table = pq.read_table(f"{dataset}/parquet")
+    assert sorted(table.column("key").to_pylist()) == ALL_KEYS and table.schema.equals(shards.SAMPLE_SCHEMA)
+    meta = pads.dataset(sorted(glob.glob(f"{dataset}/webdataset/*.meta.parquet"))).to_table()
+    assert meta.column("key").to_pylist() == ALL_KEYS and meta.schema.equals(shards.META_SCHEMA)
+
+
+@pytest.mark.integration
+def test_ray_data_reads_both_formats(dataset, ray_cluster):
+    import ray
+
+    rows = ray.data.read_parquet(f"{dataset}/parquet").select_columns(["key"]).take_all()
+    assert sorted(r["key"] for r in rows) == ALL_KEYS
+    # the metadata Parquet sits beside each tar, so a folder read names the extension
+    tars = ray.data.read_webdataset(f"{dataset}/webdataset", decoder=None, file_extensions=["tar"]).take_all()
+    assert sorted(r["__key__"] for r in tars) == ALL_KEYS
+    assert json.loads(tars[0]["json"])["seed"] in range(100, 130)
+    assert read.ray_dataset(dataset).count() == len(ALL_KEYS)
+
+
+@pytest.mark.integration
+def test_ray_dataset_on_loopback_s3(dataset, s3_bucket, ray_cluster):
+    for path in glob.glob(f"{dataset}/**/*", recursive=True):
+        if os.path.isfile(path):
+            storage.put_file(path, storage.join(s3_bucket, os.path.relpath(path, dataset)))
+    ds = read.ray_dataset(s3_bucket)
+    assert sorted(r["key"] for r in ds.select_columns(["key"]).take_all()) == ALL_KEYS
+    tars = read.ray_dataset(s3_bucket, format="webdataset").take_all()
+    assert sorted(r["__key__"] for r in tars) == ALL_KEYS
+
+
+def test_errors_name_the_dataset_and_format(dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no manifest.json"):
+        read.ShardDataset(str(tmp_path))
+    manifest = json.loads(open(f"{dataset}/manifest.json").read())
+    only_parquet = tmp_path / "only-parquet"
+    only_parquet.mkdir()
+    (only_parquet / "manifest.json").write_text(json.dumps({**manifest, "formats": ["parquet"]}))
+    with pytest.raises(ValueError, match="written as parquet, not 'webdataset'"):
+        read.ShardDataset(str(only_parquet), format="webdataset")
+    with pytest.raises(ValueError, match="rank must be in"):
+        read.ShardDataset(dataset, rank=2, world_size=2)
+    storage.configure(StorageConfig())
