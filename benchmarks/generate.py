@@ -1,0 +1,484 @@
+"""Dataset generation: the bare model loop vs the full Ray Data build writing to S3.
+
+Three measurements in one run, on the same models (the config's backbone and an untrained, seeded
+decoder saved the way `factory train` publishes one; throughput does not depend on training) and the
+same seeds (`generate.start_seed` on):
+
+1. bare loop: `backbone(seeds)` then `decoder(features, (res, res))` in batches of
+   `generate.batch_size`, in a fresh subprocess with torch on 1 thread (what one actor with
+   `cpus_per_actor=1` gets: Ray sets OMP_NUM_THREADS to the actor's CPUs, checked by a probe actor).
+   No Ray, no encoding, no writing. Then `label_seeds` (the same forward passes plus PNG encoding and
+   row building) on the first `--encode-samples` seeds, to split model time from encode time.
+2. full build: `factory.generate.generate(cfg)` (calibration pass, Ray Data actor pool, PNG encode,
+   shard writers, upload) into a loopback S3 server (moto's `ThreadedMotoServer`, running in this
+   process) on a local Ray cluster started by `factory.runtime.init_ray` with 4 logical CPUs, once
+   with 1 actor and once with 2 (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the
+   whole `generate()` call; "build" excludes the calibration pass (the manifest's calibration
+   `seconds`). samples/s counts generated seeds (kept + dropped), as the bare loop does.
+3. memory: the bare subprocess's peak RSS (ru_maxrss); during each build, a background thread samples
+   (every `--sample-interval` s) the RSS and CPU time of this driver process (which also hosts the S3
+   server and its in-memory objects) and of every descendant process: `ray::*` workers (the actors)
+   and Ray's own daemons (raylet, GCS, dashboard, agents). RSS sums count pages shared between
+   processes (torch's libraries, Ray's object store) once per process, so they overstate the total.
+
+    python benchmarks/generate.py [--samples 4000] [--shard-size 500] [--batch-size 16]
+        [--formats parquet,webdataset] [--out benchmarks/results/generate.json] [--quick] [key=value ...]
+
+Trailing `key=value` arguments override the config for every measurement (e.g. decoder.num_heads=3).
+`--quick` runs tiny numbers to check that the script works (under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+
+CPUS_PER_ACTOR = 1
+RAY_NUM_CPUS = 4
+ACTOR_COUNTS = (1, 2)
+BUCKET = "bench"
+MIB = 2**20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=4000, help="seeds per build (generate.num_samples)")
+    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=None, help="seeds per forward pass (default: the config's)")
+    p.add_argument("--calibration-samples", type=int, default=None, help="default: the config's")
+    p.add_argument("--formats", default="parquet", help="comma-separated: parquet, webdataset")
+    p.add_argument("--encode-samples", type=int, default=1000, help="seeds for the label_seeds (encode) pass")
+    p.add_argument("--sample-interval", type=float, default=0.25, help="seconds between memory samples")
+    p.add_argument("--out", default="benchmarks/results/generate.json")
+    p.add_argument("--quick", action="store_true", help="tiny numbers: check that the script runs")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides for every measurement")
+    p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)  # internal: the bare loop
+    p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: where the decoder was saved
+    args = p.parse_args(argv)
+    if args.quick:
+        args.samples, args.shard_size, args.encode_samples = 48, 16, 16
+        args.batch_size = args.batch_size or 8
+        args.calibration_samples = args.calibration_samples or 16
+    return args
+
+
+def config_overrides(args: argparse.Namespace, workdir: str) -> list[str]:
+    """The overrides every measurement shares (builds add their actors, output and storage)."""
+    out = [f"workdir={workdir}", f"generate.num_samples={args.samples}", f"generate.shard_size={args.shard_size}",
+           f"generate.formats=[{args.formats}]", f"generate.cpus_per_actor={CPUS_PER_ACTOR}"]
+    if args.batch_size is not None:
+        out.append(f"generate.batch_size={args.batch_size}")
+    if args.calibration_samples is not None:
+        out.append(f"generate.calibration_samples={args.calibration_samples}")
+    return out + list(args.overrides)
+
+
+def load(args: argparse.Namespace, workdir: str, extra: tuple[str, ...] = ()):
+    from factory.config import load_config
+
+    return load_config(None, [*config_overrides(args, workdir), *extra])
+
+
+def save_models(cfg) -> None:
+    """The backbone and a seeded, untrained decoder saved where `generate.decoder` points."""
+    from factory import config as config_lib
+    from factory.backbones import load_backbone
+    from factory.decoders import build_decoder, save_decoder
+
+    backbone = load_backbone(cfg.backbone)
+    model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.label_names())).eval()
+    save_decoder(cfg.generate.decoder, model, cfg.decoder, cfg.label_names(), backbone.feature_channels,
+                 backbone.weights_hash, config_lib.to_yaml(cfg))
+
+
+# ---------------------------------------------------------------- the bare loop (a fresh process)
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run_bare(args: argparse.Namespace) -> None:
+    """Internal: the bare loop and the encode pass in this process; JSON on stdout's last line."""
+    import torch
+
+    torch.set_num_threads(CPUS_PER_ACTOR)
+    from factory.backbones import load_backbone
+    from factory.decoders import load_decoder
+    from factory.generate import label_seeds
+
+    cfg = load(args, args.workdir)
+    g = cfg.generate
+    t0 = time.perf_counter()
+    backbone, decoder = load_backbone(cfg.backbone), load_decoder(g.decoder)
+    load_s = time.perf_counter() - t0
+    size = (backbone.resolution, backbone.resolution)
+    seeds = list(range(g.start_seed, g.start_seed + g.num_samples))
+    batches = [seeds[i : i + g.batch_size] for i in range(0, len(seeds), g.batch_size)]
+    decoder(backbone(batches[0]).features, size)  # warm-up: first-call allocations and kernel choices
+    rss_loaded = current_rss()
+
+    t0 = time.perf_counter()
+    for batch in batches:
+        decoder(backbone(batch).features, size)
+    bare_s = time.perf_counter() - t0
+
+    encode_seeds = seeds[: args.encode_samples]
+    t0 = time.perf_counter()
+    for i in range(0, len(encode_seeds), g.batch_size):
+        label_seeds(backbone, decoder, encode_seeds[i : i + g.batch_size], 0, cfg.backbone.psi, "bench")
+    encode_s = time.perf_counter() - t0
+    print(json.dumps({
+        "threads": torch.get_num_threads(),
+        "samples": len(seeds), "seconds": bare_s, "samples_per_s": len(seeds) / bare_s,
+        "model_load_s": load_s,
+        "label_seeds": {"samples": len(encode_seeds), "seconds": encode_s,
+                        "samples_per_s": len(encode_seeds) / encode_s},
+        "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss(),
+    }))
+
+
+def bare_in_subprocess(args: argparse.Namespace, workdir: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--bare", "--workdir", workdir,
+           "--samples", str(args.samples), "--shard-size", str(args.shard_size), "--formats", args.formats,
+           "--encode-samples", str(args.encode_samples)]
+    for flag, value in (("--batch-size", args.batch_size), ("--calibration-samples", args.calibration_samples)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    busy, own = busy_cpu_seconds(), children_cpu_seconds()
+    done = subprocess.run([*cmd, *args.overrides], check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["cpu_s_used_by_other_processes"] = other_cpu(busy, own, busy_cpu_seconds(), children_cpu_seconds())
+    return result
+
+
+def busy_cpu_seconds() -> float | None:
+    """Machine-wide non-idle CPU time so far (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def other_cpu(busy0, own0, busy1, own1) -> float | None:
+    return None if busy0 is None else round(max(0.0, (busy1 - busy0) - (own1 - own0)), 2)
+
+
+# ---------------------------------------------------------------- the builds (Ray, loopback S3)
+
+class ProcessSampler(threading.Thread):
+    """Samples RSS and CPU time of this process and all its descendants (the local Ray cluster).
+
+    Groups: "driver" (this process: the benchmark, Ray Data's driver side and the S3 server),
+    "ray_workers" (processes titled `ray::...`: actors and idle workers), "ray_system" (the rest)."""
+
+    GROUPS = ("driver", "ray_workers", "ray_system")
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.psutil, self.interval = psutil, interval
+        self.root = psutil.Process()
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, cpu seconds at last sample)
+        self.window_start()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+
+    def sample(self) -> dict[str, int]:
+        totals = dict.fromkeys(self.GROUPS, 0)
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                with proc.oneshot():
+                    rss = proc.memory_info().rss
+                    times = proc.cpu_times()
+                    title = " ".join(proc.cmdline()) or proc.name()
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                continue
+            group = "driver" if proc.pid == self.root.pid else "ray_workers" if title.startswith("ray::") else "ray_system"
+            totals[group] += rss
+            with self.lock:
+                self.cpu[proc.pid] = (group, times.user + times.system)
+                label = title.split()[0][:60] if group != "driver" else "driver"
+                old = self.peak_by_pid.get(proc.pid, (0, label))
+                self.peak_by_pid[proc.pid] = (max(old[0], rss), label if rss >= old[0] else old[1])
+        totals["total"] = sum(totals.values())
+        with self.lock:
+            self.samples += 1
+            for key, value in totals.items():
+                self.peaks[key] = max(self.peaks.get(key, 0), value)
+        return totals
+
+    def window_start(self) -> None:
+        with self.lock:
+            self.start_cpu = {pid: cpu for pid, (_, cpu) in getattr(self, "cpu", {}).items()}
+            self.peaks: dict[str, int] = {}
+            self.peak_by_pid: dict[int, tuple[int, str]] = {}
+            self.samples = 0
+
+    def window_end(self) -> dict:
+        """Peaks since `window_start`, CPU seconds per group, and the biggest processes."""
+        self.sample()
+        with self.lock:
+            cpu = dict.fromkeys(self.GROUPS, 0.0)
+            for pid, (group, seconds) in self.cpu.items():
+                cpu[group] += seconds - self.start_cpu.get(pid, 0.0)
+            biggest = sorted(self.peak_by_pid.values(), reverse=True)[:8]
+            return {
+                "samples": self.samples,
+                "peak_rss_bytes": dict(self.peaks),
+                "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+                "largest_processes": [{"process": label, "peak_rss_bytes": rss} for rss, label in biggest],
+            }
+
+
+def start_s3() -> tuple[object, str]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    return server, endpoint
+
+
+def actor_threads() -> int:
+    """torch's thread count inside an actor reserving `CPUS_PER_ACTOR` CPUs, as the pool's get."""
+    import ray
+
+    @ray.remote(num_cpus=CPUS_PER_ACTOR)
+    class Probe:
+        def threads(self) -> int:
+            import torch
+
+            return torch.get_num_threads()
+
+    probe = Probe.remote()
+    threads = ray.get(probe.threads.remote())
+    ray.kill(probe)
+    return threads
+
+
+def shard_summary(manifest: dict) -> dict:
+    shards = manifest["shards"]
+    sums = {key: round(sum(s["timings"][key] for s in shards), 3) for key in ("label_encode_s", "write_s", "total_s")}
+    return {
+        **{f"sum_{k}": v for k, v in sums.items()},
+        "write_fraction": round(sums["write_s"] / sums["total_s"], 4) if sums["total_s"] else None,
+        "median_shard_total_s": statistics.median(s["timings"]["total_s"] for s in shards),
+        "per_shard": [{"name": s["name"], "generated": s["generated"], "bytes": s["bytes"], **s["timings"]}
+                      for s in shards],
+    }
+
+
+def run_build(args: argparse.Namespace, workdir: str, endpoint: str, num_actors: int,
+              sampler: ProcessSampler) -> dict:
+    from factory.generate import generate
+
+    output = f"s3://{BUCKET}/generate-{num_actors}-actors"
+    cfg = load(args, workdir, (f"generate.num_actors={num_actors}", f"generate.output={output}",
+                               f"storage.endpoint_url={endpoint}", "storage.region=us-east-1"))
+    sampler.window_start()
+    busy = busy_cpu_seconds()
+    t0 = time.perf_counter()
+    manifest = generate(cfg)
+    wall = time.perf_counter() - t0
+    busy_end = busy_cpu_seconds()
+    memory = sampler.window_end()
+    calibration_s = manifest["calibration"]["seconds"] if manifest["calibration"] else 0.0
+    generated, build_s = manifest["num_generated"], wall - calibration_s
+    summary = shard_summary(manifest)
+    return {
+        "num_actors": num_actors,
+        "output": output,
+        "samples": generated,
+        "kept": manifest["num_samples"],
+        "shards": manifest["num_shards"],
+        "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "wall_s": wall,
+        "calibration_s": calibration_s,
+        "calibration_samples": manifest["calibration"]["num_scored"] if manifest["calibration"] else 0,
+        "build_s_excluding_calibration": build_s,
+        "samples_per_s": generated / wall,
+        "samples_per_s_excluding_calibration": generated / build_s,
+        # the share of the non-calibration time the actors spent inside build_shard
+        "actor_busy_fraction": round(summary["sum_total_s"] / (num_actors * build_s), 4),
+        "shard_timings": summary,
+        "memory_and_cpu": memory,
+        "machine_busy_cpu_s": None if busy is None else round(busy_end - busy, 2),
+        # CPU time of processes outside this benchmark's tree: timings are comparable only when small
+        "cpu_s_used_by_other_processes": None if busy is None else round(
+            max(0.0, busy_end - busy - sum(memory["cpu_s"].values())), 2),
+    }
+
+
+def git_revision() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+# ---------------------------------------------------------------- report
+
+def print_report(report: dict) -> None:
+    bare, builds, s = report["bare_loop"], report["builds"], report["settings"]
+    print(f"generate: {s['samples']} seeds, {s['resolution']}px, shards of {s['shard_size']}, batch {s['batch_size']}, "
+          f"formats {','.join(s['formats'])}, {s['decoder_heads']} heads, calibration {s['calibration_samples']} seeds; "
+          f"{report['cpu_count']} CPUs, torch {report['torch']}, ray {report['ray']}")
+    print(f"{'run':<30} {'samples':>7} {'wall s':>7} {'calib s':>7} {'build s':>7} {'samples/s':>9} "
+          f"{'excl.calib/s':>12} {'peak RSS MiB':>20}")
+    enc = bare["label_seeds"]
+    print(f"{'bare loop (1 thread)':<30} {bare['samples']:>7} {bare['seconds']:>7.1f} {'-':>7} {'-':>7} "
+          f"{bare['samples_per_s']:>9.1f} {'-':>12} {bare['peak_rss_bytes'] / MIB:>20.0f}")
+    print(f"{'label_seeds: + PNG encode':<30} {enc['samples']:>7} {enc['seconds']:>7.1f} {'-':>7} {'-':>7} "
+          f"{enc['samples_per_s']:>9.1f} {'-':>12} {'(same process)':>20}")
+    for b in builds:
+        peaks = b["memory_and_cpu"]["peak_rss_bytes"]
+        mem = f"{peaks['total'] / MIB:.0f} ({peaks['ray_workers'] / MIB:.0f} workers)"
+        print(f"{'full build, ' + str(b['num_actors']) + ' actor' + 's' * (b['num_actors'] > 1):<30} "
+              f"{b['samples']:>7} {b['wall_s']:>7.1f} {b['calibration_s']:>7.1f} "
+              f"{b['build_s_excluding_calibration']:>7.1f} {b['samples_per_s']:>9.1f} "
+              f"{b['samples_per_s_excluding_calibration']:>12.1f} {mem:>20}")
+    r = report["ratios"]
+    print("ratios (samples/s): " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+    for b in builds:
+        t, cpu = b["shard_timings"], b["memory_and_cpu"]["cpu_s"]
+        print(f"{b['num_actors']} actor(s): per-shard sums label_encode {t['sum_label_encode_s']:.1f} s, "
+              f"write {t['sum_write_s']:.1f} s ({100 * t['write_fraction']:.1f}% of shard time); actors busy "
+              f"{100 * b['actor_busy_fraction']:.0f}% of the build; CPU-s: workers {cpu['ray_workers']:.1f}, driver+S3 "
+              f"{cpu['driver']:.1f}, ray daemons {cpu['ray_system']:.1f}, other processes "
+              f"{b['cpu_s_used_by_other_processes']}")
+    print(f"bare loop: other processes used {bare['cpu_s_used_by_other_processes']} CPU-s while it ran")
+    print("peak RSS: bare = the bare subprocess's ru_maxrss; builds = sampled sum over driver (+ S3 server) "
+          "and all Ray processes (shared pages counted per process)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.bare:
+        run_bare(args)
+        return
+    # Before Ray starts, so its workers inherit them (the loopback server accepts any credentials).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import ray
+    import torch
+
+    from factory.config import RayConfig
+    from factory.runtime import init_ray
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as workdir:
+        # 1. Models, then the bare loop in a fresh process (before Ray's daemons exist).
+        cfg = load(args, workdir)
+        save_models(cfg)
+        print(f"bare loop: {args.samples} seeds ...", flush=True)
+        bare = bare_in_subprocess(args, workdir)
+
+        # 2. Loopback S3, Ray, then one build per actor count.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server logs every request
+        server, endpoint = start_s3()
+        init_ray(RayConfig(num_cpus=RAY_NUM_CPUS))
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        sampler = ProcessSampler(args.sample_interval)
+        sampler.start()
+        try:
+            threads_in_actor = actor_threads()
+            sampler.window_start()
+            time.sleep(max(1.0, 2 * args.sample_interval))
+            idle = sampler.window_end()  # the cluster at rest, before any build
+            builds = []
+            for n in ACTOR_COUNTS:
+                print(f"full build: {n} actor(s) ...", flush=True)
+                builds.append(run_build(args, workdir, endpoint, n, sampler))
+        finally:
+            sampler.stop()
+            ray.shutdown()
+            server.stop()
+
+    one, two = builds
+    ratios = {
+        "full_1_actor_over_bare": one["samples_per_s"] / bare["samples_per_s"],
+        "full_1_actor_excl_calibration_over_bare": one["samples_per_s_excluding_calibration"] / bare["samples_per_s"],
+        "full_2_actors_over_bare": two["samples_per_s"] / bare["samples_per_s"],
+        "full_2_actors_excl_calibration_over_bare": two["samples_per_s_excluding_calibration"] / bare["samples_per_s"],
+        "2_actors_over_1_actor": two["samples_per_s"] / one["samples_per_s"],
+        "2_actors_over_1_actor_excl_calibration": (two["samples_per_s_excluding_calibration"]
+                                                   / one["samples_per_s_excluding_calibration"]),
+    }
+    g = cfg.generate
+    report = {
+        "benchmark": "generate",
+        "platform": platform.platform(),
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "cpu_count": os.cpu_count(),
+        "git": git_revision(),
+        "settings": {
+            "samples": g.num_samples, "shard_size": g.shard_size, "batch_size": g.batch_size,
+            "formats": list(g.formats), "calibration_samples": g.calibration_samples,
+            "drop_uncertain": g.drop_uncertain, "start_seed": g.start_seed, "cpus_per_actor": g.cpus_per_actor,
+            "actor_counts": list(ACTOR_COUNTS), "ray_num_cpus": RAY_NUM_CPUS, "actor_torch_threads": threads_in_actor,
+            "bare_torch_threads": bare["threads"], "encode_samples": args.encode_samples, "quick": args.quick,
+            "overrides": list(args.overrides), "resolution": cfg.backbone.stylegan2.resolution,
+            "decoder_heads": cfg.decoder.num_heads, "storage": "moto ThreadedMotoServer on 127.0.0.1 (in the driver)",
+            "ray_data_progress_bars": False, "memory_sample_interval_s": args.sample_interval,
+            "backbone": asdict(cfg.backbone), "decoder": asdict(cfg.decoder), "labels": asdict(cfg.labels),
+        },
+        "bare_loop": bare,
+        "ray_idle": idle,
+        "builds": builds,
+        "ratios": ratios,
+        "wall_s": time.perf_counter() - started,
+    }
+    print_report(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out} ({report['wall_s']:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
