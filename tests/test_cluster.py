@@ -48,7 +48,8 @@ def crd_schemas():
         pytest.skip(f"KubeRay CRDs not found at {CRDS} (the shared schemas folder is not part of the repository)")
     schemas = {}
     for path in glob.glob(os.path.join(CRDS, "ray.io_*.yaml")):
-        crd = yaml.safe_load(open(path))
+        with open(path) as f:
+            crd = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # the CRDs are large
         kind = crd["spec"]["names"]["kind"]
         [v1] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         schemas[kind] = strict(v1["schema"]["openAPIV3Schema"])
