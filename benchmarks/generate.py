@@ -17,9 +17,11 @@ same seeds (`generate.start_seed` on):
    `seconds`). samples/s counts generated seeds (kept + dropped), as the bare loop does.
 3. memory: the bare subprocess's peak RSS (ru_maxrss); during each build, a background thread samples
    (every `--sample-interval` s) the RSS and CPU time of this driver process (which also hosts the S3
-   server and its in-memory objects) and of every descendant process: `ray::*` workers (the actors)
-   and Ray's own daemons (raylet, GCS, dashboard, agents). RSS sums count pages shared between
-   processes (torch's libraries, Ray's object store) once per process, so they overstate the total.
+   server and its in-memory objects) and of every descendant process, grouped by process title: the
+   pools' actors (`ray::MapWorker(...)`, calibration scorers and shard builders) and the rest of Ray
+   (raylet, GCS, dashboard and agents, Ray Data's helper actors, idle workers). RSS sums count pages
+   shared between processes (torch's libraries, Ray's object store) once per process, so they
+   overstate the total.
 
     python benchmarks/generate.py [--samples 4000] [--shard-size 500] [--batch-size 16]
         [--formats parquet,webdataset] [--out benchmarks/results/generate.json] [--quick] [key=value ...]
@@ -146,6 +148,7 @@ def run_bare(args: argparse.Namespace) -> None:
     encode_s = time.perf_counter() - t0
     print(json.dumps({
         "threads": torch.get_num_threads(),
+        "resolution": backbone.resolution,
         "samples": len(seeds), "seconds": bare_s, "samples_per_s": len(seeds) / bare_s,
         "model_load_s": load_s,
         "label_seeds": {"samples": len(encode_seeds), "seconds": encode_s,
@@ -194,9 +197,10 @@ class ProcessSampler(threading.Thread):
     """Samples RSS and CPU time of this process and all its descendants (the local Ray cluster).
 
     Groups: "driver" (this process: the benchmark, Ray Data's driver side and the S3 server),
-    "ray_workers" (processes titled `ray::...`: actors and idle workers), "ray_system" (the rest)."""
+    "pool_actors" (processes titled `ray::MapWorker(...)`: the calibration and build pools' actors),
+    "ray_other" (the rest: Ray's daemons, dashboard, helper actors and idle workers)."""
 
-    GROUPS = ("driver", "ray_workers", "ray_system")
+    GROUPS = ("driver", "pool_actors", "ray_other")
 
     def __init__(self, interval: float) -> None:
         super().__init__(daemon=True)
@@ -227,7 +231,10 @@ class ProcessSampler(threading.Thread):
                     title = " ".join(proc.cmdline()) or proc.name()
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                 continue
-            group = "driver" if proc.pid == self.root.pid else "ray_workers" if title.startswith("ray::") else "ray_system"
+            if proc.pid == self.root.pid:
+                group = "driver"
+            else:
+                group = "pool_actors" if title.startswith("ray::MapWorker(") else "ray_other"
             totals[group] += rss
             with self.lock:
                 self.cpu[proc.pid] = (group, times.user + times.system)
@@ -360,7 +367,8 @@ def git_revision() -> str | None:
 def print_report(report: dict) -> None:
     bare, builds, s = report["bare_loop"], report["builds"], report["settings"]
     print(f"generate: {s['samples']} seeds, {s['resolution']}px, shards of {s['shard_size']}, batch {s['batch_size']}, "
-          f"formats {','.join(s['formats'])}, {s['decoder_heads']} heads, calibration {s['calibration_samples']} seeds; "
+          f"formats {','.join(s['formats'])}, {s['decoder_heads']} heads, "
+          f"calibration {s['calibration_samples']} seeds; "
           f"{report['cpu_count']} CPUs, torch {report['torch']}, ray {report['ray']}")
     print(f"{'run':<30} {'samples':>7} {'wall s':>7} {'calib s':>7} {'build s':>7} {'samples/s':>9} "
           f"{'excl.calib/s':>12} {'peak RSS MiB':>20}")
@@ -371,7 +379,7 @@ def print_report(report: dict) -> None:
           f"{enc['samples_per_s']:>9.1f} {'-':>12} {'(same process)':>20}")
     for b in builds:
         peaks = b["memory_and_cpu"]["peak_rss_bytes"]
-        mem = f"{peaks['total'] / MIB:.0f} ({peaks['ray_workers'] / MIB:.0f} workers)"
+        mem = f"{peaks['total'] / MIB:.0f} ({peaks['pool_actors'] / MIB:.0f} actors)"
         print(f"{'full build, ' + str(b['num_actors']) + ' actor' + 's' * (b['num_actors'] > 1):<30} "
               f"{b['samples']:>7} {b['wall_s']:>7.1f} {b['calibration_s']:>7.1f} "
               f"{b['build_s_excluding_calibration']:>7.1f} {b['samples_per_s']:>9.1f} "
@@ -382,12 +390,12 @@ def print_report(report: dict) -> None:
         t, cpu = b["shard_timings"], b["memory_and_cpu"]["cpu_s"]
         print(f"{b['num_actors']} actor(s): per-shard sums label_encode {t['sum_label_encode_s']:.1f} s, "
               f"write {t['sum_write_s']:.1f} s ({100 * t['write_fraction']:.1f}% of shard time); actors busy "
-              f"{100 * b['actor_busy_fraction']:.0f}% of the build; CPU-s: workers {cpu['ray_workers']:.1f}, driver+S3 "
-              f"{cpu['driver']:.1f}, ray daemons {cpu['ray_system']:.1f}, other processes "
+              f"{100 * b['actor_busy_fraction']:.0f}% of the build; CPU-s: pool actors {cpu['pool_actors']:.1f}, "
+              f"driver+S3 {cpu['driver']:.1f}, rest of Ray {cpu['ray_other']:.1f}, other processes "
               f"{b['cpu_s_used_by_other_processes']}")
     print(f"bare loop: other processes used {bare['cpu_s_used_by_other_processes']} CPU-s while it ran")
-    print("peak RSS: bare = the bare subprocess's ru_maxrss; builds = sampled sum over driver (+ S3 server) "
-          "and all Ray processes (shared pages counted per process)")
+    print("peak RSS: bare = the bare subprocess's ru_maxrss; builds = sampled sum over the driver (+ S3 "
+          "server) and all Ray processes, shared pages counted per process; (actors) = the pools' actors")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -462,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
             "drop_uncertain": g.drop_uncertain, "start_seed": g.start_seed, "cpus_per_actor": g.cpus_per_actor,
             "actor_counts": list(ACTOR_COUNTS), "ray_num_cpus": RAY_NUM_CPUS, "actor_torch_threads": threads_in_actor,
             "bare_torch_threads": bare["threads"], "encode_samples": args.encode_samples, "quick": args.quick,
-            "overrides": list(args.overrides), "resolution": cfg.backbone.stylegan2.resolution,
+            "overrides": list(args.overrides), "resolution": bare["resolution"],
             "decoder_heads": cfg.decoder.num_heads, "storage": "moto ThreadedMotoServer on 127.0.0.1 (in the driver)",
             "ray_data_progress_bars": False, "memory_sample_interval_s": args.sample_interval,
             "backbone": asdict(cfg.backbone), "decoder": asdict(cfg.decoder), "labels": asdict(cfg.labels),
