@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
+from machine import busy_cpu_seconds  # noqa: E402  (benchmarks/machine.py)
 
 CPUS_PER_ACTOR = 1
 RAY_NUM_CPUS = 4
@@ -169,17 +170,6 @@ def bare_in_subprocess(args: argparse.Namespace, workdir: str) -> dict:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["cpu_s_used_by_other_processes"] = other_cpu(busy, own, busy_cpu_seconds(), children_cpu_seconds())
     return result
-
-
-def busy_cpu_seconds() -> float | None:
-    """Machine-wide non-idle CPU time so far (Linux /proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:

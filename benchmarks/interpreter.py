@@ -26,6 +26,7 @@ import time
 import torch
 
 from factory.decoders.interpreter import BAND_ELEMENTS, StyleInterpreter, default_hidden
+from machine import busy_cpu_seconds  # noqa: E402  (benchmarks/machine.py)
 
 TAPS = [(c, r) for c, r in [(512, 4), (512, 8), (512, 16), (512, 32), (256, 64), (128, 128), (64, 256)] for _ in (0, 1)]
 VARIANTS = ("fast", "naive")
@@ -77,17 +78,6 @@ def current_rss() -> int:
 def peak_rss() -> int:
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def busy_cpu_seconds() -> float | None:
-    """Machine-wide non-idle CPU time so far (Linux /proc/stat), to tell whether others competed."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:
