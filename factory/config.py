@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -43,13 +44,68 @@ class StorageConfig:
     chain (environment, profile, instance or pod role), never from config files."""
 
 
+SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class DiffusionConfig:
+    """Sampling and feature-tap settings of a Stable Diffusion backbone (`backbone.kind: diffusion`)."""
+
+    scheduler: str = "ddim"
+    """Sampler: "ddim", "euler" or "dpmsolver++" (DPM-Solver++ 2M), built from the pipeline's own
+    scheduler config, so few-step schedules work with any checkpoint."""
+    steps: int = 10
+    """Denoising steps per image."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance; 1.0 turns guidance off (one UNet pass per step instead of two)."""
+    resolution: int = 64
+    """Image size in pixels (a multiple of 8 times the UNet's downsampling); real checkpoints want
+    512 (SD 1.x) or 768 (SD 2.x)."""
+    dtype: str = "auto"
+    """Weights and activations: "auto" is float32 on CPU and float16 on CUDA; or "float32",
+    "float16", "bfloat16"."""
+    feature_step: int = -1
+    """Denoising step whose UNet features (and attention maps) the decoder reads; -1 is the last."""
+    inversion_timestep: int = 100
+    """Real images are VAE-encoded, noised to this timestep and passed through the UNet once to tap
+    the same features (the paper's inversion); 0-999."""
+    attention_maps: bool = True
+    """Also tap the cross-attention maps (per prompt token, averaged over heads) of every UNet block."""
+    max_prompt_tokens: int = 8
+    """Cross-attention tokens kept as features (after the start token); the tokenizer's full length
+    (77) costs memory and rarely helps."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"backbone.diffusion.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"backbone.diffusion.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.steps < 1:
+            raise ConfigError(f"backbone.diffusion.steps must be >= 1, got {self.steps}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"backbone.diffusion.resolution must be a multiple of 8, got {self.resolution}")
+        if not -self.steps <= self.feature_step < self.steps:
+            raise ConfigError(
+                f"backbone.diffusion.feature_step must index one of the {self.steps} steps, got {self.feature_step}"
+            )
+        if not 0 <= self.inversion_timestep < 1000:
+            raise ConfigError(f"backbone.diffusion.inversion_timestep must be in [0, 1000), got {self.inversion_timestep}")
+        if self.guidance_scale < 1.0:
+            raise ConfigError(f"backbone.diffusion.guidance_scale must be >= 1, got {self.guidance_scale}")
+        if self.max_prompt_tokens < 1:
+            raise ConfigError(f"backbone.diffusion.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+
+
 @dataclass
 class BackboneConfig:
     kind: str = "stylegan2"
-    """Which generator: "stylegan2"."""
+    """Which generator: "stylegan2" (DatasetGAN: seeds -> images) or "diffusion" (DatasetDM: a
+    Stable Diffusion pipeline, prompts + seeds -> images)."""
     weights: str | None = None
-    """safetensors file written by `save_stylegan2`; None builds the tiny seeded random-weight
-    generator described by `stylegan2` (the embedded default)."""
+    """stylegan2: a safetensors file written by `save_stylegan2`. diffusion: a Stable Diffusion 1.x/2.x
+    pipeline folder (`save_pretrained` layout) or a hub id where a hub is reachable. None builds a
+    tiny seeded random-weight model from configs (the embedded default)."""
     init_seed: int = 0
     """Seed of the random weights when `weights` is None."""
     psi: float = 0.7
@@ -65,10 +121,12 @@ class BackboneConfig:
     stylegan2: StyleGAN2Config = field(default_factory=lambda: StyleGAN2Config(channel_max=8))
     """Architecture of the random-weight generator; with `weights` set, the file's stored
     architecture is used instead."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Sampler and feature taps of the diffusion backbone."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("stylegan2",):
-            raise ConfigError(f"backbone.kind must be 'stylegan2', got {self.kind!r}")
+        if self.kind not in ("stylegan2", "diffusion"):
+            raise ConfigError(f"backbone.kind must be 'stylegan2' or 'diffusion', got {self.kind!r}")
         if not 0.0 <= self.psi <= 2.0:
             raise ConfigError(f"backbone.psi must be in [0, 2], got {self.psi}")
 
@@ -236,6 +294,37 @@ class GenerateConfig:
 
 
 @dataclass
+class PromptsConfig:
+    """Where a diffusion build's prompts come from. The resolved prompts are written next to the
+    dataset (`<generate.output>/prompts.jsonl`) and the build reads that file, so a build is
+    reproducible from its own folder. Sample i (counting from generate.start_seed) uses prompt
+    i mod (number of prompts)."""
+
+    source: str | None = None
+    """A prompt file: .txt (one per line), .jsonl or .parquet (a `prompt` column, optional
+    `classes`). None expands `template` (or asks `endpoint`, if set)."""
+    template: str = "a photo of a {class}"
+    """Used when `source` is None: `{class}` and one `{name}` per entry of `attributes`."""
+    attributes: dict[str, list[str]] = field(default_factory=dict)
+    """Attribute lists for `template`, e.g. {style: [photo, painting]}; every combination is used."""
+    seed: int = 0
+    """Shuffles template combinations (and seeds the endpoint's sampling)."""
+    endpoint: str | None = None
+    """Base URL of an OpenAI-compatible chat API (e.g. http://localhost:8000/v1). When set (and
+    `source` is None) prompts are written by the model once per dataset, never per sample."""
+    model: str = "gpt-4o-mini"
+    """Chat model name sent to `endpoint`."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's key (never put keys in config files)."""
+    num_prompts: int = 100
+    """Prompts to ask `endpoint` for."""
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise ConfigError(f"prompts.num_prompts must be >= 1, got {self.num_prompts}")
+
+
+@dataclass
 class NightlyConfig:
     root: str = "${workdir}/datasets"
     """Dataset root: each night's build is <root>/<YYYY-MM-DD>, and <root>/LATEST names the newest
@@ -269,6 +358,7 @@ class FactoryConfig:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def label_names(self) -> list[str]:
@@ -301,6 +391,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)  # runs every __post_init__
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override is not valid YAML: {' '.join(str(e).split())}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"override: {_describe(e)}" if overrides else _describe(e)) from None
     return absolute_paths(cfg)
