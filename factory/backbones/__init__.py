@@ -1,7 +1,8 @@
 """Backbones: generators that return images *and* the internal feature maps a decoder reads.
 
-Every backbone is called the same way, `backbone(seeds) -> BackboneOutput`, so the annotation,
-training and generation recipes never look at which generator runs underneath.
+Every backbone is called the same way, `backbone(seeds, prompts=None) -> BackboneOutput`, so the
+annotation, training and generation recipes never look at which generator runs underneath. Text-driven
+backbones (diffusion) take one prompt per seed; StyleGAN2 takes none.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class BackboneOutput:
     features: list[torch.Tensor]
     """One [B, C_j, h_j, w_j] map per tap, at native resolution, on the model's device."""
     latents: torch.Tensor
-    """[B, z_dim] float32 on the CPU: the z each sample was generated from."""
+    """[B, z_dim] float32 on the CPU: the z each sample was generated from ([B, 0] for a diffusion
+    backbone, whose starting noise is a function of the seed and whose input is the prompt)."""
 
 
 class Backbone(Protocol):
@@ -35,7 +37,7 @@ class Backbone(Protocol):
     feature_names: list[str]
     weights_hash: str
 
-    def __call__(self, seeds: Sequence[int]) -> BackboneOutput: ...
+    def __call__(self, seeds: Sequence[int], prompts: Sequence[str] | None = None) -> BackboneOutput: ...
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,9 @@ class StyleGAN2Backbone:
         self.weights_hash = state_hash(self.generator)
 
     @torch.no_grad()  # not inference_mode: training backpropagates through decoders fed these features
-    def __call__(self, seeds: Sequence[int]) -> BackboneOutput:
+    def __call__(self, seeds: Sequence[int], prompts: Sequence[str] | None = None) -> BackboneOutput:
+        if prompts is not None:
+            raise ValueError("a StyleGAN2 backbone takes no prompts (backbone.kind is 'stylegan2')")
         # Batched convolutions differ from unbatched ones in the last float bits, enough to flip a
         # uint8 pixel; one seed per forward pass makes a sample a function of its seed alone.
         groups = [[s] for s in seeds] if self.batch_invariant else [list(seeds)]
@@ -81,4 +85,8 @@ class StyleGAN2Backbone:
 def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
     if cfg.kind == "stylegan2":
         return StyleGAN2Backbone(cfg, device)
-    raise ValueError(f"backbone.kind must be 'stylegan2', got {cfg.kind!r}")
+    if cfg.kind == "diffusion":
+        from factory.backbones.diffusion import DiffusionBackbone  # imports diffusers + transformers
+
+        return DiffusionBackbone(cfg, device)
+    raise ValueError(f"backbone.kind must be 'stylegan2' or 'diffusion', got {cfg.kind!r}")
