@@ -7,7 +7,8 @@ from factory import annotate
 from factory.config import load_config
 from factory.demo import annotate_by_rule
 from factory.labels import load_labeled_set
-from factory.train import PixelSampler, fit, segmentation_metrics, step_generator
+from factory.objectives import PixelSampler, segmentation_metrics, step_generator
+from factory.train import fit
 
 
 def test_balanced_sampling_visits_rare_classes_as_often():
@@ -118,7 +119,7 @@ def test_keypoint_interpreter_learns_and_generates(tmp_path):
     backbone = load_backbone(cfg.backbone)
     save_decoder(cfg.generate.decoder, model, cfg.decoder, cfg.labels.keypoints, backbone.feature_channels,
                  backbone.weights_hash, "")
-    [row] = label_seeds(backbone, load_decoder(cfg.generate.decoder), [5], shard=0, psi=0.7, config_hash="h")
+    [row] = label_seeds(backbone, load_decoder(cfg.generate.decoder), [5], shard=0, cfg=cfg, config_hash="h")
     assert row["mask"] is None
     points = json.loads(row["keypoints"])
     assert [p["name"] for p in points] == ["bluest", "reddest"]

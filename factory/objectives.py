@@ -1,0 +1,294 @@
+"""What training optimises, per decoder kind: the training data a decoder sees, its loss on one
+step's batch, and its validation metrics. `factory.train` runs any of them the same way.
+
+- `InterpreterObjective` (GAN path): the labeled images are regenerated from their seeds and checked
+  against the exported pixels; features stay at native resolution; each step samples pixels
+  (class-balanced by default) and gathers their feature vectors.
+- `PerceptionObjective` (diffusion path): the labeled real images are inverted through the backbone
+  once (`backbone.invert`); each step takes a few whole images and sums the task losses. Each
+  semantic head learns from its own fixed random half of every image's pixels (a bootstrap), which
+  keeps the ensemble's disagreement honest.
+
+Free of Ray, so every piece is tested directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from factory.config import FactoryConfig
+from factory.decoders import build_decoder, unwrap
+from factory.decoders.interpreter import gather_pixel_features
+from factory.decoders.keypoints import decode_heatmaps, gaussian_heatmaps
+from factory.decoders.perception import Targets, perception_loss, predict
+from factory.labels import LabeledSet, pixels_sha256
+from factory.real_labels import RealLabeledSet
+
+
+class TrainError(RuntimeError):
+    """Training could not start or did not finish; the message says why."""
+
+
+@dataclass
+class TrainingData:
+    """Native-resolution features and targets of the labeled images, split into train and val."""
+
+    features: list[torch.Tensor]
+    targets: torch.Tensor
+    """[N, H, W] int64 class ids, or [N, K, H, W] float heatmaps."""
+    region: torch.Tensor
+    """[N, H, W] int64 strata for pixel sampling: class ids, or near-keypoint (1) vs elsewhere (0)."""
+    keypoints: torch.Tensor | None
+    train_index: list[int]
+    val_index: list[int]
+    size: tuple[int, int]
+
+
+def prepare_data(cfg: FactoryConfig, labeled: LabeledSet, backbone, device: torch.device) -> TrainingData:
+    """Regenerate the labeled images, check they are the ones that were labeled, keep their features."""
+    seeds = labeled.seeds.tolist()
+    features: list[list[torch.Tensor]] = []
+    for start in range(0, len(seeds), 8):
+        out = backbone(seeds[start : start + 8])
+        for i, image in enumerate(out.images.numpy()):
+            n = start + i
+            if pixels_sha256(image) != labeled.image_sha256[n]:
+                raise TrainError(
+                    f"regenerating {labeled.files[n]} from seed {seeds[n]} gave different pixels than were "
+                    "exported for labeling: the backbone weights, psi or code changed since export"
+                )
+        features.append(out.features)
+    maps = [torch.cat(parts) for parts in zip(*features)]
+    size = (backbone.resolution, backbone.resolution)
+    n_val = cfg.train.val_images
+    index = list(range(len(seeds)))
+    train_index, val_index = index[: len(index) - n_val], index[len(index) - n_val :]
+    if not train_index:
+        raise TrainError(f"train.val_images={n_val} leaves no labeled image for training (have {len(seeds)})")
+    if labeled.task == "segmentation":
+        targets = labeled.masks.long()
+        region = targets
+        keypoints = None
+    else:
+        keypoints = labeled.keypoints.float()
+        targets = gaussian_heatmaps(keypoints, size, cfg.decoder.heatmap_sigma)
+        region = (targets.amax(dim=1) > 0.1).long()
+    return TrainingData(maps, targets.to(device), region, keypoints, train_index, val_index, size)
+
+
+class PixelSampler:
+    """Draws (image, y, x) triples from the training images, optionally uniform over strata first."""
+
+    def __init__(self, region: torch.Tensor, train_index: list[int], balanced: bool) -> None:
+        self.train_index = torch.tensor(train_index)
+        flat = region[self.train_index].reshape(-1)
+        self.hw = region.shape[1:]
+        self.order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat)
+        self.present = torch.nonzero(counts).flatten()
+        self.counts = counts[self.present]
+        self.starts = (torch.cumsum(counts, 0) - counts)[self.present]
+        self.total = flat.numel()
+        self.balanced = balanced
+
+    def __call__(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.balanced:
+            stratum = torch.randint(len(self.present), (n,), generator=generator)
+            offset = (torch.rand(n, generator=generator) * self.counts[stratum]).long()
+            flat = self.order[self.starts[stratum] + offset]
+        else:
+            flat = torch.randint(self.total, (n,), generator=generator)
+        h, w = self.hw
+        image = self.train_index[flat // (h * w)]
+        return image, (flat % (h * w)) // w, flat % w
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A step's pixels depend only on (seed, rank, step), so a resumed run draws what it would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
+
+
+def loss_on_pixels(model, data: TrainingData, sampler: PixelSampler, cfg: FactoryConfig, gen) -> torch.Tensor:
+    heads, per_head = cfg.decoder.num_heads, cfg.train.batch_pixels
+    image, ys, xs = sampler(heads * per_head, gen)
+    device = data.features[0].device
+    image, ys, xs = image.to(device), ys.to(device), xs.to(device)
+    x = gather_pixel_features(data.features, image, ys, xs, data.size)
+    out = model(x.view(heads, per_head, -1))  # each head sees its own pixels
+    if data.keypoints is None:
+        target = data.targets[image, ys, xs].view(heads, per_head)
+        return F.cross_entropy(out.flatten(0, 1), target.flatten()) * heads
+    target = data.targets[image, :, ys, xs].view(heads, per_head, -1)
+    return F.mse_loss(out, target) * heads
+
+
+@torch.inference_mode()
+def evaluate(decoder, data: TrainingData, index: list[int], num_labels: int) -> dict[str, float]:
+    """mIoU and pixel accuracy (segmentation) or mean keypoint error in pixels (keypoints)."""
+    if not index:
+        return {}
+    model = unwrap(decoder).eval()
+    feats = [f[index] for f in data.features]
+    logits = model.forward_maps(feats, data.size)  # [E, B, K, H, W]
+    if data.keypoints is None:
+        pred = logits.softmax(dim=2).mean(dim=0).argmax(dim=1).cpu()
+        return segmentation_metrics(pred, data.targets[index].cpu(), num_labels)
+    found = decode_heatmaps(logits.mean(dim=0).cpu())
+    truth = data.keypoints[index]
+    visible = truth[..., 2] > 0
+    err = (found[..., :2] - truth[..., :2]).norm(dim=-1)[visible]
+    return {"val_keypoint_error_px": float(err.mean()) if err.numel() else float("nan")}
+
+
+def segmentation_metrics(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> dict[str, float]:
+    conf = torch.bincount(truth.flatten() * num_classes + pred.flatten(), minlength=num_classes**2)
+    conf = conf.view(num_classes, num_classes).double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    iou = inter[union > 0] / union[union > 0]
+    return {"val_miou": float(iou.mean()), "val_pixel_accuracy": float(inter.sum() / conf.sum())}
+
+
+class InterpreterObjective:
+    """The Style Interpreter on regenerated, annotated GAN images (pixel batches)."""
+
+    def __init__(self, cfg: FactoryConfig, labeled: LabeledSet, backbone, device: torch.device) -> None:
+        self.cfg = cfg
+        self.data = prepare_data(cfg, labeled, backbone, device)
+        self.sampler = PixelSampler(self.data.region, self.data.train_index, cfg.train.class_balanced)
+        self.num_labels = len(labeled.label_names)
+
+    def build(self, in_channels: list[int]) -> torch.nn.Module:
+        return build_decoder(self.cfg.decoder, in_channels, self.num_labels)
+
+    def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        return loss_on_pixels(model, self.data, self.sampler, self.cfg, gen)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return evaluate(model, self.data, self.data.val_index, self.num_labels)
+
+
+class PerceptionObjective:
+    """The perception decoder on inverted real images (whole-image batches, all tasks at once)."""
+
+    def __init__(self, cfg: FactoryConfig, labeled: RealLabeledSet, backbone, device: torch.device) -> None:
+        self.cfg, self.labeled, self.device = cfg, labeled, device
+        n = len(labeled.files)
+        seeds = [cfg.train.seed * 1_000_003 + i for i in range(n)]  # the inversion noise of each image
+        parts = [backbone.invert(labeled.images[i : i + 8].numpy(), labeled.prompts[i : i + 8], seeds[i : i + 8])
+                 for i in range(0, n, 8)]
+        self.features = [torch.cat(group) for group in zip(*parts)]
+        n_val = cfg.train.val_images
+        self.train_index = list(range(n - n_val)) if n_val else list(range(n))
+        self.val_index = list(range(n - n_val, n)) if n_val else []
+        if not self.train_index:
+            raise TrainError(f"train.val_images={n_val} leaves no labeled image for training (have {n})")
+        self.size = tuple(labeled.images.shape[1:3])
+        tasks = cfg.decoder.tasks
+        self.masks = labeled.masks.long().to(device) if "segmentation" in tasks else None
+        self.class_weights = None
+        if self.masks is not None and cfg.train.class_balanced:  # rare classes count as much as common ones
+            counts = torch.bincount(self.masks[self.train_index].flatten(), minlength=len(labeled.classes)).float()
+            weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+            self.class_weights = (weights / weights[counts > 0].mean()).to(device)
+        self.depth = labeled.depth.to(device) if "depth" in tasks else None
+        self.heatmaps = (gaussian_heatmaps(labeled.keypoints, self.size, cfg.decoder.heatmap_sigma).to(device)
+                         if "keypoints" in tasks else None)
+
+    def build(self, in_channels: list[int]) -> torch.nn.Module:
+        return build_decoder(self.cfg.decoder, in_channels, len(self.labeled.classes), len(self.labeled.keypoint_names))
+
+    def targets(self, index: list[int]) -> Targets:
+        instances = None
+        if "instances" in self.cfg.decoder.tasks:
+            instances = []
+            for i in index:
+                imap = self.labeled.instance_map[i].to(self.device)
+                ids = [j for j in range(1, len(self.labeled.instance_classes[i]) + 1)]
+                classes = torch.tensor(self.labeled.instance_classes[i], dtype=torch.long, device=self.device)
+                masks = torch.stack([imap == j for j in ids]) if ids else torch.zeros(0, *self.size, dtype=torch.bool,
+                                                                                     device=self.device)
+                present = masks.flatten(1).any(1)  # an instance the crop removed is not a target
+                instances.append((classes[present], masks[present]))
+        pick = torch.tensor(index, device=self.device)
+        return Targets(
+            masks=self.masks[pick] if self.masks is not None else None,
+            depth=self.depth[pick] if self.depth is not None else None,
+            heatmaps=self.heatmaps[pick] if self.heatmaps is not None else None,
+            instances=instances,
+            class_weights=self.class_weights,
+        )
+
+    def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        batch = [self.train_index[int(i)] for i in torch.randint(len(self.train_index), (self.cfg.train.batch_images,),
+                                                                 generator=gen)]
+        features = [f[batch] for f in self.features]
+        head_pixels = None
+        if "segmentation" in self.cfg.decoder.tasks:
+            head_pixels = torch.stack([
+                torch.stack([bootstrap_half(self.cfg.decoder.init_seed, head, i, self.size) for i in batch])
+                for head in range(self.cfg.decoder.num_heads)
+            ]).to(self.device)
+        loss, _ = perception_loss(model, features, self.targets(batch), head_pixels)
+        return loss
+
+    @torch.inference_mode()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        if not self.val_index:
+            return {}
+        model = unwrap(model).eval()
+        index = self.val_index
+        p = predict(model, [f[index] for f in self.features], self.size, self.cfg.decoder.uncertainty_top_fraction,
+                    self.cfg.decoder.instance_threshold)
+        t = self.targets(index)
+        metrics: dict[str, float] = {}
+        if p.masks is not None:
+            metrics.update(segmentation_metrics(p.masks.cpu(), t.masks.cpu(), len(self.labeled.classes)))
+        if p.depth is not None:
+            metrics.update(depth_metrics(p.depth.cpu(), t.depth.cpu()))
+        if p.instance_map is not None:
+            metrics["val_instance_iou"] = instance_iou(p.instance_map.cpu(), t.instances)
+        if p.keypoints is not None:
+            truth = self.labeled.keypoints[index]
+            visible = truth[..., 2] > 0
+            err = (p.keypoints[..., :2].cpu() - truth[..., :2]).norm(dim=-1)[visible]
+            metrics["val_keypoint_error_px"] = float(err.mean()) if err.numel() else float("nan")
+        return metrics
+
+
+def bootstrap_half(seed: int, head: int, image: int, size: tuple[int, int]) -> torch.Tensor:
+    """The fixed random half of an image's pixels that one semantic head learns from."""
+    gen = torch.Generator().manual_seed(seed * 7_919 + head * 104_729 + image)
+    return torch.rand(size, generator=gen) < 0.5
+
+
+def depth_metrics(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Absolute relative error and the share of pixels within 25% (delta < 1.25), on known depth."""
+    valid = truth > 0
+    p, t = pred[valid], truth[valid]
+    ratio = torch.maximum(p / t, t / p)
+    return {"val_depth_abs_rel": float(((p - t).abs() / t).mean()), "val_depth_delta1": float((ratio < 1.25).float().mean())}
+
+
+def instance_iou(pred_map: torch.Tensor, truth: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean over true instances of the best IoU any predicted instance reaches with it."""
+    ious = []
+    for b, (_, masks) in enumerate(truth):
+        ids = [int(i) for i in pred_map[b].unique() if i > 0]
+        for m in masks.cpu():
+            best = 0.0
+            for i in ids:
+                p = pred_map[b] == i
+                best = max(best, float((p & m).sum() / (p | m).sum()))
+            ious.append(best)
+    return float(sum(ious) / len(ious)) if ious else float("nan")
+
+
+def objective_for(cfg: FactoryConfig, labeled, backbone, device: torch.device):
+    """The objective of `decoder.kind`, with its training data prepared."""
+    if cfg.decoder.kind == "perception":
+        return PerceptionObjective(cfg, labeled, backbone, device)
+    return InterpreterObjective(cfg, labeled, backbone, device)
