@@ -235,17 +235,24 @@ def save_labeled_set(path: str, labeled: LabeledSet) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
-def load_labeled_set(path: str) -> LabeledSet:
+def read_labeled_file(path: str, expected_format: str, hint: str) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a labeled-set safetensors file of `expected_format`; errors name the file
+    and, for a missing one, `hint` (the command that writes it)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"labeled set {path} not found: run `factory annotate import` first")
+        raise FileNotFoundError(f"labeled set {path} not found: {hint}")
     try:
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
-    if metadata.get("format") != "factory.labeled_set":
-        raise ValueError(f"{path} is not a labeled set (metadata format={metadata.get('format')!r})")
+    if metadata.get("format") != expected_format:
+        raise ValueError(f"{path} is not a {expected_format} file (metadata format={metadata.get('format')!r}); {hint}")
+    return tensors, metadata
+
+
+def load_labeled_set(path: str) -> LabeledSet:
+    tensors, metadata = read_labeled_file(path, "factory.labeled_set", "run `factory annotate import` first")
     return LabeledSet(
         task=metadata["task"],
         label_names=json.loads(metadata["labels"]),

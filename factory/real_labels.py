@@ -1,0 +1,316 @@
+"""Real labeled images in, a validated labeled set out (the diffusion path's training data).
+
+A labeled folder holds, per image NAME (any of .png, .jpg, .jpeg, .webp under images/):
+
+    images/NAME.png          the photo (RGB; any size: resized on its short side, centre-cropped)
+    masks/NAME.png           semantic mask: single-channel class ids (labels.classes order)
+    depth/NAME.png           16-bit depth: metres x labels.depth_scale, 0 where unknown
+    instances.json           COCO instances (file_name = NAME.png): instance masks, and keypoints
+    prompts.jsonl            {"file": "NAME.png", "prompt": "..."} or {"file": ..., "classes": [...]}
+
+Which labels each image must have follows `decoder.tasks` (segmentation: a mask PNG or COCO
+instances; instances: COCO; depth: a depth PNG; keypoints: COCO keypoints). An image with no prompt
+row gets one made from its classes ("a photo of a cat and a dog"). Every problem is listed with its
+file; nothing is written unless all pass. The set is stored as one safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from factory.labels import AnnotationError, read_labeled_file
+
+IMAGES_DIR, MASKS_DIR, DEPTH_DIR = "images", "masks", "depth"
+COCO_FILE, PROMPTS_FILE = "instances.json", "prompts.jsonl"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+FORMAT = "factory.real_labeled_set"
+
+
+@dataclass
+class RealLabeledSet:
+    tasks: list[str]
+    classes: list[str]
+    keypoint_names: list[str]
+    files: list[str]
+    prompts: list[str]
+    images: torch.Tensor
+    """[N, R, R, 3] uint8 at the backbone's resolution."""
+    masks: torch.Tensor | None = None
+    """[N, R, R] uint8 class ids."""
+    depth: torch.Tensor | None = None
+    """[N, R, R] float32 metres, 0 where unknown."""
+    instance_map: torch.Tensor | None = None
+    """[N, R, R] int32: 0 background, i for the i-th entry of instance_classes[n]."""
+    instance_classes: list[list[int]] = field(default_factory=list)
+    keypoints: torch.Tensor | None = None
+    """[N, K, 3] float32 (x, y, visibility) in resized pixels."""
+
+    @property
+    def task(self) -> str:
+        return "+".join(self.tasks)
+
+
+def square(image: Image.Image, size: int, resample: int) -> Image.Image:
+    """Resize the short side to `size`, then centre-crop to size x size."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), resample=resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _crop_transform(w: int, h: int, size: int):
+    """Maps original (x, y) pixel coordinates to the resized, cropped image's."""
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return lambda x, y: ((x + 0.5) * nw / w - 0.5 - left, (y + 0.5) * nh / h - 0.5 - top)
+
+
+def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint_names: list[str],
+                  resolution: int, depth_scale: float) -> RealLabeledSet:
+    """Read and validate a labeled folder; raises AnnotationError listing every problem."""
+    problems: list[str] = []
+    image_dir = os.path.join(directory, IMAGES_DIR)
+    if not os.path.isdir(image_dir):
+        raise AnnotationError([f"{directory}: no {IMAGES_DIR}/ folder of images"])
+    names = sorted(n for n in os.listdir(image_dir) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+    if not names:
+        raise AnnotationError([f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})"])
+    stems = {os.path.splitext(n)[0]: n for n in names}
+    prompts = _read_prompts(directory, names, classes, problems)
+    coco = _read_coco(directory, names, classes, keypoint_names, problems) if os.path.isfile(
+        os.path.join(directory, COCO_FILE)) else {}
+
+    images, masks, depths, inst_maps, inst_classes, kps, texts = [], [], [], [], [], [], []
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        rel = f"{IMAGES_DIR}/{name}"
+        try:
+            with Image.open(os.path.join(image_dir, name)) as im:
+                size = im.size
+                rgb = np.array(square(im.convert("RGB"), resolution, Image.Resampling.BICUBIC))
+        except OSError as e:
+            problems.append(f"{rel}: not a readable image ({e})")
+            continue
+        images.append(rgb)
+        mask = _read_png(directory, MASKS_DIR, stem, size, problems, ("L", "P"), "a single-channel index PNG of class ids")
+        if mask is not None and int(mask.max()) >= len(classes):
+            problems.append(f"{MASKS_DIR}/{stem}.png: class id {int(mask.max())} is outside labels.classes "
+                            f"(0..{len(classes) - 1}: {classes})")
+            mask = None
+        ann = coco.get(name)
+        if "segmentation" in tasks:
+            if mask is None and ann is not None and ann["instances"]:
+                mask = _paint(ann["instances"], size)
+            if mask is None and not any(p.startswith(f"{MASKS_DIR}/{stem}.") for p in problems):
+                problems.append(f"{rel}: no semantic mask (no {MASKS_DIR}/{stem}.png and no {COCO_FILE} instances)")
+            masks.append(None if mask is None else np.array(square(Image.fromarray(mask), resolution, Image.Resampling.NEAREST)))
+        if "depth" in tasks:
+            depth = _read_png(directory, DEPTH_DIR, stem, size, problems, ("I;16", "I", "I;16B", "L"),
+                              "a 16-bit single-channel depth PNG", required=True)
+            depths.append(None if depth is None else np.array(
+                square(Image.fromarray(depth.astype(np.float32) / depth_scale, mode="F"), resolution,
+                       Image.Resampling.NEAREST)))
+        if "instances" in tasks:
+            if ann is None:
+                problems.append(f"{rel}: no {COCO_FILE} entry (instances task)")
+                inst_maps.append(None)
+                inst_classes.append([])
+            else:
+                imap = np.zeros(size[::-1], np.int32)
+                for i, (_, m) in enumerate(ann["instances"], 1):
+                    imap[m > 0] = i
+                inst_maps.append(np.array(square(Image.fromarray(imap, mode="I"), resolution, Image.Resampling.NEAREST)))
+                inst_classes.append([c for c, _ in ann["instances"]])
+        if "keypoints" in tasks:
+            if ann is None or ann["keypoints"] is None:
+                problems.append(f"{rel}: no keypoints in {COCO_FILE} (keypoints task)")
+                kps.append(None)
+            else:
+                move = _crop_transform(*size, resolution)
+                kp = ann["keypoints"].copy()
+                for row in kp:
+                    row[0], row[1] = move(row[0], row[1])
+                kps.append(kp)
+        texts.append(prompts.get(name) or _prompt_from(mask, ann, classes))
+    orphans = [f"{sub}/{n}" for sub in (MASKS_DIR, DEPTH_DIR) if os.path.isdir(os.path.join(directory, sub))
+               for n in sorted(os.listdir(os.path.join(directory, sub)))
+               if not n.startswith(".") and os.path.splitext(n)[0] not in stems]
+    problems += [f"{o}: no image named {IMAGES_DIR}/{os.path.splitext(os.path.basename(o))[0]}.*" for o in orphans]
+    if problems:
+        raise AnnotationError(problems)
+    return RealLabeledSet(
+        tasks=list(tasks), classes=list(classes), keypoint_names=list(keypoint_names), files=names, prompts=texts,
+        images=torch.from_numpy(np.stack(images)),
+        masks=torch.from_numpy(np.stack(masks).astype(np.uint8)) if "segmentation" in tasks else None,
+        depth=torch.from_numpy(np.stack(depths).astype(np.float32)) if "depth" in tasks else None,
+        instance_map=torch.from_numpy(np.stack(inst_maps)) if "instances" in tasks else None,
+        instance_classes=inst_classes,
+        keypoints=torch.from_numpy(np.stack(kps).astype(np.float32)) if "keypoints" in tasks else None,
+    )
+
+
+def import_labels(cfg) -> RealLabeledSet:
+    """`factory labels import`: labels.dir -> train.labeled, checked against the config."""
+    if cfg.backbone.kind != "diffusion" or cfg.decoder.kind != "perception":
+        raise AnnotationError(["labels import is for the diffusion path (backbone.kind: diffusion, decoder.kind: "
+                               "perception); the GAN path uses `factory annotate import`"])
+    if cfg.labels.dir is None:
+        raise AnnotationError(["labels.dir is not set: point it at the folder of labeled images"])
+    labeled = import_folder(cfg.labels.dir, cfg.decoder.tasks, cfg.labels.classes, cfg.labels.keypoints,
+                            cfg.backbone.diffusion.resolution, cfg.labels.depth_scale)
+    save_real_labeled_set(cfg.train.labeled, labeled)
+    return labeled
+
+
+def _read_png(directory: str, sub: str, stem: str, size: tuple[int, int], problems: list[str], modes: tuple,
+              what: str, required: bool = False) -> np.ndarray | None:
+    path = os.path.join(directory, sub, f"{stem}.png")
+    rel = f"{sub}/{stem}.png"
+    if not os.path.isfile(path):
+        if required:
+            problems.append(f"{IMAGES_DIR}/{stem}: no {rel}")
+        return None
+    try:
+        with Image.open(path) as im:
+            mode, got = im.mode, im.size
+            data = np.array(im)
+    except OSError as e:
+        problems.append(f"{rel}: not a readable image ({e})")
+        return None
+    if mode not in modes:
+        problems.append(f"{rel}: mode {mode}; expected {what}")
+        return None
+    if got != size:
+        problems.append(f"{rel}: size {got[0]}x{got[1]}, expected {size[0]}x{size[1]} like its image")
+        return None
+    return data
+
+
+def _read_prompts(directory: str, names: list[str], classes: list[str], problems: list[str]) -> dict[str, str]:
+    path = os.path.join(directory, PROMPTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{PROMPTS_FILE}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}: not JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict) or row.get("file") not in names:
+                problems.append(f"{where}: \"file\" must name an image under {IMAGES_DIR}/, got {row.get('file') if isinstance(row, dict) else row!r}")
+                continue
+            text, named = row.get("prompt"), row.get("classes")
+            unknown = [c for c in named or [] if c not in classes]
+            if unknown:
+                problems.append(f"{where}: unknown classes {unknown} (labels.classes is {classes})")
+            elif isinstance(text, str) and text.strip():
+                out[row["file"]] = text.strip()
+            elif named:
+                out[row["file"]] = "a photo of " + " and ".join(f"a {c}" for c in named)
+            else:
+                problems.append(f"{where}: needs a non-empty \"prompt\" or a \"classes\" list")
+    return out
+
+
+def _read_coco(directory: str, names: list[str], classes: list[str], keypoint_names: list[str],
+               problems: list[str]) -> dict[str, dict]:
+    """file name -> {"instances": [(class id, mask)], "keypoints": [K, 3] or None}."""
+    from pycocotools.coco import COCO
+
+    path = os.path.join(directory, COCO_FILE)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        problems.append(f"{COCO_FILE}: not a COCO annotation file ({type(e).__name__}: {e})")
+        return {}
+    class_of = {}
+    for cat in coco.loadCats(coco.getCatIds()):
+        if cat["name"] not in classes:
+            problems.append(f"{COCO_FILE}: category {cat['name']!r} (id {cat['id']}) is not in labels.classes {classes}")
+        else:
+            class_of[cat["id"]] = classes.index(cat["name"])
+    out = {}
+    for img in coco.loadImgs(coco.getImgIds()):
+        file = os.path.basename(img["file_name"])
+        if file not in names:
+            problems.append(f"{COCO_FILE}: image {img['file_name']!r} is not under {IMAGES_DIR}/")
+            continue
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])), key=lambda a: a["id"])
+        instances = [(class_of[a["category_id"]], coco.annToMask(a)) for a in anns
+                     if a["category_id"] in class_of and a.get("segmentation")]
+        kp = None
+        with_kp = [a for a in anns if a.get("keypoints") and a.get("num_keypoints", 1)]
+        if with_kp:
+            kp = np.asarray(with_kp[0]["keypoints"], dtype=np.float32).reshape(-1, 3)
+            if len(kp) != len(keypoint_names):
+                problems.append(f"{COCO_FILE}: image {file!r} has {len(kp)} keypoints, expected "
+                                f"{len(keypoint_names)} (labels.keypoints)")
+                kp = None
+        out[file] = {"instances": instances, "keypoints": kp}
+    return out
+
+
+def _paint(instances: list[tuple[int, np.ndarray]], size: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(size[::-1], np.uint8)
+    for class_id, m in instances:  # later annotations paint over earlier ones
+        mask[m > 0] = class_id
+    return mask
+
+
+def _prompt_from(mask: np.ndarray | None, ann: dict | None, classes: list[str]) -> str:
+    present: list[int] = []
+    if mask is not None:
+        present = [int(c) for c in np.unique(mask) if c != 0]
+    elif ann is not None:
+        present = sorted({c for c, _ in ann["instances"]})
+    if not present:
+        return "a photo"
+    return "a photo of " + " and ".join(f"a {classes[c]}" for c in present)
+
+
+def save_real_labeled_set(path: str, s: RealLabeledSet) -> None:
+    tensors = {"images": s.images.contiguous()}
+    for name in ("masks", "depth", "instance_map", "keypoints"):
+        if getattr(s, name) is not None:
+            tensors[name] = getattr(s, name).contiguous()
+    metadata = {
+        "format": FORMAT,
+        "tasks": json.dumps(s.tasks),
+        "classes": json.dumps(s.classes),
+        "keypoint_names": json.dumps(s.keypoint_names),
+        "files": json.dumps(s.files),
+        "prompts": json.dumps(s.prompts),
+        "instance_classes": json.dumps(s.instance_classes),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path, metadata=metadata)
+
+
+def load_real_labeled_set(path: str) -> RealLabeledSet:
+    tensors, metadata = read_labeled_file(path, FORMAT, "the diffusion path trains on what `factory labels import` writes")
+    return RealLabeledSet(
+        tasks=json.loads(metadata["tasks"]), classes=json.loads(metadata["classes"]),
+        keypoint_names=json.loads(metadata["keypoint_names"]), files=json.loads(metadata["files"]),
+        prompts=json.loads(metadata["prompts"]), images=tensors["images"], masks=tensors.get("masks"),
+        depth=tensors.get("depth"), instance_map=tensors.get("instance_map"),
+        instance_classes=json.loads(metadata["instance_classes"]), keypoints=tensors.get("keypoints"),
+    )
