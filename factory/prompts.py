@@ -5,21 +5,51 @@
     Parquet        a "prompt" column and optionally a "classes" column (list of strings)
     template       "a photo of a {attribute} {class}" expanded over class names x attribute lists,
                    shuffled with a fixed seed
+    endpoint       an OpenAI-compatible chat API writes `num_prompts` prompts, each with the classes it
+                   shows, once per dataset (`resolve` reuses them from the dataset's folder)
 
 Every source yields the same rows, `Prompt(index, text, classes)`, in a fixed order, so a prompt's row
 index is as stable an identity as a seed. Bad rows are reported together, each with its file and line
 (or row), and nothing is returned unless all rows are good.
+
+A build's prompts live next to its dataset: `<output>/prompts.jsonl` (`write_jsonl`, read back by
+`from_jsonl`) and, for endpoint prompts, `<output>/prompts.request.json`: the request that wrote them
+(endpoint, model, num_prompts, seed, classes; never the key) and the sha256 of the file it vouches
+for. The caller of `resolve` writes both:
+
+    prompts, fresh = resolve(cfg, classes, output)
+    write_jsonl(prompts, storage.join(output, PROMPTS_FILE))
+    if fresh:
+        write_request_record(cfg, classes, output)  # last: it vouches for the file written before it
+
+so a rebuild (a resume, a retry) never asks the endpoint again, and a changed request always does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass, field
 
 from factory import storage
+from factory.config import PromptsConfig
+
+log = logging.getLogger(__name__)
+
+PROMPTS_FILE = "prompts.jsonl"
+"""A build's prompts, next to its dataset: `<output>/prompts.jsonl`."""
+REQUEST_FILE = "prompts.request.json"
+"""The endpoint request that wrote `PROMPTS_FILE` (endpoint, model, num_prompts, seed, classes)."""
+BACKGROUND = "background"
+"""The label no prompt is written about: left out of template expansion and endpoint requests."""
+BATCH_SIZE = 50
+"""Prompts asked for per chat request: long replies are slow and more often cut off."""
+MAX_FRUITLESS_REQUESTS = 3
+"""Requests in a row that add no new prompt before `expand_with_endpoint` gives up."""
 
 
 class PromptError(ValueError):
@@ -121,3 +151,207 @@ def load(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
     if ext not in readers:
         raise PromptError(f"{url}: unknown prompt file type {ext!r}; use .txt, .jsonl or .parquet")
     return readers[ext](url, known_classes)
+
+
+def write_jsonl(prompts: list[Prompt], url: str) -> None:
+    """One {"classes", "prompt"} object per line, UTF-8, written atomically; `from_jsonl` reads the
+    same rows back."""
+    lines = [json.dumps({"classes": list(p.classes), "prompt": p.text}, ensure_ascii=False, sort_keys=True)
+             for p in prompts]
+    text = "".join(line + "\n" for line in lines)
+    # JSON leaves these unescaped, but str.splitlines (used by from_jsonl) breaks lines at them
+    for char in ("\x85", "\u2028", "\u2029"):
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    storage.write_bytes(url, text.encode("utf-8"))
+
+
+# ---- prompts written by a chat model -------------------------------------------------------------
+
+_INSTRUCTIONS = (
+    "You write prompts for a text-to-image model; its images become a labeled training set. "
+    "Reply with one JSON object per line and nothing else (no numbering, no prose): "
+    '{"prompt": "...", "classes": ["..."]}. In "classes" list exactly the class names the image '
+    "shows, spelled as given; use no other names."
+)
+_EARLIER_SHOWN = 100
+"""Earlier prompts quoted back in a request, so later batches do not repeat them."""
+
+
+def _request_text(classes: list[str], count: int, batch: int, earlier: list[str]) -> str:
+    lines = [f"Class names: {json.dumps(classes, ensure_ascii=False)}",
+             f"Write {count} new, diverse image-generation prompts (batch {batch}). Vary the scenes, "
+             "viewpoints, lighting, styles and which of the classes appear together."]
+    if earlier:
+        lines += ["Do not repeat any of these earlier prompts:", *earlier[-_EARLIER_SHOWN:]]
+    return "\n".join(lines)
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse_line(line: str, by_name: dict[str, str]) -> tuple[str, tuple[str, ...]] | None:
+    """(text, classes) of one reply line, or None when it is not a usable prompt row."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    text, names = obj.get("prompt"), obj.get("classes")
+    if not isinstance(text, str) or not text.strip() or not isinstance(names, list):
+        return None
+    if not all(isinstance(n, str) and n.strip().casefold() in by_name for n in names):
+        return None
+    return " ".join(text.split()), tuple(dict.fromkeys(by_name[n.strip().casefold()] for n in names))
+
+
+def _parse_reply(content: str, classes: list[str]) -> tuple[list[tuple[str, tuple[str, ...]]], list[str]]:
+    """(good rows, bad lines) of a reply. Blank lines and code fences are skipped; a whole reply that
+    is one JSON array is read as its items; class names match case-insensitively."""
+    lines = [line.strip().rstrip(",").strip() for line in content.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("```") and line not in ("[", "]")]
+    try:
+        whole = json.loads("\n".join(lines))
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        lines = [json.dumps(item) for item in whole]
+    by_name = {c.casefold(): c for c in classes}
+    rows, bad = [], []
+    for line in lines:
+        row = _parse_line(line, by_name)
+        if row is None:
+            bad.append(line)
+        else:
+            rows.append(row)
+    return rows, bad
+
+
+def _ask(client, messages: list[dict], endpoint: str, model: str, api_key_env: str, seed: int) -> str:
+    """One chat completion's text; every failure becomes a one-line PromptError naming `endpoint`."""
+    import openai
+
+    try:
+        reply = client.chat.completions.create(model=model, messages=messages, temperature=0, seed=seed)
+    except openai.APIConnectionError as e:
+        cause = f" ({_one_line(e.__cause__)})" if e.__cause__ else ""
+        raise PromptError(f"cannot reach {endpoint}: {_one_line(e.message)}{cause}") from None
+    except openai.APIStatusError as e:
+        body = e.body
+        message = body.get("message") if isinstance(body, dict) else body
+        message = _one_line(message if isinstance(message, str) and message else e.message)
+        hint = ""
+        if e.status_code in (401, 403):
+            hint = (f" (check the key in environment variable {api_key_env})" if os.environ.get(api_key_env)
+                    else f" (environment variable {api_key_env} is not set)")
+        raise PromptError(f"{endpoint} answered {e.status_code}: {message}{hint}") from None
+    except openai.APIError as e:
+        raise PromptError(f"{endpoint}: unusable reply: {_one_line(e.message)}") from None
+    choices = getattr(reply, "choices", None)
+    if not choices:
+        raise PromptError(f"{endpoint}: the reply is not a chat completion: {_one_line(reply)}")
+    return choices[0].message.content or ""
+
+
+def expand_with_endpoint(classes: list[str], num_prompts: int, endpoint: str, model: str, api_key_env: str,
+                         seed: int, *, batch_size: int = BATCH_SIZE, max_retries: int = 2,
+                         timeout: float = 300.0) -> list[Prompt]:
+    """`num_prompts` prompts about `classes`, written by the chat model `model` at `endpoint` (an
+    OpenAI-compatible base URL, e.g. http://localhost:8000/v1) with the key in `$api_key_env`.
+
+    Asks in batches of `batch_size` (temperature 0, `seed`), quoting earlier prompts back so later
+    batches differ, until enough distinct prompts are gathered. Lines that are not a prompt row, or
+    name a class outside `classes`, are skipped (and logged); duplicates are dropped. A reply with no
+    usable line at all, or `MAX_FRUITLESS_REQUESTS` replies in a row that add nothing new, raise
+    PromptError, as does an unreachable endpoint or an error status; each message names `endpoint`.
+    """
+    import openai
+
+    if not classes:
+        raise PromptError(f"{endpoint}: no class names to write prompts about")
+    if num_prompts < 1:
+        raise PromptError(f"{endpoint}: num_prompts must be >= 1, got {num_prompts}")
+    client = openai.OpenAI(base_url=endpoint, api_key=os.environ.get(api_key_env) or "unused",
+                           max_retries=max_retries, timeout=timeout)
+    rows: list[tuple[str, tuple[str, ...]]] = []
+    seen: set[str] = set()
+    requests = fruitless = 0
+    while len(rows) < num_prompts:
+        requests += 1
+        count = min(batch_size, num_prompts - len(rows))
+        messages = [{"role": "system", "content": _INSTRUCTIONS},
+                    {"role": "user", "content": _request_text(classes, count, requests, [t for t, _ in rows])}]
+        good, bad = _parse_reply(_ask(client, messages, endpoint, model, api_key_env, seed), classes)
+        if not good:
+            first = f"; the first: {_one_line(bad[0], 200)!r}" if bad else ""
+            raise PromptError(f"{endpoint}: reply {requests} from {model!r} has no usable prompt lines "
+                              f"({len(bad)} bad lines{first}); each line must be "
+                              f'{{"prompt": "...", "classes": [...]}} with classes from {classes}')
+        if bad:
+            log.warning("%s: skipped %d bad lines of reply %d (the first: %r)", endpoint, len(bad), requests,
+                        _one_line(bad[0], 200))
+        added = 0
+        for text, names in good:
+            if text.casefold() not in seen and len(rows) < num_prompts:
+                seen.add(text.casefold())
+                rows.append((text, names))
+                added += 1
+        fruitless = 0 if added else fruitless + 1
+        if fruitless >= MAX_FRUITLESS_REQUESTS:
+            raise PromptError(f"{endpoint}: {model!r} added no new prompt in {fruitless} requests in a row; "
+                              f"have {len(rows)} of num_prompts={num_prompts} (ask for fewer)")
+    log.info("%s: %d prompts from %r in %d requests", endpoint, len(rows), model, requests)
+    return [Prompt(i, text, names) for i, (text, names) in enumerate(rows)]
+
+
+# ---- a build's prompts ---------------------------------------------------------------------------
+
+def request_record(cfg: PromptsConfig, classes: list[str]) -> dict:
+    """What identifies endpoint prompts (never the key): the same record means the same prompts."""
+    return {"endpoint": cfg.endpoint, "model": cfg.model, "num_prompts": cfg.num_prompts, "seed": cfg.seed,
+            "classes": [c for c in classes if c != BACKGROUND]}
+
+
+def write_request_record(cfg: PromptsConfig, classes: list[str], output: str) -> None:
+    """`<output>/prompts.request.json`: the request plus the sha256 of `<output>/prompts.jsonl`, so
+    call it after writing that file; a file replaced later no longer matches its record."""
+    data = storage.read_bytes(storage.join(output, PROMPTS_FILE))
+    storage.write_json(storage.join(output, REQUEST_FILE),
+                       {**request_record(cfg, classes), "prompts_sha256": hashlib.sha256(data).hexdigest()})
+
+
+def _recorded(cfg: PromptsConfig, classes: list[str], output: str) -> bool:
+    """Whether `<output>` holds prompts written by the same request (file and matching record)."""
+    prompts_url, request_url = storage.join(output, PROMPTS_FILE), storage.join(output, REQUEST_FILE)
+    if not (storage.exists(prompts_url) and storage.exists(request_url)):
+        return False
+    try:
+        record = storage.read_json(request_url)
+    except ValueError:
+        return False
+    digest = hashlib.sha256(storage.read_bytes(prompts_url)).hexdigest()
+    return isinstance(record, dict) and record == {**request_record(cfg, classes), "prompts_sha256": digest}
+
+
+def resolve(cfg: PromptsConfig, classes: list[str], output: str) -> tuple[list[Prompt], bool]:
+    """The build's prompts and whether they came fresh from `cfg.endpoint` (then the caller writes
+    `<output>/prompts.jsonl` and after it `write_request_record`; see the module docstring).
+
+    `cfg.source` wins; else `cfg.endpoint` is asked once per dataset: when `<output>` already holds
+    `prompts.jsonl` and a `prompts.request.json` recording the same request (and that file's sha256),
+    the file is read and the endpoint is not called; else `cfg.template` is expanded. A class named
+    "background" is left out of template expansion and endpoint requests.
+    """
+    names = [c for c in classes if c != BACKGROUND]
+    if cfg.source:
+        return load(cfg.source, classes), False
+    if cfg.endpoint:
+        if _recorded(cfg, classes, output):
+            prompts_url = storage.join(output, PROMPTS_FILE)
+            log.info("prompts: reusing %s (written by %s)", prompts_url, cfg.endpoint)
+            return from_jsonl(prompts_url, names), False
+        return expand_with_endpoint(names, cfg.num_prompts, cfg.endpoint, cfg.model, cfg.api_key_env,
+                                    cfg.seed), True
+    return from_template(cfg.template, names, cfg.attributes, cfg.seed), False

@@ -1,10 +1,20 @@
-"""Prompt sources (groundwork for the text-driven backbone): every format, stable order, bad rows named."""
+"""Prompt sources (groundwork for the text-driven backbone): every format, stable order, bad rows named;
+prompts written once per dataset by a chat endpoint (a local stand-in server speaking the OpenAI protocol)."""
+
+import dataclasses
+import http.server
+import json
+import os
+import re
+import socket
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from factory import prompts
+from factory.config import PromptsConfig
 
 
 def test_text_file_skips_blanks_and_comments(tmp_path):
@@ -58,3 +68,186 @@ def test_unknown_file_type_and_empty_source(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(prompts.PromptError, match="no prompts"):
         prompts.load(str(empty))
+
+
+# ---- prompts written by a chat model, against a local stand-in endpoint ---------------------------
+
+class ChatServer:
+    """A local OpenAI-compatible chat endpoint: POST /v1/chat/completions answers with prompt lines made
+    from the class names in the request (deterministic, a code fence, a duplicate and an unknown-class
+    line included), `garbage` prose, `repeat` (the same lines whatever the batch) or an error `status`.
+    It keeps every request: path, Authorization header and JSON body."""
+
+    def __init__(self):
+        self.mode, self.status, self.requests = "good", 200, []
+
+    def reply(self, body: dict) -> str:
+        user = body["messages"][-1]["content"]
+        classes = json.loads(re.search(r"^Class names: (\[.*\])$", user, re.M).group(1))
+        count = int(re.search(r"Write (\d+) new", user).group(1))
+        batch = 1 if self.mode == "repeat" else int(re.search(r"\(batch (\d+)\)", user).group(1))
+        if self.mode == "garbage":
+            return "Sure! Here are some prompts:\n\n1. a cat on a mat\n2. a dog in the café"
+        rows = [{"prompt": f"a photo of {' and '.join(names)} in a café, scene {batch}.{i}", "classes": names}
+                for i in range(count) for names in [sorted({classes[i % len(classes)],
+                                                            classes[(i + batch) % len(classes)]})]]
+        lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+        return "\n".join(["```json", *lines, "", lines[0], '{"prompt": "a unicorn", "classes": ["unicorn"]}',
+                          "```"])
+
+
+@pytest.fixture
+def chat():
+    state = ChatServer()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"),
+                                   "body": body})
+            if state.status != 200:
+                answer = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                    "code": "invalid_api_key", "param": None}}
+            else:
+                answer = {"id": f"chatcmpl-{len(state.requests)}", "object": "chat.completion", "created": 0,
+                          "model": body["model"],
+                          "choices": [{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": state.reply(body)}}],
+                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            data = json.dumps(answer).encode()
+            self.send_response(state.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield state
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_endpoint_writes_n_prompts_in_batches_with_known_classes(chat, monkeypatch):
+    monkeypatch.delenv("FACTORY_TEST_KEY", raising=False)
+    got = prompts.expand_with_endpoint(["car", "bus", "tree"], 7, chat.url, "tiny-chat", "FACTORY_TEST_KEY", seed=5,
+                                       batch_size=3)
+    assert [p.index for p in got] == list(range(7)) and len({p.text for p in got}) == 7
+    assert all(p.classes and set(p.classes) <= {"car", "bus", "tree"} for p in got)
+    assert "unicorn" not in " ".join(p.text for p in got)  # the unknown-class line was skipped
+    assert len(chat.requests) == 3  # 3 + 3 + 1
+    first = chat.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["authorization"] == "Bearer unused"
+    assert (first["body"]["model"], first["body"]["temperature"], first["body"]["seed"]) == ("tiny-chat", 0, 5)
+    assert "a photo of" in chat.requests[2]["body"]["messages"][-1]["content"]  # earlier prompts quoted back
+    assert got == prompts.expand_with_endpoint(["car", "bus", "tree"], 7, chat.url, "tiny-chat", "FACTORY_TEST_KEY",
+                                               seed=5, batch_size=3)
+
+
+def test_endpoint_key_comes_from_the_named_environment_variable(chat, monkeypatch):
+    monkeypatch.setenv("FACTORY_TEST_KEY", "sk-test-123")
+    prompts.expand_with_endpoint(["car"], 2, chat.url, "tiny-chat", "FACTORY_TEST_KEY", seed=0)
+    assert [r["authorization"] for r in chat.requests] == ["Bearer sk-test-123"]
+
+
+def test_resolve_asks_the_endpoint_once_per_dataset(chat, tmp_path):
+    out, classes = str(tmp_path / "dataset"), ["background", "car", "bus"]
+    cfg = PromptsConfig(endpoint=chat.url, model="tiny-chat", num_prompts=4, seed=3, api_key_env="FACTORY_TEST_KEY")
+
+    def build(cfg):  # what generate.py does with them
+        got, fresh = prompts.resolve(cfg, classes, out)
+        prompts.write_jsonl(got, f"{out}/{prompts.PROMPTS_FILE}")
+        if fresh:
+            prompts.write_request_record(cfg, classes, out)
+        return got, fresh
+
+    first, fresh = build(cfg)
+    assert fresh and len(first) == 4 and len(chat.requests) == 1
+    assert "background" not in chat.requests[0]["body"]["messages"][-1]["content"]
+    record = json.loads((tmp_path / "dataset" / prompts.REQUEST_FILE).read_text())
+    assert record["num_prompts"] == 4 and record["classes"] == ["car", "bus"] and "sk-" not in json.dumps(record)
+    again, fresh = build(cfg)
+    assert (again, fresh, len(chat.requests)) == (first, False, 1)  # read back, endpoint not called
+    more, fresh = build(dataclasses.replace(cfg, num_prompts=5))
+    assert fresh and len(more) == 5 and len(chat.requests) == 2  # a changed request asks again
+    (tmp_path / "dataset" / prompts.PROMPTS_FILE).write_text('{"prompt": "edited", "classes": []}\n')
+    assert prompts.resolve(dataclasses.replace(cfg, num_prompts=5), classes, out)[1]  # a replaced file too
+    assert len(chat.requests) == 3
+
+
+def test_resolve_prefers_source_then_endpoint_then_template(chat, tmp_path):
+    source = tmp_path / "p.txt"
+    source.write_text("a red car\n")
+    cfg = PromptsConfig(source=str(source), endpoint=chat.url)
+    assert prompts.resolve(cfg, ["background", "car"], str(tmp_path)) == ([prompts.Prompt(0, "a red car")], False)
+    got, fresh = prompts.resolve(PromptsConfig(), ["background", "car"], str(tmp_path))
+    assert (got, fresh) == ([prompts.Prompt(0, "a photo of a car", ("car",))], False)
+    assert chat.requests == []
+
+
+def test_endpoint_garbage_reply_is_an_error_naming_the_endpoint(chat):
+    chat.mode = "garbage"
+    with pytest.raises(prompts.PromptError) as e:
+        prompts.expand_with_endpoint(["car"], 3, chat.url, "tiny-chat", "FACTORY_TEST_KEY", seed=0, max_retries=0)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{chat.url}: reply 1 from 'tiny-chat'")
+    assert "3 bad lines; the first: 'Sure! Here are some prompts:'" in message
+
+
+def test_endpoint_that_only_repeats_itself_stops_after_a_few_requests(chat):
+    chat.mode = "repeat"
+    with pytest.raises(prompts.PromptError, match=r"added no new prompt in 3 requests in a row; have 2 of "
+                                                  r"num_prompts=5"):
+        prompts.expand_with_endpoint(["car"], 5, chat.url, "tiny-chat", "FACTORY_TEST_KEY", seed=0, batch_size=2)
+    assert len(chat.requests) == 4
+
+
+def test_unreachable_endpoint_and_bad_key_are_one_line_errors(chat, monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(prompts.PromptError, match=f"^cannot reach {re.escape(closed)}: ") as e:
+        prompts.expand_with_endpoint(["car"], 3, closed, "tiny-chat", "FACTORY_TEST_KEY", seed=0, max_retries=0)
+    assert "\n" not in str(e.value)
+    chat.status = 401
+    monkeypatch.setenv("FACTORY_TEST_KEY", "sk-wrong")
+    with pytest.raises(prompts.PromptError) as e:
+        prompts.expand_with_endpoint(["car"], 3, chat.url, "tiny-chat", "FACTORY_TEST_KEY", seed=0, max_retries=0)
+    assert str(e.value) == (f"{chat.url} answered 401: Incorrect API key provided "
+                            "(check the key in environment variable FACTORY_TEST_KEY)")
+    monkeypatch.delenv("FACTORY_TEST_KEY")
+    with pytest.raises(prompts.PromptError, match="environment variable FACTORY_TEST_KEY is not set"):
+        prompts.expand_with_endpoint(["car"], 3, chat.url, "tiny-chat", "FACTORY_TEST_KEY", seed=0, max_retries=0)
+
+
+def test_write_jsonl_round_trips_through_from_jsonl(tmp_path):
+    rows = [prompts.Prompt(0, "ein Straßenbahn-Foto, 東京, ünïcödé ☕", ("tram", "car")),
+            prompts.Prompt(1, 'a "quoted" line\u2028with a separator', ()),
+            prompts.Prompt(2, "a bus", ("bus",))]
+    url = str(tmp_path / "out" / "prompts.jsonl")
+    prompts.write_jsonl(rows, url)
+    assert prompts.from_jsonl(url, ["tram", "car", "bus"]) == rows
+    first = (tmp_path / "out" / "prompts.jsonl").read_bytes().splitlines()[0]
+    assert first == '{"classes": ["tram", "car"], "prompt": "ein Straßenbahn-Foto, 東京, ünïcödé ☕"}'.encode()
+
+
+def test_cli_expands_prompts_once_next_to_the_dataset_before_the_build(chat, tmp_path):
+    from factory import shards
+    from factory.cli import main
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs", "diffusion.yaml")
+    args = [configs, f"workdir={tmp_path}", f"prompts.endpoint={chat.url}", "prompts.num_prompts=6"]
+    assert main(["prompts", "expand", *args]) == 0
+    rows = prompts.from_jsonl(str(tmp_path / "dataset" / prompts.PROMPTS_FILE))
+    assert len(rows) == 6 and len(chat.requests) == 1
+    assert all(set(r.classes) <= {"disc", "box", "ring"} for r in rows)
+    assert main(["prompts", "expand", *args]) == 0 and len(chat.requests) == 1  # reused, not asked again
+    # the build may start in a folder holding only its expanded prompts
+    shards.prepare_output(str(tmp_path / "dataset"), "h", {}, overwrite=False)
+    assert prompts.from_jsonl(str(tmp_path / "dataset" / prompts.PROMPTS_FILE)) == rows
