@@ -145,7 +145,7 @@ def run_bare(args: argparse.Namespace) -> None:
     encode_seeds = seeds[: args.encode_samples]
     t0 = time.perf_counter()
     for i in range(0, len(encode_seeds), g.batch_size):
-        label_seeds(backbone, decoder, encode_seeds[i : i + g.batch_size], 0, cfg.backbone.psi, "bench")
+        label_seeds(backbone, decoder, encode_seeds[i : i + g.batch_size], 0, cfg, "bench")
     encode_s = time.perf_counter() - t0
     print(json.dumps({
         "threads": torch.get_num_threads(),

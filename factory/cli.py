@@ -76,6 +76,42 @@ def _parser() -> argparse.ArgumentParser:
         verb.add_argument("config", help=_CONFIG_HELP)
         verb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
+    lab = sub.add_parser("labels", help="import a folder of real labeled images (diffusion path)",
+                         description="The diffusion path's training data: real photos with their labels.")
+    lsub = lab.add_subparsers(dest="action", required=True, metavar="ACTION")
+    li = lsub.add_parser(
+        "import",
+        help="validate a labeled folder into a labeled set",
+        description="Read labels.dir (images/, masks/, depth/, instances.json, prompts.jsonl), check "
+        "every file against labels.classes and decoder.tasks, resize to backbone.diffusion.resolution "
+        "and write train.labeled. Every problem is listed with its file; nothing is written unless all pass.",
+    )
+    li.add_argument("config", help=_CONFIG_HELP)
+    li.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    pr = sub.add_parser("prompts", help="resolve a build's prompts (file, template or chat endpoint)",
+                        description="Prompts for the diffusion path.")
+    psub = pr.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pe = psub.add_parser(
+        "expand",
+        help="write the build's prompts next to the dataset, to review before generating",
+        description="Resolve prompts.* (a file, a template, or an OpenAI-compatible endpoint asked once) "
+        "and write them to generate.output/prompts.jsonl, which `factory generate` then reads.",
+    )
+    pe.add_argument("config", help=_CONFIG_HELP)
+    pe.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    tw = sub.add_parser(
+        "toyworld",
+        help="write a folder of toy scenes with ground truth (a stand-in for real labeled photos)",
+        description="Render seeded toy scenes (shapes on a floor) with semantic masks, instances, depth "
+        "and prompts, in the layout `factory labels import` reads.",
+    )
+    tw.add_argument("folder", help="where to write images/, masks/, depth/, instances.json, prompts.jsonl")
+    tw.add_argument("--num-images", type=int, default=100, help="scenes to render (default 100)")
+    tw.add_argument("--start-seed", type=int, default=0, help="seed of the first scene (default 0)")
+    tw.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+
     i = sub.add_parser(
         "inspect",
         help="summarize a dataset and draw a preview",
@@ -132,6 +168,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.verb == "inspect":
         return _inspect(args)
+    if args.verb == "toyworld":
+        from factory.toyworld import CLASSES, write_folder
+
+        write_folder(args.folder, args.num_images, args.start_seed, args.size)
+        print(f"wrote {args.num_images} labeled scenes to {args.folder} (classes {CLASSES})")
+        return 0
     if args.verb == "demo":
         from factory.demo import demo_config
 
@@ -163,6 +205,20 @@ def _run(args: argparse.Namespace) -> int:
 
         labeled = import_labels(cfg)
         print(f"imported {len(labeled.files)} labeled images into {cfg.train.labeled}")
+    elif args.verb == "labels":
+        from factory.real_labels import import_labels
+
+        labeled = import_labels(cfg)
+        print(f"imported {len(labeled.files)} labeled images ({', '.join(labeled.tasks)}) into {cfg.train.labeled}")
+    elif args.verb == "prompts":
+        from factory import prompts
+
+        rows, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, cfg.generate.output)
+        storage.makedirs(cfg.generate.output)
+        prompts.write_jsonl(rows, storage.join(cfg.generate.output, prompts.PROMPTS_FILE))
+        if fresh:
+            prompts.write_request_record(cfg.prompts, cfg.labels.classes, cfg.generate.output)
+        print(f"{len(rows)} prompts in {storage.join(cfg.generate.output, prompts.PROMPTS_FILE)}, e.g. {rows[0].text!r}")
     elif args.verb == "train":
         from factory.runtime import init_ray
         from factory.train import train

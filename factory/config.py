@@ -67,9 +67,10 @@ class DiffusionConfig:
     "float16", "bfloat16"."""
     feature_step: int = -1
     """Denoising step whose UNet features (and attention maps) the decoder reads; -1 is the last."""
-    inversion_timestep: int = 100
-    """Real images are VAE-encoded, noised to this timestep and passed through the UNet once to tap
-    the same features (the paper's inversion); 0-999."""
+    inversion_timestep: int | None = None
+    """Real images are VAE-encoded, noised to this timestep (0-999) and passed through the UNet once
+    to tap the same features (the paper's inversion). None uses the timestep of `feature_step` in
+    the sampling schedule, so the decoder is trained and applied at the same noise level."""
     attention_maps: bool = True
     """Also tap the cross-attention maps (per prompt token, averaged over heads) of every UNet block."""
     max_prompt_tokens: int = 8
@@ -89,7 +90,7 @@ class DiffusionConfig:
             raise ConfigError(
                 f"backbone.diffusion.feature_step must index one of the {self.steps} steps, got {self.feature_step}"
             )
-        if not 0 <= self.inversion_timestep < 1000:
+        if self.inversion_timestep is not None and not 0 <= self.inversion_timestep < 1000:
             raise ConfigError(f"backbone.diffusion.inversion_timestep must be in [0, 1000), got {self.inversion_timestep}")
         if self.guidance_scale < 1.0:
             raise ConfigError(f"backbone.diffusion.guidance_scale must be >= 1, got {self.guidance_scale}")
@@ -131,38 +132,70 @@ class BackboneConfig:
             raise ConfigError(f"backbone.psi must be in [0, 2], got {self.psi}")
 
 
+DECODER_TASKS = {"interpreter": ("segmentation", "keypoints"),
+                 "perception": ("segmentation", "instances", "depth", "keypoints")}
+
+
 @dataclass
 class DecoderConfig:
     kind: str = "interpreter"
-    """Which decoder: "interpreter" (DatasetGAN's Style Interpreter, an ensemble of pixel MLPs)."""
+    """Which decoder: "interpreter" (DatasetGAN's Style Interpreter, an ensemble of pixel MLPs) or
+    "perception" (DatasetDM's P-decoder: multi-scale fusion and task heads)."""
     task: str = "segmentation"
-    """"segmentation" (one class per pixel) or "keypoints" (one heatmap per keypoint)."""
+    """interpreter: "segmentation" (one class per pixel) or "keypoints" (one heatmap per keypoint)."""
+    tasks: list[str] = field(default_factory=lambda: ["segmentation", "depth"])
+    """perception: any of "segmentation" (all classes in one pass), "instances" (query-based masks),
+    "depth" (SILog), "keypoints" (heatmaps), fitted together on shared features."""
     num_heads: int = 10
-    """Ensemble size; disagreement between heads is the uncertainty score."""
+    """Ensemble size (interpreter heads; perception semantic heads); disagreement between heads is
+    the uncertainty score."""
     hidden: list[int] | None = None
-    """Hidden widths; None means the paper's (128, 32), or (256, 128) with >= 32 outputs."""
+    """interpreter: hidden widths; None means the paper's (128, 32), or (256, 128) with >= 32 outputs."""
+    dim: int = 64
+    """perception: channels of the fused features and the instance queries (the paper uses 256)."""
+    num_queries: int = 16
+    """perception: instance queries, the most instances one image can hold."""
+    num_layers: int = 2
+    """perception: query-decoder layers (masked cross-attention, self-attention, FFN)."""
+    instance_threshold: float = 0.5
+    """perception: class confidence a query needs to become an instance."""
     init_seed: int = 0
-    """Seed of the heads' initial weights (each head differs)."""
+    """Seed of the initial weights (each head differs)."""
     heatmap_sigma: float = 2.0
     """Keypoints: standard deviation in pixels of the Gaussian regressed around each keypoint."""
     uncertainty_top_fraction: float = 0.1
     """A sample's score is the mean uncertainty of its most uncertain pixels, this fraction of them."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("interpreter",):
-            raise ConfigError(f"decoder.kind must be 'interpreter', got {self.kind!r}")
-        if self.task not in ("segmentation", "keypoints"):
+        if self.kind not in DECODER_TASKS:
+            raise ConfigError(f"decoder.kind must be 'interpreter' or 'perception', got {self.kind!r}")
+        if self.task not in DECODER_TASKS["interpreter"]:
             raise ConfigError(f"decoder.task must be 'segmentation' or 'keypoints', got {self.task!r}")
+        tasks = list(self.tasks)
+        bad = [t for t in tasks if t not in DECODER_TASKS["perception"]]
+        if not tasks or bad or len(set(tasks)) != len(tasks):
+            raise ConfigError(f"decoder.tasks must list some of {DECODER_TASKS['perception']} once each, got {tasks}")
         if self.num_heads < 1:
             raise ConfigError(f"decoder.num_heads must be >= 1, got {self.num_heads}")
         if self.hidden is not None and (len(self.hidden) != 2 or min(self.hidden) < 1):
             raise ConfigError(f"decoder.hidden must be two positive widths, got {self.hidden}")
+        for key in ("dim", "num_queries", "num_layers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"decoder.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_queries > 255:
+            raise ConfigError(f"decoder.num_queries must be <= 255 (instance ids are 8-bit), got {self.num_queries}")
+        if not 0.0 < self.instance_threshold < 1.0:
+            raise ConfigError(f"decoder.instance_threshold must be in (0, 1), got {self.instance_threshold}")
         if not 0.0 < self.uncertainty_top_fraction <= 1.0:
             raise ConfigError(
                 f"decoder.uncertainty_top_fraction must be in (0, 1], got {self.uncertainty_top_fraction}"
             )
         if self.heatmap_sigma <= 0:
             raise ConfigError(f"decoder.heatmap_sigma must be > 0, got {self.heatmap_sigma}")
+
+    def active_tasks(self) -> list[str]:
+        """What this decoder predicts."""
+        return [self.task] if self.kind == "interpreter" else list(self.tasks)
 
 
 @dataclass
@@ -172,12 +205,20 @@ class LabelsConfig:
     the demo's colour classes (see factory/demo.py)."""
     keypoints: list[str] = field(default_factory=list)
     """Keypoint names, in the order of COCO's `keypoints` triplets (keypoints task only)."""
+    dir: str | None = None
+    """A folder of real labeled images (images/, masks/, depth/, instances.json, prompts.jsonl; see
+    the README) that `factory labels import` validates into `train.labeled` (diffusion path)."""
+    depth_scale: float = 1000.0
+    """Depth PNGs (16-bit) hold metres x depth_scale (1000: millimetres, as NYU and most sensors);
+    0 means unknown. Used for imported real depth and for the depth PNGs a build writes."""
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2 or len(self.classes) > 255:
             raise ConfigError(f"labels.classes must list 2-255 classes, got {len(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"labels.classes has duplicates: {self.classes}")
+        if self.depth_scale <= 0:
+            raise ConfigError(f"labels.depth_scale must be > 0, got {self.depth_scale}")
 
 
 @dataclass
@@ -197,7 +238,8 @@ class AnnotateConfig:
 @dataclass
 class TrainConfig:
     labeled: str = "${annotate.dir}/labeled.safetensors"
-    """The labeled set written by `factory annotate import`."""
+    """The labeled set written by `factory annotate import` (GAN path) or `factory labels import`
+    (real images, diffusion path)."""
     storage_path: str = "${workdir}/train"
     """Where Ray Train keeps checkpoints; the fitted decoder lands in <storage_path>/<run_name>/decoder."""
     run_name: str = "interpreter"
@@ -211,7 +253,9 @@ class TrainConfig:
     steps: int = 400
     """Optimizer steps."""
     batch_pixels: int = 64
-    """Pixels per head per step per worker (the paper's batch is 64)."""
+    """interpreter: pixels per head per step per worker (the paper's batch is 64)."""
+    batch_images: int = 4
+    """perception: labeled images per step per worker."""
     lr: float = 1e-3
     """Adam learning rate."""
     class_balanced: bool = True
@@ -226,7 +270,7 @@ class TrainConfig:
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
 
     def __post_init__(self) -> None:
-        for key in ("num_workers", "steps", "batch_pixels", "checkpoint_every"):
+        for key in ("num_workers", "steps", "batch_pixels", "batch_images", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.val_images < 0:
@@ -363,12 +407,20 @@ class FactoryConfig:
 
     def label_names(self) -> list[str]:
         """What the decoder predicts: the classes (segmentation) or the keypoint names."""
+        if self.decoder.kind == "perception":
+            return self.labels.classes
         return self.labels.classes if self.decoder.task == "segmentation" else self.labels.keypoints
 
     def __post_init__(self) -> None:
-        if self.decoder.task == "keypoints" and not self.labels.keypoints:
-            raise ConfigError("labels.keypoints must name the keypoints when decoder.task is 'keypoints'")
-        if self.train.val_images >= self.annotate.num_images:
+        if "keypoints" in self.decoder.active_tasks() and not self.labels.keypoints:
+            raise ConfigError("labels.keypoints must name the keypoints when the decoder predicts keypoints")
+        if self.backbone.kind == "diffusion" and self.decoder.kind != "perception":
+            raise ConfigError("backbone.kind 'diffusion' needs decoder.kind 'perception' (its features are "
+                              "multi-scale maps fitted on real images)")
+        if self.backbone.kind == "stylegan2" and self.decoder.kind != "interpreter":
+            raise ConfigError("backbone.kind 'stylegan2' needs decoder.kind 'interpreter' (the perception "
+                              "decoder is fitted on inverted real images, which needs a diffusion backbone)")
+        if self.backbone.kind == "stylegan2" and self.train.val_images >= self.annotate.num_images:
             raise ConfigError(
                 f"train.val_images ({self.train.val_images}) must be smaller than "
                 f"annotate.num_images ({self.annotate.num_images})"
@@ -398,7 +450,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return absolute_paths(cfg)
 
 
-PATH_KEYS = ("backbone.weights", "annotate.dir", "train.labeled", "train.storage_path", "generate.decoder",
+PATH_KEYS = ("backbone.weights", "labels.dir", "prompts.source", "annotate.dir", "train.labeled", "train.storage_path", "generate.decoder",
              "generate.output", "nightly.root")
 
 
@@ -407,6 +459,8 @@ def absolute_paths(cfg: FactoryConfig) -> FactoryConfig:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if key == "backbone.weights" and value is not None and not os.path.exists(value):
+            continue  # maybe a hub id ("org/model"); loading names it if it is neither
         if value is not None and "://" not in value:
             setattr(getattr(cfg, section), name, os.path.abspath(value))
     return cfg

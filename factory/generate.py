@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from factory import __version__, shards, storage
+from factory import __version__, prompts, shards, storage
 from factory import config as config_lib
 from factory.backbones import Backbone, load_backbone
 from factory.config import FactoryConfig
@@ -39,22 +39,42 @@ class GenerateError(RuntimeError):
 
 
 def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str:
-    """Identifies everything a sample's bytes depend on besides its seed."""
+    """Identifies everything a sample's bytes depend on besides its seed (and prompt)."""
     with storage.local_copy(decoder_dir, [MODEL_FILE]) as local:
         decoder_sha = safetensors_fingerprint(os.path.join(local, MODEL_FILE))
-    return config_lib.stable_hash(
-        {"backbone": backbone_hash, "psi": cfg.backbone.psi, "rgb_taps": cfg.backbone.rgb_taps, "decoder": decoder_sha}
-    )
+    b = cfg.backbone
+    settings = ({"diffusion": asdict(b.diffusion), "batch_invariant": b.batch_invariant} if b.kind == "diffusion"
+                else {"psi": b.psi, "rgb_taps": b.rgb_taps})
+    return config_lib.stable_hash({"backbone": backbone_hash, **settings, "decoder": decoder_sha,
+                                   "depth_scale": cfg.labels.depth_scale})
 
 
-def build_hash(cfg: FactoryConfig, sample_config_hash: str) -> str:
-    """Identifies a whole dataset: sample settings plus everything that decides which samples land in
-    which shard with which bytes (batching can change the decoder's last float bits)."""
+def build_hash(cfg: FactoryConfig, sample_config_hash: str, prompts_sha256: str | None = None) -> str:
+    """Identifies a whole dataset: sample settings, the prompts, and everything that decides which
+    samples land in which shard with which bytes (batching can change the decoder's last float bits)."""
     g = cfg.generate
     return config_lib.stable_hash(
         [sample_config_hash, g.start_seed, g.num_samples, g.shard_size, g.batch_size, sorted(g.formats),
-         g.drop_uncertain, g.calibration_samples]
+         g.drop_uncertain, g.calibration_samples, prompts_sha256]
     )
+
+
+def prompt_texts(output: str) -> list[str] | None:
+    """The build's prompts (`<output>/prompts.jsonl`), or None for a dataset made without them."""
+    url = storage.join(output, prompts.PROMPTS_FILE)
+    return [p.text for p in prompts.from_jsonl(url)] if storage.exists(url) else None
+
+
+def prompts_for(seeds: list[int], texts: list[str] | None, start_seed: int) -> list[str] | None:
+    """Seed s takes prompt (s - start_seed) mod len(texts): every prompt in turn, then again."""
+    if texts is None:
+        return None
+    return [texts[(s - start_seed) % len(texts)] for s in seeds]
+
+
+def png16(depth_m: np.ndarray, scale: float) -> bytes:
+    """Metres -> a 16-bit PNG of metres x scale (clipped to 1..65535; 0 stays for unknown)."""
+    return png(np.clip(np.round(depth_m * scale), 1, 65535).astype(np.uint16))
 
 
 def png(array: np.ndarray) -> bytes:
@@ -64,12 +84,17 @@ def png(array: np.ndarray) -> bytes:
 
 
 def label_seeds(
-    backbone: Backbone, decoder: FittedDecoder, seeds: list[int], shard: int, psi: float, config_hash: str
+    backbone: Backbone, decoder: FittedDecoder, seeds: list[int], shard: int, cfg: FactoryConfig, config_hash: str,
+    texts: list[str] | None = None,
 ) -> list[dict]:
-    """Seeds -> encoded sample rows (SAMPLE_SCHEMA): the whole per-sample work, free of Ray."""
-    out = backbone(seeds)
+    """Seeds (and their prompts) -> encoded sample rows (SAMPLE_SCHEMA): the whole per-sample work,
+    free of Ray."""
+    batch_prompts = prompts_for(seeds, texts, cfg.generate.start_seed)
+    out = backbone(seeds, batch_prompts)
     size = (backbone.resolution, backbone.resolution)
     labels = decoder(out.features, size)
+    diffusion = cfg.backbone.diffusion if cfg.backbone.kind == "diffusion" else None
+    scale = cfg.labels.depth_scale
     rows = []
     for i, seed in enumerate(seeds):
         keypoints = None
@@ -86,7 +111,7 @@ def label_seeds(
                 "seed": seed,
                 "shard": shard,
                 "latent": out.latents[i].numpy(),
-                "psi": psi,
+                "psi": cfg.backbone.psi if diffusion is None else 0.0,
                 "width": size[1],
                 "height": size[0],
                 "image": png(out.images[i].numpy()),
@@ -94,20 +119,31 @@ def label_seeds(
                 "keypoints": keypoints,
                 "uncertainty": float(labels.score[i]),
                 "config_hash": config_hash,
+                "prompt": batch_prompts[i] if batch_prompts else None,
+                "guidance": diffusion.guidance_scale if diffusion else None,
+                "steps": diffusion.steps if diffusion else None,
+                "depth": png16(labels.depth[i].numpy(), scale) if labels.depth is not None else None,
+                "depth_scale": scale if labels.depth is not None else None,
+                "instances": png(labels.instance_map[i].numpy().astype(np.uint8))
+                if labels.instance_map is not None else None,
+                "instance_classes": json.dumps(
+                    [{**item, "class": decoder.label_names[item["class"]]} for item in labels.instances[i]]
+                ) if labels.instances is not None else None,
             }
         )
     return rows
 
 
-def score_seeds(backbone: Backbone, decoder: FittedDecoder, seeds: list[int]) -> list[float]:
+def score_seeds(backbone: Backbone, decoder: FittedDecoder, seeds: list[int],
+                batch_prompts: list[str] | None = None) -> list[float]:
     """Seeds -> per-sample uncertainty scores, the same numbers `label_seeds` stores."""
-    out = backbone(seeds)
+    out = backbone(seeds, batch_prompts)
     return decoder(out.features, (backbone.resolution, backbone.resolution)).score.tolist()
 
 
 def build_shard(
     backbone: Backbone, decoder: FittedDecoder, cfg: FactoryConfig, spec: ShardSpec, config_hash: str,
-    threshold: float | None = None,
+    threshold: float | None = None, texts: list[str] | None = None,
 ) -> dict:
     """Generate, encode and publish one shard in every configured format; returns its completion
     record (written last). Samples scoring above `threshold` are dropped."""
@@ -121,9 +157,7 @@ def build_shard(
         seeds = list(spec.seeds)
         for start in range(0, len(seeds), g.batch_size):
             t0 = time.perf_counter()
-            rows = label_seeds(
-                backbone, decoder, seeds[start : start + g.batch_size], spec.index, cfg.backbone.psi, config_hash
-            )
+            rows = label_seeds(backbone, decoder, seeds[start : start + g.batch_size], spec.index, cfg, config_hash, texts)
             t1 = time.perf_counter()
             for row in rows:
                 scores.append(row["uncertainty"])
@@ -176,11 +210,13 @@ class SeedScorer:
         self.cfg = config_lib.from_dict(cfg)
         storage.configure(self.cfg.storage)
         self.backbone, self.decoder = load_models(self.cfg)
+        self.texts = prompt_texts(self.cfg.generate.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds = [s for start, stop in zip(batch["start"], batch["stop"]) for s in range(int(start), int(stop))]
+        batch_prompts = prompts_for(seeds, self.texts, self.cfg.generate.start_seed)
         return {"seed": np.asarray(seeds, dtype=np.int64),
-                "score": np.asarray(score_seeds(self.backbone, self.decoder, seeds), dtype=np.float64)}
+                "score": np.asarray(score_seeds(self.backbone, self.decoder, seeds, batch_prompts), dtype=np.float64)}
 
 
 class ShardBuilder:
@@ -198,6 +234,7 @@ class ShardBuilder:
         self.backbone, self.decoder = load_models(self.cfg)
         self.config_hash = config_hash
         self.threshold = threshold
+        self.texts = prompt_texts(self.cfg.generate.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
@@ -210,7 +247,8 @@ class ShardBuilder:
         attempts = self.cfg.generate.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                return build_shard(self.backbone, self.decoder, self.cfg, spec, self.config_hash, self.threshold)
+                return build_shard(self.backbone, self.decoder, self.cfg, spec, self.config_hash, self.threshold,
+                                   self.texts)
             except Exception as e:  # recorded in the manifest and the exit code by the driver
                 log.error("shard %s failed (attempt %d of %d):\n%s", spec.name, attempt, attempts,
                           traceback.format_exc())
@@ -302,13 +340,25 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
             f"{backbone.weights_hash[:12]}; check backbone.weights / backbone.init_seed or re-train"
         )
     config_hash = sample_hash(cfg, backbone.weights_hash, g.decoder)
-    dataset_hash = build_hash(cfg, config_hash)
     del backbone
+    build_prompts, fresh, prompts_sha = None, False, None
+    if cfg.backbone.kind == "diffusion":  # resolved once, stored with the dataset, read by the actors
+        build_prompts, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, g.output)
+        prompts_sha = config_lib.stable_hash([[p.text, list(p.classes)] for p in build_prompts])
+        log.info("%d prompts, e.g. %r", len(build_prompts), build_prompts[0].text)
+    dataset_hash = build_hash(cfg, config_hash, prompts_sha)
 
     # 2. Claim the output, plan shards, skip those already complete, clear an interrupted run's debris.
     plan = shards.plan_shards(g.start_seed, g.num_samples, g.shard_size)
     resolved = config_lib.to_dict(cfg)
     shards.prepare_output(g.output, dataset_hash, resolved, g.overwrite)
+    if build_prompts is not None:
+        prompts_url = storage.join(g.output, prompts.PROMPTS_FILE)
+        if fresh or not storage.exists(prompts_url):
+            prompts.write_jsonl(build_prompts, prompts_url)
+        from_endpoint = cfg.prompts.endpoint and not cfg.prompts.source
+        if from_endpoint and (fresh or not storage.exists(storage.join(g.output, prompts.REQUEST_FILE))):
+            prompts.write_request_record(cfg.prompts, cfg.labels.classes, g.output)  # vouches for the file
     for path in shards.remove_temporaries(g.output):
         log.info("removed %s, left by an interrupted build", path)
     records = shards.read_completions(g.output)
@@ -349,7 +399,8 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
         "package_version": __version__,
         "build_hash": dataset_hash,
         "config_hash": config_hash,
-        "task": cfg.decoder.task,
+        "task": "segmentation" if "segmentation" in cfg.decoder.active_tasks() else cfg.decoder.active_tasks()[0],
+        "tasks": cfg.decoder.active_tasks(),
         "labels": json.loads(meta["labels"]),
         "formats": list(g.formats),
         "num_samples": sum(r["count"] for r in done),

@@ -112,7 +112,8 @@ def progress(dataset: str) -> dict:
 
 
 def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
-    """A grid of image | image-with-labels pairs and a class legend, written as PNG to `path`."""
+    """A grid of image | image-with-labels (| depth, near bright) tiles and a class legend, written as
+    PNG to `path`."""
     manifest = shards.read_manifest(dataset)
     labels = manifest["labels"]
     colors = palette(max(len(labels), 2))
@@ -123,7 +124,13 @@ def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
         if sample["mask"] is not None:  # class 0 (background) is left untinted
             tinted = (0.4 * image + 0.6 * colors[sample["mask"]]).astype(np.uint8)
             overlay = np.where(sample["mask"][..., None] > 0, tinted, image)
-        pair = Image.fromarray(np.concatenate([image, overlay], axis=1)).resize((2 * TILE, TILE), Image.NEAREST)
+        panels = [image, overlay]
+        if sample.get("depth") is not None:  # inverse depth, normalised per image: near is bright
+            inverse = 1.0 / np.maximum(sample["depth"], 1e-3)
+            span = max(float(inverse.max() - inverse.min()), 1e-6)
+            grey = ((inverse - inverse.min()) / span * 255).astype(np.uint8)
+            panels.append(np.repeat(grey[..., None], 3, axis=2))
+        pair = Image.fromarray(np.concatenate(panels, axis=1)).resize((len(panels) * TILE, TILE), Image.NEAREST)
         if sample["keypoints"]:
             draw = ImageDraw.Draw(pair)
             scale = TILE / image.shape[1]
@@ -133,9 +140,10 @@ def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
         tiles.append(pair)
     rows = max(1, -(-len(tiles) // columns))
     legend_h = 18 * (-(-len(labels) // 4)) + 8
-    grid = Image.new("RGB", (columns * (2 * TILE + 4), rows * (TILE + 4) + legend_h), (255, 255, 255))
+    tile_w = tiles[0].width if tiles else 2 * TILE
+    grid = Image.new("RGB", (columns * (tile_w + 4), rows * (TILE + 4) + legend_h), (255, 255, 255))
     for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % columns) * (2 * TILE + 4), (i // columns) * (TILE + 4)))
+        grid.paste(tile, ((i % columns) * (tile_w + 4), (i // columns) * (TILE + 4)))
     draw = ImageDraw.Draw(grid)
     top = rows * (TILE + 4) + 4
     for i, name in enumerate(labels):

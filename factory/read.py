@@ -85,7 +85,8 @@ def iter_tar(url: str) -> Iterator[dict]:
 
 def _tar_row(members: dict) -> dict:
     meta = json.loads(members["json"])
-    meta["keypoints"] = json.dumps(meta["keypoints"]) if meta.get("keypoints") is not None else None
+    for name in ("keypoints", "instance_classes"):
+        meta[name] = json.dumps(meta[name]) if meta.get(name) is not None else None
     for field, ext in shards.TAR_MEMBERS.items():
         meta[field] = members.get(ext)
     return meta
@@ -106,10 +107,15 @@ def iter_rows(url: str, manifest: dict, fmt: str, records: list[dict]) -> Iterat
 
 
 def decode(row: dict) -> dict:
-    """`image` [H, W, 3] uint8, `mask` [H, W] uint8 or None, `keypoints` list or None."""
+    """`image` [H, W, 3] uint8, `mask` [H, W] uint8, `keypoints` list, `depth` [H, W] float32 metres,
+    `instances` [H, W] uint8 ids with `instance_classes` list; each None where the dataset lacks it."""
     row["image"] = decode_png(row["image"])
     row["mask"] = decode_png(row["mask"])
     row["keypoints"] = json.loads(row["keypoints"]) if row["keypoints"] else None
+    depth = decode_png(row.get("depth"))
+    row["depth"] = None if depth is None else depth.astype(np.float32) / np.float32(row["depth_scale"])
+    row["instances"] = decode_png(row.get("instances"))
+    row["instance_classes"] = json.loads(row["instance_classes"]) if row.get("instance_classes") else None
     return row
 
 

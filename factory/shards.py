@@ -36,6 +36,8 @@ MANIFEST = "manifest.json"
 BUILD_RECORD = "build.json"
 CALIBRATION = "calibration.json"
 FORMAT = "factory.dataset/1"
+PRE_BUILD_FILES = {"prompts.jsonl", "prompts.request.json"}
+"""Files `factory prompts expand` may write into an output before its build starts."""
 FORMATS = ("parquet", "webdataset")
 """Output formats, each written to the folder of its name."""
 
@@ -53,18 +55,30 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("keypoints", pa.string()),
         pa.field("uncertainty", pa.float32(), nullable=False),
         pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("guidance", pa.float32()),
+        pa.field("steps", pa.int32()),
+        pa.field("depth", pa.binary()),
+        pa.field("depth_scale", pa.float32()),
+        pa.field("instances", pa.binary()),
+        pa.field("instance_classes", pa.string()),
     ]
 )
 """One generated sample. `image` and `mask` are PNG bytes (mask: uint8 class ids); `keypoints` is
-JSON [{"name", "x", "y", "score"}]; `latent` is the z the seed produced; `config_hash` identifies the
-backbone, decoder and sampling settings that made the sample."""
+JSON [{"name", "x", "y", "score"}]; `latent` is the z the seed produced (empty for a diffusion
+backbone, whose input is `prompt`); `config_hash` identifies the backbone, decoder and sampling
+settings that made the sample. Diffusion samples also record `prompt`, `guidance` and `steps`;
+`depth` is a 16-bit PNG of metres x `depth_scale`; `instances` is an 8-bit PNG of instance ids
+(0: none) described by `instance_classes`, JSON [{"id", "class", "score"}]. Fields a backbone or
+decoder does not produce are null."""
 
-MEDIA_FIELDS = ("image", "mask")
+MEDIA_FIELDS = ("image", "mask", "depth", "instances")
 META_SCHEMA = pa.schema([f for f in SAMPLE_SCHEMA if f.name not in MEDIA_FIELDS])
 """SAMPLE_SCHEMA without the encoded pixels: what `KEY.json` holds and the Parquet beside a tar."""
 
-TAR_MEMBERS = {"image": "png", "mask": "seg.png"}
-"""Sample field -> WebDataset member extension (`KEY.png`, `KEY.seg.png`); metadata is `KEY.json`."""
+TAR_MEMBERS = {"image": "png", "mask": "seg.png", "depth": "depth.png", "instances": "inst.png"}
+"""Sample field -> WebDataset member extension (`KEY.png`, `KEY.seg.png`, `KEY.depth.png`,
+`KEY.inst.png`); metadata is `KEY.json`. Members a sample lacks are not written."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +150,7 @@ class ParquetShardWriter:
         self.count = 0
 
     def write(self, sample: dict) -> None:
-        self._rows.append({name: sample[name] for name in self.schema.names})
+        self._rows.append({name: sample.get(name) for name in self.schema.names})  # absent = null
         self.count += 1
         if len(self._rows) >= self._rows_per_group:
             self._flush()
@@ -213,9 +227,10 @@ class WebDatasetShardWriter:
 
 def sample_metadata(sample: dict) -> dict:
     """A sample's META_SCHEMA fields as JSON values (`latent` as a list, `keypoints` parsed)."""
-    meta = {name: sample[name] for name in META_SCHEMA.names}
+    meta = {name: sample.get(name) for name in META_SCHEMA.names}
     meta["latent"] = [float(x) for x in meta["latent"]]
     meta["keypoints"] = json.loads(meta["keypoints"]) if meta["keypoints"] else None
+    meta["instance_classes"] = json.loads(meta["instance_classes"]) if meta["instance_classes"] else None
     return meta
 
 
@@ -294,7 +309,7 @@ def prepare_output(output: str, build_hash: str, resolved_config: dict, overwrit
                 "choose another generate.output or pass generate.overwrite=true"
             )
         storage.remove_tree(output)
-    elif storage.exists(output) and storage.listdir(output):
+    elif storage.exists(output) and set(storage.listdir(output)) - PRE_BUILD_FILES:
         if not overwrite:
             raise FileExistsError(
                 f"{output} exists and is not a factory dataset; choose another generate.output "

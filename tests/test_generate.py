@@ -23,7 +23,7 @@ def models(tiny_cfg):
 
 def test_rows_match_the_schema_and_the_backbone(tiny_cfg, models):
     backbone, decoder = models
-    rows = label_seeds(backbone, decoder, [7, 8, 9], shard=2, psi=0.7, config_hash="abc")
+    rows = label_seeds(backbone, decoder, [7, 8, 9], shard=2, cfg=tiny_cfg, config_hash="abc")
     table = pa.Table.from_pylist(rows, schema=shards.SAMPLE_SCHEMA)
     assert table.num_rows == 3 and table.column("key").to_pylist() == ["000000000007", "000000000008", "000000000009"]
     alone = backbone([8])
@@ -63,11 +63,11 @@ def test_a_failing_shard_is_retried_then_reported_not_dropped(tiny_cfg, models, 
     real = generate_mod.build_shard
     calls = {0: 0, 1: 0}
 
-    def flaky(backbone, decoder, cfg, spec, config_hash, threshold):
+    def flaky(backbone, decoder, cfg, spec, config_hash, threshold, texts=None):
         calls[spec.index] += 1
         if spec.index == 1 or calls[0] == 1:  # shard 0 fails once, shard 1 always
             raise OSError("disk full")
-        return real(backbone, decoder, cfg, spec, config_hash, threshold)
+        return real(backbone, decoder, cfg, spec, config_hash, threshold, texts)
 
     monkeypatch.setattr(generate_mod, "build_shard", flaky)
     tiny_cfg.generate.max_retries = 2
@@ -103,5 +103,5 @@ def test_scores_match_the_stored_uncertainty(tiny_cfg, models):
     from factory.generate import score_seeds
 
     backbone, decoder = models
-    rows = label_seeds(backbone, decoder, [3, 4, 5], shard=0, psi=0.7, config_hash="abc")
+    rows = label_seeds(backbone, decoder, [3, 4, 5], shard=0, cfg=tiny_cfg, config_hash="abc")
     assert score_seeds(backbone, decoder, [3, 4, 5]) == [r["uncertainty"] for r in rows]

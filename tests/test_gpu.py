@@ -25,7 +25,7 @@ def test_cuda_samples_match_cpu_samples(tiny_cfg):
     for device in ("cpu", "cuda"):
         backbone = load_backbone(tiny_cfg.backbone, device)
         assert backbone.weights_hash == cpu.weights_hash
-        rows[device] = label_seeds(backbone, load_decoder(tiny_cfg.generate.decoder, device), [3, 4], 0, 0.7, "h")
+        rows[device] = label_seeds(backbone, load_decoder(tiny_cfg.generate.decoder, device), [3, 4], 0, tiny_cfg, "h")
     for a, b in zip(rows["cpu"], rows["cuda"]):
         diff = np.abs(decode_png(a["image"]).astype(int) - decode_png(b["image"]).astype(int))
         assert diff.max() <= 1  # float paths differ across devices; pixels by at most one grey level
