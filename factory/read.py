@@ -141,13 +141,20 @@ def split(records: list[dict], part: int, parts: int) -> tuple[list[dict], int |
     return records, parts
 
 
+TARGETS = ("auto", "mask", "keypoints", "depth", "instances")
+"""What `ShardDataset` yields as a sample's target."""
+
+
 class ShardDataset(IterableDataset):
     """A PyTorch `IterableDataset` over a dataset URL for downstream training.
 
-    Yields `(image, target, meta)`: image a uint8 tensor [3, H, W]; target the class-id mask as an
-    int64 tensor [H, W] (segmentation) or the keypoints as a float32 tensor [K, 3] of (x, y, score)
-    (keypoints); meta a dict of scalars (key, seed, shard, uncertainty, config_hash) that
-    DataLoader's default collate batches.
+    Yields `(image, target, meta)`: image a uint8 tensor [3, H, W]; target by `target`: `"mask"`, the
+    class-id mask as an int64 tensor [H, W]; `"keypoints"`, a float32 tensor [K, 3] of (x, y, score);
+    `"depth"`, a float32 tensor [H, W] in metres; `"instances"`, the instance-id map as an int64
+    tensor [H, W] (its classes are in meta as `instance_classes`, JSON); `"auto"` (default), the
+    mask where the dataset has masks, else the keypoints. meta is a dict of scalars (key, seed,
+    shard, uncertainty, config_hash, and the prompt for diffusion datasets) that DataLoader's
+    default collate batches.
 
     Shards are split across distributed ranks and DataLoader workers without overlap (see `split`);
     rank and world size default to torch.distributed's when it is initialized, else to the RANK and
@@ -166,7 +173,11 @@ class ShardDataset(IterableDataset):
         max_uncertainty: float | None = None,
         shuffle: bool = False,
         seed: int = 0,
+        target: str = "auto",
     ) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        self.target = target
         self.storage_cfg = storage_cfg or storage.current()
         storage.configure(self.storage_cfg)
         self.url, self.manifest = open_dataset(url)
@@ -202,13 +213,26 @@ class ShardDataset(IterableDataset):
                     continue
                 sample = decode(row)
                 image = torch.from_numpy(sample["image"]).permute(2, 0, 1).contiguous()
-                if sample["mask"] is not None:
-                    target = torch.from_numpy(sample["mask"].astype(np.int64))
-                else:
-                    target = torch.tensor([[k["x"], k["y"], k["score"]] for k in sample["keypoints"]],
-                                          dtype=torch.float32)
                 meta = {k: sample[k] for k in ("key", "seed", "shard", "uncertainty", "config_hash")}
-                yield image, target, meta
+                if sample.get("prompt") is not None:
+                    meta["prompt"] = sample["prompt"]
+                if self.target == "instances":
+                    meta["instance_classes"] = json.dumps(sample["instance_classes"])
+                yield image, self._target(sample), meta
+
+    def _target(self, sample: dict) -> torch.Tensor:
+        kind = self.target
+        if kind == "auto":
+            kind = "mask" if sample["mask"] is not None else "keypoints"
+        value = sample[kind]
+        if value is None:
+            raise ValueError(f"{self.url}: sample {sample['key']!r} has no {kind} (ShardDataset target={self.target!r}; "
+                             f"the dataset's tasks are {self.manifest.get('tasks') or self.manifest.get('task')})")
+        if kind == "keypoints":
+            return torch.tensor([[k["x"], k["y"], k["score"]] for k in value], dtype=torch.float32)
+        if kind == "depth":
+            return torch.from_numpy(value)
+        return torch.from_numpy(value.astype(np.int64))
 
 
 def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -176,3 +176,53 @@ def test_errors_name_the_dataset_and_format(dataset, tmp_path):
     with pytest.raises(ValueError, match="rank must be in"):
         read.ShardDataset(dataset, rank=2, world_size=2)
     storage.configure(StorageConfig())
+
+
+@pytest.fixture(scope="module")
+def diffusion_dataset(tmp_path_factory):
+    """One shard of the diffusion path (depth, instances, prompts) in both formats, without Ray."""
+    from factory.config import load_config
+
+    work = tmp_path_factory.mktemp("read-dm")
+    cfg = load_config("configs/diffusion.yaml", [
+        f"workdir={work}", "backbone.diffusion.steps=2", "decoder.tasks=[segmentation,depth,instances]",
+        "decoder.num_heads=2", "generate.batch_size=4", "generate.formats=[parquet,webdataset]"])
+    backbone = save_untrained_decoder(cfg)
+    decoder = load_decoder(cfg.generate.decoder)
+    out = cfg.generate.output
+    shards.prepare_output(out, "build", {}, overwrite=False)
+    texts = ["a photo of a red thing", "a blue one"]
+    record = build_shard(backbone, decoder, cfg, shards.plan_shards(0, 4, 4)[0], "cfg", texts=texts)
+    shards.write_manifest(out, {
+        "format": shards.FORMAT, "build_hash": "build", "config_hash": "cfg", "task": "segmentation+depth+instances",
+        "tasks": ["segmentation", "depth", "instances"], "labels": cfg.labels.classes,
+        "formats": ["parquet", "webdataset"], "num_samples": 4, "num_shards": 1, "complete": True,
+        "shards": [record], "failed": [],
+    })
+    return out, texts
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_shard_dataset_yields_depth_and_instances_of_a_diffusion_dataset(diffusion_dataset, fmt):
+    dataset, texts = diffusion_dataset
+    samples = {s["key"]: s for s in read.iter_samples(dataset, fmt=fmt)}
+    _, depth, meta = next(iter(DataLoader(read.ShardDataset(dataset, format=fmt, target="depth"), batch_size=4)))
+    assert depth.dtype == torch.float32 and depth.shape == (4, 64, 64)
+    for i, key in enumerate(meta["key"]):
+        torch.testing.assert_close(depth[i], torch.from_numpy(samples[key]["depth"]))
+        assert meta["prompt"][i] == texts[int(meta["seed"][i]) % len(texts)] == samples[key]["prompt"]
+    assert (depth > 0).all()
+    image, inst, meta = next(iter(read.ShardDataset(dataset, format=fmt, target="instances")))
+    assert inst.dtype == torch.int64 and inst.shape == (64, 64)
+    classes = json.loads(meta["instance_classes"])
+    assert int(inst.max()) <= len(classes)
+    assert all(c["class"] in read.open_dataset(dataset)[1]["labels"] for c in classes)
+    _, mask, _ = next(iter(read.ShardDataset(dataset, format=fmt)))  # auto: the mask
+    assert mask.shape == (64, 64) and mask.dtype == torch.int64
+
+
+def test_shard_dataset_names_a_missing_target(dataset):
+    with pytest.raises(ValueError, match="target must be one of"):
+        read.ShardDataset(dataset, target="normals")
+    with pytest.raises(ValueError, match=r"has no depth \(ShardDataset target='depth'"):
+        next(iter(read.ShardDataset(dataset, target="depth")))
