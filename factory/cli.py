@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 
@@ -51,7 +52,16 @@ def _parser() -> argparse.ArgumentParser:
         "Ray Data actor pool, as Parquet shards under generate.output, then write manifest.json. "
         "Re-running resumes: finished shards are skipped.",
     )
-    for verb in (t, g):
+    pt = sub.add_parser(
+        "pretrain",
+        help="train the backbone itself on a folder of images with Ray Train",
+        description="Train backbone.kind (a StyleGAN2 generator against a discriminator, or the tiny "
+        "diffusion pipeline: VAE, then a prompt-conditioned UNet) on the images in pretrain.images, "
+        "on Ray Train with pretrain.num_workers workers. Re-running with the same pretrain.run_name "
+        "resumes from the last checkpoint. The weights are written to pretrain.output with a JSON "
+        "record of how they were made.",
+    )
+    for verb in (t, g, pt):
         verb.add_argument("config", help=_CONFIG_HELP)
         verb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
@@ -103,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
 
     tw = sub.add_parser(
         "toyworld",
-        help="write a folder of toy scenes with ground truth (a stand-in for real labeled photos)",
-        description="Render seeded toy scenes (shapes on a floor) with semantic masks, instances, depth "
-        "and prompts, in the layout `factory labels import` reads.",
+        help="write a folder of toy faces with ground truth (a stand-in for real labeled photos)",
+        description="Render seeded toy faces (parts, pose, colours, clutter, occluders) with part masks, "
+        "instances, keypoints, depth and prompts, in the layout `factory labels import` reads.",
     )
     tw.add_argument("folder", help="where to write images/, masks/, depth/, instances.json, prompts.jsonl")
     tw.add_argument("--num-images", type=int, default=100, help="scenes to render (default 100)")
@@ -150,10 +160,12 @@ def _exit_code(e: Exception) -> int | None:
     from factory.config import ConfigError
     from factory.generate import GenerateError
     from factory.labels import AnnotationError
+    from factory.pretrain import ImageFolderError
     from factory.storage import StorageError
     from factory.train import TrainError
 
-    if isinstance(e, (ConfigError, AnnotationError, FileNotFoundError, FileExistsError, StorageError)):
+    if isinstance(e, (ConfigError, AnnotationError, ImageFolderError, FileNotFoundError, FileExistsError,
+                      StorageError)):
         return 2
     if isinstance(e, (TrainError, GenerateError)):
         return 1
@@ -169,10 +181,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "inspect":
         return _inspect(args)
     if args.verb == "toyworld":
-        from factory.toyworld import CLASSES, write_folder
+        from factory.toyworld import CLASSES, KEYPOINTS, write_folder
 
         write_folder(args.folder, args.num_images, args.start_seed, args.size)
-        print(f"wrote {args.num_images} labeled scenes to {args.folder} (classes {CLASSES})")
+        print(f"wrote {args.num_images} labeled faces to {args.folder} (classes {CLASSES}, keypoints {KEYPOINTS})")
         return 0
     if args.verb == "demo":
         from factory.demo import demo_config
@@ -226,6 +238,14 @@ def _run(args: argparse.Namespace) -> int:
         init_ray(cfg.ray)
         metrics = train(cfg)
         print(f"decoder written to {cfg.generate.decoder}  {_metrics(metrics)}")
+    elif args.verb == "pretrain":
+        from factory.pretrain import pretrain
+        from factory.runtime import init_ray
+
+        init_ray(cfg.ray)
+        record = pretrain(cfg, command=shlex.join(["factory", "pretrain", args.config, *args.overrides]))
+        print(f"{cfg.backbone.kind} written to {cfg.pretrain.output} after {record['steps']} steps  "
+              f"{_metrics(record['final_losses'])}")
     elif args.verb == "generate":
         from factory.generate import generate
         from factory.runtime import init_ray

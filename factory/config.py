@@ -369,6 +369,85 @@ class PromptsConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Training a backbone itself on a folder of images (`factory pretrain`). The kind trained is
+    `backbone.kind`; training starts from the seeded random weights `backbone.weights: null` would
+    build (`backbone.init_seed`; the architecture of `backbone.stylegan2`, or the tiny diffusion
+    pipeline), whatever `backbone.weights` says, so a config may point `backbone.weights` at
+    `pretrain.output` and serve the rest of the pipeline unchanged."""
+
+    images: str | None = None
+    """Folder of training images (.png, .jpg, .jpeg, .webp), directly inside it or under images/ (the
+    labeled-folder layout). An optional prompts.jsonl beside them ({"file": NAME, "prompt": ...})
+    conditions the diffusion model; images without a row get the empty prompt. Images are resized on
+    their short side and centre-cropped to the backbone's resolution."""
+    output: str | None = None
+    """Where the trained weights are published (a local path, which `backbone.weights` loads):
+    stylegan2, a .safetensors file (its record beside it as <name>.json); diffusion, a
+    `save_pretrained` pipeline folder (its record inside as pretrain.json)."""
+    steps: int = 2000
+    """Optimizer steps: generator + discriminator steps (stylegan2) or UNet steps after the VAE's
+    `vae_steps` (diffusion)."""
+    batch_size: int = 16
+    """Images per step per worker."""
+    lr: float = 0.002
+    """Adam learning rate (both networks; the StyleGAN2 mapping network's is scaled by
+    `backbone.stylegan2.mapping_lr_multiplier`)."""
+    seed: int = 0
+    """Seeds every draw of the run (batches, latents, noise, timesteps, prompt dropout): a step's
+    draws are a function of (seed, rank, step), so a resumed run draws what it would have."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints and loss reports."""
+    num_workers: int = 1
+    """Data-parallel workers (gloo on CPU, nccl on GPU); the effective batch is num_workers x batch_size."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; fractional values let workers share a small machine."""
+    run_name: str = "pretrain"
+    """Ray Train run name; re-running with the same name resumes from its last checkpoint."""
+    storage_path: str = "${workdir}/pretrain"
+    """Where Ray Train keeps checkpoints (a local path or any fsspec URL)."""
+    max_failures: int = 1
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+    flip: bool = True
+    """stylegan2: mirror each real image left-right with probability 1/2."""
+    r1_gamma: float = 0.1
+    """stylegan2: weight of the R1 penalty, gamma/2 E[|grad D(real)|^2] (stylegan2-ada's heuristic
+    0.0002 x resolution^2 / batch gives ~0.05 at 64 px, batch 16)."""
+    r1_every: int = 16
+    """stylegan2: lazy regularization, R1 every this many steps, scaled up to match (paper: 16)."""
+    ema_half_life: float = 2000.0
+    """stylegan2: images (over all workers) after which an old weight's share in the published EMA
+    generator halves; ramped up from 0 as 5% of the images seen so far, as in stylegan2-ada."""
+    vae_steps: int = 1000
+    """diffusion: steps training the VAE alone (L1 reconstruction + kl_weight x KL) before the UNet."""
+    kl_weight: float = 1e-5
+    """diffusion: weight of the VAE's KL term against the reconstruction loss."""
+    prompt_dropout: float = 0.1
+    """diffusion: probability of training on the empty prompt instead of the image's, so
+    classifier-free guidance has an unconditional model to push away from."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "checkpoint_every", "num_workers", "r1_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"pretrain.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("vae_steps", "max_failures"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"pretrain.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("lr", "cpus_per_worker", "ema_half_life"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"pretrain.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("r1_gamma", "kl_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"pretrain.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ConfigError(f"pretrain.prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if self.output is not None and "://" in self.output:
+            raise ConfigError(f"pretrain.output must be a local path (backbones load local weights), got {self.output}")
+
+
+@dataclass
 class NightlyConfig:
     root: str = "${workdir}/datasets"
     """Dataset root: each night's build is <root>/<YYYY-MM-DD>, and <root>/LATEST names the newest
@@ -404,6 +483,7 @@ class FactoryConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def label_names(self) -> list[str]:
         """What the decoder predicts: the classes (segmentation) or the keypoint names."""
@@ -420,6 +500,10 @@ class FactoryConfig:
         if self.backbone.kind == "stylegan2" and self.decoder.kind != "interpreter":
             raise ConfigError("backbone.kind 'stylegan2' needs decoder.kind 'interpreter' (the perception "
                               "decoder is fitted on inverted real images, which needs a diffusion backbone)")
+        if (self.backbone.kind == "stylegan2" and self.pretrain.output is not None
+                and not self.pretrain.output.endswith(".safetensors")):
+            raise ConfigError(f"pretrain.output must name a .safetensors file for backbone.kind 'stylegan2', "
+                              f"got {self.pretrain.output}")
         if self.backbone.kind == "stylegan2" and self.train.val_images >= self.annotate.num_images:
             raise ConfigError(
                 f"train.val_images ({self.train.val_images}) must be smaller than "
@@ -451,14 +535,32 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 PATH_KEYS = ("backbone.weights", "labels.dir", "prompts.source", "annotate.dir", "train.labeled", "train.storage_path", "generate.decoder",
-             "generate.output", "nightly.root")
+             "generate.output", "nightly.root", "pretrain.images", "pretrain.output", "pretrain.storage_path")
+
+
+SHIPPED = "pkg://"
+"""`backbone.weights: pkg://NAME` names weights shipped with the package, in factory/weights/."""
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+def shipped_path(value: str) -> str:
+    """The local path of `pkg://NAME`; ConfigError naming what is shipped if NAME is not."""
+    path = os.path.join(SHIPPED_DIR, value[len(SHIPPED):])
+    if not value[len(SHIPPED):] or not os.path.exists(path):
+        have = sorted(n for n in os.listdir(SHIPPED_DIR) if not n.endswith(".json")) if os.path.isdir(SHIPPED_DIR) else []
+        raise ConfigError(f"backbone.weights={value}: no such shipped weights (shipped: {have})")
+    return path
 
 
 def absolute_paths(cfg: FactoryConfig) -> FactoryConfig:
-    """Local paths made absolute, so Ray workers (which run elsewhere) see the same files."""
+    """Local paths made absolute, so Ray workers (which run elsewhere) see the same files; shipped
+    weights (`pkg://NAME`) resolved to their place in the installed package."""
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if key == "backbone.weights" and value is not None and value.startswith(SHIPPED):
+            cfg.backbone.weights = shipped_path(value)
+            continue
         if key == "backbone.weights" and value is not None and not os.path.exists(value):
             continue  # maybe a hub id ("org/model"); loading names it if it is neither
         if value is not None and "://" not in value:

@@ -129,17 +129,22 @@ def from_parquet(url: str, known_classes: list[str] | None = None) -> list[Promp
 
 def from_template(template: str, classes: list[str], attributes: dict[str, list[str]], seed: int = 0,
                   limit: int | None = None) -> list[Prompt]:
-    """`template` with `{class}` and one `{name}` per attribute list, over every combination,
-    shuffled with `seed`; each prompt's classes are the one it names."""
+    """`template` with one `{name}` per attribute list, and optionally `{class}`, over every
+    combination, shuffled with `seed`; each prompt's classes are the one it names (none without
+    `{class}`: a scene whose parts are all the classes, like a face)."""
     names = list(attributes)
-    missing = [n for n in ["class", *names] if "{" + n + "}" not in template]
+    missing = [n for n in names if "{" + n + "}" not in template]
     if missing:
         raise PromptError(f"template {template!r} lacks the placeholders {['{' + m + '}' for m in missing]}")
-    if not classes or any(not attributes[n] for n in names):
+    with_class = "{class}" in template
+    if not names and not with_class:
+        raise PromptError(f"template {template!r} has no placeholders: give it {{class}} or attribute lists")
+    if (with_class and not classes) or any(not attributes[n] for n in names):
         raise PromptError("template expansion needs at least one class and one value per attribute")
-    combos = list(itertools.product(classes, *(attributes[n] for n in names)))
+    combos = list(itertools.product(classes if with_class else [None], *(attributes[n] for n in names)))
     random.Random(seed).shuffle(combos)
-    rows = [(f"template combination {i}", template.format(**{"class": c[0], **dict(zip(names, c[1:]))}), [c[0]])
+    rows = [(f"template combination {i}", template.format(**{"class": c[0], **dict(zip(names, c[1:]))}),
+             [c[0]] if with_class else None)
             for i, c in enumerate(combos[:limit])]
     return _check(rows, "template", classes)
 

@@ -27,11 +27,10 @@ from factory.decoders import MODEL_FILE, save_decoder, unwrap
 from factory.fingerprint import safetensors_fingerprint
 from factory.labels import LabeledSet, load_labeled_set
 from factory.objectives import TrainError, objective_for, step_generator
+from factory.ray_train import STATE_FILE, fit_on_ray, replace_local, report_checkpoint, restore_state
 from factory.real_labels import RealLabeledSet, load_real_labeled_set
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "train_state.pt"
 
 
 def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
@@ -136,25 +135,16 @@ def _worker(loop_config: dict) -> None:
     expected_inputs = loop_config["inputs_hash"]
 
     def restore(model, optimizer) -> int:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        state = restore_state(expected_inputs, cfg.train, "train",
+                              "labeled set, backbone, decoder or train settings", device)
+        if state is None:
             return 0
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
-            if state["inputs_hash"] != expected_inputs:
-                raise TrainError(
-                    f"run {cfg.train.run_name!r} in {cfg.train.storage_path} was fitted on different inputs "
-                    "(labeled set, backbone, decoder or train settings); choose a new train.run_name"
-                )
-            unwrap(model).load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            return int(state["step"])
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
 
     def report(metrics, model, optimizer, step) -> None:
-        if rank != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
+        def write(d: str) -> None:
             save_decoder(
                 d, model, cfg.decoder, cfg.label_names(), loop_config["in_channels"],
                 loop_config["backbone_hash"], loop_config["config_yaml"], cfg.labels.keypoints,
@@ -162,66 +152,40 @@ def _worker(loop_config: dict) -> None:
             state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "inputs_hash": expected_inputs}
             torch.save(state, os.path.join(d, STATE_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+        report_checkpoint(metrics, rank, write)
 
     fit(cfg, labeled, device, rank, restore, report, wrap=ray.train.torch.prepare_model)
 
 
 def train(cfg: FactoryConfig) -> dict[str, float]:
     """Fit the decoder described by `cfg` and publish it to `generate.decoder`; returns final metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     storage.configure(cfg.storage)
     # 1. Check inputs: the labeled set exists and matches the configured tasks, labels and backbone.
     labeled = load_training_set(cfg)
     backbone = load_backbone(cfg.backbone)
     check_training_set(cfg, labeled, backbone.weights_hash)
-    if storage.is_local(cfg.train.storage_path):
-        storage_path, storage_fs = storage.local_path(cfg.train.storage_path), None
-    else:  # checkpoints on S3 or another fsspec store, through the same endpoint settings
-        storage_fs, storage_path = storage.arrow_filesystem(cfg.train.storage_path)
-        storage.makedirs(cfg.train.storage_path)
 
     # 2. Fit on Ray Train.
-    trainer = TorchTrainer(
+    result = fit_on_ray(
         _worker,
-        train_loop_config={
+        {
             "cfg": config_lib.to_dict(cfg),
             "config_yaml": config_lib.to_yaml(cfg),
             "in_channels": backbone.feature_channels,
             "backbone_hash": backbone.weights_hash,
             "inputs_hash": inputs_hash(cfg, cfg.train.labeled),
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.train.run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
+        cfg.train,
+        "train",
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise TrainError(f"training failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        raise TrainError(f"training in {cfg.train.storage_path}/{cfg.train.run_name} produced no checkpoint")
 
     # 3. Publish the decoder from the last checkpoint (each file through a temporary name; the
     #    weights last, since readers take a folder without them as "no decoder").
     target = cfg.generate.decoder
     with result.checkpoint.as_directory() as d:
         if storage.is_local(target):
-            staging = f"{target}.tmp-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(d, staging, ignore=shutil.ignore_patterns(STATE_FILE))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
+            replace_local(d, target, ignore=shutil.ignore_patterns(STATE_FILE))
         else:
             storage.remove_tree(storage.join(target, MODEL_FILE))
             with tempfile.TemporaryDirectory() as staging:
@@ -230,4 +194,3 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     log.info("decoder written to %s; final metrics %s", target, metrics)
     return metrics
-

@@ -55,7 +55,7 @@ def save_untrained_decoder(cfg):
 def labeled_dir(tiny_cfg):
     """An exported folder labeled by the demo's stand-in annotator (masks/*.png present)."""
     from factory.annotate import export_images
-    from factory.demo import annotate_by_rule
+    from factory.annotator import annotate_by_rule
 
     export_images(tiny_cfg)
     annotate_by_rule(tiny_cfg.annotate.dir)

@@ -10,7 +10,7 @@ from factory.backbones.diffusion import PipelineError
 from factory.backbones.tiny_diffusion import save_tiny_pipeline
 from factory.config import load_config
 
-PROMPTS = ["a photo of a red disc", "a blue box", "a yellow ring on a floor"]
+PROMPTS = ["a photo of a face with red hair", "a bald face", "a face with blond hair on a green background"]
 
 
 def diffusion_cfg(*overrides):

@@ -23,7 +23,8 @@ def built(tmp_path_factory, ray_cluster, s3_endpoint):
     root = os.path.join(os.path.dirname(__file__), "..", "configs", "diffusion.yaml")
     config.write_text(open(root).read())
     prompt_file = work / "prompts.txt"
-    prompt_file.write_text("a photo of a red disc\n# a comment\na blue box and a yellow ring\n\na yellow ring\n")
+    prompt_file.write_text("a photo of a face with red hair\n# a comment\na bald face smiling on a blue background\n\n"
+                           "a face with blond hair\n")
     args = [str(config), f"workdir={work}", f"labels.dir={work}/labeled", "train.steps=40",
             "train.checkpoint_every=20", "decoder.tasks=[segmentation,depth,instances]", "decoder.num_heads=3",
             f"prompts.source={prompt_file}", "generate.output=s3://dm-e2e/dataset", "generate.num_samples=24",
@@ -47,10 +48,10 @@ def test_generated_samples_carry_prompts_masks_depth_and_instances(built):
     url, manifest = open_dataset("s3://dm-e2e/dataset")
     assert manifest["complete"] and manifest["num_generated"] == 24 and manifest["tasks"] == [
         "segmentation", "depth", "instances"]
-    assert manifest["labels"] == ["background", "disc", "box", "ring"]
+    assert manifest["labels"] == ["background", "skin", "hair", "eye", "brow", "nose", "mouth", "ear"]
     kept = manifest["num_samples"]
     assert 19 <= kept <= 23  # ~10% dropped as most uncertain
-    prompts = ["a photo of a red disc", "a blue box and a yellow ring", "a yellow ring"]
+    prompts = ["a photo of a face with red hair", "a bald face smiling on a blue background", "a face with blond hair"]
     by_format = {}
     for fmt in ("parquet", "webdataset"):
         samples = list(iter_samples(url, fmt=fmt))
@@ -58,7 +59,7 @@ def test_generated_samples_carry_prompts_masks_depth_and_instances(built):
         for s in samples:
             assert s["prompt"] == prompts[(s["seed"] - 1_000_000) % 3]  # seed i takes prompt i mod 3
             assert s["guidance"] == 7.5 and s["steps"] == 10 and s["config_hash"] == manifest["config_hash"]
-            assert s["image"].shape == (64, 64, 3) and s["mask"].shape == (64, 64) and s["mask"].max() < 4
+            assert s["image"].shape == (64, 64, 3) and s["mask"].shape == (64, 64) and s["mask"].max() < 8
             assert s["depth"].dtype == np.float32 and s["depth"].shape == (64, 64) and s["depth"].min() > 0
             assert s["depth_scale"] == 1000.0 and s["instances"].shape == (64, 64)
             ids = sorted(int(i) for i in np.unique(s["instances"]) if i)
@@ -80,7 +81,7 @@ def test_the_dataset_keeps_its_prompts_and_a_rerun_is_a_noop(built):
     storage.configure(StorageConfig(endpoint_url=endpoint, region="us-east-1"))
     lines = storage.read_bytes("s3://dm-e2e/dataset/prompts.jsonl").decode().splitlines()
     assert [json.loads(line)["prompt"] for line in lines] == [
-        "a photo of a red disc", "a blue box and a yellow ring", "a yellow ring"]
+        "a photo of a face with red hair", "a bald face smiling on a blue background", "a face with blond hair"]
     before = storage.read_bytes("s3://dm-e2e/dataset/manifest.json")
     assert main(["generate", *args]) == 0
     assert storage.read_bytes("s3://dm-e2e/dataset/manifest.json") == before

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from factory.cli import main
-from factory.demo import annotate_by_rule
+from factory.annotator import annotate_by_rule
 from factory.read import decode_png
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

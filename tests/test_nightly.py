@@ -68,7 +68,7 @@ def nightly_config(tmp_path_factory, s3_endpoint):
     import boto3
 
     from factory.annotate import export_images, import_labels
-    from factory.demo import annotate_by_rule
+    from factory.annotator import annotate_by_rule
 
     work = tmp_path_factory.mktemp("nightly")
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="nightly")

@@ -81,7 +81,7 @@ def test_decoder_learns_masks_and_depth_from_inverted_real_images(tmp_path):
     ])
     torch.manual_seed(0)
     _, metrics = fit(cfg, labeled, torch.device("cpu"))
-    freq = torch.bincount(labeled.masks[-12:].flatten().long(), minlength=4).double()
+    freq = torch.bincount(labeled.masks[-12:].flatten().long(), minlength=len(toyworld.CLASSES)).double()
     freq = freq / freq.sum()
     chance = float((freq**2 / (2 * freq - freq**2).clamp_min(1e-9)).mean())  # guessing by frequency
     assert metrics["val_miou"] > 2 * chance and metrics["val_miou"] > 0.4, (metrics, chance)

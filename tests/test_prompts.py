@@ -59,6 +59,11 @@ def test_templates_expand_every_combination_in_a_seeded_order():
     assert all(p.classes[0] in p.text for p in got)
     with pytest.raises(prompts.PromptError, match=r"lacks the placeholders \['\{time\}'\]"):
         prompts.from_template("a {class}", ["car"], {"time": ["noon"]})
+    scenes = prompts.from_template("a face with {hair} hair", ["skin", "hair"], {"hair": ["red", "grey"]})
+    assert sorted(p.text for p in scenes) == ["a face with grey hair", "a face with red hair"]
+    assert all(p.classes == () for p in scenes)  # no {class}: the prompt names no single class
+    with pytest.raises(prompts.PromptError, match="no placeholders"):
+        prompts.from_template("a face", ["skin"], {})
 
 
 def test_unknown_file_type_and_empty_source(tmp_path):
@@ -246,7 +251,7 @@ def test_cli_expands_prompts_once_next_to_the_dataset_before_the_build(chat, tmp
     assert main(["prompts", "expand", *args]) == 0
     rows = prompts.from_jsonl(str(tmp_path / "dataset" / prompts.PROMPTS_FILE))
     assert len(rows) == 6 and len(chat.requests) == 1
-    assert all(set(r.classes) <= {"disc", "box", "ring"} for r in rows)
+    assert all(set(r.classes) <= {"skin", "hair", "eye", "brow", "nose", "mouth", "ear"} for r in rows)
     assert main(["prompts", "expand", *args]) == 0 and len(chat.requests) == 1  # reused, not asked again
     # the build may start in a folder holding only its expanded prompts
     shards.prepare_output(str(tmp_path / "dataset"), "h", {}, overwrite=False)

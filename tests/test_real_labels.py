@@ -19,28 +19,19 @@ def folder(tmp_path):
     return toyworld.write_folder(str(tmp_path / "labeled"), 6)
 
 
-def test_toy_world_is_deterministic_and_its_ground_truth_is_consistent():
-    a, b = toyworld.render(3), toyworld.render(3)
-    assert np.array_equal(a.image, b.image) and np.array_equal(a.depth, b.depth)
-    for seed in range(20):
-        s = toyworld.render(seed)
-        assert set(np.unique(s.mask)) <= set(range(len(toyworld.CLASSES)))
-        for i, class_id in enumerate(s.classes, 1):  # instance pixels carry their class in the mask
-            assert (s.mask[s.instances == i] == class_id).all()
-        assert ((s.mask > 0) == (s.instances > 0)).all() and (s.depth > 0).all()
-
-
 def test_folder_imports_with_every_label_resized(folder, tmp_path):
-    s = import_folder(folder, TASKS + ["keypoints"][:0], toyworld.CLASSES, [], 32, 1000.0)
+    s = import_folder(folder, TASKS + ["keypoints"], toyworld.CLASSES, toyworld.KEYPOINTS, 32, 1000.0)
     assert s.images.shape == (6, 32, 32, 3) and s.masks.shape == (6, 32, 32) and s.depth.shape == (6, 32, 32)
     truth = toyworld.render(0)
     assert abs(float(s.depth[0].max()) - float(truth.depth.max())) < 1e-3  # millimetres back to metres
-    assert s.prompts[0] == truth.prompt and s.files[0] == "scene-000000.png"
+    assert s.prompts[0] == truth.prompt and s.files[0] == "face-000000.png"
     for n in range(6):  # instance ids index instance_classes, which match the semantic mask
         for i, c in enumerate(s.instance_classes[n], 1):
             region = s.instance_map[n] == i
             if region.any():
                 assert (s.masks[n][region] == c).float().mean() > 0.9
+    assert s.keypoints.shape == (6, len(toyworld.KEYPOINTS), 3)  # COCO keypoints, scaled with the image
+    assert np.allclose(s.keypoints[0, :, :2].numpy(), (truth.keypoints[:, :2] + 0.5) / 2 - 0.5, atol=0.02)
     save_real_labeled_set(str(tmp_path / "set.safetensors"), s)
     back = load_real_labeled_set(str(tmp_path / "set.safetensors"))
     assert back.prompts == s.prompts and back.instance_classes == s.instance_classes
@@ -65,21 +56,21 @@ def test_non_square_images_are_resized_on_the_short_side_and_centre_cropped(tmp_
 def test_every_bad_file_is_named_and_nothing_is_written(folder, tmp_path):
     import os
 
-    Image.fromarray(np.full((64, 64), 9, np.uint8)).save(os.path.join(folder, "masks", "scene-000001.png"))
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(os.path.join(folder, "masks", "scene-000002.png"))
-    os.remove(os.path.join(folder, "depth", "scene-000003.png"))
+    Image.fromarray(np.full((64, 64), 9, np.uint8)).save(os.path.join(folder, "masks", "face-000001.png"))
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(os.path.join(folder, "masks", "face-000002.png"))
+    os.remove(os.path.join(folder, "depth", "face-000003.png"))
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(folder, "masks", "stray.png"))
     with open(os.path.join(folder, "prompts.jsonl"), "a") as f:
-        f.write(json.dumps({"file": "nope.png", "prompt": "x"}) + "\n" + json.dumps({"file": "scene-000004.png"}) + "\n")
+        f.write(json.dumps({"file": "nope.png", "prompt": "x"}) + "\n" + json.dumps({"file": "face-000004.png"}) + "\n")
     coco = json.load(open(os.path.join(folder, "instances.json")))
     coco["categories"].append({"id": 9, "name": "unicorn"})
     json.dump(coco, open(os.path.join(folder, "instances.json"), "w"))
     with pytest.raises(AnnotationError) as e:
         import_folder(folder, TASKS, toyworld.CLASSES, [], 64, 1000.0)
     text = str(e.value)
-    for expected in ["masks/scene-000001.png: class id 9 is outside labels.classes",
-                     "masks/scene-000002.png: size 32x32, expected 64x64",
-                     "images/scene-000003: no depth/scene-000003.png",
+    for expected in ["masks/face-000001.png: class id 9 is outside labels.classes",
+                     "masks/face-000002.png: size 32x32, expected 64x64",
+                     "images/face-000003: no depth/face-000003.png",
                      "masks/stray.png: no image named images/stray.*",
                      "prompts.jsonl:7: \"file\" must name an image", "prompts.jsonl:8: needs a non-empty \"prompt\"",
                      "instances.json: category 'unicorn' (id 9) is not in labels.classes"]:

@@ -5,7 +5,7 @@ import torch
 
 from factory import annotate
 from factory.config import load_config
-from factory.demo import annotate_by_rule
+from factory.annotator import annotate_by_rule
 from factory.labels import load_labeled_set
 from factory.objectives import PixelSampler, segmentation_metrics, step_generator
 from factory.train import fit

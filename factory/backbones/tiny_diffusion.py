@@ -23,7 +23,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing 
 WORDS = (
     "a an the of and with in on photo picture painting render image scene close up small large "
     "red green blue yellow white black bright dark background object objects shape circle square "
-    "disc box ball ring bar cat dog person car bird road sky tree"
+    "disc box ball ring bar cat dog person car bird road sky tree face hair brown blond grey bald "
+    "smiling looking left right"
 ).split()
 """Words the tiny tokenizer knows whole; anything else is spelled out byte by byte."""
 

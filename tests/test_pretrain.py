@@ -1,0 +1,213 @@
+"""Training a backbone itself (`factory pretrain`): the Ray-free loop for both kinds (it learns,
+it is deterministic, a resumed run equals an uninterrupted one), the image folder's errors, and the
+CLI on a local Ray cluster publishing weights that `load_backbone` serves."""
+
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from factory.config import load_config
+from factory.pretrain import ImageFolderError, build_recipe, fit, load_image_folder, resolution_of
+
+TINY = {
+    "stylegan2": ["backbone.stylegan2.resolution=16", "backbone.stylegan2.channel_max=8",
+                  "backbone.stylegan2.z_dim=16", "backbone.stylegan2.w_dim=16", "pretrain.steps=4",
+                  "pretrain.r1_every=2"],  # R1 on steps 0 and 2
+    "diffusion": ["backbone.kind=diffusion", "decoder.kind=perception", "backbone.diffusion.resolution=16",
+                  "pretrain.vae_steps=2", "pretrain.steps=2"],
+}
+
+
+def write_images(folder, num=8, prompts=False):
+    """`num` seeded 20x24 PNGs (a coloured box on a background); with `prompts`, under images/ with a
+    prompts.jsonl beside it, as in the labeled-folder layout."""
+    rng = np.random.default_rng(0)
+    image_dir = folder / "images" if prompts else folder
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num):
+        pixels = np.full((20, 24, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+        y, x = rng.integers(0, 12), rng.integers(0, 16)
+        pixels[y:y + 8, x:x + 8] = rng.integers(0, 256, 3)
+        Image.fromarray(pixels).save(image_dir / f"{i:03d}.png")
+        rows.append({"file": f"{i:03d}.png", "prompt": f"a photo of a {'red' if i % 2 else 'blue'} box"})
+    if prompts:
+        (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))  # one without
+    return str(folder)
+
+
+def tiny_cfg(tmp_path, kind, *overrides):
+    return load_config(None, [f"workdir={tmp_path}", "pretrain.batch_size=4", *TINY[kind], *overrides])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain-images")
+    return {"stylegan2": write_images(root / "plain"), "diffusion": write_images(root / "labeled", prompts=True)}
+
+
+def snapshot(recipe) -> dict:
+    """A deep copy of a recipe's state, as a checkpoint would hold it."""
+    buffer = io.BytesIO()
+    torch.save(recipe.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def weights(recipe) -> dict[str, torch.Tensor]:
+    state = recipe.state_dict()
+    parts = ("generator", "discriminator", "ema") if "ema" in state else ("vae", "unet")
+    return {f"{part}.{k}": v.detach().clone() for part in parts for k, v in state[part].items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+# --- the loop, without Ray ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["stylegan2", "diffusion"])
+def test_fit_learns_and_is_deterministic(kind, folders, tmp_path):
+    cfg = tiny_cfg(tmp_path, kind)
+    data = load_image_folder(folders[kind], resolution_of(cfg))
+    assert data.images.shape == (8, 16, 16, 3) and data.images.dtype == np.uint8
+    if kind == "diffusion":
+        assert data.prompts[0] == "a photo of a blue box" and data.prompts[-1] == ""
+    initial = weights(build_recipe(cfg, data, torch.device("cpu")))
+    reports = []
+    recipe, metrics = fit(cfg, data, torch.device("cpu"), report=lambda m, *_: reports.append(m))
+    assert [r["step"] for r in reports] == [recipe.total_steps]
+    expected = {"loss_g", "loss_d", "r1"} if kind == "stylegan2" else {"loss_vae", "kl", "loss_unet"}
+    assert expected <= metrics.keys() and all(math.isfinite(metrics[k]) for k in expected), metrics
+    trained = weights(recipe)
+    changed = [k for k in trained if not torch.equal(trained[k], initial[k])]
+    assert len(changed) > len(trained) // 2, f"only {len(changed)} of {len(trained)} tensors changed"
+    if kind == "diffusion":  # the VAE is frozen with its latents' scale before the UNet trains
+        assert recipe.scaling_factor > 0 and recipe.pipe.vae.config.scaling_factor == recipe.scaling_factor
+    again, metrics_again = fit(cfg, data, torch.device("cpu"))
+    assert_same(trained, weights(again))
+    assert metrics_again == metrics
+
+
+@pytest.mark.parametrize("kind, stops", [("stylegan2", [2]), ("diffusion", [1, 3])])  # diffusion: in each phase
+def test_resumed_fit_equals_uninterrupted(kind, stops, folders, tmp_path):
+    cfg = tiny_cfg(tmp_path, kind, "pretrain.checkpoint_every=1")
+    data = load_image_folder(folders[kind], resolution_of(cfg))
+    saved = {}
+
+    def keep(metrics, recipe, step):
+        losses = {k: v for k, v in metrics.items() if k not in ("step", "start_step")}
+        saved[step] = {"recipe": snapshot(recipe), "step": step, "losses": losses}
+
+    straight, final = fit(cfg, data, torch.device("cpu"), report=keep)
+    assert sorted(saved) == list(range(1, straight.total_steps + 1))
+    for stop in stops:
+        resumed, resumed_final = fit(cfg, data, torch.device("cpu"), restore=lambda: saved[stop])
+        assert_same(weights(straight), weights(resumed))
+        assert resumed_final == {**final, "start_step": stop}
+
+
+# --- the image folder ---------------------------------------------------------------------------
+
+
+def test_missing_and_empty_folders_are_named(tmp_path):
+    with pytest.raises(ImageFolderError, match=r"(?s)nope.*not a folder \(pretrain.images\)"):
+        load_image_folder(str(tmp_path / "nope"), 16)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(ImageFolderError, match=r"(?s)empty.*no images"):
+        load_image_folder(str(tmp_path / "empty"), 16)
+
+
+def test_every_bad_file_and_prompt_row_is_named(tmp_path):
+    folder = tmp_path / "labeled"
+    write_images(folder, num=4, prompts=True)
+    (folder / "images" / "002.png").write_bytes(b"not a png")
+    good = (folder / "images" / "003.png").read_bytes()
+    (folder / "images" / "003.png").write_bytes(good[: len(good) // 2])  # truncated
+    with open(folder / "prompts.jsonl", "a") as f:
+        f.write('{"file": "999.png", "prompt": "x"}\n')
+        f.write("{oops\n")
+        f.write('{"file": "001.png", "prompt": 7}\n')
+    with pytest.raises(ImageFolderError) as info:
+        load_image_folder(str(folder), 16)
+    problems = info.value.problems
+    assert len(problems) == 5, problems
+    assert problems[0].startswith(os.path.join("images", "002.png") + ": not a readable image")
+    assert problems[1].startswith(os.path.join("images", "003.png") + ": not a readable image")
+    assert problems[2].startswith('prompts.jsonl:4: "file" must name one of the images, got \'999.png\'')
+    assert problems[3].startswith("prompts.jsonl:5: not JSON")
+    assert problems[4].startswith('prompts.jsonl:6: "prompt" must be a string, got 7')
+    assert str(folder) in str(info.value) and "5 problem(s)" in str(info.value)
+
+
+# --- `factory pretrain` on a local Ray cluster --------------------------------------------------
+
+
+def _config_file(work, kind, num_workers=1):
+    config = work / f"pretrain_{kind}.yaml"
+    lines = [f"workdir: {work}", "pretrain:", f"  num_workers: {num_workers}", "  cpus_per_worker: 0.5",
+             "  checkpoint_every: 4", "  images: ${workdir}/images"]
+    if kind == "stylegan2":
+        lines.append("  output: ${workdir}/gan/generator.safetensors")
+    else:
+        lines.append("  output: ${workdir}/pipeline")
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+@pytest.mark.integration
+def test_cli_names_a_bad_image_folder(tmp_path, ray_cluster, capsys):
+    from factory.cli import main
+
+    assert main(["pretrain", str(_config_file(tmp_path, "stylegan2")), f"pretrain.images={tmp_path}/nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("factory: error: ") and "nope: 1 problem(s)" in err and "not a folder" in err
+
+
+@pytest.mark.slow  # 30-60 s each on 2 shared cores (Ray Train workers start)
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["stylegan2", "diffusion"])
+def test_cli_publishes_weights_load_backbone_serves(kind, tmp_path, ray_cluster, capsys):
+    from factory.backbones import load_backbone
+    from factory.cli import main
+
+    write_images(tmp_path / "images", prompts=kind == "diffusion")
+    # two workers for the GAN, whose gradients are averaged by hand; one for diffusion (DDP), to save time
+    num_workers = 2 if kind == "stylegan2" else 1
+    config = _config_file(tmp_path, kind, num_workers)
+    args = ["pretrain", str(config), *TINY[kind], "pretrain.batch_size=4"]
+    assert main(args) == 0
+    output = tmp_path / ("gan/generator.safetensors" if kind == "stylegan2" else "pipeline")
+    assert f"written to {output}" in capsys.readouterr().out
+    record_file = tmp_path / "gan" / "generator.json" if kind == "stylegan2" else output / "pretrain.json"
+    record = json.loads(record_file.read_text())
+    cfg = tiny_cfg(tmp_path, kind, f"backbone.weights={output}")
+    data = load_image_folder(str(tmp_path / "images"), resolution_of(cfg))
+    assert record["command"].startswith(f"factory pretrain {config} ")
+    assert record["seed"] == 0 and record["kind"] == kind and record["num_workers"] == num_workers
+    assert record["steps"] == 4 and record["resumed_from_step"] == 0
+    assert record["images"] == {"folder": str(tmp_path / "images"), "num_images": 8, "content_hash": data.content_hash}
+    assert all(math.isfinite(v) for v in record["final_losses"].values()) and record["final_losses"]
+    backbone = load_backbone(cfg.backbone)
+    assert record["weights_hash"] == backbone.weights_hash
+    if kind == "stylegan2":
+        assert backbone.resolution == 16
+        out = backbone([0, 1])
+        assert out.images.shape == (2, 16, 16, 3)
+        # the same run_name resumes: two more steps continue from the published four
+        assert main([*args, "pretrain.steps=6"]) == 0
+        record = json.loads(record_file.read_text())
+        assert record["steps"] == 6 and record["resumed_from_step"] == 4
+    else:
+        assert (output / "model_index.json").is_file() and (output / "vae" / "config.json").is_file()
+        assert json.loads((output / "vae" / "config.json").read_text())["scaling_factor"] != 0.18215
