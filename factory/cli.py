@@ -30,12 +30,15 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="run the whole pipeline on the built-in tiny backbone",
-        description="Export 16 generated images, label them with a stand-in annotator, import, fit "
-        "the Style Interpreter on Ray Train, generate a labeled dataset on Ray Data and inspect it. "
-        "Runs on a laptop CPU in a few minutes; prints where the output is.",
+        help="run a whole path on the shipped toy backbones",
+        description="GAN path (default): export 16 generated toy faces, label them with the stand-in "
+        "annotator, import, fit the Style Interpreter on Ray Train, generate a labeled dataset on Ray Data "
+        "and inspect it. --diffusion: import 16 labeled toy faces, fit the perception decoder on their "
+        "inverted features, generate from template prompts, inspect. Runs on a laptop CPU in a few "
+        "minutes; prints where the output is.",
     )
-    d.add_argument("--workdir", default="factory-demo", help="folder for every output (default ./factory-demo)")
+    d.add_argument("--diffusion", action="store_true", help="the DatasetDM path instead of DatasetGAN's")
+    d.add_argument("--workdir", help="folder for every output (default ./factory-demo, or ./factory-demo-dm)")
     d.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
     t = sub.add_parser(
@@ -189,7 +192,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "demo":
         from factory.demo import demo_config
 
-        cfg = demo_config(args.workdir, args.overrides)
+        workdir = args.workdir or ("factory-demo-dm" if args.diffusion else "factory-demo")
+        cfg = demo_config(workdir, args.overrides, diffusion=args.diffusion)
     else:
         cfg = config_lib.load_config(args.config, args.overrides)
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))

@@ -202,7 +202,8 @@ class DecoderConfig:
 class LabelsConfig:
     classes: list[str] = field(default_factory=lambda: ["background", "blue"])
     """Segmentation classes; the index in this list is the pixel value in mask PNGs. The default is
-    the demo's colour classes (see factory/demo.py)."""
+    the colour rule of random-weight backbones (`factory.annotator.color_annotator`); the demo uses
+    the toy world's parts."""
     keypoints: list[str] = field(default_factory=list)
     """Keypoint names, in the order of COCO's `keypoints` triplets (keypoints task only)."""
     dir: str | None = None

@@ -1,11 +1,19 @@
-"""`factory demo`: the whole DatasetGAN slice on the embedded default, start to finish.
+"""`factory demo`: a whole path on the shipped toy backbones, start to finish.
 
-export -> (stand-in annotator) -> import -> train on Ray Train -> generate on Ray Data -> inspect
+The backbones were trained by the project's own `factory pretrain` on toy-world faces
+(`factory/toyworld.py`; configs/toy_gan.yaml, configs/toy_dm.yaml), so the demo's images are
+recognisable scenes and its labels can be checked against a ground truth.
 
-The built-in backbone is a tiny StyleGAN2 with seeded random weights, so its images are smooth
-colour fields rather than objects. A stand-in annotator labels the exported images by a fixed rule
-(the dominant colour of each pixel; low-saturation pixels are background), which the decoder must
-learn from the backbone's features. Swapping in trained weights is one value: `backbone.weights`.
+GAN path (`factory demo`, DatasetGAN):
+    export 16 generated faces -> the stand-in annotator labels them -> import -> fit the Style
+    Interpreter on Ray Train -> generate on Ray Data -> inspect
+  DatasetGAN's annotated images are generated ones, labeled by a person; here a segmenter trained on
+  toy-world ground truth (`factory/annotator.py`) stands in for the person, for those 16 only.
+
+Diffusion path (`factory demo --diffusion`, DatasetDM):
+    16 toy-world faces with their ground truth (part masks, depth) -> import -> fit the perception
+    decoder on their inverted features on Ray Train -> generate from template prompts on Ray Data
+    -> inspect
 """
 
 from __future__ import annotations
@@ -13,10 +21,8 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
-from PIL import Image
-
-from factory import annotate, inspect, labels
+from factory import annotate, inspect, real_labels, toyworld
+from factory.annotator import annotate_with_segmenter
 from factory.config import FactoryConfig, load_config
 from factory.generate import generate
 from factory.runtime import init_ray
@@ -24,39 +30,45 @@ from factory.train import train
 
 log = logging.getLogger(__name__)
 
-def color_annotator(image: np.ndarray) -> np.ndarray:
-    """The demo's stand-in for a person: class 1 where the blue channel is above mid-grey."""
-    return (image[..., 2] > 127).astype(np.uint8)
+_CLASSES = "[" + ",".join(toyworld.CLASSES) + "]"
+
+GAN_SETTINGS = (
+    "backbone.kind=stylegan2", "backbone.weights=pkg://toy_stylegan2.safetensors", "backbone.psi=0.7",
+    "backbone.stylegan2.channel_max=64",
+    f"labels.classes={_CLASSES}", "decoder.num_heads=10", "train.steps=600", "train.val_images=4",
+    "generate.num_samples=1000", "generate.shard_size=250", "generate.calibration_samples=250",
+)
+"""Where the GAN demo departs from the built-in defaults (configs/demo.yaml spells the result out)."""
+
+DM_SETTINGS = (
+    "name=demo-dm", "backbone.kind=diffusion", "backbone.weights=pkg://toy_diffusion",
+    "backbone.diffusion.resolution=32", "backbone.diffusion.guidance_scale=3.0", "backbone.batch_invariant=false",
+    "decoder.kind=perception", "decoder.tasks=[segmentation,depth]", "decoder.num_heads=5",
+    f"labels.classes={_CLASSES}", "labels.dir=${workdir}/labeled", "train.labeled=${workdir}/labeled.safetensors",
+    "train.steps=400", "train.val_images=4", "train.batch_images=4",
+    "prompts.template=a photo of a face with {hair} hair on a {backdrop} background",
+    "prompts.attributes={hair: [black, brown, blond, red, grey, blue], backdrop: [white, blue, green, yellow, red, dark]}",
+    "generate.num_samples=500", "generate.shard_size=250", "generate.calibration_samples=100",
+    "generate.batch_size=16",
+)
+"""Where the diffusion demo departs from the built-in defaults (configs/demo_dm.yaml spells it out)."""
+
+DM_LABELED_SEEDS = range(3_000_000, 3_000_016)
+"""The 16 "real" labeled faces: toy scenes the backbones never saw (they trained on seeds 0-3999)."""
 
 
-def annotate_by_rule(directory: str) -> None:
-    """Label every exported image with `color_annotator`, as an annotator would: masks/<name>.png."""
-    export = labels.read_export(directory)
-    masks = {}
-    for entry in export["images"]:
-        with Image.open(os.path.join(directory, labels.IMAGES_DIR, entry["file"])) as im:
-            masks[entry["file"]] = color_annotator(np.array(im.convert("RGB")))
-    annotate.write_masks(directory, masks)
-
-
-DEMO_SETTINGS = ("generate.shard_size=250", "generate.calibration_samples=250")
-"""Where the demo departs from the defaults (as configs/demo.yaml does): 1,000 seeds in 4 shards."""
-
-
-def demo_config(workdir: str, overrides: list[str] | tuple[str, ...] = ()) -> FactoryConfig:
-    return load_config(None, [f"workdir={workdir}", *DEMO_SETTINGS, *overrides])
+def demo_config(workdir: str, overrides: list[str] | tuple[str, ...] = (), diffusion: bool = False) -> FactoryConfig:
+    settings = DM_SETTINGS if diffusion else GAN_SETTINGS
+    return load_config(None, [f"workdir={workdir}", *settings, *overrides])
 
 
 def run_demo(cfg: FactoryConfig) -> dict:
-    """Run every stage; returns the dataset summary (also printed by the CLI)."""
+    """Run every stage of the path `cfg.backbone.kind` names; returns the dataset summary (also
+    printed by the CLI)."""
     init_ray(cfg.ray)
-    # 1. Export generated images for labeling.
-    annotate.export_images(cfg)
-    # 2. The stand-in annotator labels them.
-    annotate_by_rule(cfg.annotate.dir)
-    # 3. Import and validate the labels.
-    annotate.import_labels(cfg)
-    # 4. Fit the Style Interpreter on Ray Train.
+    # 1-3. Labeled examples.
+    prepare_labels(cfg)
+    # 4. Fit the decoder on Ray Train.
     metrics = train(cfg)
     # 5. Generate the labeled dataset on Ray Data.
     generate(cfg)
@@ -65,3 +77,17 @@ def run_demo(cfg: FactoryConfig) -> dict:
     summary["preview"] = inspect.preview(cfg.generate.output, os.path.join(cfg.generate.output, "preview.png"))
     summary["train_metrics"] = metrics
     return summary
+
+
+def prepare_labels(cfg: FactoryConfig) -> None:
+    """The demo's labeled examples, imported into `train.labeled`."""
+    if cfg.backbone.kind == "stylegan2":
+        # 1. Export generated images for labeling. 2. The stand-in annotator labels them.
+        # 3. Import and validate the labels.
+        annotate.export_images(cfg)
+        annotate_with_segmenter(cfg.annotate.dir)
+        annotate.import_labels(cfg)
+    else:
+        # 1-3. Sixteen labeled toy faces stand in for your labeled photos; import and validate them.
+        toyworld.write_folder(cfg.labels.dir, len(DM_LABELED_SEEDS), start_seed=DM_LABELED_SEEDS.start)
+        real_labels.import_labels(cfg)

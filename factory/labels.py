@@ -157,6 +157,22 @@ def _read_masks(
     return found
 
 
+def open_coco(path: str, problems: list[str]):
+    """A pycocotools COCO index of the file at `path`, or None with the reason in `problems`."""
+    from pycocotools.coco import COCO
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        problems.append(f"{os.path.basename(path)}: not a COCO annotation file ({type(e).__name__}: {e})")
+        return None
+    return coco
+
+
 def _read_coco(
     path: str,
     images: dict,
@@ -167,18 +183,10 @@ def _read_coco(
     keypoints: dict,
     problems: list[str],
 ) -> None:
-    from pycocotools.coco import COCO
-
-    name = os.path.basename(path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        problems.append(f"{name}: not a COCO annotation file ({type(e).__name__}: {e})")
+    coco = open_coco(path, problems)
+    if coco is None:
         return
+    name = os.path.basename(path)
     class_of = {}
     for cat in coco.loadCats(coco.getCatIds()):
         if task == "segmentation" and cat["name"] not in label_names:

@@ -50,7 +50,7 @@ from factory.config import FactoryConfig
 from factory.fingerprint import state_hash, tensors_hash
 from factory.objectives import TrainError, step_generator
 from factory.ray_train import STATE_FILE, fit_on_ray, replace_local, report_checkpoint, restore_state
-from factory.real_labels import IMAGE_EXTENSIONS, IMAGES_DIR, PROMPTS_FILE, square
+from factory.real_labels import IMAGE_EXTENSIONS, IMAGES_DIR, read_prompts, square
 
 log = logging.getLogger(__name__)
 
@@ -102,34 +102,10 @@ def load_image_folder(directory: str, resolution: int) -> ImageFolder:
                 images.append(np.array(square(im.convert("RGB"), resolution, Image.Resampling.BICUBIC)))
         except OSError as e:
             problems.append(f"{os.path.relpath(os.path.join(image_dir, name), directory)}: not a readable image ({e})")
-    prompts = _read_prompts(os.path.join(directory, PROMPTS_FILE), names, problems)
+    prompts = read_prompts(directory, names, None, problems)
     if problems:
         raise ImageFolderError(directory, problems)
     return ImageFolder(names, [prompts.get(n, "") for n in names], np.stack(images))
-
-
-def _read_prompts(path: str, names: list[str], problems: list[str]) -> dict[str, str]:
-    if not os.path.isfile(path):
-        return {}
-    known, out = set(names), {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{PROMPTS_FILE}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: not JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict) or row.get("file") not in known:
-                problems.append(f"{where}: \"file\" must name one of the images, got "
-                                f"{row.get('file') if isinstance(row, dict) else row!r}")
-            elif not isinstance(row.get("prompt"), str):
-                problems.append(f"{where}: \"prompt\" must be a string, got {row.get('prompt')!r}")
-            else:
-                out[row["file"]] = row["prompt"].strip()
-    return out
 
 
 def resolution_of(cfg: FactoryConfig) -> int:
@@ -183,7 +159,7 @@ class GanRecipe:
     def __init__(self, cfg: FactoryConfig, data: ImageFolder, device: torch.device, world_size: int) -> None:
         p, arch = cfg.pretrain, cfg.backbone.stylegan2
         self.p, self.device, self.world_size = p, device, world_size
-        self.images = torch.from_numpy(data.images)
+        self.images = torch.from_numpy(np.array(data.images))  # a writable copy (Ray hands read-only arrays)
         self.generator = StyleGAN2Generator(arch, seed=cfg.backbone.init_seed).to(device).train()
         self.discriminator = StyleGAN2Discriminator(arch, seed=cfg.backbone.init_seed + 1).to(device).train()
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
@@ -318,7 +294,7 @@ class DiffusionRecipe:
                              "for the tiny pipeline")
         pipe.unet.register_to_config(sample_size=resolution // pipe.vae_scale_factor)
         pipe.vae.register_to_config(sample_size=resolution)
-        self.images = torch.from_numpy(data.images)
+        self.images = torch.from_numpy(np.array(data.images))  # a writable copy (Ray hands read-only arrays)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.vae_loss = wrap(_VAELoss(pipe.vae.train()).to(device))
         self.unet_loss = wrap(_UNetLoss(pipe.unet.train()).to(device))

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from factory.labels import AnnotationError, read_labeled_file
+from factory.labels import AnnotationError, open_coco, read_labeled_file
 
 IMAGES_DIR, MASKS_DIR, DEPTH_DIR = "images", "masks", "depth"
 COCO_FILE, PROMPTS_FILE = "instances.json", "prompts.jsonl"
@@ -86,8 +86,9 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
     if not names:
         raise AnnotationError([f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})"])
     stems = {os.path.splitext(n)[0]: n for n in names}
-    prompts = _read_prompts(directory, names, classes, problems)
-    coco = _read_coco(directory, names, classes, keypoint_names, problems) if os.path.isfile(
+    prompts = read_prompts(directory, names, classes, problems)
+    wanted_keypoints = keypoint_names if "keypoints" in tasks else None  # others' keypoints are not our business
+    coco = _read_coco(directory, names, classes, wanted_keypoints, problems) if os.path.isfile(
         os.path.join(directory, COCO_FILE)) else {}
 
     images, masks, depths, inst_maps, inst_classes, kps, texts = [], [], [], [], [], [], []
@@ -196,7 +197,10 @@ def _read_png(directory: str, sub: str, stem: str, size: tuple[int, int], proble
     return data
 
 
-def _read_prompts(directory: str, names: list[str], classes: list[str], problems: list[str]) -> dict[str, str]:
+def read_prompts(directory: str, names: list[str], classes: list[str] | None, problems: list[str]) -> dict[str, str]:
+    """`directory`/prompts.jsonl as {image file: prompt}; a row with "classes" and no "prompt" gets
+    "a photo of a <class> and ...". Every bad row is appended to `problems` with its line; class
+    names are checked against `classes` unless it is None."""
     path = os.path.join(directory, PROMPTS_FILE)
     if not os.path.isfile(path):
         return {}
@@ -212,10 +216,14 @@ def _read_prompts(directory: str, names: list[str], classes: list[str], problems
                 problems.append(f"{where}: not JSON ({e.msg})")
                 continue
             if not isinstance(row, dict) or row.get("file") not in names:
-                problems.append(f"{where}: \"file\" must name an image under {IMAGES_DIR}/, got {row.get('file') if isinstance(row, dict) else row!r}")
+                problems.append(f"{where}: \"file\" must name one of the images, got "
+                                f"{row.get('file') if isinstance(row, dict) else row!r}")
                 continue
             text, named = row.get("prompt"), row.get("classes")
-            unknown = [c for c in named or [] if c not in classes]
+            if named is not None and not (isinstance(named, list) and all(isinstance(c, str) for c in named)):
+                problems.append(f"{where}: \"classes\" must be a list of names, got {named!r}")
+                continue
+            unknown = [c for c in named or [] if classes is not None and c not in classes]
             if unknown:
                 problems.append(f"{where}: unknown classes {unknown} (labels.classes is {classes})")
             elif isinstance(text, str) and text.strip():
@@ -227,20 +235,12 @@ def _read_prompts(directory: str, names: list[str], classes: list[str], problems
     return out
 
 
-def _read_coco(directory: str, names: list[str], classes: list[str], keypoint_names: list[str],
+def _read_coco(directory: str, names: list[str], classes: list[str], keypoint_names: list[str] | None,
                problems: list[str]) -> dict[str, dict]:
-    """file name -> {"instances": [(class id, mask)], "keypoints": [K, 3] or None}."""
-    from pycocotools.coco import COCO
-
-    path = os.path.join(directory, COCO_FILE)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        problems.append(f"{COCO_FILE}: not a COCO annotation file ({type(e).__name__}: {e})")
+    """file name -> {"instances": [(class id, mask)], "keypoints": [K, 3] or None}; keypoints are read
+    only when `keypoint_names` is given (the keypoints task)."""
+    coco = open_coco(os.path.join(directory, COCO_FILE), problems)
+    if coco is None:
         return {}
     class_of = {}
     for cat in coco.loadCats(coco.getCatIds()):
@@ -259,7 +259,7 @@ def _read_coco(directory: str, names: list[str], classes: list[str], keypoint_na
                      if a["category_id"] in class_of and a.get("segmentation")]
         kp = None
         with_kp = [a for a in anns if a.get("keypoints") and a.get("num_keypoints", 1)]
-        if with_kp:
+        if with_kp and keypoint_names is not None:
             kp = np.asarray(with_kp[0]["keypoints"], dtype=np.float32).reshape(-1, 3)
             if len(kp) != len(keypoint_names):
                 problems.append(f"{COCO_FILE}: image {file!r} has {len(kp)} keypoints, expected "

@@ -1,6 +1,6 @@
 """Ray job: train a backbone on a folder of images.
 
-    ray job submit --working-dir . -- python jobs/pretrain.py configs/pretrain_gan.yaml ray.address=auto
+    ray job submit --working-dir . -- python jobs/pretrain.py configs/toy_gan.yaml ray.address=auto
 """
 
 import logging

@@ -23,6 +23,8 @@ def test_demo_yaml_spells_out_what_the_demo_runs(tmp_path):
 
     from_file = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [f"workdir={tmp_path}"])
     assert to_dict(from_file) == to_dict(demo_config(str(tmp_path)))
+    from_file = load_config(os.path.join(ROOT, "configs", "demo_dm.yaml"), [f"workdir={tmp_path}"])
+    assert to_dict(from_file) == to_dict(demo_config(str(tmp_path), diffusion=True))
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))), ids=os.path.basename)

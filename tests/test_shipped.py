@@ -1,0 +1,90 @@
+"""The weights shipped with the package: they load through `pkg://`, match their records, generate
+deterministic images, and those images are faces (the stand-in annotator finds skin and hair)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from factory import segmenter, toyworld
+from factory.annotator import SHIPPED_ANNOTATOR
+from factory.backbones import load_backbone
+from factory.config import SHIPPED_DIR, ConfigError, load_config
+
+SKIN, HAIR = toyworld.CLASSES.index("skin"), toyworld.CLASSES.index("hair")
+
+
+def faces_found(images: np.ndarray) -> float:
+    """Share of images in which the annotator sees a face: >= 8% skin and some hair or ears."""
+    model, _ = segmenter.load(SHIPPED_ANNOTATOR)
+    masks = segmenter.predict(model, images)
+    skin = (masks == SKIN).mean(axis=(1, 2))
+    return float((skin > 0.08).mean())
+
+
+@pytest.fixture(scope="module")
+def gan():
+    cfg = load_config(None, ["backbone.weights=pkg://toy_stylegan2.safetensors"])
+    return cfg, load_backbone(cfg.backbone)
+
+
+def test_shipped_gan_matches_its_record_and_generates_faces_deterministically(gan):
+    cfg, backbone = gan
+    record = json.load(open(os.path.join(SHIPPED_DIR, "toy_stylegan2.json")))
+    assert record["weights_hash"] == backbone.weights_hash  # the record describes these weights
+    assert record["command"].startswith("factory pretrain configs/toy_gan.yaml") and record["seed"] == 0
+    assert record["images"]["num_images"] == 4000 and backbone.resolution == 32
+    seeds = list(range(100, 132))
+    a, b = backbone(seeds).images, backbone(seeds).images
+    assert np.array_equal(a.numpy(), b.numpy()) and not np.array_equal(a[0].numpy(), a[1].numpy())
+    assert faces_found(a.numpy()) > 0.8  # the same generator with random weights: 0.16
+
+
+def test_shipped_diffusion_matches_its_record_and_generates_faces_deterministically():
+    cfg = load_config(None, ["backbone.kind=diffusion", "decoder.kind=perception",
+                             "backbone.weights=pkg://toy_diffusion", "backbone.diffusion.resolution=32",
+                             "backbone.diffusion.guidance_scale=3.0"])
+    backbone = load_backbone(cfg.backbone)
+    record = json.load(open(os.path.join(SHIPPED_DIR, "toy_diffusion", "pretrain.json")))
+    assert record["weights_hash"] == backbone.weights_hash
+    assert record["command"].startswith("factory pretrain configs/toy_dm.yaml") and record["seed"] == 0
+    seeds, prompts = list(range(32)), [toyworld.render(s).prompt for s in range(32)]
+    a, b = backbone(seeds, prompts).images, backbone(seeds, prompts).images
+    assert np.array_equal(a.numpy(), b.numpy()) and not np.array_equal(a[0].numpy(), a[1].numpy())
+    assert faces_found(a.numpy()) > 0.6  # 0.78 here; the same pipeline with random weights: 0.31
+
+
+def test_shipped_annotator_segments_held_out_toy_faces():
+    model, classes = segmenter.load(SHIPPED_ANNOTATOR)
+    assert classes == toyworld.CLASSES
+    images, masks = toyworld.arrays(range(5_000_000, 5_000_064), 32)
+    per_class = segmenter.iou_per_class(segmenter.predict(model, images), masks, len(classes))
+    assert segmenter.mean_iou(per_class) > 0.5 and per_class[SKIN] > 0.8, per_class
+
+
+def test_unknown_shipped_weights_are_named():
+    with pytest.raises(ConfigError, match=r"pkg://nope.safetensors: no such shipped weights \(shipped: .*toy_stylegan2"):
+        load_config(None, ["backbone.weights=pkg://nope.safetensors"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_labels_generated_faces_end_to_end(tmp_path, ray_cluster, capsys):
+    """The README's first command, smaller: the stand-in annotator labels the exported faces, the
+    interpreter learns them, the dataset and its preview are written."""
+    from PIL import Image
+
+    from factory.cli import main
+    from factory.read import iter_samples
+
+    work = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(work), "train.steps=60", "generate.num_samples=64",
+                 "generate.shard_size=32", "generate.calibration_samples=32"]) == 0
+    out = capsys.readouterr().out
+    assert "preview" in out and (work / "dataset" / "preview.png").is_file()
+    masks = [np.array(Image.open(p)) for p in sorted((work / "annotations" / "masks").glob("*.png"))]
+    assert len(masks) == 16 and np.mean([(m == SKIN).mean() > 0.08 for m in masks]) > 0.8  # the annotator saw faces
+    samples = list(iter_samples(str(work / "dataset")))
+    assert 50 <= len(samples) <= 64 and all(s["mask"].max() < len(toyworld.CLASSES) for s in samples)
+    assert np.mean([(s["mask"] == SKIN).mean() > 0.05 for s in samples]) > 0.7  # the decoder labels faces
