@@ -50,6 +50,9 @@ class LabeledSet:
     """[N, H, W] uint8 class ids (segmentation)."""
     keypoints: torch.Tensor | None = None
     """[N, K, 3] float32 (x, y, visibility) (keypoints)."""
+    images: torch.Tensor | None = None
+    """[N, H, W, 3] uint8: the exported pixels, so regeneration can be checked to within float noise
+    (another thread count may move a few pixels by a grey level, which changes the sha256)."""
 
 
 def pixels_sha256(image: np.ndarray) -> str:
@@ -95,7 +98,12 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
         raise AnnotationError(problems)
 
     files = sorted(labeled, key=lambda name: images[name]["seed"])
+    pixels = []
+    for name in files:
+        with Image.open(os.path.join(directory, IMAGES_DIR, name)) as im:
+            pixels.append(np.array(im.convert("RGB")))
     return LabeledSet(
+        images=torch.from_numpy(np.stack(pixels)),
         task=task,
         label_names=list(label_names),
         files=files,
@@ -231,6 +239,8 @@ def save_labeled_set(path: str, labeled: LabeledSet) -> None:
         tensors["masks"] = labeled.masks.contiguous()
     if labeled.keypoints is not None:
         tensors["keypoints"] = labeled.keypoints.contiguous()
+    if labeled.images is not None:
+        tensors["images"] = labeled.images.contiguous()
     metadata = {
         "format": "factory.labeled_set",
         "task": labeled.task,
@@ -271,4 +281,5 @@ def load_labeled_set(path: str) -> LabeledSet:
         psi=float(metadata["psi"]),
         masks=tensors.get("masks"),
         keypoints=tensors.get("keypoints"),
+        images=tensors.get("images"),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +48,15 @@ class TrainingData:
     size: tuple[int, int]
 
 
+def _within_float_noise(image: np.ndarray, labeled: LabeledSet, n: int) -> bool:
+    """Regenerated pixels that differ from the exported ones only as another thread count's float
+    rounding does: a few pixels off by at most 2 grey levels."""
+    if labeled.images is None or tuple(labeled.images[n].shape) != image.shape:
+        return False
+    diff = np.abs(image.astype(np.int16) - labeled.images[n].numpy().astype(np.int16))
+    return int(diff.max()) <= 2 and float((diff > 0).mean()) < 0.02
+
+
 def prepare_data(cfg: FactoryConfig, labeled: LabeledSet, backbone, device: torch.device) -> TrainingData:
     """Regenerate the labeled images, check they are the ones that were labeled, keep their features."""
     seeds = labeled.seeds.tolist()
@@ -55,7 +65,7 @@ def prepare_data(cfg: FactoryConfig, labeled: LabeledSet, backbone, device: torc
         out = backbone(seeds[start : start + 8])
         for i, image in enumerate(out.images.numpy()):
             n = start + i
-            if pixels_sha256(image) != labeled.image_sha256[n]:
+            if pixels_sha256(image) != labeled.image_sha256[n] and not _within_float_noise(image, labeled, n):
                 raise TrainError(
                     f"regenerating {labeled.files[n]} from seed {seeds[n]} gave different pixels than were "
                     "exported for labeling: the backbone weights, psi or code changed since export"

@@ -124,3 +124,22 @@ def test_keypoint_interpreter_learns_and_generates(tmp_path):
     points = json.loads(row["keypoints"])
     assert [p["name"] for p in points] == ["bluest", "reddest"]
     assert all(0 <= p["x"] <= 31 and 0 <= p["y"] <= 31 for p in points)
+
+
+def test_regeneration_check_tolerates_float_noise_but_not_other_pixels():
+    import numpy as np
+
+    from factory.labels import LabeledSet
+    from factory.objectives import _within_float_noise
+
+    exported = np.full((32, 32, 3), 100, np.uint8)
+    labeled = LabeledSet("segmentation", ["a", "b"], ["x.png"], torch.tensor([0]), ["sha"], "h", 1.0,
+                         images=torch.from_numpy(exported[None]))
+    noisy = exported.copy()
+    noisy[0, :5, 0] += 1  # another thread count's rounding: a few pixels, one grey level
+    assert _within_float_noise(noisy, labeled, 0)
+    changed = exported.copy()
+    changed[:16] += 10  # other weights or psi
+    assert not _within_float_noise(changed, labeled, 0)
+    assert not _within_float_noise(noisy, LabeledSet("segmentation", ["a", "b"], ["x.png"], torch.tensor([0]),
+                                                     ["sha"], "h", 1.0), 0)  # no pixels stored: exact only
