@@ -55,7 +55,7 @@ from dataclasses import asdict
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from machine import busy_cpu_seconds  # noqa: E402  (benchmarks/machine.py)
+from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 PHASES = ("bare", "backbone", "backbone_decoder", "labeled")
 LABELS = {
@@ -576,9 +576,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - started,
     }
     print_report(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_results(report, args.out)
     print(f"wrote {args.out} ({report['wall_s']:.0f} s in all)")
 
 

@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
-from machine import busy_cpu_seconds  # noqa: E402  (benchmarks/machine.py)
+from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 CPUS_PER_ACTOR = 1
 RAY_NUM_CPUS = 4
@@ -472,9 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - started,
     }
     print_report(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_results(report, args.out)
     print(f"wrote {args.out} ({report['wall_s']:.0f} s in all)")
 
 

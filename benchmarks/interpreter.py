@@ -26,7 +26,7 @@ import time
 import torch
 
 from factory.decoders.interpreter import BAND_ELEMENTS, StyleInterpreter, default_hidden
-from machine import busy_cpu_seconds  # noqa: E402  (benchmarks/machine.py)
+from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 TAPS = [(c, r) for c, r in [(512, 4), (512, 8), (512, 16), (512, 32), (256, 64), (128, 128), (64, 256)] for _ in (0, 1)]
 VARIANTS = ("fast", "naive")
@@ -213,9 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if others is not None:
         print(f"other processes used {others:.1f} CPU-s during the {wall:.0f} s run (timings are only "
               "comparable when this is small)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_results(report, args.out)
     print(f"wrote {args.out}")
 
 

@@ -1,8 +1,9 @@
-"""What else the machine did during a measurement: shared by the benchmarks, which run as scripts
-(`python benchmarks/X.py` puts this folder on sys.path)."""
+"""What the benchmarks share: what else the machine did during a measurement, and where the results
+go. They run as scripts (`python benchmarks/X.py` puts this folder on sys.path)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -15,3 +16,10 @@ def busy_cpu_seconds() -> float | None:
         return None
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def write_results(report: dict, out: str) -> None:
+    """The benchmark's JSON, its folder created if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)

@@ -26,7 +26,6 @@ annotator on 2,000,000 on, the 16 real labeled faces are 3,000,000-3,000,015, an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -37,7 +36,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import busy_cpu_seconds  # noqa: E402  (benchmarks/machine.py)
+from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 EVAL_START = 1_000_000
 CLASSES_NOTE = "background, skin, hair, eye, brow, nose, mouth, ear"
@@ -217,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["machine_busy_cpu_seconds"] = round(busy1 - busy0, 1)
     print_table(report)
     print(f"\n{wall:.0f} s; results in {args.out}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_results(report, args.out)
     return report
 
 

@@ -10,7 +10,6 @@ COCO RLE included) per scene, which is what `factory toyworld` pays, and the pea
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -20,7 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import busy_cpu_seconds  # noqa: E402  (benchmarks/machine.py)
+from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 
 def render_for(seconds: float, size: int, batch: int, offset: int) -> dict:
@@ -73,9 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  {cores} processes      {many_rate:8.0f} scenes/s  ({report['scaling']:.2f}x)")
     print(f"  labeled folder   {folder_per_s:8.0f} scenes/s  (PNG + COCO writing, one process)")
     print(f"  peak RSS         {report['peak_rss_mib_per_process']:8.0f} MiB per process")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_results(report, args.out)
     return report
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from factory.backbones.stylegan2 import FullyConnected, StyleGAN2Config
+from factory.backbones.stylegan2 import FullyConnected, StyleGAN2Config, seeded_init
 
 _LRELU_GAIN = math.sqrt(2.0)
 
@@ -98,12 +98,8 @@ class StyleGAN2Discriminator(nn.Module):
         self.out = FullyConnected(c4, 1)
         self.reset_parameters(seed)
 
-    @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        gen = torch.Generator("cpu").manual_seed(seed)
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters(gen)
+        seeded_init(self, seed)
 
     def forward(self, image: Tensor) -> Tensor:
         x = self.from_rgb(image)

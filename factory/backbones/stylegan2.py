@@ -109,6 +109,16 @@ def upsample2d(x: Tensor, padding: int = 1) -> Tensor:
     return F.conv_transpose2d(x, k, stride=2, padding=padding, groups=c)
 
 
+@torch.no_grad()
+def seeded_init(model: nn.Module, seed: int) -> None:
+    """Paper init of every layer under `model`, drawn from one local generator, so the weights depend
+    on the seed alone (each layer's `reset_parameters(gen)`)."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters(gen)
+
+
 class FullyConnected(nn.Module):
     """Equalized-lr linear layer: weights stored at unit scale so Adam's per-weight steps are uniform."""
 
@@ -254,13 +264,8 @@ class StyleGAN2Generator(nn.Module):
         if w_avg_samples > 0:
             self.compute_w_avg(w_avg_samples, seed)
 
-    @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Paper init drawn from a local generator so weights depend on the seed alone."""
-        gen = torch.Generator("cpu").manual_seed(seed)
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters(gen)
+        seeded_init(self, seed)
 
     @torch.no_grad()
     def compute_w_avg(self, num_samples: int = 4096, seed: int = 0) -> Tensor:
