@@ -55,7 +55,7 @@ from dataclasses import asdict
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
+from machine import busy_cpu_seconds, git_revision, write_results  # noqa: E402  (benchmarks/machine.py)
 
 PHASES = ("bare", "backbone", "backbone_decoder", "labeled")
 LABELS = {
@@ -439,15 +439,6 @@ def measure(phases: Phases, batches: list[list[int]], device: str) -> tuple[dict
             w = phases.weight_bytes(phase)
             memory[phase] = {"peak_bytes": w + peaks[phase], "weight_bytes": w, "peak_above_start_bytes": peaks[phase]}
     return {"times": times, "checks": checks}, memory
-
-
-def git_revision() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return sha + ("-dirty" if dirty else "")
 
 
 # ---------------------------------------------------------------- report

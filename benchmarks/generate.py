@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
-from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
+from machine import busy_cpu_seconds, git_revision, write_results  # noqa: E402  (benchmarks/machine.py)
 
 CPUS_PER_ACTOR = 1
 RAY_NUM_CPUS = 4
@@ -341,15 +341,6 @@ def run_build(args: argparse.Namespace, workdir: str, endpoint: str, num_actors:
         "cpu_s_used_by_other_processes": None if busy is None else round(
             max(0.0, busy_end - busy - sum(memory["cpu_s"].values())), 2),
     }
-
-
-def git_revision() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return sha + ("-dirty" if dirty else "")
 
 
 # ---------------------------------------------------------------- report
