@@ -39,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 EVAL_START = 1_000_000
-CLASSES_NOTE = "background, skin, hair, eye, brow, nose, mouth, ear"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

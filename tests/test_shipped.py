@@ -12,7 +12,7 @@ from factory.annotator import SHIPPED_ANNOTATOR
 from factory.backbones import load_backbone
 from factory.config import SHIPPED_DIR, ConfigError, load_config
 
-SKIN, HAIR = toyworld.CLASSES.index("skin"), toyworld.CLASSES.index("hair")
+SKIN = toyworld.CLASSES.index("skin")
 
 
 def faces_found(images: np.ndarray) -> float:
