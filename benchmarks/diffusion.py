@@ -12,7 +12,7 @@ machine's speed falls on all of them), after one warm-up batch each:
 2. backbone: `DiffusionBackbone(seeds, prompts)`: the same sampling plus the feature taps (block
    hooks, cross-attention maps at the tapped step) and the uint8 image conversion.
 3. backbone + decoder: the above, then the perception decoder on the features (no encoding).
-4. labeled: `factory.generate.label_seeds` (the backbone, the decoder, PNG encoding of image, mask
+4. labeled: `factory.recipes.labeling.label_seeds` (the backbone, the decoder, PNG encoding of image, mask
    and 16-bit depth, row building): what a build does per batch, less writing.
 
 The decoder is a seeded, untrained perception decoder saved with `save_decoder` and loaded with
@@ -198,7 +198,8 @@ def load(args: argparse.Namespace, workdir: str):
 
 
 def save_decoder_for(cfg, backbone) -> None:
-    from factory.decoders import build_decoder, save_decoder
+    from factory.decoders import build_decoder
+    from factory.decoders.files import save_decoder
 
     model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.labels.classes))
     save_decoder(cfg.generate.decoder, model, cfg.decoder, cfg.labels.classes, backbone.feature_channels,
@@ -221,7 +222,7 @@ def bare_pipeline(cfg, device: str):
 
 
 def texts_for(cfg) -> list[str]:
-    from factory import prompts
+    from factory.data import prompts
 
     return [p.text for p in prompts.from_template(cfg.prompts.template, cfg.labels.classes, cfg.prompts.attributes,
                                                   cfg.prompts.seed)]
@@ -245,7 +246,7 @@ class Phases:
 
             self.backbone = load_backbone(cfg.backbone, device)
         if "backbone_decoder" in needed or "labeled" in needed:
-            from factory.decoders import load_decoder
+            from factory.decoders.files import load_decoder
 
             self.decoder = load_decoder(cfg.generate.decoder, device)
         d = cfg.backbone.diffusion
@@ -268,7 +269,7 @@ class Phases:
                     t.sum()
 
     def prompts(self, seeds: list[int]) -> list[str]:
-        from factory.generate import prompts_for
+        from factory.recipes.labeling import prompts_for
 
         return prompts_for(seeds, self.texts, self.cfg.generate.start_seed)
 
@@ -293,7 +294,7 @@ class Phases:
         if phase == "backbone_decoder":
             out = self.backbone(seeds, self.prompts(seeds))
             return out, self.decoder(out.features, (self.resolution, self.resolution))
-        from factory.generate import label_seeds
+        from factory.recipes.labeling import label_seeds
 
         return label_seeds(self.backbone, self.decoder, seeds, 0, self.cfg, "bench", self.texts)
 
@@ -504,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         phases = Phases(cfg, args.device, ("bare", "backbone"), texts)  # the decoder is saved first, below
         load_s = time.perf_counter() - t0
         save_decoder_for(cfg, phases.backbone)
-        from factory.decoders import load_decoder
+        from factory.decoders.files import load_decoder
 
         phases.decoder = load_decoder(cfg.generate.decoder, args.device)
         batches = batches_of(cfg, args.samples, args.batch_size)
@@ -568,7 +569,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     print_report(report)
     write_results(report, args.out)
-    print(f"wrote {args.out} ({report['wall_s']:.0f} s in all)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ same seeds (`generate.start_seed` on):
    `cpus_per_actor=1` gets: Ray sets OMP_NUM_THREADS to the actor's CPUs, checked by a probe actor).
    No Ray, no encoding, no writing. Then `label_seeds` (the same forward passes plus PNG encoding and
    row building) on the first `--encode-samples` seeds, to split model time from encode time.
-2. full build: `factory.generate.generate(cfg)` (calibration pass, Ray Data actor pool, PNG encode,
+2. full build: `factory.recipes.generate.generate(cfg)` (calibration pass, Ray Data actor pool, PNG encode,
    shard writers, upload) into a loopback S3 server (moto's `ThreadedMotoServer`, running in this
    process) on a local Ray cluster started by `factory.runtime.init_ray` with 4 logical CPUs, once
    with 1 actor and once with 2 (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the
@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
+
 from machine import busy_cpu_seconds, git_revision, write_results  # noqa: E402  (benchmarks/machine.py)
 
 CPUS_PER_ACTOR = 1
@@ -97,7 +98,8 @@ def save_models(cfg) -> None:
     """The backbone and a seeded, untrained decoder saved where `generate.decoder` points."""
     from factory import config as config_lib
     from factory.backbones import load_backbone
-    from factory.decoders import build_decoder, save_decoder
+    from factory.decoders import build_decoder
+    from factory.decoders.files import save_decoder
 
     backbone = load_backbone(cfg.backbone)
     model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.label_names())).eval()
@@ -123,8 +125,8 @@ def run_bare(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(CPUS_PER_ACTOR)
     from factory.backbones import load_backbone
-    from factory.decoders import load_decoder
-    from factory.generate import label_seeds
+    from factory.decoders.files import load_decoder
+    from factory.recipes.labeling import label_seeds
 
     cfg = load(args, args.workdir)
     g = cfg.generate
@@ -304,7 +306,7 @@ def shard_summary(manifest: dict) -> dict:
 
 def run_build(args: argparse.Namespace, workdir: str, endpoint: str, num_actors: int,
               sampler: ProcessSampler) -> dict:
-    from factory.generate import generate
+    from factory.recipes.generate import generate
 
     output = f"s3://{BUCKET}/generate-{num_actors}-actors"
     cfg = load(args, workdir, (f"generate.num_actors={num_actors}", f"generate.output={output}",
@@ -464,7 +466,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     print_report(report)
     write_results(report, args.out)
-    print(f"wrote {args.out} ({report['wall_s']:.0f} s in all)")
 
 
 if __name__ == "__main__":

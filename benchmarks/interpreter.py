@@ -24,9 +24,9 @@ import tempfile
 import time
 
 import torch
+from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 from factory.decoders.interpreter import BAND_ELEMENTS, StyleInterpreter, default_hidden
-from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 TAPS = [(c, r) for c, r in [(512, 4), (512, 8), (512, 16), (512, 32), (256, 64), (128, 128), (64, 256)] for _ in (0, 1)]
 VARIANTS = ("fast", "naive")
@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"other processes used {others:.1f} CPU-s during the {wall:.0f} s run (timings are only "
               "comparable when this is small)")
     write_results(report, args.out)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def git_revision() -> str | None:
 
 
 def write_results(report: dict, out: str) -> None:
-    """The benchmark's JSON, its folder created if needed."""
+    """The benchmark's JSON, its folder created if needed; says where it went (and the run's wall time)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
+    took = f" ({report['wall_s']:.0f} s in all)" if isinstance(report.get("wall_s"), (int, float)) else ""
+    print(f"wrote {out}{took}")

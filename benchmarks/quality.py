@@ -9,7 +9,7 @@ factory keeps every sample (generate.drop_uncertain=0) so filtering can be measu
 1. decoder quality: DM path, the perception decoder's mIoU on 200 held-out real toy faces through
    inversion, against their ground truth. GAN path, whose decoder only sees generated images (no
    GAN inversion here): its agreement (mIoU) with the stand-in annotator on 200 generated images.
-2. downstream: a small U-Net (`factory.segmenter`, the same settings for every run) trained
+2. downstream: a small U-Net (`factory.toy.segmenter`, the same settings for every run) trained
    (a) on the 16 real labeled toy faces only (the DM demo's; toy-world ground truth; one run, the
        same for both paths),
    (b) on N synthetic samples from the factory,
@@ -73,7 +73,7 @@ def path_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def downstream(train_images, train_masks, eval_images, eval_masks, num_classes: int, steps: int) -> dict:
-    from factory import segmenter
+    from factory.toy import segmenter
 
     cfg = segmenter.SegmenterConfig(num_classes, width=24, levels=3)
     model = segmenter.fit(train_images, train_masks, cfg, segmenter.FitConfig(steps=steps, batch_size=32, lr=2e-3))
@@ -82,11 +82,12 @@ def downstream(train_images, train_masks, eval_images, eval_masks, num_classes: 
 
 
 def run_path(path: str, args: argparse.Namespace, workdir: str, real, held_out) -> dict:
-    from factory import segmenter, toyworld
-    from factory.demo import demo_config, prepare_labels
-    from factory.generate import generate
-    from factory.read import iter_samples
-    from factory.train import train
+    from factory.data import toyworld
+    from factory.dataset.read import iter_samples
+    from factory.recipes.generate import generate
+    from factory.recipes.train import train
+    from factory.toy import segmenter
+    from factory.toy.demo import demo_config, prepare_labels
 
     started = time.perf_counter()
     cfg = demo_config(os.path.join(workdir, path), path_overrides(args), diffusion=path == "dm")
@@ -107,7 +108,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, held_out) 
         result["decoder"] = {"what": f"decoder vs truth, {k} real faces (inversion)",
                              **decoder_miou_by_inversion(cfg, EVAL_START, k)}
     else:
-        from factory.annotator import SHIPPED_ANNOTATOR
+        from factory.toy.annotator import SHIPPED_ANNOTATOR
 
         annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
         k = min(200, len(images))
@@ -133,9 +134,10 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, held_out) 
 def decoder_miou_by_inversion(cfg, start: int, count: int) -> dict:
     import torch
 
-    from factory import segmenter, toyworld
     from factory.backbones import load_backbone
-    from factory.decoders import load_decoder
+    from factory.data import toyworld
+    from factory.decoders.files import load_decoder
+    from factory.toy import segmenter
 
     backbone = load_backbone(cfg.backbone)
     decoder = load_decoder(cfg.generate.decoder)
@@ -175,9 +177,10 @@ def _row(values: list) -> str:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from factory import segmenter, toyworld
     from factory.config import RayConfig
+    from factory.data import toyworld
     from factory.runtime import init_ray
+    from factory.toy import segmenter
 
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     busy0, t0 = busy_cpu_seconds(), time.perf_counter()
     started_ray = init_ray(RayConfig(num_cpus=4))
     try:
-        from factory.demo import DM_LABELED_SEEDS
+        from factory.toy.demo import DM_LABELED_SEEDS
 
         resolution = 32  # both shipped backbones
         real = toyworld.arrays(DM_LABELED_SEEDS, resolution)

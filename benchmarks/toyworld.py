@@ -24,7 +24,7 @@ from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/m
 
 def render_for(seconds: float, size: int, batch: int, offset: int) -> dict:
     os.environ["OMP_NUM_THREADS"] = "1"
-    from factory.toyworld import render_batch
+    from factory.data.toyworld import render_batch
 
     render_batch(range(8), size)  # warm up
     done, start, t0 = 0, offset, time.perf_counter()
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         one = pool.apply(render_for, (args.seconds, args.size, args.batch, 0))
     with ctx.Pool(cores) as pool:
         many = pool.starmap(render_for, [(args.seconds, args.size, args.batch, 10_000_000 * (i + 1)) for i in range(cores)])
-    from factory.toyworld import write_folder
+    from factory.data.toyworld import write_folder
 
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()

@@ -161,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_code(e: Exception) -> int | None:
     """2 for bad input the user can fix, 1 for a run that failed; None lets a bug show its traceback."""
     from factory.config import ConfigError
-    from factory.generate import GenerateError
-    from factory.labels import AnnotationError
-    from factory.pretrain import ImageFolderError
+    from factory.data.annotations import AnnotationError
+    from factory.data.image_folder import ImageFolderError
+    from factory.recipes.generate import GenerateError
+    from factory.recipes.ray_train import TrainError
     from factory.storage import StorageError
-    from factory.train import TrainError
 
     if isinstance(e, (ConfigError, AnnotationError, ImageFolderError, FileNotFoundError, FileExistsError,
                       StorageError)):
@@ -184,13 +184,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "inspect":
         return _inspect(args)
     if args.verb == "toyworld":
-        from factory.toyworld import CLASSES, KEYPOINTS, write_folder
+        from factory.data.toyworld import CLASSES, KEYPOINTS, write_folder
 
         write_folder(args.folder, args.num_images, args.start_seed, args.size)
         print(f"wrote {args.num_images} labeled faces to {args.folder} (classes {CLASSES}, keypoints {KEYPOINTS})")
         return 0
     if args.verb == "demo":
-        from factory.demo import demo_config
+        from factory.toy.demo import demo_config
 
         workdir = args.workdir or ("factory-demo-dm" if args.diffusion else "factory-demo")
         cfg = demo_config(workdir, args.overrides, diffusion=args.diffusion)
@@ -201,8 +201,8 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     if args.verb == "demo":
-        from factory import inspect
-        from factory.demo import run_demo
+        from factory.recipes import inspect
+        from factory.toy.demo import run_demo
 
         summary = run_demo(cfg)
         print(inspect.format_summary(summary))
@@ -211,39 +211,36 @@ def _run(args: argparse.Namespace) -> int:
         print(f"done in {time.perf_counter() - started:.0f} s; read the shards with pyarrow, e.g.\n"
               f"  python -c \"import pyarrow.parquet as pq; print(pq.read_table('{cfg.generate.output}/parquet'))\"")
     elif args.verb == "annotate" and args.action == "export":
-        from factory.annotate import export_images
+        from factory.recipes.annotate import export_images
 
         out = export_images(cfg)
         print(f"exported {cfg.annotate.num_images} images to {out}; label them as {out}/README.txt says, "
               f"then run: factory annotate import {args.config}")
     elif args.verb == "annotate":
-        from factory.annotate import import_labels
+        from factory.recipes.annotate import import_labels
 
         labeled = import_labels(cfg)
         print(f"imported {len(labeled.files)} labeled images into {cfg.train.labeled}")
     elif args.verb == "labels":
-        from factory.real_labels import import_labels
+        from factory.data.labeled_photos import import_labels
 
         labeled = import_labels(cfg)
         print(f"imported {len(labeled.files)} labeled images ({', '.join(labeled.tasks)}) into {cfg.train.labeled}")
     elif args.verb == "prompts":
-        from factory import prompts
+        from factory.data import prompts
 
         rows, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, cfg.generate.output)
-        storage.makedirs(cfg.generate.output)
-        prompts.write_jsonl(rows, storage.join(cfg.generate.output, prompts.PROMPTS_FILE))
-        if fresh:
-            prompts.write_request_record(cfg.prompts, cfg.labels.classes, cfg.generate.output)
+        prompts.store(rows, fresh, cfg.prompts, cfg.labels.classes, cfg.generate.output)
         print(f"{len(rows)} prompts in {storage.join(cfg.generate.output, prompts.PROMPTS_FILE)}, e.g. {rows[0].text!r}")
     elif args.verb == "train":
+        from factory.recipes.train import train
         from factory.runtime import init_ray
-        from factory.train import train
 
         init_ray(cfg.ray)
         metrics = train(cfg)
         print(f"decoder written to {cfg.generate.decoder}  {_metrics(metrics)}")
     elif args.verb == "pretrain":
-        from factory.pretrain import pretrain
+        from factory.recipes.pretrain import pretrain
         from factory.runtime import init_ray
 
         init_ray(cfg.ray)
@@ -251,7 +248,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{cfg.backbone.kind} written to {cfg.pretrain.output} after {record['steps']} steps  "
               f"{_metrics(record['final_losses'])}")
     elif args.verb == "generate":
-        from factory.generate import generate
+        from factory.recipes.generate import generate
         from factory.runtime import init_ray
 
         init_ray(cfg.ray)
@@ -262,8 +259,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from factory import inspect, storage, versions
+    from factory import storage
     from factory.config import StorageConfig
+    from factory.dataset import versions
+    from factory.recipes import inspect
 
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
     dataset = versions.resolve(args.dataset)  # ROOT@latest -> the version LATEST names

@@ -215,19 +215,22 @@ def write_json(url: str, obj: object) -> None:
     write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def put_file(local_file: str, url: str) -> None:
-    """Upload or move a finished local file to `url` through a temporary name."""
-    _put_file(url, local_file)
+def put_file(local_file: str, url: str, keep_source: bool = False) -> None:
+    """Upload or move a finished local file to `url` through a temporary name (`keep_source`
+    copies instead of moving a local file)."""
+    _put_file(url, local_file, keep_source)
 
 
 @_write_errors
-def _put_file(url: str, local_file: str) -> None:
+def _put_file(url: str, local_file: str, keep_source: bool = False) -> None:
     fs, _ = filesystem(url)
     with publish(url) as tmp:
-        if isinstance(fs, LocalFileSystem):
-            shutil.move(local_file, tmp)
-        else:
+        if not isinstance(fs, LocalFileSystem):
             fs.put_file(local_file, tmp)
+        elif keep_source:
+            shutil.copyfile(local_file, tmp)
+        else:
+            shutil.move(local_file, tmp)
 
 
 @_errors
@@ -268,9 +271,34 @@ def _download(url: str, local_dir: str, names: list[str] | None) -> None:
         fs.get_file(remote, local)
 
 
-def upload_tree(local_dir: str, url: str, last: str | None = None) -> None:
-    """Copy a local folder's files to `url`, each through a temporary name; `last` (a file name)
-    goes last, so a reader that checks for it never sees a half-copied folder."""
-    names = sorted(os.listdir(local_dir), key=lambda n: n == last)
+def publish_tree(local_dir: str, url: str, ignore: Callable | None = None, last: str | None = None) -> None:
+    """Publish the files of a local folder as the folder `url`, so no reader sees it half-written.
+
+    Locally the folder is copied under a temporary name beside `url` and swapped in with renames.
+    On object stores, where folders are prefixes, each file goes through a temporary name and `last`
+    (a file name readers check for, e.g. a model's weights) is removed first and written last.
+    `ignore` is a `shutil.ignore_patterns` filter of files to leave out."""
+    if is_local(url):
+        _publish_local_tree(local_dir, local_path(url), ignore)
+        return
+    names = [n for n in sorted(os.listdir(local_dir), key=lambda n: n == last)
+             if not (ignore and n in ignore(local_dir, [n]))]
+    if last is not None:
+        remove_tree(join(url, last))
     for name in names:
-        put_file(os.path.join(local_dir, name), join(url, name))
+        put_file(os.path.join(local_dir, name), join(url, name), keep_source=True)
+
+
+@_write_errors
+def _publish_local_tree(local_dir: str, target: str, ignore: Callable | None) -> None:
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{name}")
+    shutil.copytree(local_dir, staging, ignore=ignore)
+    old = None
+    if os.path.exists(target):
+        old = os.path.join(parent, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-old-{name}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)

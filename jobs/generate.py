@@ -7,7 +7,7 @@ import logging
 import sys
 
 from factory import config as config_lib
-from factory.generate import generate
+from factory.recipes.generate import generate
 from factory.runtime import ray_session
 
 log = logging.getLogger("jobs.generate")

@@ -17,11 +17,13 @@ import logging
 import sys
 
 from factory import config as config_lib
-from factory import storage, versions
-from factory.decoders import MODEL_FILE
-from factory.generate import GenerateError, generate
+from factory import storage
+from factory.dataset import validate, versions
+from factory.decoders.files import MODEL_FILE
+from factory.recipes.generate import GenerateError, generate
+from factory.recipes.ray_train import TrainError
+from factory.recipes.train import inputs_hash, train
 from factory.runtime import ray_session
-from factory.train import TrainError, inputs_hash, train
 
 log = logging.getLogger("jobs.nightly")
 
@@ -55,7 +57,7 @@ def build(cfg: config_lib.FactoryConfig, date: datetime.date) -> dict:
     manifest = generate(cfg)
 
     # 3. Validate before anyone can see it.
-    checked = versions.validate(cfg.generate.output, cfg.nightly.min_samples, cfg.nightly.verify_checksums,
+    checked = validate.validate(cfg.generate.output, cfg.nightly.min_samples, cfg.nightly.verify_checksums,
                                 cfg.nightly.label_samples)
     log.info("%s validated: %s", cfg.generate.output, checked)
 
@@ -80,6 +82,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main(*parse_args(sys.argv[1:]))
-    except (versions.ValidationError, config_lib.ConfigError, storage.StorageError, GenerateError, TrainError) as e:
+    except (validate.ValidationError, config_lib.ConfigError, storage.StorageError, GenerateError, TrainError) as e:
         print(f"nightly: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, config_lib.ConfigError) else 1)

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from factory import config as config_lib
-from factory.pretrain import pretrain
+from factory.recipes.pretrain import pretrain
 from factory.runtime import ray_session
 
 log = logging.getLogger("jobs.pretrain")

@@ -1,4 +1,4 @@
-"""Train the GAN-path demo's stand-in annotator (see factory/annotator.py) on toy-world ground truth.
+"""Train the GAN-path demo's stand-in annotator (see factory/toy/annotator.py) on toy-world ground truth.
 
     python jobs/train_annotator.py OUT.safetensors [--resolution 32] [--steps 2000]
 
@@ -9,8 +9,8 @@ import argparse
 import json
 import logging
 
-from factory import segmenter
-from factory.annotator import train_annotator
+from factory.toy import segmenter
+from factory.toy.annotator import train_annotator
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,8 +7,8 @@ import logging
 import sys
 
 from factory import config as config_lib
+from factory.recipes.train import train
 from factory.runtime import ray_session
-from factory.train import train
 
 log = logging.getLogger("jobs.train_decoder")
 

@@ -42,7 +42,8 @@ def save_untrained_decoder(cfg):
     the way `factory train` publishes one: enough for tests about bytes, layout and resume."""
     from factory import config as config_lib
     from factory.backbones import load_backbone
-    from factory.decoders import build_decoder, save_decoder
+    from factory.decoders import build_decoder
+    from factory.decoders.files import save_decoder
 
     backbone = load_backbone(cfg.backbone)
     model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.label_names())).eval()
@@ -54,8 +55,8 @@ def save_untrained_decoder(cfg):
 @pytest.fixture
 def labeled_dir(tiny_cfg):
     """An exported folder labeled by the demo's stand-in annotator (masks/*.png present)."""
-    from factory.annotate import export_images
-    from factory.annotator import annotate_by_rule
+    from factory.recipes.annotate import export_images
+    from factory.toy.annotator import annotate_by_rule
 
     export_images(tiny_cfg)
     annotate_by_rule(tiny_cfg.annotate.dir)

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory import annotate, labels
 from factory.backbones import load_backbone
-from factory.labels import AnnotationError
+from factory.data import annotations
+from factory.data.annotations import AnnotationError
+from factory.recipes import annotate
 
 
 def _export(directory):
-    with open(os.path.join(directory, labels.EXPORT_RECORD)) as f:
+    with open(os.path.join(directory, annotations.EXPORT_RECORD)) as f:
         return json.load(f)
 
 
@@ -25,7 +26,7 @@ def test_export_writes_images_and_a_record(tiny_cfg):
     for entry in record["images"]:
         with Image.open(os.path.join(out, "images", entry["file"])) as im:
             assert im.size == (32, 32) and im.mode == "RGB"
-            assert labels.pixels_sha256(np.array(im)) == entry["sha256"]
+            assert annotations.pixels_sha256(np.array(im)) == entry["sha256"]
     assert open(os.path.join(out, "classes.txt")).read().split() == tiny_cfg.labels.classes
     assert "masks/" in open(os.path.join(out, "README.txt")).read()
 
@@ -34,13 +35,13 @@ def test_regenerating_from_the_stored_seed_gives_the_exported_pixels(tiny_cfg):
     out = annotate.export_images(tiny_cfg)
     entry = _export(out)["images"][5]
     again = load_backbone(tiny_cfg.backbone)([entry["seed"]])
-    assert labels.pixels_sha256(again.images[0].numpy()) == entry["sha256"]
+    assert annotations.pixels_sha256(again.images[0].numpy()) == entry["sha256"]
     np.testing.assert_array_equal(again.latents[0].numpy(), np.float32(entry["latent"]))
 
 
 def test_import_round_trip(tiny_cfg, labeled_dir):
     labeled = annotate.import_labels(tiny_cfg)
-    again = labels.load_labeled_set(tiny_cfg.train.labeled)
+    again = annotations.load_labeled_set(tiny_cfg.train.labeled)
     assert again.files == labeled.files == [f"{s:08d}.png" for s in range(8)]
     assert again.masks.shape == (8, 32, 32) and again.masks.dtype.is_floating_point is False
     with Image.open(os.path.join(labeled_dir, "masks", "00000003.png")) as im:

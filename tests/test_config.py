@@ -19,7 +19,7 @@ def test_defaults_are_the_embedded_default():
 
 def test_demo_yaml_spells_out_what_the_demo_runs(tmp_path):
     from factory.config import to_dict
-    from factory.demo import demo_config
+    from factory.toy.demo import demo_config
 
     from_file = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [f"workdir={tmp_path}"])
     assert to_dict(from_file) == to_dict(demo_config(str(tmp_path)))

@@ -40,7 +40,7 @@ def built(tmp_path_factory, ray_cluster, s3_endpoint):
 def test_generated_samples_carry_prompts_masks_depth_and_instances(built):
     from factory import storage
     from factory.config import StorageConfig
-    from factory.read import iter_samples, open_dataset
+    from factory.dataset.read import iter_samples, open_dataset
 
     work, args = built
     endpoint = args[-2].split("=", 1)[1]

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from factory.cli import main
-from factory.annotator import annotate_by_rule
-from factory.read import decode_png
+from factory.dataset.sample import decode_png
+from factory.toy.annotator import annotate_by_rule
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -91,7 +91,7 @@ def test_rerun_is_a_noop_and_resume_rebuilds_identically(built):
 def test_train_rerun_resumes_from_its_checkpoint(built):
     from factory.config import load_config
     from factory.fingerprint import safetensors_fingerprint
-    from factory.train import train
+    from factory.recipes.train import train
 
     work, args = built
     decoder = str(work / "train" / "interpreter" / "decoder" / "model.safetensors")
@@ -179,14 +179,14 @@ def test_job_entry_points_run_the_same_recipes(built):
 
 
 def test_generate_to_s3_on_loopback(built, s3_bucket, s3_endpoint):
-    from factory import read, shards
+    from factory.dataset import layout, read
 
     work, args = built
     out = f"{s3_bucket}/datasets/v1"
     assert main(["generate", *args, f"generate.output={out}", "generate.num_samples=60",
                  f"storage.endpoint_url={s3_endpoint}", "storage.region=us-east-1"]) == 0
     tables = list(read.shard_tables(out))
-    assert [t.num_rows for t in tables] == [s["count"] for s in shards.read_manifest(out)["shards"]]
+    assert [t.num_rows for t in tables] == [s["count"] for s in layout.read_manifest(out)["shards"]]
     assert sum(t.num_rows for t in tables) >= 50
     assert main(["inspect", out, "--json", "--endpoint-url", s3_endpoint, "--region", "us-east-1"]) == 0
 
@@ -209,7 +209,7 @@ def test_bad_storage_gives_a_one_line_error(built, s3_endpoint, case, capsys):
 
 
 def test_train_checkpoints_and_decoder_on_s3(built, s3_bucket, s3_endpoint):
-    from factory import read, shards
+    from factory.dataset import layout, read
 
     work, args = built
     s3 = [f"storage.endpoint_url={s3_endpoint}", "storage.region=us-east-1",
@@ -219,8 +219,8 @@ def test_train_checkpoints_and_decoder_on_s3(built, s3_bucket, s3_endpoint):
     assert any(n.startswith("checkpoint") for n in storage_listing(f"{s3_bucket}/runs/interpreter"))
     out = f"{s3_bucket}/from-s3-decoder"
     assert main(["generate", *args, *s3, f"generate.output={out}", "generate.num_samples=20"]) == 0
-    assert shards.read_manifest(out)["num_generated"] == 20
-    assert sum(t.num_rows for t in read.shard_tables(out)) == shards.read_manifest(out)["num_samples"]
+    assert layout.read_manifest(out)["num_generated"] == 20
+    assert sum(t.num_rows for t in read.shard_tables(out)) == layout.read_manifest(out)["num_samples"]
 
 
 def storage_listing(url):

@@ -5,13 +5,14 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import save_untrained_decoder
 
 from factory import config as config_lib
-from factory import shards
-from factory.decoders import load_decoder
-from factory.generate import build_shard, label_seeds, sample_hash
-from factory.read import decode_png
-from conftest import save_untrained_decoder
+from factory.dataset import layout, sample
+from factory.dataset.sample import decode_png
+from factory.decoders.files import load_decoder
+from factory.recipes.generate import sample_hash
+from factory.recipes.labeling import build_shard, label_seeds
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def models(tiny_cfg):
 def test_rows_match_the_schema_and_the_backbone(tiny_cfg, models):
     backbone, decoder = models
     rows = label_seeds(backbone, decoder, [7, 8, 9], shard=2, cfg=tiny_cfg, config_hash="abc")
-    table = pa.Table.from_pylist(rows, schema=shards.SAMPLE_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=sample.SAMPLE_SCHEMA)
     assert table.num_rows == 3 and table.column("key").to_pylist() == ["000000000007", "000000000008", "000000000009"]
     alone = backbone([8])
     np.testing.assert_array_equal(decode_png(rows[1]["image"]), alone.images[0].numpy())
@@ -37,14 +38,14 @@ def test_rows_match_the_schema_and_the_backbone(tiny_cfg, models):
 
 def test_a_rebuilt_shard_has_identical_bytes(tiny_cfg, models):
     backbone, decoder = models
-    spec = shards.ShardSpec(1, 16, 32)
+    spec = layout.ShardSpec(1, 16, 32)
     first = build_shard(backbone, decoder, tiny_cfg, spec, "abc")
     path = f"{tiny_cfg.generate.output}/parquet/shard-00001.parquet"
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     second = build_shard(backbone, decoder, tiny_cfg, spec, "abc")
     assert first["files"] == second["files"] and first["files"][0]["sha256"] == digest
     assert first["count"] == 16 and first["start_seed"] == 16 and first["stop_seed"] == 32
-    assert shards.read_completion(tiny_cfg.generate.output, spec)["count"] == 16
+    assert layout.read_completion(tiny_cfg.generate.output, spec)["count"] == 16
 
 
 def test_sample_hash_tracks_what_the_bytes_depend_on(tiny_cfg, models):
@@ -58,9 +59,10 @@ def test_sample_hash_tracks_what_the_bytes_depend_on(tiny_cfg, models):
 def test_a_failing_shard_is_retried_then_reported_not_dropped(tiny_cfg, models, monkeypatch):
     import json
 
-    from factory import generate as generate_mod
+    from factory.recipes import generate as generate_mod
+    from factory.recipes import labeling
 
-    real = generate_mod.build_shard
+    real = labeling.build_shard
     calls = {0: 0, 1: 0}
 
     def flaky(backbone, decoder, cfg, spec, config_hash, threshold, texts=None):
@@ -69,7 +71,7 @@ def test_a_failing_shard_is_retried_then_reported_not_dropped(tiny_cfg, models, 
             raise OSError("disk full")
         return real(backbone, decoder, cfg, spec, config_hash, threshold, texts)
 
-    monkeypatch.setattr(generate_mod, "build_shard", flaky)
+    monkeypatch.setattr(labeling, "build_shard", flaky)
     tiny_cfg.generate.max_retries = 2
     builder = generate_mod.ShardBuilder(config_lib.to_dict(tiny_cfg), "abc", None)
     out = builder({"index": np.array([0, 1]), "start_seed": np.array([0, 16]), "stop_seed": np.array([16, 32])})
@@ -77,7 +79,7 @@ def test_a_failing_shard_is_retried_then_reported_not_dropped(tiny_cfg, models, 
     assert first["count"] == 16 and "failed" not in first and calls[0] == 2
     assert second == {"shard": 1, "name": "shard-00001", "failed": "OSError: disk full", "attempts": 3}
     assert calls[1] == 3
-    assert shards.read_completion(tiny_cfg.generate.output, shards.ShardSpec(1, 16, 32)) is None
+    assert layout.read_completion(tiny_cfg.generate.output, layout.ShardSpec(1, 16, 32)) is None
 
 
 def test_uncertain_samples_are_dropped_in_every_format(tiny_cfg, models):
@@ -85,7 +87,7 @@ def test_uncertain_samples_are_dropped_in_every_format(tiny_cfg, models):
 
     backbone, decoder = models
     tiny_cfg.generate.formats = ["parquet", "webdataset"]
-    spec = shards.ShardSpec(0, 0, 16)
+    spec = layout.ShardSpec(0, 0, 16)
     full = build_shard(backbone, decoder, tiny_cfg, spec, "abc")
     scores = pq.read_table(f"{tiny_cfg.generate.output}/parquet/shard-00000.parquet").column("uncertainty")
     threshold = float(np.quantile(scores.to_numpy(), 0.75))
@@ -100,7 +102,7 @@ def test_uncertain_samples_are_dropped_in_every_format(tiny_cfg, models):
 
 
 def test_scores_match_the_stored_uncertainty(tiny_cfg, models):
-    from factory.generate import score_seeds
+    from factory.recipes.labeling import score_seeds
 
     backbone, decoder = models
     rows = label_seeds(backbone, decoder, [3, 4, 5], shard=0, cfg=tiny_cfg, config_hash="abc")

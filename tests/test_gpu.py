@@ -6,9 +6,10 @@ import torch
 
 from factory import config as config_lib
 from factory.backbones import load_backbone
-from factory.decoders import build_decoder, load_decoder, save_decoder
-from factory.generate import label_seeds
-from factory.read import decode_png
+from factory.dataset.sample import decode_png
+from factory.decoders import build_decoder
+from factory.decoders.files import load_decoder, save_decoder
+from factory.recipes.labeling import label_seeds
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from factory import shards, storage, versions
+from factory import storage
 from factory.cli import main
 from factory.config import StorageConfig, load_config
+from factory.dataset import layout, validate, versions
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -67,8 +68,8 @@ def nightly_config(tmp_path_factory, s3_endpoint):
     """A labeled set on local disk; training runs, versions and LATEST on loopback S3."""
     import boto3
 
-    from factory.annotate import export_images, import_labels
-    from factory.annotator import annotate_by_rule
+    from factory.recipes.annotate import export_images, import_labels
+    from factory.toy.annotator import annotate_by_rule
 
     work = tmp_path_factory.mktemp("nightly")
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="nightly")
@@ -108,7 +109,7 @@ def test_nightly_job_publishes_validates_and_is_idempotent(ray_head, nightly_con
     assert versions.read_latest(root)["version"] == "2026-11-23"
     version = versions.resolve(f"{root}@latest")
     assert version == f"{root}/2026-11-23"
-    assert versions.validate(version)["samples"] == shards.read_manifest(version)["num_samples"] > 0
+    assert validate.validate(version)["samples"] == layout.read_manifest(version)["num_samples"] > 0
     endpoint = load_config(str(nightly_config)).storage.endpoint_url
     assert main(["inspect", f"{root}@latest", "--json", "--endpoint-url", endpoint, "--region", "us-east-1"]) == 0
 

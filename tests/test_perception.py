@@ -66,10 +66,10 @@ def test_every_head_trains_and_predictions_have_their_shapes():
 def test_decoder_learns_masks_and_depth_from_inverted_real_images(tmp_path):
     """Labels are a fixed function of the image (toy-world ground truth); held-out mIoU must be well
     above what predicting by class frequency gives, and depth far better than a constant guess."""
-    from factory import toyworld
     from factory.config import load_config
-    from factory.real_labels import import_folder, save_real_labeled_set
-    from factory.train import fit
+    from factory.data import toyworld
+    from factory.data.labeled_photos import import_folder, save_real_labeled_set
+    from factory.recipes.train import fit
 
     toyworld.write_folder(str(tmp_path / "labeled"), 60)
     labeled = import_folder(str(tmp_path / "labeled"), ["segmentation", "depth"], toyworld.CLASSES, [], 64, 1000.0)
@@ -85,7 +85,7 @@ def test_decoder_learns_masks_and_depth_from_inverted_real_images(tmp_path):
     freq = freq / freq.sum()
     chance = float((freq**2 / (2 * freq - freq**2).clamp_min(1e-9)).mean())  # guessing by frequency
     assert metrics["val_miou"] > 2 * chance, (metrics, chance)  # faces: 8 classes, small parts (0.20 vs 0.086)
-    from factory.objectives import depth_metrics
+    from factory.recipes.objectives import depth_metrics
 
     truth = labeled.depth[-12:]
     constant = depth_metrics(torch.full_like(truth, float(labeled.depth[:-12].median())), truth)  # one guess for all

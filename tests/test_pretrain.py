@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from factory.config import load_config
-from factory.pretrain import ImageFolderError, build_recipe, fit, load_image_folder, resolution_of
+from factory.data.image_folder import ImageFolderError, load_image_folder
+from factory.recipes.pretrain import build_recipe, fit, resolution_of
 
 TINY = {
     "stylegan2": ["backbone.stylegan2.resolution=16", "backbone.stylegan2.channel_max=8",

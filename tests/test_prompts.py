@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from factory import prompts
 from factory.config import PromptsConfig
+from factory.data import prompts
 
 
 def test_text_file_skips_blanks_and_comments(tmp_path):
@@ -243,8 +243,8 @@ def test_write_jsonl_round_trips_through_from_jsonl(tmp_path):
 
 
 def test_cli_expands_prompts_once_next_to_the_dataset_before_the_build(chat, tmp_path):
-    from factory import shards
     from factory.cli import main
+    from factory.dataset import layout
 
     configs = os.path.join(os.path.dirname(__file__), "..", "configs", "diffusion.yaml")
     args = [configs, f"workdir={tmp_path}", f"prompts.endpoint={chat.url}", "prompts.num_prompts=6"]
@@ -254,5 +254,5 @@ def test_cli_expands_prompts_once_next_to_the_dataset_before_the_build(chat, tmp
     assert all(set(r.classes) <= {"skin", "hair", "eye", "brow", "nose", "mouth", "ear"} for r in rows)
     assert main(["prompts", "expand", *args]) == 0 and len(chat.requests) == 1  # reused, not asked again
     # the build may start in a folder holding only its expanded prompts
-    shards.prepare_output(str(tmp_path / "dataset"), "h", {}, overwrite=False)
+    layout.prepare_output(str(tmp_path / "dataset"), "h", {}, overwrite=False)
     assert prompts.from_jsonl(str(tmp_path / "dataset" / prompts.PROMPTS_FILE)) == rows

@@ -10,13 +10,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import save_untrained_decoder
 from torch.utils.data import DataLoader
 
-from factory import read, shards, storage
+from factory import storage
 from factory.config import StorageConfig
-from factory.decoders import load_decoder
-from factory.generate import build_shard
-from conftest import save_untrained_decoder
+from factory.dataset import layout, read, sample
+from factory.decoders.files import load_decoder
+from factory.recipes.labeling import build_shard
 
 NUM_SHARDS, SHARD_SIZE = 5, 6
 
@@ -32,11 +33,11 @@ def dataset(tmp_path_factory):
     backbone = save_untrained_decoder(cfg)
     decoder = load_decoder(cfg.generate.decoder)
     out = cfg.generate.output
-    shards.prepare_output(out, "build", {}, overwrite=False)
+    layout.prepare_output(out, "build", {}, overwrite=False)
     records = [build_shard(backbone, decoder, cfg, spec, "cfg")
-               for spec in shards.plan_shards(100, NUM_SHARDS * SHARD_SIZE, SHARD_SIZE)]
-    shards.write_manifest(out, {
-        "format": shards.FORMAT, "build_hash": "build", "config_hash": "cfg", "task": "segmentation",
+               for spec in layout.plan_shards(100, NUM_SHARDS * SHARD_SIZE, SHARD_SIZE)]
+    layout.write_manifest(out, {
+        "format": layout.FORMAT, "build_hash": "build", "config_hash": "cfg", "task": "segmentation",
         "labels": ["background", "blue"], "formats": ["parquet", "webdataset"],
         "num_samples": NUM_SHARDS * SHARD_SIZE, "num_shards": NUM_SHARDS, "complete": True,
         "shards": records, "failed": [],
@@ -135,9 +136,9 @@ def test_hf_datasets_read_both_formats(dataset, tmp_path, monkeypatch):
 
 def test_pyarrow_reads_the_parquet(dataset):
     table = pq.read_table(f"{dataset}/parquet")
-    assert sorted(table.column("key").to_pylist()) == ALL_KEYS and table.schema.equals(shards.SAMPLE_SCHEMA)
+    assert sorted(table.column("key").to_pylist()) == ALL_KEYS and table.schema.equals(sample.SAMPLE_SCHEMA)
     meta = pads.dataset(sorted(glob.glob(f"{dataset}/webdataset/*.meta.parquet"))).to_table()
-    assert meta.column("key").to_pylist() == ALL_KEYS and meta.schema.equals(shards.META_SCHEMA)
+    assert meta.column("key").to_pylist() == ALL_KEYS and meta.schema.equals(sample.META_SCHEMA)
 
 
 @pytest.mark.integration
@@ -190,11 +191,11 @@ def diffusion_dataset(tmp_path_factory):
     backbone = save_untrained_decoder(cfg)
     decoder = load_decoder(cfg.generate.decoder)
     out = cfg.generate.output
-    shards.prepare_output(out, "build", {}, overwrite=False)
+    layout.prepare_output(out, "build", {}, overwrite=False)
     texts = ["a photo of a red thing", "a blue one"]
-    record = build_shard(backbone, decoder, cfg, shards.plan_shards(0, 4, 4)[0], "cfg", texts=texts)
-    shards.write_manifest(out, {
-        "format": shards.FORMAT, "build_hash": "build", "config_hash": "cfg", "task": "segmentation+depth+instances",
+    record = build_shard(backbone, decoder, cfg, layout.plan_shards(0, 4, 4)[0], "cfg", texts=texts)
+    layout.write_manifest(out, {
+        "format": layout.FORMAT, "build_hash": "build", "config_hash": "cfg", "task": "segmentation+depth+instances",
         "tasks": ["segmentation", "depth", "instances"], "labels": cfg.labels.classes,
         "formats": ["parquet", "webdataset"], "num_samples": 4, "num_shards": 1, "complete": True,
         "shards": [record], "failed": [],

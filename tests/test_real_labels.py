@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory import toyworld
-from factory.labels import AnnotationError
-from factory.real_labels import import_folder, load_real_labeled_set, save_real_labeled_set
+from factory.data import toyworld
+from factory.data.annotations import AnnotationError
+from factory.data.labeled_photos import import_folder, load_real_labeled_set, save_real_labeled_set
 
 TASKS = ["segmentation", "depth", "instances"]
 
@@ -80,9 +80,9 @@ def test_every_bad_file_is_named_and_nothing_is_written(folder, tmp_path):
 
 
 def test_labels_import_needs_the_diffusion_path_and_a_folder(tmp_path):
-    from factory.cli import main
-
     import os
+
+    from factory.cli import main
 
     configs = os.path.join(os.path.dirname(__file__), "..", "configs")
     assert main(["labels", "import", os.path.join(configs, "demo.yaml"), f"workdir={tmp_path}"]) == 2

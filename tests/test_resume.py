@@ -9,11 +9,12 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import save_untrained_decoder
 
 from factory import config as config_lib
-from factory import shards, storage
-from factory.generate import generate
-from conftest import save_untrained_decoder
+from factory import storage
+from factory.dataset import layout
+from factory.recipes.generate import generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -47,7 +48,7 @@ def data_files(output: str) -> dict[str, str]:
     import hashlib
 
     out = {}
-    for folder in shards.FORMATS:
+    for folder in layout.FORMATS:
         for name in sorted(storage.listdir(storage.join(output, folder))):
             out[f"{folder}/{name}"] = hashlib.sha256(storage.read_bytes(storage.join(output, folder, name))).hexdigest()
     return out
@@ -76,7 +77,7 @@ def test_killed_build_resumes_to_the_uninterrupted_bytes(setup, ray_cluster):
          f"ray.address={address}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    stats = storage.join(resumed, shards.STATS_DIR)
+    stats = storage.join(resumed, layout.STATS_DIR)
     deadline = time.monotonic() + 300
     while not (storage.exists(stats) and len(storage.listdir(stats)) >= 6):
         assert driver.poll() is None, "the driver ended before it could be killed"
@@ -85,7 +86,7 @@ def test_killed_build_resumes_to_the_uninterrupted_bytes(setup, ray_cluster):
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     done_at_kill = len(storage.listdir(stats))
-    assert not storage.exists(storage.join(resumed, shards.MANIFEST))  # killed before the end
+    assert not storage.exists(storage.join(resumed, layout.MANIFEST))  # killed before the end
     assert done_at_kill < NUM_SAMPLES // 250
 
     # 3. Re-run to completion: only the missing shards are built.

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import ray.cloudpickle
-
-from factory import shards
-from factory.generate import GenerateError, ShardBuilder, generate
 from conftest import save_untrained_decoder
+
+from factory.dataset import layout
+from factory.recipes.generate import GenerateError, ShardBuilder, generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -58,8 +58,8 @@ def test_a_shard_that_keeps_crashing_is_reported_failed(cfg, tmp_path):
     cfg.generate.max_retries = 0
     with pytest.raises(GenerateError, match="shard-00001"):
         generate(cfg, builder=crashing(str(tmp_path / "crashed"), always=True))
-    manifest = shards.read_manifest(cfg.generate.output)
+    manifest = layout.read_manifest(cfg.generate.output)
     assert not manifest["complete"]
     assert "shard-00001" in [f["name"] for f in manifest["failed"]]
     assert "shard-00001" not in [s["name"] for s in manifest["shards"]]
-    assert shards.read_completion(cfg.generate.output, shards.ShardSpec(1, 0, 0)) is None
+    assert layout.read_completion(cfg.generate.output, layout.ShardSpec(1, 0, 0)) is None

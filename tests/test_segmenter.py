@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from factory import segmenter, toyworld
+from factory.data import toyworld
+from factory.toy import segmenter
 
 
 def scenes(seeds):

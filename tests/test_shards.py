@@ -5,11 +5,11 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from factory import shards
+from factory.dataset import layout, sample, writers
 
 
 def test_plan_covers_the_seed_range_without_overlap():
-    plan = shards.plan_shards(100, 25, 10)
+    plan = layout.plan_shards(100, 25, 10)
     assert [(s.start_seed, s.stop_seed) for s in plan] == [(100, 110), (110, 120), (120, 125)]
     assert [s.name for s in plan] == ["shard-00000", "shard-00001", "shard-00002"]
 
@@ -23,8 +23,8 @@ def _row(seed):
 
 def test_parquet_writer_publishes_only_on_close(tmp_path):
     out = str(tmp_path / "ds")
-    spec = shards.ShardSpec(3, 30, 35)
-    [w] = shards.open_writers(out, spec, ["parquet"])
+    spec = layout.ShardSpec(3, 30, 35)
+    [w] = writers.open_writers(out, spec, ["parquet"])
     w._rows_per_group = 2
     for seed in spec.seeds:
         w.write(_row(seed))
@@ -32,7 +32,7 @@ def test_parquet_writer_publishes_only_on_close(tmp_path):
     [record] = w.close()
     table = pq.read_table(f"{out}/parquet/shard-00003.parquet")
     assert table.column("seed").to_pylist() == list(range(30, 35))
-    assert table.schema.equals(shards.SAMPLE_SCHEMA)
+    assert table.schema.equals(sample.SAMPLE_SCHEMA)
     assert record["path"] == "parquet/shard-00003.parquet" and record["bytes"] == os.path.getsize(
         f"{out}/parquet/shard-00003.parquet"
     )
@@ -44,8 +44,8 @@ def test_webdataset_writer_writes_a_tar_and_its_metadata(tmp_path):
     import tarfile
 
     out = str(tmp_path / "ds")
-    spec = shards.ShardSpec(2, 20, 23)
-    [w] = shards.open_writers(out, spec, ["webdataset"])
+    spec = layout.ShardSpec(2, 20, 23)
+    [w] = writers.open_writers(out, spec, ["webdataset"])
     for seed in spec.seeds:
         w.write({**_row(seed), "mask": b"seg", "keypoints": '[{"name": "nose", "x": 1.0, "y": 2.0, "score": 0.5}]'})
     assert not os.path.exists(f"{out}/webdataset/shard-00002.tar")
@@ -61,11 +61,11 @@ def test_webdataset_writer_writes_a_tar_and_its_metadata(tmp_path):
     assert meta["seed"] == 21 and meta["latent"] == [0.5, -1.0] and meta["keypoints"][0]["name"] == "nose"
     assert "image" not in meta and "mask" not in meta
     table = pq.read_table(f"{out}/webdataset/shard-00002.meta.parquet")
-    assert table.schema.equals(shards.META_SCHEMA) and table.column("key").to_pylist()[0] == "000000000020"
+    assert table.schema.equals(sample.META_SCHEMA) and table.column("key").to_pylist()[0] == "000000000020"
 
 
 def test_keys_with_dots_are_refused(tmp_path):
-    [w] = shards.open_writers(str(tmp_path), shards.ShardSpec(0, 0, 1), ["webdataset"])
+    [w] = writers.open_writers(str(tmp_path), layout.ShardSpec(0, 0, 1), ["webdataset"])
     with pytest.raises(ValueError, match="'a.b' must not contain"):
         w.write({**_row(0), "key": "a.b"})
     w.abort()
@@ -76,15 +76,15 @@ def test_interrupted_writes_are_cleared_as_debris(tmp_path):
     os.makedirs(f"{out}/parquet")
     open(f"{out}/parquet/.tmp-0123-shard-00000.parquet", "wb").close()
     open(f"{out}/parquet/shard-00001.parquet", "wb").close()
-    assert shards.remove_temporaries(out) == ["parquet/.tmp-0123-shard-00000.parquet"]
+    assert layout.remove_temporaries(out) == ["parquet/.tmp-0123-shard-00000.parquet"]
     assert os.listdir(f"{out}/parquet") == ["shard-00001.parquet"]
 
 
-@pytest.mark.parametrize("fmt", shards.FORMATS)
+@pytest.mark.parametrize("fmt", layout.FORMATS)
 def test_same_rows_give_the_same_bytes(tmp_path, fmt):
     digests = []
     for name in ("a", "b"):
-        [w] = shards.open_writers(str(tmp_path / name), shards.ShardSpec(0, 0, 3), [fmt])
+        [w] = writers.open_writers(str(tmp_path / name), layout.ShardSpec(0, 0, 3), [fmt])
         for seed in range(3):
             w.write(_row(seed))
         digests.append([f["sha256"] for f in w.close()])
@@ -93,23 +93,23 @@ def test_same_rows_give_the_same_bytes(tmp_path, fmt):
 
 def test_output_claim_refuses_another_config(tmp_path):
     out = str(tmp_path / "ds")
-    shards.prepare_output(out, "hash-a", {"x": 1}, overwrite=False)
-    shards.prepare_output(out, "hash-a", {"x": 1}, overwrite=False)  # same config: resume
+    layout.prepare_output(out, "hash-a", {"x": 1}, overwrite=False)
+    layout.prepare_output(out, "hash-a", {"x": 1}, overwrite=False)  # same config: resume
     with pytest.raises(FileExistsError, match="different config.*generate.overwrite=true"):
-        shards.prepare_output(out, "hash-b", {"x": 2}, overwrite=False)
-    shards.write_completion(out, shards.ShardSpec(0, 0, 1), {"count": 1})
-    shards.prepare_output(out, "hash-b", {"x": 2}, overwrite=True)
+        layout.prepare_output(out, "hash-b", {"x": 2}, overwrite=False)
+    layout.write_completion(out, layout.ShardSpec(0, 0, 1), {"count": 1})
+    layout.prepare_output(out, "hash-b", {"x": 2}, overwrite=True)
     assert sorted(os.listdir(out)) == ["build.json"]
-    assert shards.read_completion(out, shards.ShardSpec(0, 0, 1)) is None
+    assert layout.read_completion(out, layout.ShardSpec(0, 0, 1)) is None
 
 
 def test_output_claim_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a factory dataset"):
-        shards.prepare_output(str(tmp_path), "h", {}, overwrite=False)
+        layout.prepare_output(str(tmp_path), "h", {}, overwrite=False)
     assert (tmp_path / "precious.txt").exists()
 
 
 def test_manifest_errors_name_the_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no manifest.json"):
-        shards.read_manifest(str(tmp_path))
+        layout.read_manifest(str(tmp_path))

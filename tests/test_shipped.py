@@ -7,10 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from factory import segmenter, toyworld
-from factory.annotator import SHIPPED_ANNOTATOR
 from factory.backbones import load_backbone
 from factory.config import SHIPPED_DIR, ConfigError, load_config
+from factory.data import toyworld
+from factory.toy import segmenter
+from factory.toy.annotator import SHIPPED_ANNOTATOR
 
 SKIN = toyworld.CLASSES.index("skin")
 
@@ -76,7 +77,7 @@ def test_demo_labels_generated_faces_end_to_end(tmp_path, ray_cluster, capsys):
     from PIL import Image
 
     from factory.cli import main
-    from factory.read import iter_samples
+    from factory.dataset.read import iter_samples
 
     work = tmp_path / "demo"
     assert main(["demo", "--workdir", str(work), "train.steps=60", "generate.num_samples=64",

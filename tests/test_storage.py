@@ -3,7 +3,8 @@
 import pyarrow.parquet as pq
 import pytest
 
-from factory import read, shards, storage
+from factory import storage
+from factory.dataset import layout, read, writers
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -34,17 +35,34 @@ def test_failed_publish_leaves_nothing(root):
 
 
 def test_shard_round_trip_through_fsspec_and_arrow(root):
-    spec = shards.ShardSpec(0, 10, 13)
-    shards.prepare_output(root, "h", {}, overwrite=False)
-    [w] = shards.open_writers(root, spec, ["parquet"])
+    spec = layout.ShardSpec(0, 10, 13)
+    layout.prepare_output(root, "h", {}, overwrite=False)
+    [w] = writers.open_writers(root, spec, ["parquet"])
     for seed in spec.seeds:
         w.write({"key": f"{seed:012d}", "seed": seed, "shard": 0, "latent": [0.0], "psi": 1.0, "width": 1,
                  "height": 1, "image": b"i", "mask": None, "keypoints": None, "uncertainty": 0.5,
                  "config_hash": "h"})
     record = {"count": w.count, "files": w.close(), "bytes": 0}
-    shards.write_completion(root, spec, record)
-    shards.write_manifest(root, {"format": shards.FORMAT, "formats": ["parquet"], "shards": [record]})
+    layout.write_completion(root, spec, record)
+    layout.write_manifest(root, {"format": layout.FORMAT, "formats": ["parquet"], "shards": [record]})
     assert [t.num_rows for t in read.shard_tables(root)] == [3]
     fs, path = storage.arrow_filesystem(storage.join(root, "parquet", "shard-00000.parquet"))
     assert pq.read_table(path, filesystem=fs).column("seed").to_pylist() == [10, 11, 12]
-    assert shards.read_completion(root, spec)["count"] == 3
+    assert layout.read_completion(root, spec)["count"] == 3
+
+
+def test_publish_tree_replaces_a_folder_whole(root, tmp_path):
+    import shutil
+
+    for version in ("one", "two"):
+        src = tmp_path / f"src-{version}"
+        src.mkdir()
+        (src / "model.bin").write_text(version)
+        (src / "notes.txt").write_text(f"notes {version}")
+        (src / "state.pt").write_text("private")
+        storage.publish_tree(str(src), storage.join(root, "decoder"), ignore=shutil.ignore_patterns("state.pt"),
+                             last="model.bin")
+        assert sorted(storage.listdir(storage.join(root, "decoder"))) == ["model.bin", "notes.txt"]
+        assert storage.read_bytes(storage.join(root, "decoder", "model.bin")) == version.encode()
+        assert (src / "model.bin").exists()  # the source is copied, never moved
+    assert storage.listdir(root) == ["decoder"]  # no temporary left beside it

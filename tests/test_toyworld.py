@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from factory import toyworld
 from factory.backbones.tiny_diffusion import WORDS
+from factory.data import toyworld
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from factory import annotate
 from factory.config import load_config
-from factory.annotator import annotate_by_rule
-from factory.labels import load_labeled_set
-from factory.objectives import PixelSampler, segmentation_metrics, step_generator
-from factory.train import fit
+from factory.data.annotations import load_labeled_set
+from factory.recipes import annotate
+from factory.recipes.objectives import PixelSampler, segmentation_metrics
+from factory.recipes.ray_train import step_generator
+from factory.recipes.train import fit
+from factory.toy.annotator import annotate_by_rule
 
 
 def test_balanced_sampling_visits_rare_classes_as_often():
@@ -97,9 +98,9 @@ def test_keypoint_interpreter_learns_and_generates(tmp_path):
     import json
 
     from factory.backbones import load_backbone
-    from factory.decoders import load_decoder, save_decoder
-    from factory.generate import label_seeds
-    from factory.labels import read_export
+    from factory.data.annotations import read_export
+    from factory.decoders.files import load_decoder, save_decoder
+    from factory.recipes.labeling import label_seeds
 
     cfg = load_config(None, [f"workdir={tmp_path}", "decoder.task=keypoints", "labels.keypoints=[bluest,reddest]",
                              "annotate.num_images=32", "train.val_images=16", "train.steps=400",
@@ -129,8 +130,8 @@ def test_keypoint_interpreter_learns_and_generates(tmp_path):
 def test_regeneration_check_tolerates_float_noise_but_not_other_pixels():
     import numpy as np
 
-    from factory.labels import LabeledSet
-    from factory.objectives import _within_float_noise
+    from factory.data.annotations import LabeledSet
+    from factory.recipes.objectives import _within_float_noise
 
     exported = np.full((32, 32, 3), 100, np.uint8)
     labeled = LabeledSet("segmentation", ["a", "b"], ["x.png"], torch.tensor([0]), ["sha"], "h", 1.0,

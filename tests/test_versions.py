@@ -4,28 +4,28 @@ import json
 import os
 
 import pytest
-
-from factory import shards, versions
-from factory.generate import build_shard
 from conftest import save_untrained_decoder
+
+from factory.dataset import layout, validate, versions
+from factory.recipes.labeling import build_shard
 
 
 @pytest.fixture
 def version(tiny_cfg, tmp_path):
     """A small finished version <root>/2026-11-20 written the way generate() writes one."""
-    from factory.decoders import load_decoder
+    from factory.decoders.files import load_decoder
 
     backbone = save_untrained_decoder(tiny_cfg)
     decoder = load_decoder(tiny_cfg.generate.decoder)
     root = str(tmp_path / "root")
     tiny_cfg.generate.output = f"{root}/2026-11-20"
-    shards.prepare_output(tiny_cfg.generate.output, "b", {}, overwrite=False)
-    plan = shards.plan_shards(0, 24, 12)
+    layout.prepare_output(tiny_cfg.generate.output, "b", {}, overwrite=False)
+    plan = layout.plan_shards(0, 24, 12)
     records = [build_shard(backbone, decoder, tiny_cfg, spec, "c") for spec in plan]
-    manifest = {"format": shards.FORMAT, "build_hash": "b", "config_hash": "c", "task": "segmentation",
+    manifest = {"format": layout.FORMAT, "build_hash": "b", "config_hash": "c", "task": "segmentation",
                 "labels": ["background", "blue"], "formats": ["parquet"], "num_samples": 24, "num_shards": 2,
                 "complete": True, "shards": records, "failed": []}
-    shards.write_manifest(tiny_cfg.generate.output, manifest)
+    layout.write_manifest(tiny_cfg.generate.output, manifest)
     return root, manifest
 
 
@@ -52,7 +52,7 @@ def test_retention_keeps_the_newest_and_never_latest(version):
 
 def test_a_good_version_validates(version):
     root, _ = version
-    checked = versions.validate(f"{root}/2026-11-20")
+    checked = validate.validate(f"{root}/2026-11-20")
     assert checked == {"samples": 24, "files_checked": 2, "samples_checked": 24}
 
 
@@ -61,12 +61,12 @@ def test_validation_lists_damage(version):
     ds = f"{root}/2026-11-20"
     with open(f"{ds}/parquet/shard-00001.parquet", "ab") as f:
         f.write(b"tampered")
-    with pytest.raises(versions.ValidationError, match="shard-00001.parquet does not match"):
-        versions.validate(ds)
-    with pytest.raises(versions.ValidationError, match="cannot read its samples: ArrowInvalid"):
-        versions.validate(ds, verify_checksums=False)
-    with pytest.raises(versions.ValidationError, match="24 samples kept, fewer than the required 100"):
-        versions.validate(ds, min_samples=100)
+    with pytest.raises(validate.ValidationError, match="shard-00001.parquet does not match"):
+        validate.validate(ds)
+    with pytest.raises(validate.ValidationError, match="cannot read its samples: ArrowInvalid"):
+        validate.validate(ds, verify_checksums=False)
+    with pytest.raises(validate.ValidationError, match="24 samples kept, fewer than the required 100"):
+        validate.validate(ds, min_samples=100)
     os.remove(f"{ds}/parquet/shard-00000.parquet")
-    with pytest.raises(versions.ValidationError, match="shard-00000.parquet is missing"):
-        versions.validate(ds)
+    with pytest.raises(validate.ValidationError, match="shard-00000.parquet is missing"):
+        validate.validate(ds)

@@ -18,6 +18,7 @@ timestep, one UNet pass with the image's prompt. No sampling loop and no VAE dec
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -26,10 +27,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from factory.fingerprint import tensors_hash
+from factory import fingerprint
+from factory.backbones.contract import BackboneIdentity, BackboneOutput
 
 if TYPE_CHECKING:
-    from factory.backbones import BackboneOutput
     from factory.config import BackboneConfig, DiffusionConfig
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing notices on import
@@ -170,6 +171,100 @@ def load_pipeline(weights: str | None, init_seed: int, dtype: torch.dtype):
         raise PipelineError(f"backbone.weights: cannot load a Stable Diffusion pipeline from {weights}: {first}") from None
 
 
+def pipeline_folder(weights: str) -> str:
+    """The local folder of the pipeline `weights` names: the folder itself, or for a hub id its
+    download in the Hugging Face cache (fetched once, where a hub is reachable)."""
+    if os.path.isdir(weights):
+        return weights
+    if "://" not in weights and os.path.sep in weights:
+        raise PipelineError(f"backbone.weights: no pipeline folder at {weights}")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.download(weights)
+    except Exception as e:  # offline, unknown id, no access: one line naming it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"backbone.weights: cannot find a pipeline folder or hub id {weights}: {first}") from None
+
+
+def component_files(folder: str) -> list[str]:
+    """The files that make up a pipeline (relative paths): model_index.json and everything inside
+    the component folders it lists, skipping hidden files such as the hash cache."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise PipelineError(f"backbone.weights: {folder} has no model_index.json (not a diffusers pipeline folder)")
+    with open(index) as f:
+        components = [k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list)]
+    files = ["model_index.json"]
+    for component in components:
+        for root, _, names in os.walk(os.path.join(folder, component)):
+            files += [os.path.relpath(os.path.join(root, n), folder) for n in names if not n.startswith(".")]
+    return files
+
+
+def folder_hash(folder: str) -> str:
+    """The weights hash of a pipeline folder: its components' tensors as stored (so the same whatever
+    dtype it later runs in), configs and tokenizer files; cached beside them."""
+    files = component_files(folder)
+    return fingerprint.cached_hash([os.path.join(folder, f) for f in files], folder, fingerprint.CACHE_FILE,
+                                   lambda: fingerprint.files_hash(folder, files))
+
+
+def built_pipeline_hash(pipe) -> str:
+    """The weights hash of a pipeline held in memory (the tiny built-in): saved, then hashed as a
+    folder would be."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="factory-pipeline-") as d:
+        pipe.save_pretrained(d, safe_serialization=True)
+        return fingerprint.files_hash(d, component_files(d))
+
+
+def probe_features(unet_config: dict, vae_scale_factor: int, cfg: DiffusionConfig) -> tuple[list[str], list[int]]:
+    """(names, channels) of the features the taps record, from the UNet's config alone: the UNet is
+    built on PyTorch's meta device (no weights, no memory) and run once on empty tensors."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    tap = FeatureTap(unet, cfg.attention_maps, cfg.max_prompt_tokens)
+    side = cfg.resolution // vae_scale_factor
+    tap.start(1, False, 0)
+    with torch.device("meta"):
+        latents = torch.empty(1, unet.config.in_channels, side, side)
+        context = torch.empty(1, 77, unet.config.cross_attention_dim)
+        unet(latents, torch.tensor([500]), encoder_hidden_states=context)
+    features = tap.finish()
+    return [f"res{f.shape[-1]}" for f in features], [int(f.shape[1]) for f in features]
+
+
+def check_resolution(unet_config: dict, vae_scale_factor: int, resolution: int) -> None:
+    factor = vae_scale_factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
+    if resolution % factor:
+        raise PipelineError(f"backbone.diffusion.resolution={resolution} must be a multiple of {factor} for this pipeline")
+
+
+def identity(cfg: BackboneConfig) -> BackboneIdentity:
+    """Weights hash and feature layout of the configured pipeline, from its files and configs (for
+    the built-in tiny pipeline, from a fresh float32 build of it); never loads a folder's weights."""
+    if cfg.weights is None:
+        from factory.backbones.tiny_diffusion import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(cfg.init_seed)
+        unet_config, vae_scale = dict(pipe.unet.config), pipe.vae_scale_factor
+        weights_hash = built_pipeline_hash(pipe)
+    else:
+        folder = pipeline_folder(cfg.weights)
+        weights_hash = folder_hash(folder)
+        with open(os.path.join(folder, "unet", "config.json")) as f:
+            unet_config = json.load(f)
+        with open(os.path.join(folder, "vae", "config.json")) as f:
+            vae_scale = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+    check_resolution(unet_config, vae_scale, cfg.diffusion.resolution)
+    names, channels = probe_features(unet_config, vae_scale, cfg.diffusion)
+    return BackboneIdentity(weights_hash, cfg.diffusion.resolution, names, channels)
+
+
 class DiffusionBackbone:
     """Stable Diffusion as a backbone: `backbone(seeds, prompts)` samples one image per (seed, prompt)
     and returns it with the UNet features of the configured step; `invert(images, prompts, seeds)`
@@ -187,22 +282,13 @@ class DiffusionBackbone:
         self.pipe = pipe.to(self.device)
         self.resolution = self.cfg.resolution
         self.batch_invariant = cfg.batch_invariant
-        factor = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        if self.resolution % factor:
-            raise PipelineError(
-                f"backbone.diffusion.resolution={self.resolution} must be a multiple of {factor} for this pipeline"
-            )
         self.tap = FeatureTap(pipe.unet, self.cfg.attention_maps, self.cfg.max_prompt_tokens)
-        self.weights_hash = tensors_hash(
-            {f"{part}.{k}": v for part in ("unet", "vae", "text_encoder")
-             for k, v in getattr(pipe, part).state_dict().items()},
-            {"tokenizer": repr(sorted(pipe.tokenizer.get_vocab().items())[:50]) + str(len(pipe.tokenizer))},
-        )
+        self.identity = identity(cfg)
+        self.weights_hash = self.identity.weights_hash
+        self.feature_channels = self.identity.feature_channels
+        self.feature_names = self.identity.feature_names
         self.feature_step = self.cfg.feature_step % self.cfg.steps
         self.inversion_timestep = self._inversion_timestep()
-        probe = self.invert(np.zeros((1, self.resolution, self.resolution, 3), np.uint8), [""], [0])
-        self.feature_channels = [int(f.shape[1]) for f in probe]
-        self.feature_names = [f"res{f.shape[-1]}" for f in probe]
 
     def _inversion_timestep(self) -> int:
         """The configured inversion timestep, or (None) the timestep of the tapped sampling step, so
@@ -215,8 +301,6 @@ class DiffusionBackbone:
 
     @torch.no_grad()  # not inference_mode: training backpropagates through decoders fed these features
     def __call__(self, seeds: Sequence[int], prompts: Sequence[str] | None = None) -> BackboneOutput:
-        from factory.backbones import BackboneOutput
-
         if prompts is None or len(prompts) != len(seeds):
             raise ValueError(f"a diffusion backbone needs one prompt per seed, got {len(seeds)} seeds and "
                              f"{None if prompts is None else len(prompts)} prompts")

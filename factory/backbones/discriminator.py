@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from factory.backbones.stylegan2 import FullyConnected, StyleGAN2Config, seeded_init
+from factory.backbones.stylegan2 import FullyConnected, seeded_init
+from factory.config import StyleGAN2Config
 
 _LRELU_GAIN = math.sqrt(2.0)
 

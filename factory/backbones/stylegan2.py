@@ -24,66 +24,38 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from factory import tensorfile
+from factory.config import StyleGAN2Config
 
 FORMAT = "factory.stylegan2"
 _LRELU_GAIN = math.sqrt(2.0)
 
 
-@dataclass
-class StyleGAN2Config:
-    resolution: int = 32
-    """Output side in pixels; blocks run at 4, 8, ..., resolution."""
-    z_dim: int = 64
-    """Latent z size."""
-    w_dim: int = 64
-    """Intermediate latent w size (mapping width and style input)."""
-    mapping_layers: int = 2
-    """Fully connected layers in the mapping network (8 in the paper)."""
-    channel_base: int = 1024
-    """Channels at resolution r are min(channel_base // r, channel_max), as in stylegan2-ada-pytorch,
-    so official configs carry over verbatim. 1024 / 64 gives 64, 64, 64, 32 channels at 4..32."""
-    channel_max: int = 64
-    """Cap on channels per layer (512 in the paper)."""
-    img_channels: int = 3
-    """Channels of the output image."""
-    mapping_lr_multiplier: float = 0.01
-    """Equalized-lr multiplier of the mapping layers; only shapes how weights are stored."""
-    w_avg_beta: float = 0.995
-    """EMA decay for tracking w_avg while training; unused at inference."""
+def feature_info(cfg: StyleGAN2Config, rgb_taps: bool = False) -> list[tuple[str, int, int]]:
+    """(name, channels, resolution) of every tap, in the order `sample` returns them: each block's
+    conv layers (`b{res}.conv0`, `b{res}.conv1`; the 4 px block has conv1 only) and, with `rgb_taps`,
+    its running skip image (`b{res}.rgb`)."""
+    info = []
+    for res in cfg.block_resolutions:
+        info += [(f"b{res}.{n}", cfg.channels(res), res) for n in (["conv1"] if res == 4 else ["conv0", "conv1"])]
+        if rgb_taps:
+            info.append((f"b{res}.rgb", cfg.img_channels, res))
+    return info
 
-    def __post_init__(self) -> None:
-        for name in ("resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max",
-                     "img_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"stylegan2.{name} must be a positive integer, got {value!r}")
-        r = self.resolution
-        if r < 8 or r & (r - 1):
-            raise ValueError(f"stylegan2.resolution must be a power of two >= 8, got {r}")
-        if self.channel_base < r:
-            raise ValueError(f"stylegan2.channel_base must be >= resolution ({r}) so every block has a "
-                             f"channel, got {self.channel_base}")
-        lr = self.mapping_lr_multiplier
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"stylegan2.mapping_lr_multiplier must be > 0, got {lr!r}")
-        beta = self.w_avg_beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-            raise ValueError(f"stylegan2.w_avg_beta must be in [0, 1], got {beta!r}")
 
-    def channels(self, res: int) -> int:
-        return min(self.channel_base // res, self.channel_max)
-
-    @property
-    def block_resolutions(self) -> list[int]:
-        return [2**i for i in range(2, int(math.log2(self.resolution)) + 1)]
+def read_architecture(path: str) -> StyleGAN2Config:
+    """The architecture stored in a weights file written by `save_stylegan2`, without its tensors."""
+    stored = _read_config(Path(path), tensorfile.read_metadata(str(path), None, "StyleGAN2 weights file"))
+    if stored is None:
+        raise ValueError(f"{path} has no factory.stylegan2 config metadata")
+    return stored
 
 
 def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool, padding: int) -> Tensor:
@@ -276,13 +248,7 @@ class StyleGAN2Generator(nn.Module):
         return self.mapping.w_avg.clone()
 
     def feature_info(self, rgb_taps: bool = False) -> list[tuple[str, int, int]]:
-        info = []
-        for block in self.synthesis.blocks():
-            res = block.resolution
-            info += [(f"b{res}.{n}", self.cfg.channels(res), res) for n in block.layer_names]
-            if rgb_taps:
-                info.append((f"b{res}.rgb", self.cfg.img_channels, res))
-        return info
+        return feature_info(self.cfg, rgb_taps)
 
     def noise_shapes(self) -> list[tuple[int, int]]:
         return [(res, res) for _, _, res in self.feature_info()]
@@ -332,12 +298,11 @@ class StyleGAN2Generator(nn.Module):
 
 
 def save_stylegan2(model: StyleGAN2Generator, path: str | Path) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "config": json.dumps(asdict(model.cfg))})
+    tensorfile.write(str(path), model.state_dict(), FORMAT, {"config": json.dumps(asdict(model.cfg))})
 
 
-def _read_config(path: Path, metadata: dict[str, str] | None) -> StyleGAN2Config | None:
-    if not metadata or "config" not in metadata:
+def _read_config(path: Path, metadata: dict[str, str]) -> StyleGAN2Config | None:
+    if "config" not in metadata:
         return None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}")
@@ -351,15 +316,7 @@ def load_stylegan2(path: str | Path, cfg: StyleGAN2Config | None = None,
                    device: str | torch.device = "cpu") -> StyleGAN2Generator:
     """Strict load: every key and shape must match, and all problems are reported in one error."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"StyleGAN2 weights not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-
+    tensors, metadata = tensorfile.read(str(path), None, "StyleGAN2 weights file")
     stored = _read_config(path, metadata)
     if stored is None and cfg is None:
         raise ValueError(f"{path} has no factory.stylegan2 config metadata; pass cfg explicitly")

@@ -127,15 +127,29 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-@torch.no_grad()
-def latent_scaling_factor(vae) -> float:
-    """1 / std of the VAE's latents on toy-world scenes, rounded: as SD's 0.18215 was chosen for its
-    VAE, so that latents have unit variance and the noise schedule means what it says. (With the
-    default factor a random VAE's latents are ~25x too small and drown in noise even at t=1.)"""
-    from factory.toyworld import render
+def calibration_images(num: int = 16, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """[num, 3, size, size] in [-1, 1]: seeded scenes of smooth colour fields and a few flat shapes
+    with sharp edges, the statistics a VAE's latent scale is measured on."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num, 3, 4, 4, generator=gen) * 2 - 1
+    x = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    grid = (torch.arange(size) + 0.5) / size
+    for _ in range(3):
+        centre, radius = torch.rand(num, 2, generator=gen), 0.1 + 0.25 * torch.rand(num, generator=gen)
+        colour = torch.rand(num, 3, generator=gen) * 2 - 1
+        inside = ((grid[None, :, None] - centre[:, 1, None, None]) ** 2
+                  + (grid[None, None, :] - centre[:, 0, None, None]) ** 2) < radius[:, None, None] ** 2
+        x = torch.where(inside[:, None], colour[:, :, None, None], x)
+    return x.clamp(-1, 1)
 
-    images = torch.stack([torch.from_numpy(render(seed).image) for seed in range(16)])
-    x = images.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+@torch.no_grad()
+def latent_scaling_factor(vae, images: torch.Tensor | None = None) -> float:
+    """1 / std of the VAE's latents on `images` ([B, 3, H, W] in [-1, 1]; default
+    `calibration_images()`), rounded: as SD's 0.18215 was chosen for its VAE, so that latents have
+    unit variance and the noise schedule means what it says. (With the default factor a random
+    VAE's latents are ~25x too small and drown in noise even at t=1.)"""
+    x = calibration_images() if images is None else images
     return round(1.0 / float(vae.encode(x).latent_dist.mean.std()), 4)
 
 

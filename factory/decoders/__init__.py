@@ -1,27 +1,20 @@
 """Decoders: backbone features -> labels, plus an uncertainty score per pixel and per sample.
 
-A fitted decoder is a folder: `model.safetensors` (weights; metadata holds the decoder config, the
-input channels, the label names and the backbone hash it was fitted on), `config.yaml` (the full
-resolved training config) and `labels.json` (task and label names, for people and tools).
+The contract: `build_decoder(cfg, in_channels, ...)` makes an untrained one; a `FittedDecoder`
+(loaded by `factory.decoders.files.load_decoder`) is called as `decoder(features, size) -> Decoded`
+whatever its kind. Pure PyTorch: no Ray, no storage.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
-from factory import storage
 from factory.config import DecoderConfig
 from factory.decoders.interpreter import StyleInterpreter, predict_keypoints, predict_segmentation
 from factory.decoders.perception import PerceptionDecoder, predict
-
-MODEL_FILE = "model.safetensors"
 
 
 @dataclass
@@ -92,75 +85,3 @@ def build_decoder(cfg: DecoderConfig, in_channels: Sequence[int], num_outputs: i
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
-
-
-def save_decoder(
-    directory: str,
-    model: torch.nn.Module,
-    cfg: DecoderConfig,
-    label_names: Sequence[str],
-    in_channels: Sequence[int],
-    backbone_hash: str,
-    config_yaml: str,
-    keypoint_names: Sequence[str] = (),
-) -> None:
-    os.makedirs(directory, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    metadata = {
-        "format": "factory.decoder",
-        "decoder": json.dumps(asdict(cfg)),
-        "labels": json.dumps(list(label_names)),
-        "in_channels": json.dumps(list(in_channels)),
-        "backbone_hash": backbone_hash,
-        "keypoint_names": json.dumps(list(keypoint_names)),
-    }
-    save_file(state, os.path.join(directory, MODEL_FILE), metadata=metadata)
-    with open(os.path.join(directory, "config.yaml"), "w") as f:
-        f.write(config_yaml)
-    with open(os.path.join(directory, "labels.json"), "w") as f:
-        json.dump({"kind": cfg.kind, "tasks": cfg.active_tasks(), "labels": list(label_names),
-                   "keypoints": list(keypoint_names)}, f, indent=2)
-
-
-def read_decoder_metadata(directory: str) -> dict[str, str]:
-    """The safetensors metadata of the decoder saved in `directory` (a local folder or any URL)."""
-    with storage.local_copy(directory, [MODEL_FILE]) as local:
-        return _read_metadata(local)
-
-
-def _read_metadata(directory: str) -> dict[str, str]:
-    path = os.path.join(directory, MODEL_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no fitted decoder at {directory} (missing {MODEL_FILE}); run `factory train` first")
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
-    if metadata.get("format") != "factory.decoder":
-        raise ValueError(f"{path} is not a factory decoder (metadata format={metadata.get('format')!r})")
-    return metadata
-
-
-def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDecoder:
-    """The decoder saved in `directory` (a local folder or any URL), ready for inference."""
-    with storage.local_copy(directory, [MODEL_FILE]) as local:
-        return _load(local, device)
-
-
-def _load(directory: str, device: str | torch.device) -> FittedDecoder:
-    metadata = _read_metadata(directory)
-    cfg = DecoderConfig(**json.loads(metadata["decoder"]))
-    labels = json.loads(metadata["labels"])
-    in_channels = json.loads(metadata["in_channels"])
-    keypoint_names = json.loads(metadata.get("keypoint_names", "[]"))
-    model = build_decoder(cfg, in_channels, len(labels), len(keypoint_names))
-    state = load_file(os.path.join(directory, MODEL_FILE))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{os.path.join(directory, MODEL_FILE)} does not match decoder {cfg.kind}: "
-            f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-        )
-    model = model.eval().requires_grad_(False).to(device)
-    return FittedDecoder(model, cfg, labels, in_channels, metadata["backbone_hash"], keypoint_names)

@@ -5,16 +5,15 @@ A pixel's feature is the concatenation of every backbone feature map, bilinearly
 then Linear. All heads' weights live in shared tensors ([E, in, out]) so the ensemble runs as
 batched matmuls, never as a loop over models.
 
-Inference uses project-then-upsample: the first layer and bilinear upsampling are both linear, so
-W1 . concat_j(up(S_j)) == sum_j up(W1_j . S_j). Each map is projected to the heads' first hidden
-width at its native resolution, and only that small result is upsampled. Output rows are
-processed in bands so no full-resolution [B, D, H, W] tensor, nor even a full-resolution hidden
-activation of all heads, ever exists.
+Inference uses project-then-upsample (`factory.decoders.projection`): the first layer and bilinear
+upsampling are both linear, so W1 . concat_j(up(S_j)) == sum_j up(W1_j . S_j). Each map is projected
+to the heads' first hidden width at its native resolution, and only that small result is upsampled.
+Output rows are processed in bands so no full-resolution [B, D, H, W] tensor, nor even a
+full-resolution hidden activation of all heads, ever exists.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,17 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.decoders.keypoints import decode_heatmaps
+from factory.decoders.projection import ProjectedFeatures, source_index
 from factory.decoders.uncertainty import js_uncertainty, top_fraction_mean
 
 BAND_ELEMENTS = 1 << 21
 """Default bound on one band's first-layer activations (elements); it bounds peak memory."""
-PROJECT_PIXELS = 1024
-"""Wide maps are projected at least this many pixels at a time (rows ahead of the band)."""
-NARROW_WIDTH = 32
-"""Maps at most this wide are upsampled across columns together, by matmuls with their stacked
-interpolation weights, which also sums them; wider maps go through F.interpolate one by one."""
-COLUMN_SEGMENT = 64
-"""Those matmuls cover this many output columns each, so each reads only the source columns it needs."""
 
 
 def default_hidden(num_outputs: int) -> tuple[int, int]:
@@ -92,26 +85,6 @@ class HeadsBatchNorm(nn.Module):
         return scale, self.bias - self.running_mean * scale
 
 
-def _source_index(dst: torch.Tensor, in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear source rows (or columns) of output positions `dst`, as torch computes them.
-
-    align_corners=False: src = (dst + 0.5) * in/out - 0.5, clamped at 0; returns (i0, i1, lambda)
-    with value = (1 - lambda) * x[i0] + lambda * x[i1].
-    """
-    src = ((dst.to(torch.float32) + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
-    i0 = src.floor().long().clamp_max(in_size - 1)
-    i1 = (i0 + 1).clamp_max(in_size - 1)
-    return i0, i1, (src - i0).clamp(0.0, 1.0)
-
-
-def _interpolation_matrix(in_size: int, out_size: int) -> torch.Tensor:
-    """[out, in]: the bilinear weights F.interpolate (align_corners=False) applies along one axis."""
-    i0, i1, lam = _source_index(torch.arange(out_size), in_size, out_size)
-    m = torch.zeros(out_size, in_size)
-    m.index_put_((torch.arange(out_size), i0), 1 - lam, accumulate=True)
-    return m.index_put_((torch.arange(out_size), i1), lam, accumulate=True)
-
-
 def gather_pixel_features(
     features: Sequence[torch.Tensor], batch_index: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
     size: tuple[int, int],
@@ -125,8 +98,8 @@ def gather_pixel_features(
     parts = []
     for f in features:
         h, w = f.shape[-2:]
-        y0, y1, ly = _source_index(ys, h, out_h)
-        x0, x1, lx = _source_index(xs, w, out_w)
+        y0, y1, ly = source_index(ys, h, out_h)
+        x0, x1, lx = source_index(xs, w, out_w)
         ly, lx = ly.to(f.dtype)[:, None], lx.to(f.dtype)[:, None]
         top = torch.lerp(f[batch_index, :, y0, x0], f[batch_index, :, y0, x1], lx)
         bottom = torch.lerp(f[batch_index, :, y1, x0], f[batch_index, :, y1, x1], lx)
@@ -204,117 +177,37 @@ class StyleInterpreter(nn.Module):
     def forward_maps(
         self, features: Sequence[torch.Tensor], size: tuple[int, int], band_elements: int = BAND_ELEMENTS
     ) -> torch.Tensor:
-        """Native-resolution maps [B, C_j, h_j, w_j] -> logits [E, B, K, H, W], project-then-upsample.
+        """Native-resolution maps [B, C_j, h_j, w_j] -> logits [E, B, K, H, W], project-then-upsample
+        (`factory.decoders.projection`).
 
-        Inference only: eval mode (BatchNorm is folded into the next layer), no gradients. Maps of
-        one size are projected together. Output rows are processed in bands whose first-layer
-        activations hold about `band_elements` values, which bounds peak memory whatever the image
-        size; wide maps are projected a few rows ahead of the band, narrow ones once. Upsampling is
-        separable and uses F.interpolate's own weights: rows by a small matmul, columns by
-        F.interpolate (wide maps) or by matmuls that also sum all narrow maps. Activations are
-        channels-last ([B, rows, cols, E * hidden]), where upsampling is fastest.
+        Inference only: eval mode (BatchNorm is folded into the next layer), no gradients. Output rows
+        are processed in bands whose first-layer activations hold about `band_elements` values, which
+        bounds peak memory whatever the image size.
         """
         self._check_maps(features, "forward_maps")
         out_h, out_w = size
         first = self.linears[0]
-        dtype, device = first.weight.dtype, first.weight.device
         batch, heads, width = features[0].shape[0], self.num_heads, self.hidden[0]
-        channels = heads * width
-        offsets = [0, *itertools.accumulate(self.in_channels)]
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for j, f in enumerate(features):
-            by_size.setdefault(tuple(f.shape[-2:]), []).append(j)
-
-        def weight(js: list[int]) -> torch.Tensor:
-            """First-layer rows of maps js, all heads side by side: [sum C_j, E * hidden]."""
-            return torch.cat([first.weight[:, offsets[j] : offsets[j + 1]].permute(1, 0, 2).reshape(-1, channels)
-                              for j in js])
-
-        def pixels(js: list[int], lo: int, hi: int) -> torch.Tensor:
-            """Rows lo:hi of maps js as pixel vectors [B * rows * w, sum C_j]."""
-            x = torch.cat([features[j][:, :, lo:hi] for j in js], 1) if len(js) > 1 else features[js[0]][:, :, lo:hi]
-            return x.to(dtype).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-        def project(js: list[int], w1: torch.Tensor, lo: int, hi: int, bias: bool) -> torch.Tensor:
-            """[B, rows, w, E * hidden]. The bias goes into one group only: interpolation keeps constants."""
-            x = pixels(js, lo, hi)
-            y = torch.addmm(first.bias.reshape(-1), x, w1) if bias else x @ w1
-            return y.view(batch, hi - lo, -1, channels)
-
-        def row_weights(h: int) -> torch.Tensor:
-            """[H, h]: rows are interpolated by a small matmul, one pass instead of gather-and-lerp."""
-            return _interpolation_matrix(h, out_h).to(device, dtype)
-
-        narrow: list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = []  # (size, projection, row weights)
-        wide: list[tuple[tuple[int, int], list[int], torch.Tensor, bool, torch.Tensor]] = []  # (.., weights, bias, ..)
-        for i, hw in enumerate(sorted(by_size, key=lambda hw: (hw == (out_h, out_w), hw[1], hw[0]))):
-            js = by_size[hw]
-            if hw[1] <= NARROW_WIDTH and hw != (out_h, out_w):
-                narrow.append((hw, project(js, weight(js), 0, hw[0], i == 0).flatten(2), row_weights(hw[0])))
-            else:
-                wide.append((hw, js, weight(js), i == 0, row_weights(hw[0])))
-        segments = []  # (first output column, last + 1, [(source column range) per narrow map], weights)
-        for x0 in range(0, out_w, COLUMN_SEGMENT) if narrow else []:
-            x1 = min(out_w, x0 + COLUMN_SEGMENT)
-            ranges, mats = [], []
-            for (_, w), _, _ in narrow:
-                i0, i1, _ = _source_index(torch.tensor([x0, x1 - 1]), w, out_w)
-                a, b = int(i0[0]), int(i1[1]) + 1
-                ranges.append((a, b))
-                mats.append(_interpolation_matrix(w, out_w)[x0:x1, a:b])
-            segments.append((x0, x1, ranges, torch.cat(mats, 1).to(device, dtype)))
-        cache: dict[int, tuple[int, torch.Tensor]] = {}
-
-        def projected_rows(k: int, lo: int, hi: int) -> torch.Tensor:
-            """Rows lo:hi of wide group k projected. Rows are projected once, a few bands' worth
-            at a time (at least PROJECT_PIXELS pixels, so the matmuls stay efficient)."""
-            (h, w), js, w1, bias, _ = wide[k]
-            prev_lo, prev = cache.get(k, (lo, None))
-            start = lo
-            if prev is not None and prev_lo <= lo < prev_lo + prev.shape[1]:
-                start = min(prev_lo + prev.shape[1], hi)
-            parts = [prev[:, lo - prev_lo :]] if start > lo else []
-            if hi > start:
-                end = min(h, max(hi, start - (-PROJECT_PIXELS // (batch * w))))
-                parts.append(project(js, w1, start, end, bias))
-            cache[k] = (lo, torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-            return cache[k][1][:, : hi - lo]
-
+        projected = ProjectedFeatures(features, first.weight, first.bias, self.in_channels, size)
         layers = self._folded_layers()
-        out = torch.empty(heads, batch, self.num_outputs, out_h, out_w, dtype=dtype, device=device)
-        rows = max(1, band_elements // (batch * channels * out_w))
+        out = torch.empty(heads, batch, self.num_outputs, out_h, out_w, dtype=first.weight.dtype,
+                          device=first.weight.device)
+        rows = max(1, band_elements // (batch * heads * width * out_w))
         for r0 in range(0, out_h, rows):
             r1 = min(out_h, r0 + rows)
-            acc = None
-            if narrow:
-                acc = torch.empty(batch, r1 - r0, out_w, channels, dtype=dtype, device=device)
-                rows_up = [torch.matmul(ry[r0:r1], whole).view(batch, r1 - r0, w, channels)
-                           for (_, w), whole, ry in narrow]
-                for x0, x1, ranges, cols in segments:  # upsample and sum the narrow maps' columns
-                    stacked = torch.cat([r[:, :, a:b] for r, (a, b) in zip(rows_up, ranges)], dim=2)
-                    torch.matmul(cols, stacked, out=acc[:, :, x0:x1])
-            for k, ((h, w), js, w1, bias, ry) in enumerate(wide):
-                if (h, w) == (out_h, out_w):
-                    if acc is None:
-                        acc = project(js, w1, r0, r1, bias)
-                    else:
-                        acc.view(-1, channels).addmm_(pixels(js, r0, r1), w1)
-                    continue
-                y0, y1, _ = _source_index(torch.tensor([r0, r1 - 1]), h, out_h)
-                lo, hi = int(y0[0]), int(y1[1]) + 1
-                p = projected_rows(k, lo, hi)
-                p = torch.matmul(ry[r0:r1, lo:hi], p.flatten(2)).view(batch, r1 - r0, w, channels)
-                if w != out_w:
-                    p = F.interpolate(p.permute(0, 3, 1, 2), size=(r1 - r0, out_w), mode="bilinear",
-                                      align_corners=False).permute(0, 2, 3, 1)
-                acc = p.contiguous() if acc is None else acc.add_(p)
-            z = acc.relu_().view(-1, heads, width).permute(1, 2, 0)  # [E, hidden, pixels]
-            for n, (w_n, b_n) in enumerate(layers):
-                z = torch.baddbmm(b_n, w_n, z)
-                if n < len(layers) - 1:
-                    z = z.relu_()
-            out[:, :, :, r0:r1] = z.view(heads, self.num_outputs, batch, r1 - r0, out_w).transpose(1, 2)
+            out[:, :, :, r0:r1] = self._later_layers(projected.band(r0, r1), layers, r1 - r0, out_w)
         return out
+
+    def _later_layers(self, first: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], rows: int,
+                      cols: int) -> torch.Tensor:
+        """First-layer pre-activations [B, rows, W, E * hidden] -> logits [E, B, K, rows, W]."""
+        batch = first.shape[0]
+        z = first.relu_().view(-1, self.num_heads, self.hidden[0]).permute(1, 2, 0)  # [E, hidden, pixels]
+        for n, (w_n, b_n) in enumerate(layers):
+            z = torch.baddbmm(b_n, w_n, z)
+            if n < len(layers) - 1:
+                z = z.relu_()
+        return z.view(self.num_heads, self.num_outputs, batch, rows, cols).transpose(1, 2)
 
     def forward_maps_naive(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """The reference for forward_maps: upsample every map, concatenate [B, D, H, W], run per pixel."""

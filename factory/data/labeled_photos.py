@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from factory.labels import AnnotationError, open_coco, read_labeled_file
+from factory import tensorfile
+from factory.data.annotations import AnnotationError, open_coco
+from factory.data.images import IMAGE_EXTENSIONS, square
 
 IMAGES_DIR, MASKS_DIR, DEPTH_DIR = "images", "masks", "depth"
 COCO_FILE, PROMPTS_FILE = "instances.json", "prompts.jsonl"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 FORMAT = "factory.real_labeled_set"
 
 
@@ -55,16 +55,6 @@ class RealLabeledSet:
     @property
     def task(self) -> str:
         return "+".join(self.tasks)
-
-
-def square(image: Image.Image, size: int, resample: int) -> Image.Image:
-    """Resize the short side to `size`, then centre-crop to size x size."""
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), resample=resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def _crop_transform(w: int, h: int, size: int):
@@ -288,12 +278,11 @@ def _prompt_from(mask: np.ndarray | None, ann: dict | None, classes: list[str]) 
 
 
 def save_real_labeled_set(path: str, s: RealLabeledSet) -> None:
-    tensors = {"images": s.images.contiguous()}
+    tensors = {"images": s.images}
     for name in ("masks", "depth", "instance_map", "keypoints"):
         if getattr(s, name) is not None:
-            tensors[name] = getattr(s, name).contiguous()
+            tensors[name] = getattr(s, name)
     metadata = {
-        "format": FORMAT,
         "tasks": json.dumps(s.tasks),
         "classes": json.dumps(s.classes),
         "keypoint_names": json.dumps(s.keypoint_names),
@@ -302,11 +291,12 @@ def save_real_labeled_set(path: str, s: RealLabeledSet) -> None:
         "instance_classes": json.dumps(s.instance_classes),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata=metadata)
+    tensorfile.write(path, tensors, FORMAT, metadata)
 
 
 def load_real_labeled_set(path: str) -> RealLabeledSet:
-    tensors, metadata = read_labeled_file(path, FORMAT, "the diffusion path trains on what `factory labels import` writes")
+    tensors, metadata = tensorfile.read(path, FORMAT, "labeled set of real images",
+                                        "the diffusion path trains on what `factory labels import` writes")
     return RealLabeledSet(
         tasks=json.loads(metadata["tasks"]), classes=json.loads(metadata["classes"]),
         keypoint_names=json.loads(metadata["keypoint_names"]), files=json.loads(metadata["files"]),

@@ -1,5 +1,5 @@
 """What training optimises, per decoder kind: the training data a decoder sees, its loss on one
-step's batch, and its validation metrics. `factory.train` runs any of them the same way.
+step's batch, and its validation metrics. `factory.recipes.train` runs any of them the same way.
 
 - `InterpreterObjective` (GAN path): the labeled images are regenerated from their seeds and checked
   against the exported pixels; features stay at native resolution; each step samples pixels
@@ -21,16 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from factory.config import FactoryConfig
+from factory.data.annotations import LabeledSet, pixels_sha256
+from factory.data.labeled_photos import RealLabeledSet
 from factory.decoders import build_decoder, unwrap
 from factory.decoders.interpreter import gather_pixel_features
 from factory.decoders.keypoints import decode_heatmaps, gaussian_heatmaps
 from factory.decoders.perception import Targets, perception_loss, predict
-from factory.labels import LabeledSet, pixels_sha256
-from factory.real_labels import RealLabeledSet
-
-
-class TrainError(RuntimeError):
-    """Training could not start or did not finish; the message says why."""
+from factory.recipes.ray_train import TrainError
 
 
 @dataclass
@@ -114,11 +111,6 @@ class PixelSampler:
         h, w = self.hw
         image = self.train_index[flat // (h * w)]
         return image, (flat % (h * w)) // w, flat % w
-
-
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A step's pixels depend only on (seed, rank, step), so a resumed run draws what it would have."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
 
 
 def loss_on_pixels(model, data: TrainingData, sampler: PixelSampler, cfg: FactoryConfig, gen) -> torch.Tensor:

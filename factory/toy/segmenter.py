@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
+
+from factory import tensorfile
 
 FORMAT = "factory.segmenter"
 
@@ -158,17 +159,12 @@ def chance_iou(truth: np.ndarray, num_classes: int) -> list[float | None]:
 
 
 def save(model: Segmenter, path: str, classes: list[str]) -> None:
-    meta = {"format": FORMAT, "config": json.dumps(asdict(model.cfg)), "classes": json.dumps(classes)}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata=meta)
+    tensorfile.write(path, model.state_dict(), FORMAT, {"config": json.dumps(asdict(model.cfg)),
+                                                         "classes": json.dumps(classes)})
 
 
 def load(path: str, device: str | torch.device = "cpu") -> tuple[Segmenter, list[str]]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a factory segmenter (metadata format={meta.get('format')!r})")
+    state, meta = tensorfile.read(path, FORMAT, "factory segmenter")
     model = Segmenter(SegmenterConfig(**json.loads(meta["config"])))
-    model.load_state_dict(load_file(path))
+    model.load_state_dict(state)
     return model.to(device).eval(), json.loads(meta["classes"])

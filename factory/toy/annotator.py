@@ -2,7 +2,7 @@
 colour rule for the tests' random-weight backbones.
 
 DatasetGAN's 16 annotated images are *generated* ones, labeled by a person. No person is at hand in
-`factory demo`, so a small segmenter (`factory.segmenter`) trained on plentiful toy-world scenes
+`factory demo`, so a small segmenter (`factory.toy.segmenter`) trained on plentiful toy-world scenes
 (rendered and resized exactly as the shipped StyleGAN2's training images were) labels the exported
 generated images instead. It is used only for that: never to score anything (`benchmarks/quality.py`
 scores against the toy world's own ground truth).
@@ -24,8 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from factory import __version__, annotate, labels, segmenter, toyworld
+from factory import __version__
 from factory.config import SHIPPED_DIR
+from factory.data import annotations, toyworld
+from factory.recipes import annotate
+from factory.toy import segmenter
 
 SHIPPED_ANNOTATOR = os.path.join(SHIPPED_DIR, "toy_annotator.safetensors")
 TRAIN_SEEDS = range(2_000_000, 2_006_000)
@@ -78,10 +81,10 @@ def annotate_with_segmenter(directory: str, weights: str = SHIPPED_ANNOTATOR) ->
 
 
 def _annotate(directory: str, label) -> None:
-    export = labels.read_export(directory)
+    export = annotations.read_export(directory)
     names = [entry["file"] for entry in export["images"]]
     images = []
     for name in names:
-        with Image.open(os.path.join(directory, labels.IMAGES_DIR, name)) as im:
+        with Image.open(os.path.join(directory, annotations.IMAGES_DIR, name)) as im:
             images.append(np.array(im.convert("RGB")))
     annotate.write_masks(directory, dict(zip(names, label(np.stack(images)))))

@@ -2,7 +2,7 @@
 
 Each worker loads the backbone, prepares the training data of the decoder's objective (regenerated
 GAN images for the Style Interpreter, inverted real images for the perception decoder; see
-`factory.objectives`) and runs the same loop: one loss per step on a batch drawn from (seed, rank,
+`factory.recipes.objectives`) and runs the same loop: one loss per step on a batch drawn from (seed, rank,
 step), DDP across workers (gloo on CPU, nccl on GPU), validation and a checkpoint every
 `train.checkpoint_every` steps. Checkpoints carry the decoder, its config and label names;
 re-running with the same `train.run_name` resumes from the last one.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -21,14 +20,22 @@ import torch
 
 from factory import config as config_lib
 from factory import storage
-from factory.backbones import load_backbone
+from factory.backbones import backbone_identity, load_backbone
 from factory.config import FactoryConfig
-from factory.decoders import MODEL_FILE, save_decoder, unwrap
+from factory.data.annotations import LabeledSet, load_labeled_set
+from factory.data.labeled_photos import RealLabeledSet, load_real_labeled_set
+from factory.decoders import unwrap
+from factory.decoders.files import MODEL_FILE, save_decoder
 from factory.fingerprint import safetensors_fingerprint
-from factory.labels import LabeledSet, load_labeled_set
-from factory.objectives import TrainError, objective_for, step_generator
-from factory.ray_train import STATE_FILE, fit_on_ray, replace_local, report_checkpoint, restore_state
-from factory.real_labels import RealLabeledSet, load_real_labeled_set
+from factory.recipes.objectives import objective_for
+from factory.recipes.ray_train import (
+    STATE_FILE,
+    TrainError,
+    fit_on_ray,
+    report_checkpoint,
+    restore_state,
+    step_generator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +170,7 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
     storage.configure(cfg.storage)
     # 1. Check inputs: the labeled set exists and matches the configured tasks, labels and backbone.
     labeled = load_training_set(cfg)
-    backbone = load_backbone(cfg.backbone)
+    backbone = backbone_identity(cfg.backbone)
     check_training_set(cfg, labeled, backbone.weights_hash)
 
     # 2. Fit on Ray Train.
@@ -180,17 +187,11 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
         "train",
     )
 
-    # 3. Publish the decoder from the last checkpoint (each file through a temporary name; the
-    #    weights last, since readers take a folder without them as "no decoder").
+    # 3. Publish the decoder from the last checkpoint, the weights last (readers take a folder
+    #    without them as "no decoder").
     target = cfg.generate.decoder
     with result.checkpoint.as_directory() as d:
-        if storage.is_local(target):
-            replace_local(d, target, ignore=shutil.ignore_patterns(STATE_FILE))
-        else:
-            storage.remove_tree(storage.join(target, MODEL_FILE))
-            with tempfile.TemporaryDirectory() as staging:
-                shutil.copytree(d, staging, ignore=shutil.ignore_patterns(STATE_FILE), dirs_exist_ok=True)
-                storage.upload_tree(staging, target, last=MODEL_FILE)
+        storage.publish_tree(d, target, ignore=shutil.ignore_patterns(STATE_FILE), last=MODEL_FILE)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     log.info("decoder written to %s; final metrics %s", target, metrics)
     return metrics

@@ -15,12 +15,10 @@ index is as stable an identity as a seed. Bad rows are reported together, each w
 A build's prompts live next to its dataset: `<output>/prompts.jsonl` (`write_jsonl`, read back by
 `from_jsonl`) and, for endpoint prompts, `<output>/prompts.request.json`: the request that wrote them
 (endpoint, model, num_prompts, seed, classes; never the key) and the sha256 of the file it vouches
-for. The caller of `resolve` writes both:
+for. `factory generate` and `factory prompts expand` both do
 
     prompts, fresh = resolve(cfg, classes, output)
-    write_jsonl(prompts, storage.join(output, PROMPTS_FILE))
-    if fresh:
-        write_request_record(cfg, classes, output)  # last: it vouches for the file written before it
+    store(prompts, fresh, cfg, classes, output)  # the file, then the record that vouches for it
 
 so a rebuild (a resume, a retry) never asks the endpoint again, and a changed request always does.
 """
@@ -158,16 +156,20 @@ def load(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
     return readers[ext](url, known_classes)
 
 
-def write_jsonl(prompts: list[Prompt], url: str) -> None:
-    """One {"classes", "prompt"} object per line, UTF-8, written atomically; `from_jsonl` reads the
-    same rows back."""
+def to_jsonl(prompts: list[Prompt]) -> bytes:
+    """One {"classes", "prompt"} object per line, UTF-8; `from_jsonl` reads the same rows back."""
     lines = [json.dumps({"classes": list(p.classes), "prompt": p.text}, ensure_ascii=False, sort_keys=True)
              for p in prompts]
     text = "".join(line + "\n" for line in lines)
     # JSON leaves these unescaped, but str.splitlines (used by from_jsonl) breaks lines at them
     for char in ("\x85", "\u2028", "\u2029"):
         text = text.replace(char, f"\\u{ord(char):04x}")
-    storage.write_bytes(url, text.encode("utf-8"))
+    return text.encode("utf-8")
+
+
+def write_jsonl(prompts: list[Prompt], url: str) -> None:
+    """`to_jsonl`, written atomically."""
+    storage.write_bytes(url, to_jsonl(prompts))
 
 
 # ---- prompts written by a chat model -------------------------------------------------------------
@@ -338,6 +340,31 @@ def _recorded(cfg: PromptsConfig, classes: list[str], output: str) -> bool:
         return False
     digest = hashlib.sha256(storage.read_bytes(prompts_url)).hexdigest()
     return isinstance(record, dict) and record == {**request_record(cfg, classes), "prompts_sha256": digest}
+
+
+def store(prompts: list[Prompt], fresh: bool, cfg: PromptsConfig, classes: list[str], output: str) -> None:
+    """Keep the build's prompts with its dataset: `<output>/prompts.jsonl` (rewritten only when its
+    content changes) and, for prompts an endpoint wrote, the request record that vouches for them."""
+    storage.makedirs(output)
+    url = storage.join(output, PROMPTS_FILE)
+    data = to_jsonl(prompts)
+    if fresh or not storage.exists(url) or storage.read_bytes(url) != data:
+        storage.write_bytes(url, data)
+    from_endpoint = bool(cfg.endpoint) and not cfg.source
+    if from_endpoint and (fresh or not storage.exists(storage.join(output, REQUEST_FILE))):
+        write_request_record(cfg, classes, output)
+
+
+def sha256(prompts: list[Prompt]) -> str:
+    """Identifies a list of prompts (texts and classes, in order) for the build hash."""
+    rows = [[p.text, list(p.classes)] for p in prompts]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_texts(output: str) -> list[str] | None:
+    """The texts of the build's prompts (`<output>/prompts.jsonl`), or None for a dataset without them."""
+    url = storage.join(output, PROMPTS_FILE)
+    return [p.text for p in from_jsonl(url)] if storage.exists(url) else None
 
 
 def resolve(cfg: PromptsConfig, classes: list[str], output: str) -> tuple[list[Prompt], bool]:

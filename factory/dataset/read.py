@@ -8,7 +8,6 @@ shard order, and builds its filesystems through `factory.storage`.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -18,17 +17,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from factory import shards, storage, versions
+from factory import storage
 from factory.config import StorageConfig
+from factory.dataset import layout, versions
+from factory.dataset.sample import decode, row_from_tar
 
 
 def open_dataset(dataset: str) -> tuple[str, dict]:
     """(resolved URL, manifest) of a finished dataset; `ROOT@latest` resolves through LATEST."""
     url = versions.resolve(dataset)
-    return url, shards.read_manifest(url)
+    return url, layout.read_manifest(url)
 
 
 def choose_format(manifest: dict, fmt: str, url: str) -> str:
@@ -59,13 +59,6 @@ def shard_tables(dataset: str, columns: list[str] | None = None) -> Iterator[pa.
             yield pq.read_table(inner, filesystem=fs, columns=columns)
 
 
-def decode_png(data: bytes | None) -> np.ndarray | None:
-    if data is None:
-        return None
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im)
-
-
 def iter_tar(url: str) -> Iterator[dict]:
     """The samples of one WebDataset tar, streamed: rows with the Parquet columns (`image` and
     `mask` as PNG bytes, `keypoints` as JSON text), so both formats feed the same decoding."""
@@ -75,21 +68,12 @@ def iter_tar(url: str) -> Iterator[dict]:
         for member in tar:
             key, _, ext = member.name.partition(".")
             if row and row["key"] != key:
-                yield _tar_row(row)
+                yield row_from_tar(row)
                 row = {}
             row["key"] = key
             row[ext] = tar.extractfile(member).read()
         if row:
-            yield _tar_row(row)
-
-
-def _tar_row(members: dict) -> dict:
-    meta = json.loads(members["json"])
-    for name in ("keypoints", "instance_classes"):
-        meta[name] = json.dumps(meta[name]) if meta.get(name) is not None else None
-    for field, ext in shards.TAR_MEMBERS.items():
-        meta[field] = members.get(ext)
-    return meta
+            yield row_from_tar(row)
 
 
 def iter_rows(url: str, manifest: dict, fmt: str, records: list[dict]) -> Iterator[dict]:
@@ -104,19 +88,6 @@ def iter_rows(url: str, manifest: dict, fmt: str, records: list[dict]) -> Iterat
         else:
             for path in files_of(record, ".tar"):
                 yield from iter_tar(storage.join(url, path))
-
-
-def decode(row: dict) -> dict:
-    """`image` [H, W, 3] uint8, `mask` [H, W] uint8, `keypoints` list, `depth` [H, W] float32 metres,
-    `instances` [H, W] uint8 ids with `instance_classes` list; each None where the dataset lacks it."""
-    row["image"] = decode_png(row["image"])
-    row["mask"] = decode_png(row["mask"])
-    row["keypoints"] = json.loads(row["keypoints"]) if row["keypoints"] else None
-    depth = decode_png(row.get("depth"))
-    row["depth"] = None if depth is None else depth.astype(np.float32) / np.float32(row["depth_scale"])
-    row["instances"] = decode_png(row.get("instances"))
-    row["instance_classes"] = json.loads(row["instance_classes"]) if row.get("instance_classes") else None
-    return row
 
 
 def iter_samples(dataset: str, limit: int | None = None, fmt: str = "auto") -> Iterator[dict]:

@@ -1,15 +1,15 @@
 """Ray Train scaffolding shared by `factory train` (decoders) and `factory pretrain` (backbones).
 
-Both recipes run a Ray-free training loop on every worker of a `TorchTrainer`, keep a resumable
-state file in each rank-0 checkpoint (tagged with a hash of the inputs it was fitted on), and
-publish what they fitted from the last checkpoint. The parts that differ (the loop, what a
-checkpoint holds, where the result goes) stay in the recipes.
+Both recipes run a Ray-free training loop on every worker of a `TorchTrainer`, draw each step's
+randomness from `step_generator`, keep a resumable state file in each rank-0 checkpoint (tagged with
+a hash of the inputs it was fitted on), and publish what they fitted from the last checkpoint
+(`storage.publish_tree`). The parts that differ (the loop, what a checkpoint holds, where the result
+goes) stay in the recipes.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -17,9 +17,17 @@ from typing import Any, Protocol
 import torch
 
 from factory import storage
-from factory.objectives import TrainError
 
 STATE_FILE = "train_state.pt"
+
+
+class TrainError(RuntimeError):
+    """Training could not start or did not finish; the message says why."""
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A step's draws depend only on (seed, rank, step), so a resumed run draws what it would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
 
 
 class RunSettings(Protocol):
@@ -100,19 +108,3 @@ def report_checkpoint(metrics: dict, rank: int, write: Callable[[str], None]) ->
     with tempfile.TemporaryDirectory() as d:
         write(d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def replace_local(source: str, target: str, ignore: Callable | None = None) -> None:
-    """Copy a file or folder to the local path `target` under a temporary name, then move it into
-    place, so a reader never finds a half-copied file (a folder is swapped with one rename after
-    the old one is removed)."""
-    staging = f"{target}.tmp-{os.getpid()}"
-    if os.path.isdir(staging):
-        shutil.rmtree(staging)
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    if os.path.isdir(source):
-        shutil.copytree(source, staging, ignore=ignore)
-        shutil.rmtree(target, ignore_errors=True)
-    else:
-        shutil.copyfile(source, staging)
-    os.replace(staging, target)

@@ -313,7 +313,7 @@ def arrays(seeds: list[int] | range, resolution: int = 64, size: int = 64, batch
     """(images [N, R, R, 3] uint8, masks [N, R, R] uint8) of `seeds` rendered at `size` and resized to
     `resolution` exactly as `factory labels import` and `factory pretrain` resize a folder of them
     (bicubic images, nearest masks), without the files: what a backbone trained on the folder saw."""
-    from factory.real_labels import square
+    from factory.data.images import square
 
     images, masks = [], []
     seeds = list(seeds)

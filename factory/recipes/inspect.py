@@ -7,7 +7,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from factory import read, shards, storage
+from factory import storage
+from factory.dataset import layout, read
 
 TILE = 128
 
@@ -30,10 +31,10 @@ def summarize(dataset: str, stat_samples: int = 2000) -> dict:
     """Manifest summary, failed and missing shards, uncertainty histogram (all samples), label
     statistics (pixel frequencies per class, or keypoint scores) over the first `stat_samples`
     samples. A build with no manifest yet (running or interrupted) gets a progress summary."""
-    if not storage.exists(storage.join(dataset, shards.MANIFEST)) and storage.exists(
-            storage.join(dataset, shards.BUILD_RECORD)):
+    if not storage.exists(storage.join(dataset, layout.MANIFEST)) and storage.exists(
+            storage.join(dataset, layout.BUILD_RECORD)):
         return progress(dataset)
-    manifest = shards.read_manifest(dataset)
+    manifest = layout.read_manifest(dataset)
     labels = manifest["labels"]
     scores = np.concatenate(
         [t.column("uncertainty").to_numpy() for t in read.shard_tables(dataset, ["uncertainty"])] or [np.zeros(0)]
@@ -94,10 +95,10 @@ def missing_files(dataset: str, manifest: dict) -> list[str]:
 def progress(dataset: str) -> dict:
     """How far a build without a manifest got: shards done and still to build, from build.json and
     the completion records."""
-    build = storage.read_json(storage.join(dataset, shards.BUILD_RECORD))
+    build = storage.read_json(storage.join(dataset, layout.BUILD_RECORD))
     g = build["config"]["generate"]
-    plan = shards.plan_shards(g["start_seed"], g["num_samples"], g["shard_size"])
-    done = shards.read_completions(dataset)
+    plan = layout.plan_shards(g["start_seed"], g["num_samples"], g["shard_size"])
+    done = layout.read_completions(dataset)
     return {
         "dataset": dataset,
         "name": build["config"]["name"],
@@ -114,7 +115,7 @@ def progress(dataset: str) -> dict:
 def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
     """A grid of image | image-with-labels (| depth, near bright) tiles and a class legend, written as
     PNG to `path`."""
-    manifest = shards.read_manifest(dataset)
+    manifest = layout.read_manifest(dataset)
     labels = manifest["labels"]
     colors = palette(max(len(labels), 2))
     tiles = []

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+
+from factory import tensorfile
 
 EXPORT_RECORD = "export.json"
 IMAGES_DIR = "images"
@@ -233,16 +233,15 @@ def _read_coco(
             keypoints[file] = kp.reshape(-1, 3)
 
 
+FORMAT = "factory.labeled_set"
+
+
 def save_labeled_set(path: str, labeled: LabeledSet) -> None:
     tensors = {"seeds": labeled.seeds}
-    if labeled.masks is not None:
-        tensors["masks"] = labeled.masks.contiguous()
-    if labeled.keypoints is not None:
-        tensors["keypoints"] = labeled.keypoints.contiguous()
-    if labeled.images is not None:
-        tensors["images"] = labeled.images.contiguous()
+    for name in ("masks", "keypoints", "images"):
+        if getattr(labeled, name) is not None:
+            tensors[name] = getattr(labeled, name)
     metadata = {
-        "format": "factory.labeled_set",
         "task": labeled.task,
         "labels": json.dumps(labeled.label_names),
         "files": json.dumps(labeled.files),
@@ -250,27 +249,11 @@ def save_labeled_set(path: str, labeled: LabeledSet) -> None:
         "backbone_hash": labeled.backbone_hash,
         "psi": repr(labeled.psi),
     }
-    save_file(tensors, path, metadata=metadata)
-
-
-def read_labeled_file(path: str, expected_format: str, hint: str) -> tuple[dict, dict[str, str]]:
-    """(tensors, metadata) of a labeled-set safetensors file of `expected_format`; errors name the file
-    and, for a missing one, `hint` (the command that writes it)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"labeled set {path} not found: {hint}")
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
-    if metadata.get("format") != expected_format:
-        raise ValueError(f"{path} is not a {expected_format} file (metadata format={metadata.get('format')!r}); {hint}")
-    return tensors, metadata
+    tensorfile.write(path, tensors, FORMAT, metadata)
 
 
 def load_labeled_set(path: str) -> LabeledSet:
-    tensors, metadata = read_labeled_file(path, "factory.labeled_set", "run `factory annotate import` first")
+    tensors, metadata = tensorfile.read(path, FORMAT, "labeled set", "run `factory annotate import` first")
     return LabeledSet(
         task=metadata["task"],
         label_names=json.loads(metadata["labels"]),

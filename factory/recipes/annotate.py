@@ -15,9 +15,9 @@ import os
 import numpy as np
 from PIL import Image
 
-from factory import labels
-from factory.backbones import load_backbone
+from factory.backbones import backbone_identity, load_backbone
 from factory.config import FactoryConfig
+from factory.data import annotations
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,16 @@ def export_images(cfg: FactoryConfig) -> str:
     out = cfg.annotate.dir
     backbone = load_backbone(cfg.backbone)
     seeds = list(range(cfg.annotate.start_seed, cfg.annotate.start_seed + cfg.annotate.num_images))
-    os.makedirs(os.path.join(out, labels.IMAGES_DIR), exist_ok=True)
-    os.makedirs(os.path.join(out, labels.MASKS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(out, annotations.IMAGES_DIR), exist_ok=True)
+    os.makedirs(os.path.join(out, annotations.MASKS_DIR), exist_ok=True)
     records = []
     for start in range(0, len(seeds), 16):
         batch = backbone(seeds[start : start + 16])
         for seed, image, latent in zip(seeds[start : start + 16], batch.images.numpy(), batch.latents):
             name = f"{seed:08d}.png"
-            Image.fromarray(image).save(os.path.join(out, labels.IMAGES_DIR, name))
+            Image.fromarray(image).save(os.path.join(out, annotations.IMAGES_DIR, name))
             records.append(
-                {"file": name, "seed": seed, "latent": latent.tolist(), "sha256": labels.pixels_sha256(image)}
+                {"file": name, "seed": seed, "latent": latent.tolist(), "sha256": annotations.pixels_sha256(image)}
             )
     record = {
         "backbone_hash": backbone.weights_hash,
@@ -61,7 +61,7 @@ def export_images(cfg: FactoryConfig) -> str:
         "labels": cfg.label_names(),
         "images": records,
     }
-    with open(os.path.join(out, labels.EXPORT_RECORD), "w") as f:
+    with open(os.path.join(out, annotations.EXPORT_RECORD), "w") as f:
         json.dump(record, f, indent=1)
     with open(os.path.join(out, "classes.txt"), "w") as f:
         f.write("\n".join(cfg.label_names()) + "\n")
@@ -71,30 +71,30 @@ def export_images(cfg: FactoryConfig) -> str:
     return out
 
 
-def import_labels(cfg: FactoryConfig) -> labels.LabeledSet:
+def import_labels(cfg: FactoryConfig) -> annotations.LabeledSet:
     """Validate the annotators' work and write `train.labeled`; raises AnnotationError listing problems."""
-    export = labels.read_export(cfg.annotate.dir)
-    backbone = load_backbone(cfg.backbone)
+    export = annotations.read_export(cfg.annotate.dir)
+    backbone = backbone_identity(cfg.backbone)
     problems = []
     if export["backbone_hash"] != backbone.weights_hash:
         problems.append(
-            f"{labels.EXPORT_RECORD}: exported with backbone {export['backbone_hash'][:12]}, but the config's "
+            f"{annotations.EXPORT_RECORD}: exported with backbone {export['backbone_hash'][:12]}, but the config's "
             f"backbone is {backbone.weights_hash[:12]} (check backbone.weights / backbone.init_seed)"
         )
     if export["psi"] != cfg.backbone.psi:
-        problems.append(f"{labels.EXPORT_RECORD}: exported with psi={export['psi']}, config has backbone.psi={cfg.backbone.psi}")
+        problems.append(f"{annotations.EXPORT_RECORD}: exported with psi={export['psi']}, config has backbone.psi={cfg.backbone.psi}")
     if export["labels"] != cfg.label_names():
-        problems.append(f"{labels.EXPORT_RECORD}: exported for labels {export['labels']}, config has {cfg.label_names()}")
+        problems.append(f"{annotations.EXPORT_RECORD}: exported for labels {export['labels']}, config has {cfg.label_names()}")
     if problems:
-        raise labels.AnnotationError(problems)
-    labeled = labels.import_annotations(cfg.annotate.dir, cfg.decoder.task, cfg.label_names())
-    labels.save_labeled_set(cfg.train.labeled, labeled)
+        raise annotations.AnnotationError(problems)
+    labeled = annotations.import_annotations(cfg.annotate.dir, cfg.decoder.task, cfg.label_names())
+    annotations.save_labeled_set(cfg.train.labeled, labeled)
     log.info("imported %d labeled images into %s", len(labeled.files), cfg.train.labeled)
     return labeled
 
 
 def write_masks(directory: str, masks: dict[str, np.ndarray]) -> None:
     """Save index masks the way an annotator would (used by the demo's stand-in annotator and tests)."""
-    os.makedirs(os.path.join(directory, labels.MASKS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(directory, annotations.MASKS_DIR), exist_ok=True)
     for name, mask in masks.items():
-        Image.fromarray(mask.astype(np.uint8)).save(os.path.join(directory, labels.MASKS_DIR, name))
+        Image.fromarray(mask.astype(np.uint8)).save(os.path.join(directory, annotations.MASKS_DIR, name))

@@ -1,14 +1,14 @@
 """`factory demo`: a whole path on the shipped toy backbones, start to finish.
 
 The backbones were trained by the project's own `factory pretrain` on toy-world faces
-(`factory/toyworld.py`; configs/toy_gan.yaml, configs/toy_dm.yaml), so the demo's images are
+(`factory/data/toyworld.py`; configs/toy_gan.yaml, configs/toy_dm.yaml), so the demo's images are
 recognisable scenes and its labels can be checked against a ground truth.
 
 GAN path (`factory demo`, DatasetGAN):
     export 16 generated faces -> the stand-in annotator labels them -> import -> fit the Style
     Interpreter on Ray Train -> generate on Ray Data -> inspect
   DatasetGAN's annotated images are generated ones, labeled by a person; here a segmenter trained on
-  toy-world ground truth (`factory/annotator.py`) stands in for the person, for those 16 only.
+  toy-world ground truth (`factory/toy/annotator.py`) stands in for the person, for those 16 only.
 
 Diffusion path (`factory demo --diffusion`, DatasetDM):
     16 toy-world faces with their ground truth (part masks, depth) -> import -> fit the perception
@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import os
 
-from factory import annotate, inspect, real_labels, toyworld
-from factory.annotator import annotate_with_segmenter
 from factory.config import FactoryConfig, load_config
-from factory.generate import generate
+from factory.data import labeled_photos, toyworld
+from factory.recipes import annotate, inspect
+from factory.recipes.generate import generate
+from factory.recipes.train import train
 from factory.runtime import init_ray
-from factory.train import train
+from factory.toy.annotator import annotate_with_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -90,4 +91,4 @@ def prepare_labels(cfg: FactoryConfig) -> None:
     else:
         # 1-3. Sixteen labeled toy faces stand in for your labeled photos; import and validate them.
         toyworld.write_folder(cfg.labels.dir, len(DM_LABELED_SEEDS), start_seed=DM_LABELED_SEEDS.start)
-        real_labels.import_labels(cfg)
+        labeled_photos.import_labels(cfg)

@@ -1,0 +1,51 @@
+"""The one error type of bad settings, and the range checks every section's `__post_init__` uses.
+
+Each check raises `ConfigError` naming the full key (`train.steps must be >= 1, got 0`), so a
+message always says which value to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def at_least(section: str, obj: object, minimum: float, keys: Iterable[str]) -> None:
+    """Every `obj.<key>` is >= minimum."""
+    for key in keys:
+        value = getattr(obj, key)
+        if value < minimum:
+            raise ConfigError(f"{section}.{key} must be >= {minimum}, got {value}")
+
+
+def positive(section: str, obj: object, keys: Iterable[str]) -> None:
+    """Every `obj.<key>` is > 0."""
+    for key in keys:
+        value = getattr(obj, key)
+        if not value > 0:
+            raise ConfigError(f"{section}.{key} must be > 0, got {value}")
+
+
+def one_of(key: str, value: object, choices: Iterable[object]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def within(key: str, value: float, low: float, high: float, *, open_low: bool = False,
+           open_high: bool = False) -> None:
+    """low <= value <= high, with either end excluded on request; the message shows the interval."""
+    ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ConfigError(f"{key} must be in {interval}, got {value}")
+
+
+def distinct_subset(key: str, values: list, allowed: Iterable[object]) -> None:
+    """A non-empty list drawn from `allowed`, each entry once."""
+    allowed = tuple(allowed)
+    if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"{key} must list some of {allowed} once each, got {values}")

@@ -1,0 +1,217 @@
+"""Settings of the models: which backbone (and its architecture or sampler), which decoder, which labels."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from factory.config.checks import ConfigError, at_least, distinct_subset, one_of, positive, within
+
+
+@dataclass
+class StyleGAN2Config:
+    """The StyleGAN2 generator's architecture (`backbone.stylegan2`), stored in every weights file."""
+
+    resolution: int = 32
+    """Output side in pixels; blocks run at 4, 8, ..., resolution."""
+    z_dim: int = 64
+    """Latent z size."""
+    w_dim: int = 64
+    """Intermediate latent w size (mapping width and style input)."""
+    mapping_layers: int = 2
+    """Fully connected layers in the mapping network (8 in the paper)."""
+    channel_base: int = 1024
+    """Channels at resolution r are min(channel_base // r, channel_max), as in stylegan2-ada-pytorch,
+    so official configs carry over verbatim. 1024 / 64 gives 64, 64, 64, 32 channels at 4..32."""
+    channel_max: int = 64
+    """Cap on channels per layer (512 in the paper)."""
+    img_channels: int = 3
+    """Channels of the output image."""
+    mapping_lr_multiplier: float = 0.01
+    """Equalized-lr multiplier of the mapping layers; only shapes how weights are stored."""
+    w_avg_beta: float = 0.995
+    """EMA decay for tracking w_avg while training; unused at inference."""
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max",
+                     "img_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"backbone.stylegan2.{name} must be a positive integer, got {value!r}")
+        r = self.resolution
+        if r < 8 or r & (r - 1):
+            raise ConfigError(f"backbone.stylegan2.resolution must be a power of two >= 8, got {r}")
+        if self.channel_base < r:
+            raise ConfigError(f"backbone.stylegan2.channel_base must be >= resolution ({r}) so every block "
+                              f"has a channel, got {self.channel_base}")
+        lr = self.mapping_lr_multiplier
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ConfigError(f"backbone.stylegan2.mapping_lr_multiplier must be > 0, got {lr!r}")
+        beta = self.w_avg_beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"backbone.stylegan2.w_avg_beta must be in [0, 1], got {beta!r}")
+
+    def channels(self, res: int) -> int:
+        return min(self.channel_base // res, self.channel_max)
+
+    @property
+    def block_resolutions(self) -> list[int]:
+        return [2**i for i in range(2, int(math.log2(self.resolution)) + 1)]
+
+
+SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class DiffusionConfig:
+    """Sampling and feature-tap settings of a Stable Diffusion backbone (`backbone.kind: diffusion`)."""
+
+    scheduler: str = "ddim"
+    """Sampler: "ddim", "euler" or "dpmsolver++" (DPM-Solver++ 2M), built from the pipeline's own
+    scheduler config, so few-step schedules work with any checkpoint."""
+    steps: int = 10
+    """Denoising steps per image."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance; 1.0 turns guidance off (one UNet pass per step instead of two)."""
+    resolution: int = 64
+    """Image size in pixels (a multiple of 8 times the UNet's downsampling); real checkpoints want
+    512 (SD 1.x) or 768 (SD 2.x)."""
+    dtype: str = "auto"
+    """Weights and activations: "auto" is float32 on CPU and float16 on CUDA; or "float32",
+    "float16", "bfloat16"."""
+    feature_step: int = -1
+    """Denoising step whose UNet features (and attention maps) the decoder reads; -1 is the last."""
+    inversion_timestep: int | None = None
+    """Real images are VAE-encoded, noised to this timestep (0-999) and passed through the UNet once
+    to tap the same features (the paper's inversion). None uses the timestep of `feature_step` in
+    the sampling schedule, so the decoder is trained and applied at the same noise level."""
+    attention_maps: bool = True
+    """Also tap the cross-attention maps (per prompt token, averaged over heads) of every UNet block."""
+    max_prompt_tokens: int = 8
+    """Cross-attention tokens kept as features (after the start token); the tokenizer's full length
+    (77) costs memory and rarely helps."""
+
+    def __post_init__(self) -> None:
+        one_of("backbone.diffusion.scheduler", self.scheduler, SCHEDULERS)
+        one_of("backbone.diffusion.dtype", self.dtype, DTYPES)
+        at_least("backbone.diffusion", self, 1, ("steps", "max_prompt_tokens"))
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"backbone.diffusion.resolution must be a multiple of 8, got {self.resolution}")
+        if not -self.steps <= self.feature_step < self.steps:
+            raise ConfigError(
+                f"backbone.diffusion.feature_step must index one of the {self.steps} steps, got {self.feature_step}"
+            )
+        if self.inversion_timestep is not None:
+            within("backbone.diffusion.inversion_timestep", self.inversion_timestep, 0, 1000, open_high=True)
+        at_least("backbone.diffusion", self, 1, ("guidance_scale",))
+
+
+@dataclass
+class BackboneConfig:
+    kind: str = "stylegan2"
+    """Which generator: "stylegan2" (DatasetGAN: seeds -> images) or "diffusion" (DatasetDM: a
+    Stable Diffusion pipeline, prompts + seeds -> images)."""
+    weights: str | None = None
+    """stylegan2: a safetensors file written by `save_stylegan2`. diffusion: a Stable Diffusion 1.x/2.x
+    pipeline folder (`save_pretrained` layout) or a hub id where a hub is reachable. None builds a
+    tiny seeded random-weight model from configs (the embedded default)."""
+    init_seed: int = 0
+    """Seed of the random weights when `weights` is None."""
+    psi: float = 0.7
+    """Truncation: w = w_avg + psi * (w - w_avg). 1.0 is no truncation."""
+    rgb_taps: bool = True
+    """Also feed each block's running skip-RGB image (StyleGAN2's toRGB outputs) to the decoder,
+    besides every conv layer's features."""
+    batch_invariant: bool = True
+    """Run the generator one seed at a time, so a sample's bytes never depend on its batch-mates:
+    regenerating any single seed reproduces it bit for bit. False batches the generator for
+    throughput; re-running a shard still reproduces it (same batches), a lone seed may differ by
+    one grey level in a few pixels."""
+    stylegan2: StyleGAN2Config = field(default_factory=lambda: StyleGAN2Config(channel_max=8))
+    """Architecture of the random-weight generator; with `weights` set, the file's stored
+    architecture is used instead."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Sampler and feature taps of the diffusion backbone."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("stylegan2", "diffusion"):
+            raise ConfigError(f"backbone.kind must be 'stylegan2' or 'diffusion', got {self.kind!r}")
+        within("backbone.psi", self.psi, 0.0, 2.0)
+
+
+DECODER_TASKS = {"interpreter": ("segmentation", "keypoints"),
+                 "perception": ("segmentation", "instances", "depth", "keypoints")}
+
+
+@dataclass
+class DecoderConfig:
+    kind: str = "interpreter"
+    """Which decoder: "interpreter" (DatasetGAN's Style Interpreter, an ensemble of pixel MLPs) or
+    "perception" (DatasetDM's P-decoder: multi-scale fusion and task heads)."""
+    task: str = "segmentation"
+    """interpreter: "segmentation" (one class per pixel) or "keypoints" (one heatmap per keypoint)."""
+    tasks: list[str] = field(default_factory=lambda: ["segmentation", "depth"])
+    """perception: any of "segmentation" (all classes in one pass), "instances" (query-based masks),
+    "depth" (SILog), "keypoints" (heatmaps), fitted together on shared features."""
+    num_heads: int = 10
+    """Ensemble size (interpreter heads; perception semantic heads); disagreement between heads is
+    the uncertainty score."""
+    hidden: list[int] | None = None
+    """interpreter: hidden widths; None means the paper's (128, 32), or (256, 128) with >= 32 outputs."""
+    dim: int = 64
+    """perception: channels of the fused features and the instance queries (the paper uses 256)."""
+    num_queries: int = 16
+    """perception: instance queries, the most instances one image can hold."""
+    num_layers: int = 2
+    """perception: query-decoder layers (masked cross-attention, self-attention, FFN)."""
+    instance_threshold: float = 0.5
+    """perception: class confidence a query needs to become an instance."""
+    init_seed: int = 0
+    """Seed of the initial weights (each head differs)."""
+    heatmap_sigma: float = 2.0
+    """Keypoints: standard deviation in pixels of the Gaussian regressed around each keypoint."""
+    uncertainty_top_fraction: float = 0.1
+    """A sample's score is the mean uncertainty of its most uncertain pixels, this fraction of them."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in DECODER_TASKS:
+            raise ConfigError(f"decoder.kind must be 'interpreter' or 'perception', got {self.kind!r}")
+        if self.task not in DECODER_TASKS["interpreter"]:
+            raise ConfigError(f"decoder.task must be 'segmentation' or 'keypoints', got {self.task!r}")
+        distinct_subset("decoder.tasks", list(self.tasks), DECODER_TASKS["perception"])
+        if self.hidden is not None and (len(self.hidden) != 2 or min(self.hidden) < 1):
+            raise ConfigError(f"decoder.hidden must be two positive widths, got {self.hidden}")
+        at_least("decoder", self, 1, ("num_heads", "dim", "num_queries", "num_layers"))
+        if self.num_queries > 255:
+            raise ConfigError(f"decoder.num_queries must be <= 255 (instance ids are 8-bit), got {self.num_queries}")
+        within("decoder.instance_threshold", self.instance_threshold, 0.0, 1.0, open_low=True, open_high=True)
+        within("decoder.uncertainty_top_fraction", self.uncertainty_top_fraction, 0.0, 1.0, open_low=True)
+        positive("decoder", self, ("heatmap_sigma",))
+
+    def active_tasks(self) -> list[str]:
+        """What this decoder predicts."""
+        return [self.task] if self.kind == "interpreter" else list(self.tasks)
+
+
+@dataclass
+class LabelsConfig:
+    classes: list[str] = field(default_factory=lambda: ["background", "blue"])
+    """Segmentation classes; the index in this list is the pixel value in mask PNGs. The default is
+    the colour rule of random-weight backbones (`factory.toy.annotator.color_annotator`); the demo uses
+    the toy world's parts."""
+    keypoints: list[str] = field(default_factory=list)
+    """Keypoint names, in the order of COCO's `keypoints` triplets (keypoints task only)."""
+    dir: str | None = None
+    """A folder of real labeled images (images/, masks/, depth/, instances.json, prompts.jsonl; see
+    the README) that `factory labels import` validates into `train.labeled` (diffusion path)."""
+    depth_scale: float = 1000.0
+    """Depth PNGs (16-bit) hold metres x depth_scale (1000: millimetres, as NYU and most sensors);
+    0 means unknown. Used for imported real depth and for the depth PNGs a build writes."""
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2 or len(self.classes) > 255:
+            raise ConfigError(f"labels.classes must list 2-255 classes, got {len(self.classes)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"labels.classes has duplicates: {self.classes}")
+        positive("labels", self, ("depth_scale",))

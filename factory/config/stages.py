@@ -1,0 +1,240 @@
+"""Settings of the stages: where Ray and storage are, and how annotation, training, generation,
+prompts, backbone pretraining and nightly builds run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from factory.config.checks import ConfigError, at_least, distinct_subset, positive, within
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Cluster to join ("auto", "ray://head:10001"). None joins the job's cluster when run by
+    `ray job submit` (RAY_ADDRESS is set), else starts a local cluster in this process."""
+    num_cpus: int | None = 4
+    """Logical CPUs of a local cluster. More than the physical cores lets fractional actors and
+    Ray Train's controller share a 2-core machine without deadlock. Ignored when joining a cluster."""
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None
+    """S3 endpoint for s3:// URLs (MinIO, on-prem, a local test server); None means AWS itself."""
+    region: str | None = None
+    """S3 region; None lets the AWS credential chain decide."""
+    anonymous: bool = False
+    """Access public buckets without credentials. Otherwise credentials come from the standard AWS
+    chain (environment, profile, instance or pod role), never from config files."""
+
+
+@dataclass
+class AnnotateConfig:
+    dir: str = "${workdir}/annotations"
+    """Folder handed to annotators: generated images, their seeds/latents, and the labels they add."""
+    num_images: int = 16
+    """How many generated images to export for labeling (the paper labels 16-30)."""
+    start_seed: int = 0
+    """Seeds start_seed .. start_seed + num_images - 1 are exported."""
+
+    def __post_init__(self) -> None:
+        at_least("annotate", self, 1, ("num_images",))
+
+
+@dataclass
+class TrainConfig:
+    labeled: str = "${annotate.dir}/labeled.safetensors"
+    """The labeled set written by `factory annotate import` (GAN path) or `factory labels import`
+    (real images, diffusion path)."""
+    storage_path: str = "${workdir}/train"
+    """Where Ray Train keeps checkpoints; the fitted decoder lands in <storage_path>/<run_name>/decoder."""
+    run_name: str = "interpreter"
+    """Ray Train run name; re-running with the same name resumes from its last checkpoint."""
+    num_workers: int = 2
+    """Data-parallel workers (DDP; gloo on CPU, nccl on GPU)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per worker; fractional values let workers share a small machine."""
+    steps: int = 400
+    """Optimizer steps."""
+    batch_pixels: int = 64
+    """interpreter: pixels per head per step per worker (the paper's batch is 64)."""
+    batch_images: int = 4
+    """perception: labeled images per step per worker."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    class_balanced: bool = True
+    """Sample pixels uniformly over classes first, so small parts are seen as often as background."""
+    val_images: int = 4
+    """Labeled images held out for validation (the last ones by seed); 0 disables validation."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (and validation reports)."""
+    seed: int = 0
+    """Seed of the pixel sampling; a step's pixels are a function of (seed, rank, step)."""
+    max_failures: int = 1
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+
+    def __post_init__(self) -> None:
+        at_least("train", self, 1, ("num_workers", "steps", "batch_pixels", "batch_images", "checkpoint_every"))
+        at_least("train", self, 0, ("val_images",))
+        positive("train", self, ("lr", "cpus_per_worker"))
+
+
+@dataclass
+class GenerateConfig:
+    decoder: str = "${train.storage_path}/${train.run_name}/decoder"
+    """Folder of the fitted decoder (written by `factory train`); a local path or any fsspec URL."""
+    output: str = "${workdir}/dataset"
+    """Dataset root, a local path or any fsspec URL (s3://bucket/prefix); layout in the README."""
+    formats: list[str] = field(default_factory=lambda: ["parquet"])
+    """Shard formats to write, one or both of "parquet" and "webdataset"."""
+    num_samples: int = 1000
+    """Seeds to generate, from `start_seed` on; filtering keeps about (1 - drop_uncertain) of them."""
+    start_seed: int = 1_000_000
+    """First seed; kept apart from the annotation seeds so no labeled image is regenerated."""
+    shard_size: int = 1000
+    """Seeds per shard (the unit of work and of resume). 1,000 gives shards of about 100 MB at
+    256 px and 400 MB at 512 px."""
+    batch_size: int = 16
+    """Seeds per backbone + decoder forward pass."""
+    drop_uncertain: float = 0.1
+    """Fraction of samples to drop as most uncertain (the paper drops 10%); 0 keeps everything."""
+    calibration_samples: int = 1000
+    """Seeds scored before the build to fix the drop threshold (the build's first seeds)."""
+    num_actors: int = 2
+    """Actors in the Ray Data pool; each loads the backbone and decoder once."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor (fractional values share cores)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per actor; > 0 runs the models on CUDA."""
+    max_retries: int = 3
+    """Retries of a failed shard (an exception in the actor), and restarts of a crashed actor
+    with its shard resubmitted, before the shard is reported failed."""
+    overwrite: bool = False
+    """Replace a dataset that was built from a different config instead of refusing."""
+
+    def __post_init__(self) -> None:
+        at_least("generate", self, 1, ("num_samples", "shard_size", "batch_size", "num_actors", "calibration_samples"))
+        at_least("generate", self, 0, ("start_seed", "max_retries", "gpus_per_actor"))
+        within("generate.drop_uncertain", self.drop_uncertain, 0, 1, open_high=True)
+        positive("generate", self, ("cpus_per_actor",))
+        distinct_subset("generate.formats", list(self.formats), ("parquet", "webdataset"))
+
+
+@dataclass
+class PromptsConfig:
+    """Where a diffusion build's prompts come from. The resolved prompts are written next to the
+    dataset (`<generate.output>/prompts.jsonl`) and the build reads that file, so a build is
+    reproducible from its own folder. Sample i (counting from generate.start_seed) uses prompt
+    i mod (number of prompts)."""
+
+    source: str | None = None
+    """A prompt file: .txt (one per line), .jsonl or .parquet (a `prompt` column, optional
+    `classes`). None expands `template` (or asks `endpoint`, if set)."""
+    template: str = "a photo of a {class}"
+    """Used when `source` is None: `{class}` and one `{name}` per entry of `attributes`."""
+    attributes: dict[str, list[str]] = field(default_factory=dict)
+    """Attribute lists for `template`, e.g. {style: [photo, painting]}; every combination is used."""
+    seed: int = 0
+    """Shuffles template combinations (and seeds the endpoint's sampling)."""
+    endpoint: str | None = None
+    """Base URL of an OpenAI-compatible chat API (e.g. http://localhost:8000/v1). When set (and
+    `source` is None) prompts are written by the model once per dataset, never per sample."""
+    model: str = "gpt-4o-mini"
+    """Chat model name sent to `endpoint`."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's key (never put keys in config files)."""
+    num_prompts: int = 100
+    """Prompts to ask `endpoint` for."""
+
+    def __post_init__(self) -> None:
+        at_least("prompts", self, 1, ("num_prompts",))
+
+
+@dataclass
+class PretrainConfig:
+    """Training a backbone itself on a folder of images (`factory pretrain`). The kind trained is
+    `backbone.kind`; training starts from the seeded random weights `backbone.weights: null` would
+    build (`backbone.init_seed`; the architecture of `backbone.stylegan2`, or the tiny diffusion
+    pipeline), whatever `backbone.weights` says, so a config may point `backbone.weights` at
+    `pretrain.output` and serve the rest of the pipeline unchanged."""
+
+    images: str | None = None
+    """Folder of training images (.png, .jpg, .jpeg, .webp), directly inside it or under images/ (the
+    labeled-folder layout). An optional prompts.jsonl beside them ({"file": NAME, "prompt": ...})
+    conditions the diffusion model; images without a row get the empty prompt. Images are resized on
+    their short side and centre-cropped to the backbone's resolution."""
+    output: str | None = None
+    """Where the trained weights are published (a local path, which `backbone.weights` loads):
+    stylegan2, a .safetensors file (its record beside it as <name>.json); diffusion, a
+    `save_pretrained` pipeline folder (its record inside as pretrain.json)."""
+    steps: int = 2000
+    """Optimizer steps: generator + discriminator steps (stylegan2) or UNet steps after the VAE's
+    `vae_steps` (diffusion)."""
+    batch_size: int = 16
+    """Images per step per worker."""
+    lr: float = 0.002
+    """Adam learning rate (both networks; the StyleGAN2 mapping network's is scaled by
+    `backbone.stylegan2.mapping_lr_multiplier`)."""
+    seed: int = 0
+    """Seeds every draw of the run (batches, latents, noise, timesteps, prompt dropout): a step's
+    draws are a function of (seed, rank, step), so a resumed run draws what it would have."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints and loss reports."""
+    num_workers: int = 1
+    """Data-parallel workers (gloo on CPU, nccl on GPU); the effective batch is num_workers x batch_size."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; fractional values let workers share a small machine."""
+    run_name: str = "pretrain"
+    """Ray Train run name; re-running with the same name resumes from its last checkpoint."""
+    storage_path: str = "${workdir}/pretrain"
+    """Where Ray Train keeps checkpoints (a local path or any fsspec URL)."""
+    max_failures: int = 1
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+    flip: bool = True
+    """stylegan2: mirror each real image left-right with probability 1/2."""
+    r1_gamma: float = 0.1
+    """stylegan2: weight of the R1 penalty, gamma/2 E[|grad D(real)|^2] (stylegan2-ada's heuristic
+    0.0002 x resolution^2 / batch gives ~0.05 at 64 px, batch 16)."""
+    r1_every: int = 16
+    """stylegan2: lazy regularization, R1 every this many steps, scaled up to match (paper: 16)."""
+    ema_half_life: float = 2000.0
+    """stylegan2: images (over all workers) after which an old weight's share in the published EMA
+    generator halves; ramped up from 0 as 5% of the images seen so far, as in stylegan2-ada."""
+    vae_steps: int = 1000
+    """diffusion: steps training the VAE alone (L1 reconstruction + kl_weight x KL) before the UNet."""
+    kl_weight: float = 1e-5
+    """diffusion: weight of the VAE's KL term against the reconstruction loss."""
+    prompt_dropout: float = 0.1
+    """diffusion: probability of training on the empty prompt instead of the image's, so
+    classifier-free guidance has an unconditional model to push away from."""
+
+    def __post_init__(self) -> None:
+        at_least("pretrain", self, 1, ("steps", "batch_size", "checkpoint_every", "num_workers", "r1_every"))
+        at_least("pretrain", self, 0, ("vae_steps", "max_failures", "r1_gamma", "kl_weight"))
+        positive("pretrain", self, ("lr", "cpus_per_worker", "ema_half_life"))
+        within("pretrain.prompt_dropout", self.prompt_dropout, 0.0, 1.0, open_high=True)
+        if self.output is not None and "://" in self.output:
+            raise ConfigError(f"pretrain.output must be a local path (backbones load local weights), got {self.output}")
+
+
+@dataclass
+class NightlyConfig:
+    root: str = "${workdir}/datasets"
+    """Dataset root: each night's build is <root>/<YYYY-MM-DD>, and <root>/LATEST names the newest
+    version that validated. Consumers read `<root>@latest`."""
+    keep: int = 7
+    """Versions kept; older ones are deleted after a successful night (never the one LATEST names)."""
+    min_samples: int = 1
+    """Validation: fewer kept samples than this fails the night and leaves LATEST where it was."""
+    verify_checksums: bool = True
+    """Validation: re-read every shard file and compare its sha256 with the completion record."""
+    label_samples: int = 200
+    """Validation: samples whose labels are checked (ids within the label set, not all background)."""
+
+    def __post_init__(self) -> None:
+        at_least("nightly", self, 1, ("keep", "min_samples"))

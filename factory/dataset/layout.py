@@ -1,0 +1,188 @@
+"""The dataset layout: where each file of a dataset lives, the shard plan, records and manifest.
+
+    <output>/build.json                           config hash + resolved config, written before any shard
+    <output>/calibration.json                     uncertainty threshold fixed before the build (if filtering)
+    <output>/parquet/shard-00000.parquet          format "parquet": one row per sample (SAMPLE_SCHEMA)
+    <output>/webdataset/shard-00000.tar           format "webdataset": KEY.png, KEY.seg.png, KEY.json
+    <output>/webdataset/shard-00000.meta.parquet  beside each tar: its samples' metadata (META_SCHEMA)
+    <output>/_stats/shard-00000.json              completion record, written after the shard's data
+    <output>/manifest.json                        written last: shard list with counts and checksums
+
+A shard is a fixed, contiguous seed range named from its index, so a rebuild writes the same names
+and bytes (tar members carry fixed mtimes and owners, in sample order). Data files are published from
+a temporary name; a shard counts as done only when its completion record exists, and resume skips
+exactly those. The files' contents: `sample.py` (rows), `writers.py` (shard files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from factory import storage
+
+STATS_DIR = "_stats"
+MANIFEST = "manifest.json"
+BUILD_RECORD = "build.json"
+CALIBRATION = "calibration.json"
+FORMAT = "factory.dataset/1"
+PRE_BUILD_FILES = {"prompts.jsonl", "prompts.request.json"}
+"""Files `factory prompts expand` may write into an output before its build starts."""
+FORMATS = ("parquet", "webdataset")
+"""Output formats, each written to the folder of its name."""
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int
+    start_seed: int
+    stop_seed: int
+    """Exclusive."""
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+    @property
+    def seeds(self) -> range:
+        return range(self.start_seed, self.stop_seed)
+
+
+def plan_shards(start_seed: int, num_samples: int, shard_size: int) -> list[ShardSpec]:
+    stop = start_seed + num_samples
+    return [
+        ShardSpec(i, s, min(s + shard_size, stop))
+        for i, s in enumerate(range(start_seed, stop, shard_size))
+    ]
+
+
+def shard_files(shard: ShardSpec, fmt: str) -> list[str]:
+    """Paths (relative to the dataset root) that format `fmt` writes for `shard`."""
+    if fmt == "parquet":
+        return [f"parquet/{shard.name}.parquet"]
+    if fmt == "webdataset":
+        return [f"webdataset/{shard.name}.tar", f"webdataset/{shard.name}.meta.parquet"]
+    raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def completion_record(spec: ShardSpec, scores: list[float], kept: int, files: list[dict], config_hash: str,
+                      timings: dict[str, float]) -> dict:
+    """What a finished shard records (`_stats/<shard>.json`): its seeds, counts, files with sizes and
+    sha256, the uncertainty of every generated sample in summary, and timings."""
+    u = np.asarray(scores, dtype=np.float64)
+    return {
+        "shard": spec.index,
+        "name": spec.name,
+        "start_seed": spec.start_seed,
+        "stop_seed": spec.stop_seed,
+        "generated": len(scores),
+        "dropped": len(scores) - kept,
+        "count": kept,
+        "files": files,
+        "bytes": sum(f["bytes"] for f in files),
+        "uncertainty": {
+            "mean": float(u.mean()), "min": float(u.min()), "max": float(u.max()),
+            "p90": float(np.quantile(u, 0.9)),
+        },
+        "config_hash": config_hash,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
+def completion_url(output: str, shard: ShardSpec) -> str:
+    return storage.join(output, STATS_DIR, f"{shard.name}.json")
+
+
+def read_completion(output: str, shard: ShardSpec) -> dict | None:
+    url = completion_url(output, shard)
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def read_completions(output: str) -> dict[str, dict]:
+    """Every completion record under `output`, by shard name, from one listing of `_stats/`."""
+    url = storage.join(output, STATS_DIR)
+    if not storage.exists(url):
+        return {}
+    return {
+        name.removesuffix(".json"): storage.read_json(storage.join(url, name))
+        for name in sorted(storage.listdir(url))
+        if name.startswith("shard-") and name.endswith(".json")
+    }
+
+
+def remove_temporaries(output: str) -> list[str]:
+    """Delete what an interrupted build left under temporary names; returns their paths.
+
+    Only one build may write to an output at a time, so any temporary found at start-up is debris.
+    """
+    removed = []
+    for folder in (*FORMATS, STATS_DIR):
+        url = storage.join(output, folder)
+        if storage.exists(url):
+            for name in storage.listdir(url):
+                if name.startswith(storage.TEMPORARY_PREFIX):
+                    storage.remove_tree(storage.join(url, name))
+                    removed.append(f"{folder}/{name}")
+    return removed
+
+
+def write_completion(output: str, shard: ShardSpec, record: dict) -> None:
+    storage.write_json(completion_url(output, shard), record)
+
+
+def prepare_output(output: str, build_hash: str, resolved_config: dict, overwrite: bool) -> None:
+    """Claim `output` for this build; refuse one started from a different config unless overwriting."""
+    url = storage.join(output, BUILD_RECORD)
+    if storage.exists(url):
+        previous = storage.read_json(url)
+        if previous.get("build_hash") == build_hash:
+            return
+        if not overwrite:
+            raise FileExistsError(
+                f"{output} holds a dataset built from a different config (build hash "
+                f"{previous.get('build_hash', '?')[:12]}, this config {build_hash[:12]}); "
+                "choose another generate.output or pass generate.overwrite=true"
+            )
+        storage.remove_tree(output)
+    elif storage.exists(output) and set(storage.listdir(output)) - PRE_BUILD_FILES:
+        if not overwrite:
+            raise FileExistsError(
+                f"{output} exists and is not a factory dataset; choose another generate.output "
+                "or pass generate.overwrite=true"
+            )
+        storage.remove_tree(output)
+    storage.makedirs(output)
+    storage.write_json(url, {"format": FORMAT, "build_hash": build_hash, "config": resolved_config})
+
+
+def write_manifest(output: str, manifest: dict) -> None:
+    storage.write_json(storage.join(output, MANIFEST), manifest)
+
+
+def read_manifest(output: str) -> dict:
+    url = storage.join(output, MANIFEST)
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{output} has no {MANIFEST}: not a finished factory dataset")
+    manifest = storage.read_json(url)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{url}: unknown dataset format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+def build_manifest(plan: list[ShardSpec], records: dict[str, dict], failed: dict[str, str], **fields) -> dict:
+    """The manifest of a build whose plan is `plan`: every complete shard's record in plan order,
+    totals over them, and each missing shard with its error (`failed`, else "not built"). `fields`
+    (name, build and config hashes, labels, formats, calibration, resolved config...) are recorded
+    as given."""
+    done = [records[s.name] for s in plan if s.name in records]
+    return {
+        "format": FORMAT,
+        **fields,
+        "num_samples": sum(r["count"] for r in done),
+        "num_generated": sum(r["generated"] for r in done),
+        "num_shards": len(plan),
+        "complete": len(done) == len(plan),
+        "shards": done,
+        "failed": [{"shard": s.index, "name": s.name, "error": failed.get(s.name, "not built")}
+                   for s in plan if s.name not in records],
+    }

@@ -1,0 +1,73 @@
+"""A fitted decoder as a folder on local disk (callers holding a URL fetch it with
+`storage.local_copy` first):
+
+    model.safetensors   the weights; metadata holds the decoder config, the input channels, the label
+                        names and the backbone hash it was fitted on
+    config.yaml         the full resolved training config
+    labels.json         task and label names, for people and tools
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import torch
+
+from factory import tensorfile
+from factory.config import DecoderConfig
+from factory.decoders import FittedDecoder, build_decoder, unwrap
+
+MODEL_FILE = "model.safetensors"
+FORMAT = "factory.decoder"
+
+
+def save_decoder(
+    directory: str,
+    model: torch.nn.Module,
+    cfg: DecoderConfig,
+    label_names: Sequence[str],
+    in_channels: Sequence[int],
+    backbone_hash: str,
+    config_yaml: str,
+    keypoint_names: Sequence[str] = (),
+) -> None:
+    os.makedirs(directory, exist_ok=True)
+    metadata = {
+        "decoder": json.dumps(asdict(cfg)),
+        "labels": json.dumps(list(label_names)),
+        "in_channels": json.dumps(list(in_channels)),
+        "backbone_hash": backbone_hash,
+        "keypoint_names": json.dumps(list(keypoint_names)),
+    }
+    tensorfile.write(os.path.join(directory, MODEL_FILE), unwrap(model).state_dict(), FORMAT, metadata)
+    with open(os.path.join(directory, "config.yaml"), "w") as f:
+        f.write(config_yaml)
+    with open(os.path.join(directory, "labels.json"), "w") as f:
+        json.dump({"kind": cfg.kind, "tasks": cfg.active_tasks(), "labels": list(label_names),
+                   "keypoints": list(keypoint_names)}, f, indent=2)
+
+
+def read_decoder_metadata(directory: str) -> dict[str, str]:
+    """The safetensors metadata of the decoder saved in `directory`."""
+    return tensorfile.read_metadata(os.path.join(directory, MODEL_FILE), FORMAT, "fitted decoder",
+                                    "run `factory train` first")
+
+
+def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDecoder:
+    """The decoder saved in `directory`, ready for inference."""
+    path = os.path.join(directory, MODEL_FILE)
+    state, metadata = tensorfile.read(path, FORMAT, "fitted decoder", "run `factory train` first")
+    cfg = DecoderConfig(**json.loads(metadata["decoder"]))
+    labels = json.loads(metadata["labels"])
+    in_channels = json.loads(metadata["in_channels"])
+    keypoint_names = json.loads(metadata.get("keypoint_names", "[]"))
+    model = build_decoder(cfg, in_channels, len(labels), len(keypoint_names))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match decoder {cfg.kind}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    model = model.eval().requires_grad_(False).to(device)
+    return FittedDecoder(model, cfg, labels, in_channels, metadata["backbone_hash"], keypoint_names)

@@ -1,0 +1,269 @@
+"""Generate a labeled dataset on Ray Data.
+
+    1. check inputs      the decoder exists and was fitted on this backbone (identities, no model load)
+    2. claim the output  build.json, prompts.jsonl, the shard plan; finished shards are skipped
+    3. calibrate         the first seeds -> scores -> the drop threshold (calibration.json)
+    4. build shards      shard specs -> actor pool: backbone -> decoder -> filter -> encode -> writers
+                         -> completion records
+    5. manifest          written last, by the driver, from the completion records
+
+Each actor loads the backbone and the fitted decoder once and builds whole shards (the Ray-free work
+is in `labeling.py`), so shard files are named from their seed range, written under a temporary name
+and published atomically; the completion record written after the data is what resume and the
+manifest are built from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import warnings
+from dataclasses import asdict
+
+import numpy as np
+
+from factory import __version__, storage
+from factory import config as config_lib
+from factory.backbones import backbone_identity, load_backbone
+from factory.config import FactoryConfig
+from factory.data import prompts
+from factory.dataset import layout
+from factory.dataset.layout import ShardSpec
+from factory.decoders.files import MODEL_FILE, load_decoder, read_decoder_metadata
+from factory.fingerprint import safetensors_fingerprint
+from factory.recipes import labeling
+
+log = logging.getLogger(__name__)
+
+
+class GenerateError(RuntimeError):
+    """Generation could not start or some shards failed; the message says which."""
+
+
+def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str:
+    """Identifies everything a sample's bytes depend on besides its seed (and prompt)."""
+    with storage.local_copy(decoder_dir, [MODEL_FILE]) as local:
+        decoder_sha = safetensors_fingerprint(f"{local}/{MODEL_FILE}")
+    b = cfg.backbone
+    settings = ({"diffusion": asdict(b.diffusion), "batch_invariant": b.batch_invariant} if b.kind == "diffusion"
+                else {"psi": b.psi, "rgb_taps": b.rgb_taps})
+    return config_lib.stable_hash({"backbone": backbone_hash, **settings, "decoder": decoder_sha,
+                                   "depth_scale": cfg.labels.depth_scale})
+
+
+def build_hash(cfg: FactoryConfig, sample_config_hash: str, prompts_sha256: str | None = None) -> str:
+    """Identifies a whole dataset: sample settings, the prompts, and everything that decides which
+    samples land in which shard with which bytes (batching can change the decoder's last float bits)."""
+    g = cfg.generate
+    return config_lib.stable_hash(
+        [sample_config_hash, g.start_seed, g.num_samples, g.shard_size, g.batch_size, sorted(g.formats),
+         g.drop_uncertain, g.calibration_samples, prompts_sha256]
+    )
+
+
+def fitted_decoder_metadata(url: str) -> dict[str, str]:
+    """The metadata of the decoder published at `url` (a local folder or any storage URL)."""
+    with storage.local_copy(url, [MODEL_FILE]) as local:
+        return read_decoder_metadata(local)
+
+
+def load_models(cfg: FactoryConfig):
+    """The backbone and the fitted decoder, on the GPU when the actor has one."""
+    device = "cuda" if cfg.generate.gpus_per_actor > 0 else "cpu"
+    with storage.local_copy(cfg.generate.decoder, [MODEL_FILE]) as local:
+        decoder = load_decoder(local, device)
+    return load_backbone(cfg.backbone, device), decoder
+
+
+class SeedScorer:
+    """Ray Data actor for the calibration pass: rows of seed ranges -> rows of (seed, score)."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = config_lib.from_dict(cfg)
+        storage.configure(self.cfg.storage)
+        self.backbone, self.decoder = load_models(self.cfg)
+        self.texts = prompts.read_texts(self.cfg.generate.output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seeds = [s for start, stop in zip(batch["start"], batch["stop"]) for s in range(int(start), int(stop))]
+        batch_prompts = labeling.prompts_for(seeds, self.texts, self.cfg.generate.start_seed)
+        scores = labeling.score_seeds(self.backbone, self.decoder, seeds, batch_prompts)
+        return {"seed": np.asarray(seeds, dtype=np.int64), "score": np.asarray(scores, dtype=np.float64)}
+
+
+class ShardBuilder:
+    """Ray Data actor: loads the models once, then turns rows of shard specs into completion records.
+
+    A shard that raises is retried `generate.max_retries` times, then reported as failed (with its
+    error) instead of failing the whole build: the other shards still finish, and the driver records
+    the failure in the manifest and exits non-zero. A failed shard publishes nothing, so a re-run
+    builds it again. (An actor that crashes is restarted by Ray, which resubmits its shard.)
+    """
+
+    def __init__(self, cfg: dict, config_hash: str, threshold: float | None) -> None:
+        self.cfg = config_lib.from_dict(cfg)
+        storage.configure(self.cfg.storage)
+        self.backbone, self.decoder = load_models(self.cfg)
+        self.config_hash = config_hash
+        self.threshold = threshold
+        self.texts = prompts.read_texts(self.cfg.generate.output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for index, start, stop in zip(batch["index"], batch["start_seed"], batch["stop_seed"]):
+            spec = ShardSpec(int(index), int(start), int(stop))
+            out.append(json.dumps(self.build(spec)))
+        return {"record": np.asarray(out, dtype=object)}
+
+    def build(self, spec: ShardSpec) -> dict:
+        attempts = self.cfg.generate.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return labeling.build_shard(self.backbone, self.decoder, self.cfg, spec, self.config_hash,
+                                            self.threshold, self.texts)
+            except Exception as e:  # recorded in the manifest and the exit code by the driver
+                log.error("shard %s failed (attempt %d of %d):\n%s", spec.name, attempt, attempts,
+                          traceback.format_exc())
+                error = f"{type(e).__name__}: {e}"
+        return {"shard": spec.index, "name": spec.name, "failed": error, "attempts": attempts}
+
+
+def map_on_actors(ds, actor: type, cfg: FactoryConfig, num_items: int, constructor_kwargs: dict):
+    """`ds.map_batches(actor)` on the build's actor pool: `generate.num_actors` actors (at most one per
+    item), each with `cpus_per_actor` CPUs and `gpus_per_actor` GPUs, one item per call. Ray restarts
+    a crashed actor and resubmits its work `max_retries` times (Ray Data's default is forever, which
+    would loop on a shard that always kills its actor); Ray 2.60 takes those two settings only as
+    `ray_remote_args`, whose deprecation warning is silenced here."""
+    from ray.data import ActorPoolStrategy
+
+    g = cfg.generate
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            actor,
+            fn_constructor_kwargs=constructor_kwargs,
+            batch_size=1,
+            compute=ActorPoolStrategy(size=min(g.num_actors, num_items)),
+            num_cpus=g.cpus_per_actor,
+            num_gpus=g.gpus_per_actor,
+            max_restarts=g.max_retries,
+            max_task_retries=g.max_retries,
+        )
+
+
+def calibrate(cfg: FactoryConfig, config_hash: str) -> dict | None:
+    """Fix the uncertainty threshold before the build: score the first `calibration_samples` seeds
+    and take the (1 - drop_uncertain) quantile. Only the scores are held, never the samples.
+    Stored as calibration.json, so a resumed build reuses it."""
+    import ray
+
+    g = cfg.generate
+    if g.drop_uncertain == 0:
+        return None
+    url = storage.join(g.output, layout.CALIBRATION)
+    if storage.exists(url):
+        record = storage.read_json(url)
+        if record.get("config_hash") == config_hash:
+            return record
+    n = min(g.calibration_samples, g.num_samples)
+    chunks = [{"start": s, "stop": min(s + g.batch_size, g.start_seed + n)}
+              for s in range(g.start_seed, g.start_seed + n, g.batch_size)]
+    t0 = time.perf_counter()
+    ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 4 * g.num_actors))
+    ds = map_on_actors(ds, SeedScorer, cfg, len(chunks), {"cfg": config_lib.to_dict(cfg)})
+    scores = ds.to_pandas().sort_values("seed")["score"].to_numpy()
+    record = {
+        "drop_fraction": g.drop_uncertain,
+        "threshold": float(np.quantile(scores, 1 - g.drop_uncertain)),
+        "seeds": [g.start_seed, g.start_seed + n],
+        "num_scored": int(scores.size),
+        "score_quantiles": {f"p{q}": float(np.quantile(scores, q / 100)) for q in (10, 50, 90, 99)},
+        "config_hash": config_hash,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    storage.write_json(url, record)
+    log.info("calibration: dropping scores above %.5f (%d seeds scored)", record["threshold"], n)
+    return record
+
+
+def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
+    """Build (or resume) the dataset at `generate.output`; returns the manifest.
+
+    `builder` is the Ray Data actor class that builds shards (default `ShardBuilder`); wrappers of
+    it can instrument or fault-inject a build."""
+    import ray
+
+    g = cfg.generate
+    storage.configure(cfg.storage)
+
+    # 1. Check inputs: the decoder exists and was fitted on this backbone.
+    meta = fitted_decoder_metadata(g.decoder)
+    backbone = backbone_identity(cfg.backbone)
+    if meta["backbone_hash"] != backbone.weights_hash:
+        raise GenerateError(
+            f"decoder {g.decoder} was fitted on backbone {meta['backbone_hash'][:12]}, the config builds "
+            f"{backbone.weights_hash[:12]}; check backbone.weights / backbone.init_seed or re-train"
+        )
+    config_hash = sample_hash(cfg, backbone.weights_hash, g.decoder)
+    build_prompts, fresh = None, False
+    if cfg.backbone.kind == "diffusion":  # resolved once, stored with the dataset, read by the actors
+        build_prompts, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, g.output)
+        log.info("%d prompts, e.g. %r", len(build_prompts), build_prompts[0].text)
+    dataset_hash = build_hash(cfg, config_hash, prompts.sha256(build_prompts) if build_prompts else None)
+
+    # 2. Claim the output, store the prompts, plan shards, skip those already complete, clear an
+    #    interrupted run's debris.
+    resolved = config_lib.to_dict(cfg)
+    layout.prepare_output(g.output, dataset_hash, resolved, g.overwrite)
+    if build_prompts is not None:
+        prompts.store(build_prompts, fresh, cfg.prompts, cfg.labels.classes, g.output)
+    plan = layout.plan_shards(g.start_seed, g.num_samples, g.shard_size)
+    for path in layout.remove_temporaries(g.output):
+        log.info("removed %s, left by an interrupted build", path)
+    records = layout.read_completions(g.output)
+    todo = [s for s in plan if s.name not in records]
+    log.info("%d shards planned, %d to build, output %s", len(plan), len(todo), g.output)
+    if not todo and storage.exists(storage.join(g.output, layout.MANIFEST)):
+        finished = layout.read_manifest(g.output)
+        if finished["build_hash"] == dataset_hash and finished["complete"]:
+            return finished  # a finished build: nothing to do, nothing written
+
+    # 3. Calibration pass: fixes the drop threshold (read back from calibration.json when resuming).
+    calibration = calibrate(cfg, config_hash)
+
+    # 4. Ray Data: shard specs -> actor pool (backbone -> decoder -> filter -> encode -> write) ->
+    #    completion records.
+    failed: dict[str, str] = {}
+    if todo:
+        ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
+        ds = map_on_actors(ds, builder or ShardBuilder, cfg, len(todo),
+                           {"cfg": resolved, "config_hash": config_hash,
+                            "threshold": calibration["threshold"] if calibration else None})
+        try:
+            for row in ds.iter_rows():
+                record = json.loads(row["record"])
+                if "failed" in record:
+                    failed[record["name"]] = record["failed"]
+                else:
+                    log.info("%s: %d samples", record["name"], record["count"])
+        except Exception as e:  # e.g. an actor that kept crashing after max_retries restarts
+            log.error("the build stopped early: %s", e)
+            reason = f"not built: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            failed.update({s.name: reason for s in todo if s.name not in failed})
+        records = layout.read_completions(g.output)  # what the actors published, read back
+
+    # 5. Manifest, last.
+    tasks = cfg.decoder.active_tasks()
+    manifest = layout.build_manifest(
+        plan, records, failed,
+        name=cfg.name, package_version=__version__, build_hash=dataset_hash, config_hash=config_hash,
+        task="segmentation" if "segmentation" in tasks else tasks[0], tasks=tasks,
+        labels=json.loads(meta["labels"]), formats=list(g.formats), calibration=calibration, config=resolved,
+    )
+    layout.write_manifest(g.output, manifest)
+    if not manifest["complete"]:
+        names = ", ".join(f"{f['name']} ({f['error']})" for f in manifest["failed"][:5])
+        raise GenerateError(f"{len(manifest['failed'])} of {len(plan)} shards failed: {names}; re-run to retry them")
+    return manifest
