@@ -9,12 +9,14 @@ same seeds (`generate.start_seed` on):
    `cpus_per_actor=1` gets: Ray sets OMP_NUM_THREADS to the actor's CPUs, checked by a probe actor).
    No Ray, no encoding, no writing. Then `label_seeds` (the same forward passes plus PNG encoding and
    row building) on the first `--encode-samples` seeds, to split model time from encode time.
-2. full build: `factory.recipes.generate.generate(cfg)` (calibration pass, Ray Data actor pool, PNG encode,
-   shard writers, upload) into a loopback S3 server (moto's `ThreadedMotoServer`, running in this
-   process) on a local Ray cluster started by `factory.runtime.init_ray` with 4 logical CPUs, once
-   with 1 actor and once with 2 (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the
-   whole `generate()` call; "build" excludes the calibration pass (the manifest's calibration
-   `seconds`). samples/s counts generated seeds (kept + dropped), as the bare loop does.
+2. full build: `factory.recipes.generate.generate(cfg)` (the calibration pass staging the first
+   shards, Ray Data actor pools, encoding on threads beside the model, shard writers, upload) into a
+   loopback S3 server (moto's `ThreadedMotoServer`, running in this process) on a local Ray cluster
+   started by `factory.runtime.init_ray` with 4 logical CPUs, once with 1 actor and once with 2
+   (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the whole `generate()` call, the
+   calibration pass included (it makes the first shards' samples, which the build then finishes
+   instead of computing again). samples/s counts generated seeds (kept + dropped), as the bare loop
+   does. Goals (issue 17): full build with 1 actor >= 0.90 of the bare loop, 2 actors >= 1.8 of 1.
 3. memory: the bare subprocess's peak RSS (ru_maxrss); during each build, a background thread samples
    (every `--sample-interval` s) the RSS and CPU time of this driver process (which also hosts the S3
    server and its in-memory objects) and of every descendant process, grouped by process title: the
@@ -50,7 +52,6 @@ from machine import busy_cpu_seconds, git_revision, write_results  # noqa: E402 
 
 CPUS_PER_ACTOR = 1
 RAY_NUM_CPUS = 4
-ACTOR_COUNTS = (1, 2)
 BUCKET = "bench"
 MIB = 2**20
 
@@ -66,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-interval", type=float, default=0.25, help="seconds between memory samples")
     p.add_argument("--out", default="benchmarks/results/generate.json")
     p.add_argument("--quick", action="store_true", help="tiny numbers: check that the script runs")
+    p.add_argument("--actors", default="1,2", help="actor counts to build with, compared with the first")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="on a GPU machine: 1 gives each actor a GPU (e.g. --actors 1,8 on 8 GPUs)")
+    p.add_argument("--memory-samples", type=int, default=0,
+                   help="after the timed builds, one build of this many seeds (2 actors) whose driver and actor "
+                        "memory is reported per quarter of the run: flat means it does not grow with samples")
     p.add_argument("overrides", nargs="*", help="config key=value overrides for every measurement")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)  # internal: the bare loop
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: where the decoder was saved
@@ -77,10 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def actor_counts(args: argparse.Namespace) -> list[int]:
+    return [int(n) for n in args.actors.split(",")]
+
+
 def config_overrides(args: argparse.Namespace, workdir: str) -> list[str]:
     """The overrides every measurement shares (builds add their actors, output and storage)."""
     out = [f"workdir={workdir}", f"generate.num_samples={args.samples}", f"generate.shard_size={args.shard_size}",
-           f"generate.formats=[{args.formats}]", f"generate.cpus_per_actor={CPUS_PER_ACTOR}"]
+           f"generate.formats=[{args.formats}]", f"generate.cpus_per_actor={CPUS_PER_ACTOR}",
+           f"generate.gpus_per_actor={args.gpus_per_actor}"]
     if args.batch_size is not None:
         out.append(f"generate.batch_size={args.batch_size}")
     if args.calibration_samples is not None:
@@ -123,7 +135,9 @@ def run_bare(args: argparse.Namespace) -> None:
     """Internal: the bare loop and the encode pass in this process; JSON on stdout's last line."""
     import torch
 
-    torch.set_num_threads(CPUS_PER_ACTOR)
+    device = "cuda" if args.gpus_per_actor > 0 else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(CPUS_PER_ACTOR)
     from factory.backbones import load_backbone
     from factory.decoders.files import load_decoder
     from factory.recipes.labeling import label_seeds
@@ -131,7 +145,7 @@ def run_bare(args: argparse.Namespace) -> None:
     cfg = load(args, args.workdir)
     g = cfg.generate
     t0 = time.perf_counter()
-    backbone, decoder = load_backbone(cfg.backbone), load_decoder(g.decoder)
+    backbone, decoder = load_backbone(cfg.backbone, device), load_decoder(g.decoder, device)
     load_s = time.perf_counter() - t0
     size = (backbone.resolution, backbone.resolution)
     seeds = list(range(g.start_seed, g.start_seed + g.num_samples))
@@ -163,7 +177,7 @@ def run_bare(args: argparse.Namespace) -> None:
 def bare_in_subprocess(args: argparse.Namespace, workdir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--bare", "--workdir", workdir,
            "--samples", str(args.samples), "--shard-size", str(args.shard_size), "--formats", args.formats,
-           "--encode-samples", str(args.encode_samples)]
+           "--encode-samples", str(args.encode_samples), "--gpus-per-actor", str(args.gpus_per_actor)]
     for flag, value in (("--batch-size", args.batch_size), ("--calibration-samples", args.calibration_samples)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -215,6 +229,7 @@ class ProcessSampler(threading.Thread):
 
     def sample(self) -> dict[str, int]:
         totals = dict.fromkeys(self.GROUPS, 0)
+        actor_rss: dict[int, int] = {}
         for proc in [self.root, *self.root.children(recursive=True)]:
             try:
                 with proc.oneshot():
@@ -228,6 +243,8 @@ class ProcessSampler(threading.Thread):
             else:
                 group = "pool_actors" if title.startswith("ray::MapWorker(") else "ray_other"
             totals[group] += rss
+            if group == "pool_actors":
+                actor_rss[proc.pid] = rss
             with self.lock:
                 self.cpu[proc.pid] = (group, times.user + times.system)
                 label = title.split()[0][:60] if group != "driver" else "driver"
@@ -235,6 +252,7 @@ class ProcessSampler(threading.Thread):
                 self.peak_by_pid[proc.pid] = (max(old[0], rss), label if rss >= old[0] else old[1])
         totals["total"] = sum(totals.values())
         with self.lock:
+            self.timeline.append((time.perf_counter(), totals["driver"], max(actor_rss.values(), default=0)))
             self.samples += 1
             for key, value in totals.items():
                 self.peaks[key] = max(self.peaks.get(key, 0), value)
@@ -245,6 +263,7 @@ class ProcessSampler(threading.Thread):
             self.start_cpu = {pid: cpu for pid, (_, cpu) in getattr(self, "cpu", {}).items()}
             self.peaks: dict[str, int] = {}
             self.peak_by_pid: dict[int, tuple[int, str]] = {}
+            self.timeline: list[tuple[float, int, int]] = []  # (time, driver RSS, largest actor RSS)
             self.samples = 0
 
     def window_end(self) -> dict:
@@ -255,7 +274,16 @@ class ProcessSampler(threading.Thread):
             for pid, (group, seconds) in self.cpu.items():
                 cpu[group] += seconds - self.start_cpu.get(pid, 0.0)
             biggest = sorted(self.peak_by_pid.values(), reverse=True)[:8]
+            quarters = []
+            if self.timeline:
+                t0, t1 = self.timeline[0][0], self.timeline[-1][0]
+                for q in range(4):
+                    part = [x for x in self.timeline
+                            if t0 + q * (t1 - t0) / 4 <= x[0] <= t0 + (q + 1) * (t1 - t0) / 4] or self.timeline[-1:]
+                    quarters.append({"driver_peak_rss_bytes": max(x[1] for x in part),
+                                     "largest_actor_peak_rss_bytes": max(x[2] for x in part)})
             return {
+                "by_quarter_of_the_run": quarters,
                 "samples": self.samples,
                 "peak_rss_bytes": dict(self.peaks),
                 "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
@@ -293,11 +321,17 @@ def actor_threads() -> int:
 
 
 def shard_summary(manifest: dict) -> dict:
+    """Where each shard's time went: the model's forward passes (model_s), waiting for encode threads
+    (encode_wait_s: encoding not hidden behind the model), writing rows (write_s), publishing files
+    (publish_s); staged calibration shards add finish_staged_s."""
     shards = manifest["shards"]
-    sums = {key: round(sum(s["timings"][key] for s in shards), 3) for key in ("label_encode_s", "write_s", "total_s")}
+    keys = ("model_s", "encode_wait_s", "write_s", "publish_s", "total_s")
+    sums = {key: round(sum(s["timings"].get(key, 0.0) for s in shards), 3) for key in keys}
+    sums["finish_staged_s"] = round(sum(s["timings"].get("finish_staged_s", 0.0) for s in shards), 3)
+    total = sums["total_s"] + sums["finish_staged_s"]
     return {
         **{f"sum_{k}": v for k, v in sums.items()},
-        "write_fraction": round(sums["write_s"] / sums["total_s"], 4) if sums["total_s"] else None,
+        "model_fraction": round(sums["model_s"] / total, 4) if total else None,
         "median_shard_total_s": statistics.median(s["timings"]["total_s"] for s in shards),
         "per_shard": [{"name": s["name"], "generated": s["generated"], "bytes": s["bytes"], **s["timings"]}
                       for s in shards],
@@ -305,12 +339,12 @@ def shard_summary(manifest: dict) -> dict:
 
 
 def run_build(args: argparse.Namespace, workdir: str, endpoint: str, num_actors: int,
-              sampler: ProcessSampler) -> dict:
+              sampler: ProcessSampler, extra: tuple[str, ...] = ()) -> dict:
     from factory.recipes.generate import generate
 
-    output = f"s3://{BUCKET}/generate-{num_actors}-actors"
+    output = f"s3://{BUCKET}/generate-{num_actors}-actors{'-memory' if extra else ''}"
     cfg = load(args, workdir, (f"generate.num_actors={num_actors}", f"generate.output={output}",
-                               f"storage.endpoint_url={endpoint}", "storage.region=us-east-1"))
+                               f"storage.endpoint_url={endpoint}", "storage.region=us-east-1", *extra))
     sampler.window_start()
     busy = busy_cpu_seconds()
     t0 = time.perf_counter()
@@ -319,7 +353,7 @@ def run_build(args: argparse.Namespace, workdir: str, endpoint: str, num_actors:
     busy_end = busy_cpu_seconds()
     memory = sampler.window_end()
     calibration_s = manifest["calibration"]["seconds"] if manifest["calibration"] else 0.0
-    generated, build_s = manifest["num_generated"], wall - calibration_s
+    generated = manifest["num_generated"]
     summary = shard_summary(manifest)
     return {
         "num_actors": num_actors,
@@ -331,11 +365,9 @@ def run_build(args: argparse.Namespace, workdir: str, endpoint: str, num_actors:
         "wall_s": wall,
         "calibration_s": calibration_s,
         "calibration_samples": manifest["calibration"]["num_scored"] if manifest["calibration"] else 0,
-        "build_s_excluding_calibration": build_s,
         "samples_per_s": generated / wall,
-        "samples_per_s_excluding_calibration": generated / build_s,
-        # the share of the non-calibration time the actors spent inside build_shard
-        "actor_busy_fraction": round(summary["sum_total_s"] / (num_actors * build_s), 4),
+        # the share of the build's wall time the actors spent making shards (staged ones included)
+        "actor_busy_fraction": round((summary["sum_total_s"] + summary["sum_finish_staged_s"]) / (num_actors * wall), 4),
         "shard_timings": summary,
         "memory_and_cpu": memory,
         "machine_busy_cpu_s": None if busy is None else round(busy_end - busy, 2),
@@ -353,29 +385,35 @@ def print_report(report: dict) -> None:
           f"formats {','.join(s['formats'])}, {s['decoder_heads']} heads, "
           f"calibration {s['calibration_samples']} seeds; "
           f"{report['cpu_count']} CPUs, torch {report['torch']}, ray {report['ray']}")
-    print(f"{'run':<30} {'samples':>7} {'wall s':>7} {'calib s':>7} {'build s':>7} {'samples/s':>9} "
-          f"{'excl.calib/s':>12} {'peak RSS MiB':>20}")
+    print(f"{'run':<30} {'samples':>7} {'wall s':>7} {'calib s':>7} {'samples/s':>9} {'peak RSS MiB':>20}")
     enc = bare["label_seeds"]
-    print(f"{'bare loop (1 thread)':<30} {bare['samples']:>7} {bare['seconds']:>7.1f} {'-':>7} {'-':>7} "
-          f"{bare['samples_per_s']:>9.1f} {'-':>12} {bare['peak_rss_bytes'] / MIB:>20.0f}")
-    print(f"{'label_seeds: + PNG encode':<30} {enc['samples']:>7} {enc['seconds']:>7.1f} {'-':>7} {'-':>7} "
-          f"{enc['samples_per_s']:>9.1f} {'-':>12} {'(same process)':>20}")
+    print(f"{'bare loop (1 thread)':<30} {bare['samples']:>7} {bare['seconds']:>7.1f} {'-':>7} "
+          f"{bare['samples_per_s']:>9.1f} {bare['peak_rss_bytes'] / MIB:>20.0f}")
+    print(f"{'label_seeds: + encode, 1 thread':<30} {enc['samples']:>7} {enc['seconds']:>7.1f} {'-':>7} "
+          f"{enc['samples_per_s']:>9.1f} {'(same process)':>20}")
     for b in builds:
         peaks = b["memory_and_cpu"]["peak_rss_bytes"]
         mem = f"{peaks['total'] / MIB:.0f} ({peaks['pool_actors'] / MIB:.0f} actors)"
         print(f"{'full build, ' + str(b['num_actors']) + ' actor' + 's' * (b['num_actors'] > 1):<30} "
               f"{b['samples']:>7} {b['wall_s']:>7.1f} {b['calibration_s']:>7.1f} "
-              f"{b['build_s_excluding_calibration']:>7.1f} {b['samples_per_s']:>9.1f} "
-              f"{b['samples_per_s_excluding_calibration']:>12.1f} {mem:>20}")
+              f"{b['samples_per_s']:>9.1f} {mem:>20}")
     r = report["ratios"]
     print("ratios (samples/s): " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+    print("goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["goals_met"].items()))
     for b in builds:
         t, cpu = b["shard_timings"], b["memory_and_cpu"]["cpu_s"]
-        print(f"{b['num_actors']} actor(s): per-shard sums label_encode {t['sum_label_encode_s']:.1f} s, "
-              f"write {t['sum_write_s']:.1f} s ({100 * t['write_fraction']:.1f}% of shard time); actors busy "
-              f"{100 * b['actor_busy_fraction']:.0f}% of the build; CPU-s: pool actors {cpu['pool_actors']:.1f}, "
-              f"driver+S3 {cpu['driver']:.1f}, rest of Ray {cpu['ray_other']:.1f}, other processes "
-              f"{b['cpu_s_used_by_other_processes']}")
+        print(f"{b['num_actors']} actor(s): per-shard sums model {t['sum_model_s']:.1f} s, waiting for encoding "
+              f"{t['sum_encode_wait_s']:.1f} s, write {t['sum_write_s']:.1f} s, publish {t['sum_publish_s']:.1f} s, "
+              f"finishing staged {t['sum_finish_staged_s']:.1f} s; model {100 * t['model_fraction']:.0f}% of shard "
+              f"time; actors busy {100 * b['actor_busy_fraction']:.0f}% of the build; CPU-s: pool actors "
+              f"{cpu['pool_actors']:.1f}, driver+S3 {cpu['driver']:.1f}, rest of Ray {cpu['ray_other']:.1f}, other "
+              f"processes {b['cpu_s_used_by_other_processes']}")
+    m = report.get("memory_build")
+    if m:
+        print(f"memory build ({m['samples']} seeds, 2 actors, {m['samples_per_s']:.0f} samples/s), peak RSS MiB per "
+              "quarter of the run: " + "; ".join(
+                  f"driver {q['driver_peak_rss_bytes'] / MIB:.0f}, largest actor {q['largest_actor_peak_rss_bytes'] / MIB:.0f}"
+                  for q in m["memory_and_cpu"]["by_quarter_of_the_run"]))
     print(f"bare loop: other processes used {bare['cpu_s_used_by_other_processes']} CPU-s while it ran")
     print("peak RSS: bare = the bare subprocess's ru_maxrss; builds = sampled sum over the driver (+ S3 "
           "server) and all Ray processes, shared pages counted per process; (actors) = the pools' actors")
@@ -419,24 +457,25 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(max(1.0, 2 * args.sample_interval))
             idle = sampler.window_end()  # the cluster at rest, before any build
             builds = []
-            for n in ACTOR_COUNTS:
+            for n in actor_counts(args):
                 print(f"full build: {n} actor(s) ...", flush=True)
                 builds.append(run_build(args, workdir, endpoint, n, sampler))
+            memory_build = None
+            if args.memory_samples:
+                print(f"memory build: {args.memory_samples} seeds, 2 actors ...", flush=True)
+                memory_build = run_build(args, workdir, endpoint, 2, sampler,
+                                         (f"generate.num_samples={args.memory_samples}",))
         finally:
             sampler.stop()
             ray.shutdown()
             server.stop()
 
-    one, two = builds
-    ratios = {
-        "full_1_actor_over_bare": one["samples_per_s"] / bare["samples_per_s"],
-        "full_1_actor_excl_calibration_over_bare": one["samples_per_s_excluding_calibration"] / bare["samples_per_s"],
-        "full_2_actors_over_bare": two["samples_per_s"] / bare["samples_per_s"],
-        "full_2_actors_excl_calibration_over_bare": two["samples_per_s_excluding_calibration"] / bare["samples_per_s"],
-        "2_actors_over_1_actor": two["samples_per_s"] / one["samples_per_s"],
-        "2_actors_over_1_actor_excl_calibration": (two["samples_per_s_excluding_calibration"]
-                                                   / one["samples_per_s_excluding_calibration"]),
-    }
+    one = builds[0]
+    ratios = {f"full_{b['num_actors']}_actors_over_bare": b["samples_per_s"] / bare["samples_per_s"] for b in builds}
+    ratios.update({f"{b['num_actors']}_actors_over_{one['num_actors']}": b["samples_per_s"] / one["samples_per_s"]
+                   for b in builds[1:]})
+    goals = {"full_1_actors_over_bare >= 0.90": ratios.get("full_1_actors_over_bare", 0) >= 0.90,
+             "2_actors_over_1 >= 1.8": ratios.get("2_actors_over_1", 0) >= 1.8}
     g = cfg.generate
     report = {
         "benchmark": "generate",
@@ -451,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
             "samples": g.num_samples, "shard_size": g.shard_size, "batch_size": g.batch_size,
             "formats": list(g.formats), "calibration_samples": g.calibration_samples,
             "drop_uncertain": g.drop_uncertain, "start_seed": g.start_seed, "cpus_per_actor": g.cpus_per_actor,
-            "actor_counts": list(ACTOR_COUNTS), "ray_num_cpus": RAY_NUM_CPUS, "actor_torch_threads": threads_in_actor,
+            "actor_counts": actor_counts(args), "gpus_per_actor": args.gpus_per_actor, "ray_num_cpus": RAY_NUM_CPUS, "actor_torch_threads": threads_in_actor,
             "bare_torch_threads": bare["threads"], "encode_samples": args.encode_samples, "quick": args.quick,
             "overrides": list(args.overrides), "resolution": bare["resolution"],
             "decoder_heads": cfg.decoder.num_heads, "storage": "moto ThreadedMotoServer on 127.0.0.1 (in the driver)",
@@ -461,7 +500,9 @@ def main(argv: list[str] | None = None) -> None:
         "bare_loop": bare,
         "ray_idle": idle,
         "builds": builds,
+        "memory_build": memory_build,
         "ratios": ratios,
+        "goals_met": goals,
         "wall_s": time.perf_counter() - started,
     }
     print_report(report)

@@ -4,6 +4,7 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import save_untrained_decoder
 
@@ -27,9 +28,9 @@ def test_rows_match_the_schema_and_the_backbone(tiny_cfg, models):
     rows = label_seeds(backbone, decoder, [7, 8, 9], shard=2, cfg=tiny_cfg, config_hash="abc")
     table = pa.Table.from_pylist(rows, schema=sample.SAMPLE_SCHEMA)
     assert table.num_rows == 3 and table.column("key").to_pylist() == ["000000000007", "000000000008", "000000000009"]
-    alone = backbone([8])
-    np.testing.assert_array_equal(decode_png(rows[1]["image"]), alone.images[0].numpy())
-    np.testing.assert_array_equal(np.float32(rows[1]["latent"]), alone.latents[0].numpy())
+    batch = backbone([7, 8, 9])  # a sample is a function of its seed and its batch
+    np.testing.assert_array_equal(decode_png(rows[1]["image"]), batch.images[1].numpy())
+    np.testing.assert_array_equal(np.float32(rows[1]["latent"]), batch.latents[1].numpy())
     mask = decode_png(rows[1]["mask"])
     assert mask.shape == (32, 32) and mask.dtype == np.uint8 and mask.max() < len(tiny_cfg.labels.classes)
     assert all(0 <= r["uncertainty"] <= np.log(len(tiny_cfg.labels.classes)) + 1e-6 for r in rows)
@@ -73,6 +74,7 @@ def test_a_failing_shard_is_retried_then_reported_not_dropped(tiny_cfg, models, 
 
     monkeypatch.setattr(labeling, "build_shard", flaky)
     tiny_cfg.generate.max_retries = 2
+    tiny_cfg.generate.drop_uncertain = 0  # no calibration pass: every shard is built directly
     builder = generate_mod.ShardBuilder(config_lib.to_dict(tiny_cfg), "abc", None)
     out = builder({"index": np.array([0, 1]), "start_seed": np.array([0, 16]), "stop_seed": np.array([16, 32])})
     first, second = (json.loads(r) for r in out["record"])
@@ -107,3 +109,118 @@ def test_scores_match_the_stored_uncertainty(tiny_cfg, models):
     backbone, decoder = models
     rows = label_seeds(backbone, decoder, [3, 4, 5], shard=0, cfg=tiny_cfg, config_hash="abc")
     assert score_seeds(backbone, decoder, [3, 4, 5]) == [r["uncertainty"] for r in rows]
+
+
+def _files(output):
+    import os
+
+    return {os.path.relpath(os.path.join(d, f), output): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(output) for f in names if "_stats" not in d}
+
+
+def test_a_staged_shard_finishes_to_the_bytes_of_a_direct_build(tiny_cfg, models, tmp_path):
+    """The calibration pass makes a shard once, unfiltered; finishing it with the threshold writes
+    exactly what building it directly with that threshold writes, in every format."""
+    from factory.recipes.labeling import finish_staged, stage_shard
+
+    backbone, decoder = models
+    tiny_cfg.generate.formats = ["parquet", "webdataset"]
+    spec = layout.ShardSpec(0, 0, 16)
+    tiny_cfg.generate.output = str(tmp_path / "direct")
+    staged_scores = stage_shard(backbone, decoder, tiny_cfg, spec, "abc")["scores"]
+    threshold = float(np.quantile(staged_scores, 0.7))
+    direct = build_shard(backbone, decoder, tiny_cfg, spec, "abc", threshold)  # finishes the staged shard
+    assert "finish_staged_s" in direct["timings"] and layout.read_staged(tiny_cfg.generate.output, spec) is None
+    tiny_cfg.generate.output = str(tmp_path / "fresh")
+    fresh = build_shard(backbone, decoder, tiny_cfg, spec, "abc", threshold)
+    assert "finish_staged_s" not in fresh["timings"]
+    assert direct["files"] == fresh["files"] and direct["count"] == fresh["count"] < 16
+    assert _files(str(tmp_path / "direct")) == _files(str(tmp_path / "fresh"))
+    with pytest.raises(ValueError, match="staged for another config"):
+        tiny_cfg.generate.output = str(tmp_path / "other")
+        stage_shard(backbone, decoder, tiny_cfg, spec, "abc")
+        finish_staged(tiny_cfg, spec, "xyz", threshold)
+
+
+def test_encode_threads_change_no_byte(tiny_cfg, models, tmp_path):
+    backbone, decoder = models
+    tiny_cfg.generate.formats = ["parquet", "webdataset"]
+    outputs = []
+    for threads in (1, 3):
+        tiny_cfg.generate.encode_threads = threads
+        tiny_cfg.generate.output = str(tmp_path / f"threads-{threads}")
+        build_shard(backbone, decoder, tiny_cfg, layout.ShardSpec(0, 0, 40), "abc")
+        outputs.append(_files(tiny_cfg.generate.output))
+    assert outputs[0] == outputs[1]
+
+
+def test_any_sample_regenerates_from_its_batch(tiny_cfg, models):
+    from factory.recipes.labeling import batch_of
+
+    backbone, decoder = models
+    g = tiny_cfg.generate  # shards of 16 seeds, batches of 8, from seed start_seed
+    spec = layout.ShardSpec(1, g.start_seed + 16, g.start_seed + 32)
+    build_shard(backbone, decoder, tiny_cfg, spec, "abc")
+    stored = pq.read_table(f"{g.output}/parquet/shard-00001.parquet").to_pylist()
+    seed = g.start_seed + 21
+    assert batch_of(seed, g) == list(range(g.start_seed + 16, g.start_seed + 24))
+    [row] = [r for r in label_seeds(backbone, decoder, batch_of(seed, g), 1, tiny_cfg, "abc") if r["seed"] == seed]
+    assert row["image"] == stored[5]["image"] and row["mask"] == stored[5]["mask"]
+    with pytest.raises(ValueError, match="not in this build"):
+        batch_of(g.start_seed - 1, g)
+
+
+@pytest.mark.parametrize("image_format, ext, lossless", [("png", "png", True), ("webp", "webp", False),
+                                                         ("jpeg", "jpg", False)])
+def test_image_codecs_keep_labels_lossless(tiny_cfg, models, image_format, ext, lossless):
+    import tarfile
+
+    from factory.dataset.read import iter_samples
+
+    backbone, decoder = models
+    tiny_cfg.generate.formats = ["parquet", "webdataset"]
+    tiny_cfg.generate.image_format = image_format
+    tiny_cfg.generate.image_quality = 90
+    record = build_shard(backbone, decoder, tiny_cfg, layout.ShardSpec(0, 0, 4), "abc")
+    layout.write_manifest(tiny_cfg.generate.output, {"format": layout.FORMAT, "formats": ["parquet", "webdataset"],
+                                                     "shards": [record]})
+    with tarfile.open(f"{tiny_cfg.generate.output}/webdataset/shard-00000.tar") as tar:
+        assert tar.getnames()[:3] == [f"000000000000.{ext}", "000000000000.seg.png", "000000000000.json"]
+    truth = backbone([0, 1, 2, 3])
+    for fmt in ("parquet", "webdataset"):
+        for i, s in enumerate(iter_samples(tiny_cfg.generate.output, fmt=fmt)):
+            diff = np.abs(s["image"].astype(int) - truth.images[i].numpy().astype(int))
+            assert (diff.max() == 0) == lossless and diff.mean() < 12
+            assert s["mask"].dtype == np.uint8 and s["mask"].shape == (32, 32)
+
+
+def test_training_regenerates_each_image_in_its_export_batch(tiny_cfg, labeled_dir):
+    """Batched export: an image is regenerated with exactly the batch-mates it was exported with, even
+    when the annotators skipped some of them, so its pixels match to the bit."""
+    from factory.backbones import load_backbone
+    from factory.data.annotations import load_labeled_set, pixels_sha256
+    from factory.recipes import annotate
+    from factory.recipes.objectives import regenerate
+
+    with open(f"{labeled_dir}/skip.txt", "w") as f:
+        f.write("00000002.png\n")
+    import os
+
+    os.remove(f"{labeled_dir}/masks/00000002.png")
+    annotate.import_labels(tiny_cfg)
+    labeled = load_labeled_set(tiny_cfg.train.labeled)
+    assert labeled.batches == [list(range(8))] and 2 not in labeled.seeds.tolist()
+
+    class Recorder:
+        def __init__(self, backbone):
+            self.backbone, self.calls = backbone, []
+
+        def __call__(self, seeds, prompts=None):
+            self.calls.append(list(seeds))
+            return self.backbone(seeds, prompts)
+
+    backbone = Recorder(load_backbone(tiny_cfg.backbone))
+    features = regenerate(labeled, backbone)
+    assert backbone.calls == [list(range(8))] and features[0].shape[0] == 7
+    again = backbone.backbone(list(range(8))).images.numpy()
+    assert [pixels_sha256(again[s]) for s in labeled.seeds.tolist()] == labeled.image_sha256

@@ -63,3 +63,43 @@ def test_a_shard_that_keeps_crashing_is_reported_failed(cfg, tmp_path):
     assert "shard-00001" in [f["name"] for f in manifest["failed"]]
     assert "shard-00001" not in [s["name"] for s in manifest["shards"]]
     assert layout.read_completion(cfg.generate.output, layout.ShardSpec(1, 0, 0)) is None
+
+
+class CountingBuilder(ShardBuilder):
+    """Appends a line per shard it runs the models for (staged or built) to a log file."""
+
+    log_path = ""
+
+    def build(self, spec):
+        record = super().build(spec)
+        with open(self.log_path, "a") as f:
+            f.write(f"{spec.name} {'staged' if record.get('staged') else 'built'}\n")
+        return record
+
+
+def test_the_calibration_pass_computes_no_sample_twice(tiny_cfg, ray_cluster, tmp_path):
+    """The first shards are staged unfiltered on the build's own actors, their scores fix the
+    threshold, and they are finished from their rows: every shard runs the models exactly once."""
+    g = tiny_cfg.generate
+    g.num_samples, g.shard_size, g.calibration_samples, g.num_actors, g.cpus_per_actor = 96, 16, 24, 2, 0.5
+    save_untrained_decoder(tiny_cfg)
+    log_path = str(tmp_path / "calls.log")
+
+    class Builder(CountingBuilder):
+        pass
+
+    Builder.log_path = log_path
+    manifest = generate(tiny_cfg, builder=Builder)
+    calls = open(log_path).read().split("\n")[:-1]
+    assert sorted(line.split()[0] for line in calls) == [f"shard-{i:05d}" for i in range(6)]  # each once
+    finished = [s["name"] for s in manifest["shards"] if "finish_staged_s" in s["timings"]]
+    assert {"shard-00000", "shard-00001"} <= set(finished)  # made before the threshold, finished after
+    calibration = manifest["calibration"]
+    assert calibration["staged_shards"] == ["shard-00000", "shard-00001"] and calibration["num_scored"] == 24
+    assert manifest["complete"] and manifest["num_generated"] == 96
+    assert all(max(0.0, s["uncertainty"]["min"]) <= s["uncertainty"]["max"] for s in manifest["shards"])
+    import pyarrow.parquet as pq
+
+    kept = pq.read_table(f"{g.output}/parquet").column("uncertainty").to_pylist()
+    assert len(kept) == manifest["num_samples"] < 96 and max(kept) <= calibration["threshold"]
+    assert not os.path.exists(f"{g.output}/_staging")  # every staged shard was finished

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -14,10 +15,13 @@ def test_plan_covers_the_seed_range_without_overlap():
     assert [s.name for s in plan] == ["shard-00000", "shard-00001", "shard-00002"]
 
 
+PNG = sample.png(np.zeros((4, 4, 3), np.uint8))
+
+
 def _row(seed):
     return {
         "key": f"{seed:012d}", "seed": seed, "shard": 0, "latent": [0.5, -1.0], "psi": 0.7, "width": 4,
-        "height": 4, "image": b"png", "mask": None, "keypoints": None, "uncertainty": 0.25, "config_hash": "h",
+        "height": 4, "image": PNG, "mask": None, "keypoints": None, "uncertainty": 0.25, "config_hash": "h",
     }
 
 

@@ -37,6 +37,8 @@ class Backbone(Protocol):
 
     def __call__(self, seeds: Sequence[int], prompts: Sequence[str] | None = None) -> BackboneOutput: ...
 
+    def accelerate(self, compile: bool = False, channels_last: bool = False) -> None: ...
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] floats in [-1, 1] -> [B, H, W, 3] uint8 (clamped, rounded)."""

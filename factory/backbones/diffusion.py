@@ -290,6 +290,15 @@ class DiffusionBackbone:
         self.feature_step = self.cfg.feature_step % self.cfg.steps
         self.inversion_timestep = self._inversion_timestep()
 
+    def accelerate(self, compile: bool = False, channels_last: bool = False) -> None:
+        """Opt-in speed-ups for long builds: channels-last UNet and VAE, `torch.compile` of the UNet
+        (its taps are forward hooks and an attention processor, which compile traces through)."""
+        if channels_last:
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.vae.to(memory_format=torch.channels_last)
+        if compile:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+
     def _inversion_timestep(self) -> int:
         """The configured inversion timestep, or (None) the timestep of the tapped sampling step, so
         training and generation see features at the same noise level."""

@@ -123,11 +123,13 @@ class BackboneConfig:
     rgb_taps: bool = True
     """Also feed each block's running skip-RGB image (StyleGAN2's toRGB outputs) to the decoder,
     besides every conv layer's features."""
-    batch_invariant: bool = True
-    """Run the generator one seed at a time, so a sample's bytes never depend on its batch-mates:
-    regenerating any single seed reproduces it bit for bit. False batches the generator for
-    throughput; re-running a shard still reproduces it (same batches), a lone seed may differ by
-    one grey level in a few pixels."""
+    batch_invariant: bool = False
+    """Per-seed mode: run the generator one seed per forward pass, so a sample equals its seed
+    generated alone, whatever else is generated with it. It costs most of the batching speed-up (on
+    a GPU, nearly all of it), so it is off: batches are then part of the contract instead (a sample is
+    a function of its seed and its batch, and every path that regenerates a seed uses the same
+    batches: `generate.batch_size` blocks from each shard's first seed, `annotate.batch_size` blocks
+    of the export), so rebuilt shards and retraining reproduce their bytes exactly."""
     stylegan2: StyleGAN2Config = field(default_factory=lambda: StyleGAN2Config(channel_max=8))
     """Architecture of the random-weight generator; with `weights` set, the file's stored
     architecture is used instead."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from factory.config.checks import ConfigError, at_least, distinct_subset, positive, within
+from factory.config.checks import ConfigError, at_least, distinct_subset, one_of, positive, within
 
 
 @dataclass
@@ -37,9 +37,12 @@ class AnnotateConfig:
     """How many generated images to export for labeling (the paper labels 16-30)."""
     start_seed: int = 0
     """Seeds start_seed .. start_seed + num_images - 1 are exported."""
+    batch_size: int = 16
+    """Seeds per forward pass when exporting; recorded in export.json, so training regenerates every
+    labeled image in the very batch it was exported in (see `backbone.batch_invariant`)."""
 
     def __post_init__(self) -> None:
-        at_least("annotate", self, 1, ("num_images",))
+        at_least("annotate", self, 1, ("num_images", "batch_size"))
 
 
 @dataclass
@@ -114,6 +117,20 @@ class GenerateConfig:
     with its shard resubmitted, before the shard is reported failed."""
     overwrite: bool = False
     """Replace a dataset that was built from a different config instead of refusing."""
+    image_format: str = "png"
+    """Codec of the generated images: "png" (lossless), or "webp"/"jpeg" where a lossy image is
+    acceptable (`image_quality`). Masks, depth and instance maps are always PNG."""
+    image_quality: int = 95
+    """webp/jpeg quality, 1-100."""
+    png_compression: int = 1
+    """zlib level (0-9) of every PNG written: 1 is several times faster than 6 for a few % more bytes."""
+    encode_threads: int = 2
+    """Threads per actor that encode and write samples while the model computes the next batch."""
+    compile: bool = False
+    """`torch.compile` the backbone's network in each actor (worth it on GPUs for long builds; the
+    first batch then takes the compile time). Measured in benchmarks/gpu.py."""
+    channels_last: bool = False
+    """Run the backbone's convolutions in channels-last memory format (faster convs on recent GPUs)."""
 
     def __post_init__(self) -> None:
         at_least("generate", self, 1, ("num_samples", "shard_size", "batch_size", "num_actors", "calibration_samples"))
@@ -121,6 +138,10 @@ class GenerateConfig:
         within("generate.drop_uncertain", self.drop_uncertain, 0, 1, open_high=True)
         positive("generate", self, ("cpus_per_actor",))
         distinct_subset("generate.formats", list(self.formats), ("parquet", "webdataset"))
+        one_of("generate.image_format", self.image_format, ("png", "webp", "jpeg"))
+        within("generate.image_quality", self.image_quality, 1, 100)
+        within("generate.png_compression", self.png_compression, 0, 9)
+        at_least("generate", self, 1, ("encode_threads",))
 
 
 @dataclass

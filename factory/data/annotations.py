@@ -53,6 +53,16 @@ class LabeledSet:
     images: torch.Tensor | None = None
     """[N, H, W, 3] uint8: the exported pixels, so regeneration can be checked to within float noise
     (another thread count may move a few pixels by a grey level, which changes the sha256)."""
+    batches: list[list[int]] | None = None
+    """The seeds of each forward pass the export ran (labeled or not): an image is regenerated in its
+    own batch, since batched float results depend on the batch. None: one seed per pass."""
+
+    def batches_to_regenerate(self) -> list[list[int]]:
+        """The export's batches that hold a labeled seed (every seed alone for sets without them)."""
+        labeled = set(self.seeds.tolist())
+        if self.batches is None:
+            return [[s] for s in self.seeds.tolist()]
+        return [b for b in self.batches if labeled & set(b)]
 
 
 def pixels_sha256(image: np.ndarray) -> str:
@@ -113,6 +123,7 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
         psi=export["psi"],
         masks=torch.from_numpy(np.stack([masks[n] for n in files])) if task == "segmentation" else None,
         keypoints=torch.from_numpy(np.stack([keypoints[n] for n in files])) if task == "keypoints" else None,
+        batches=export.get("batches"),
     )
 
 
@@ -249,6 +260,8 @@ def save_labeled_set(path: str, labeled: LabeledSet) -> None:
         "backbone_hash": labeled.backbone_hash,
         "psi": repr(labeled.psi),
     }
+    if labeled.batches is not None:
+        metadata["batches"] = json.dumps(labeled.batches)
     tensorfile.write(path, tensors, FORMAT, metadata)
 
 
@@ -265,4 +278,5 @@ def load_labeled_set(path: str) -> LabeledSet:
         masks=tensors.get("masks"),
         keypoints=tensors.get("keypoints"),
         images=tensors.get("images"),
+        batches=json.loads(metadata["batches"]) if "batches" in metadata else None,
     )

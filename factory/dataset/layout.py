@@ -6,6 +6,7 @@
     <output>/webdataset/shard-00000.tar           format "webdataset": KEY.png, KEY.seg.png, KEY.json
     <output>/webdataset/shard-00000.meta.parquet  beside each tar: its samples' metadata (META_SCHEMA)
     <output>/_stats/shard-00000.json              completion record, written after the shard's data
+    <output>/_staging/shard-00000.parquet (+.json) a calibration shard made before the threshold (transient)
     <output>/manifest.json                        written last: shard list with counts and checksums
 
 A shard is a fixed, contiguous seed range named from its index, so a rebuild writes the same names
@@ -23,6 +24,9 @@ import numpy as np
 from factory import storage
 
 STATS_DIR = "_stats"
+STAGING_DIR = "_staging"
+"""Calibration shards made before the uncertainty threshold exists: not part of the dataset; each is
+finished into its shard once the threshold is fixed, then removed."""
 MANIFEST = "manifest.json"
 BUILD_RECORD = "build.json"
 CALIBRATION = "calibration.json"
@@ -89,6 +93,36 @@ def completion_record(spec: ShardSpec, scores: list[float], kept: int, files: li
     }
 
 
+def staged_file(shard: ShardSpec) -> str:
+    """Where the calibration pass stages `shard`'s unfiltered rows (relative to the dataset root)."""
+    return f"{STAGING_DIR}/{shard.name}.parquet"
+
+
+def write_staged(output: str, shard: ShardSpec, record: dict) -> None:
+    """The staged shard's record (its scores), written after its rows: it marks them complete."""
+    storage.write_json(storage.join(output, STAGING_DIR, f"{shard.name}.json"), record)
+
+
+def read_staged(output: str, shard: ShardSpec) -> dict | None:
+    url = storage.join(output, STAGING_DIR, f"{shard.name}.json")
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def read_all_staged(output: str) -> dict[str, dict]:
+    """Every staged shard's record, by shard name, from one listing of `_staging/`."""
+    url = storage.join(output, STAGING_DIR)
+    if not storage.exists(url):
+        return {}
+    return {name.removesuffix(".json"): storage.read_json(storage.join(url, name))
+            for name in sorted(storage.listdir(url)) if name.startswith("shard-") and name.endswith(".json")}
+
+
+def remove_staged(output: str, shard: ShardSpec) -> None:
+    """Record first, so a crash in between leaves rows without a record: debris, never a half shard."""
+    for name in (f"{shard.name}.json", f"{shard.name}.parquet"):
+        storage.remove_tree(storage.join(output, STAGING_DIR, name))
+
+
 def completion_url(output: str, shard: ShardSpec) -> str:
     return storage.join(output, STATS_DIR, f"{shard.name}.json")
 
@@ -116,7 +150,7 @@ def remove_temporaries(output: str) -> list[str]:
     Only one build may write to an output at a time, so any temporary found at start-up is debris.
     """
     removed = []
-    for folder in (*FORMATS, STATS_DIR):
+    for folder in (*FORMATS, STATS_DIR, STAGING_DIR):
         url = storage.join(output, folder)
         if storage.exists(url):
             for name in storage.listdir(url):

@@ -55,10 +55,13 @@ META_SCHEMA = pa.schema([f for f in SAMPLE_SCHEMA if f.name not in MEDIA_FIELDS]
 
 TAR_MEMBERS = {"image": "png", "mask": "seg.png", "depth": "depth.png", "instances": "inst.png"}
 """Sample field -> WebDataset member extension (`KEY.png`, `KEY.seg.png`, `KEY.depth.png`,
-`KEY.inst.png`); metadata is `KEY.json`. Members a sample lacks are not written."""
+`KEY.inst.png`; the image is `KEY.webp` or `KEY.jpg` when written with that codec); metadata is
+`KEY.json`. Members a sample lacks are not written."""
 
 JSON_FIELDS = ("keypoints", "instance_classes")
 """Fields stored as JSON text in Parquet and parsed in `KEY.json`."""
+FLOAT32_FIELDS = tuple(f.name for f in META_SCHEMA if f.type == pa.float32())
+"""Scalar fields stored as float32: `KEY.json` holds their float32 values too."""
 
 
 @dataclass
@@ -94,31 +97,74 @@ class Sample:
         return f"{self.seed:012d}"
 
 
-def png(array: np.ndarray) -> bytes:
+IMAGE_FORMATS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+"""`image` codecs -> their WebDataset member extension (`KEY.png`, `KEY.webp`, `KEY.jpg`). Labels
+(mask, depth, instances) are always PNG: lossless."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a sample's pixels become bytes (`generate.image_format` and friends)."""
+
+    image_format: str = "png"
+    """"png" (lossless), "webp" or "jpeg" (lossy, `quality`) for the image; labels are always PNG."""
+    quality: int = 95
+    """webp/jpeg quality, 1-100."""
+    png_compression: int = 1
+    """zlib level of every PNG, 0-9: 1 is fast and nearly as small as PIL's default 6."""
+
+
+def png(array: np.ndarray, compression: int = 6) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compression)
     return buf.getvalue()
 
 
-def png16(depth_m: np.ndarray, scale: float) -> bytes:
+def png16(depth_m: np.ndarray, scale: float, compression: int = 6) -> bytes:
     """Metres -> a 16-bit PNG of metres x scale (clipped to 1..65535; 0 stays for unknown)."""
-    return png(np.clip(np.round(depth_m * scale), 1, 65535).astype(np.uint16))
+    return png(np.clip(np.round(depth_m * scale), 1, 65535).astype(np.uint16), compression)
+
+
+def encode_image(array: np.ndarray, codec: Codec) -> bytes:
+    if codec.image_format == "png":
+        return png(array, codec.png_compression)
+    buf = io.BytesIO()
+    if codec.image_format == "webp":
+        Image.fromarray(array).save(buf, format="WEBP", quality=codec.quality, method=4)
+    elif codec.image_format == "jpeg":
+        Image.fromarray(array).save(buf, format="JPEG", quality=codec.quality)
+    else:
+        raise ValueError(f"image format must be one of {sorted(IMAGE_FORMATS)}, got {codec.image_format!r}")
+    return buf.getvalue()
+
+
+def image_extension(data: bytes) -> str:
+    """The WebDataset extension of encoded image bytes, read from their signature."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    raise ValueError("image bytes are neither PNG, WebP nor JPEG")
 
 
 def decode_png(data: bytes | None) -> np.ndarray | None:
+    """PNG (or WebP, JPEG: whatever `image` holds) bytes -> the array; None stays None."""
     if data is None:
         return None
     with Image.open(io.BytesIO(data)) as im:
         return np.array(im)
 
 
-def encode(s: Sample) -> dict:
-    """A Sample -> its SAMPLE_SCHEMA row: pixels as PNG, labels as JSON text."""
+def encode(s: Sample, codec: Codec = Codec()) -> dict:
+    """A Sample -> its SAMPLE_SCHEMA row: the image in `codec.image_format`, labels as PNG and JSON."""
     keypoints = None
     if s.keypoints is not None:
         keypoints = json.dumps([{"name": k["name"], "x": round(float(k["x"]), 3), "y": round(float(k["y"]), 3),
                                  "score": round(float(k["score"]), 4)} for k in s.keypoints])
     height, width = s.image.shape[:2]
+    level = codec.png_compression
     return {
         "key": s.key,
         "seed": s.seed,
@@ -127,17 +173,17 @@ def encode(s: Sample) -> dict:
         "psi": s.psi,
         "width": width,
         "height": height,
-        "image": png(s.image),
-        "mask": png(s.mask) if s.mask is not None else None,
+        "image": encode_image(s.image, codec),
+        "mask": png(s.mask, level) if s.mask is not None else None,
         "keypoints": keypoints,
         "uncertainty": float(s.uncertainty),
         "config_hash": s.config_hash,
         "prompt": s.prompt,
         "guidance": s.guidance,
         "steps": s.steps,
-        "depth": png16(s.depth, s.depth_scale) if s.depth is not None else None,
+        "depth": png16(s.depth, s.depth_scale, level) if s.depth is not None else None,
         "depth_scale": s.depth_scale if s.depth is not None else None,
-        "instances": png(s.instances.astype(np.uint8)) if s.instances is not None else None,
+        "instances": png(s.instances.astype(np.uint8), level) if s.instances is not None else None,
         "instance_classes": json.dumps(s.instance_classes) if s.instance_classes is not None else None,
     }
 
@@ -145,7 +191,9 @@ def encode(s: Sample) -> dict:
 def metadata(row: dict) -> dict:
     """A row's META_SCHEMA fields as JSON values (`latent` as a list, JSON fields parsed): `KEY.json`."""
     meta = {name: row.get(name) for name in META_SCHEMA.names}
-    meta["latent"] = [float(x) for x in meta["latent"]]
+    for name in FLOAT32_FIELDS:  # as the Parquet columns hold them, whichever way the row came
+        meta[name] = None if meta[name] is None else float(np.float32(meta[name]))
+    meta["latent"] = [float(x) for x in np.asarray(meta["latent"], dtype=np.float32)]
     for name in JSON_FIELDS:
         meta[name] = json.loads(meta[name]) if meta[name] else None
     return meta
@@ -156,7 +204,8 @@ def tar_members(row: dict) -> list[tuple[str, bytes]]:
     key = row["key"]
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits on them)")
-    members = [(f"{key}.{ext}", row[field]) for field, ext in TAR_MEMBERS.items() if row.get(field) is not None]
+    members = [(f"{key}.{image_extension(row[field]) if field == 'image' else ext}", row[field])
+               for field, ext in TAR_MEMBERS.items() if row.get(field) is not None]
     return members + [(f"{key}.json", json.dumps(metadata(row), sort_keys=True).encode())]
 
 
@@ -167,6 +216,8 @@ def row_from_tar(members: dict[str, bytes]) -> dict:
         row[name] = json.dumps(row[name]) if row.get(name) is not None else None
     for field, ext in TAR_MEMBERS.items():
         row[field] = members.get(ext)
+    for ext in IMAGE_FORMATS.values():  # the image under whichever codec made it
+        row["image"] = row["image"] if row["image"] is not None else members.get(ext)
     return row
 
 

@@ -46,24 +46,47 @@ class FittedDecoder:
 
     @torch.inference_mode()
     def __call__(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> Decoded:
+        """Labels of a batch. Features in half precision on a GPU (a bf16/fp16 backbone) run the
+        decoder under autocast in that dtype; the outputs reach the CPU together, in one wait."""
+        half = features[0].dtype in (torch.float16, torch.bfloat16) and features[0].device.type == "cuda"
+        with torch.autocast("cuda", dtype=features[0].dtype, enabled=half):
+            out, instances = self._predict(features, size)
+        return Decoded(**to_host(out), instances=instances)
+
+    def _predict(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> tuple[dict, list | None]:
+        top = self.cfg.uncertainty_top_fraction
         if self.cfg.kind == "perception":
-            p = predict(self.model, features, size, self.cfg.uncertainty_top_fraction, self.cfg.instance_threshold)
+            p = predict(self.model, features, size, top, self.cfg.instance_threshold)
             b = features[0].shape[0]
             uncertainty = p.pixel_uncertainty if p.pixel_uncertainty is not None else torch.zeros(b, *size)
-            return Decoded(
-                masks=p.masks.to(torch.uint8).cpu() if p.masks is not None else None,
-                keypoints=p.keypoints.float().cpu() if p.keypoints is not None else None,
-                pixel_uncertainty=uncertainty.float().cpu(), score=p.score.float().cpu(),
-                depth=p.depth.float().cpu() if p.depth is not None else None,
-                instance_map=p.instance_map.cpu() if p.instance_map is not None else None,
-                instances=p.instances,
-            )
+            return {"masks": p.masks.to(torch.uint8) if p.masks is not None else None,
+                    "keypoints": p.keypoints.float() if p.keypoints is not None else None,
+                    "pixel_uncertainty": uncertainty.float(), "score": p.score.float(),
+                    "depth": p.depth.float() if p.depth is not None else None,
+                    "instance_map": p.instance_map}, p.instances
         if self.cfg.task == "segmentation":
-            p = predict_segmentation(self.model, features, size, self.cfg.uncertainty_top_fraction)
-            masks = p.labels.to(torch.uint8).cpu()
-            return Decoded(masks, None, p.pixel_uncertainty.float().cpu(), p.score.float().cpu())
-        p = predict_keypoints(self.model, features, size, self.cfg.uncertainty_top_fraction)
-        return Decoded(None, p.keypoints.float().cpu(), p.pixel_uncertainty.float().cpu(), p.score.float().cpu())
+            p = predict_segmentation(self.model, features, size, top)
+            return {"masks": p.labels.to(torch.uint8), "keypoints": None,
+                    "pixel_uncertainty": p.pixel_uncertainty.float(), "score": p.score.float()}, None
+        p = predict_keypoints(self.model, features, size, top)
+        return {"masks": None, "keypoints": p.keypoints.float(), "pixel_uncertainty": p.pixel_uncertainty.float(),
+                "score": p.score.float()}, None
+
+
+def to_host(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """Device tensors -> CPU tensors. On a GPU each is copied asynchronously into pinned memory and
+    the host waits once for all of them, instead of once per tensor."""
+    on_gpu = [t for t in tensors.values() if t is not None and t.device.type == "cuda"]
+    if not on_gpu:
+        return {k: None if t is None else t.cpu() for k, t in tensors.items()}
+    out = {}
+    for k, t in tensors.items():
+        if t is None or t.device.type != "cuda":
+            out[k] = t
+        else:
+            out[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    torch.cuda.synchronize(on_gpu[0].device)
+    return out
 
 
 def build_decoder(cfg: DecoderConfig, in_channels: Sequence[int], num_outputs: int,

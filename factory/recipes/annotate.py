@@ -2,8 +2,9 @@
 
 The export folder opens in any labeling tool: plain PNGs under `images/`, the label names in
 `classes.txt`, instructions in `README.txt`. `export.json` records the seed, latent and pixel hash of
-every image and the backbone's hash, so import (and training) can prove that regenerating an image
-from its seed gives back exactly the pixels that were labeled.
+every image, the batches they were generated in, and the backbone's hash, so import (and training) can
+prove that regenerating an image from its seed, in its batch, gives back exactly the pixels that were
+labeled.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def export_images(cfg: FactoryConfig) -> str:
     os.makedirs(os.path.join(out, annotations.IMAGES_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, annotations.MASKS_DIR), exist_ok=True)
     records = []
-    for start in range(0, len(seeds), 16):
-        batch = backbone(seeds[start : start + 16])
-        for seed, image, latent in zip(seeds[start : start + 16], batch.images.numpy(), batch.latents):
+    batches = [seeds[i : i + cfg.annotate.batch_size] for i in range(0, len(seeds), cfg.annotate.batch_size)]
+    for batch_seeds in batches:
+        batch = backbone(batch_seeds)
+        for seed, image, latent in zip(batch_seeds, batch.images.numpy(), batch.latents):
             name = f"{seed:08d}.png"
             Image.fromarray(image).save(os.path.join(out, annotations.IMAGES_DIR, name))
             records.append(
@@ -59,6 +61,7 @@ def export_images(cfg: FactoryConfig) -> str:
         "resolution": backbone.resolution,
         "task": cfg.decoder.task,
         "labels": cfg.label_names(),
+        "batches": batches,  # the forward passes the images came from: training regenerates them alike
         "images": records,
     }
     with open(os.path.join(out, annotations.EXPORT_RECORD), "w") as f:

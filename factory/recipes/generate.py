@@ -2,9 +2,10 @@
 
     1. check inputs      the decoder exists and was fitted on this backbone (identities, no model load)
     2. claim the output  build.json, prompts.jsonl, the shard plan; finished shards are skipped
-    3. calibrate         the first seeds -> scores -> the drop threshold (calibration.json)
-    4. build shards      shard specs -> actor pool: backbone -> decoder -> filter -> encode -> writers
-                         -> completion records
+    3. build shards      shard specs -> one actor pool: backbone -> decoder -> filter -> encode ->
+                         writers -> completion records; until the drop threshold is fixed, shards are
+                         staged unfiltered, and the first ones' scores fix it (calibration.json)
+    4. finish staged     staged shards' rows -> filter -> writers (Ray tasks, no models)
     5. manifest          written last, by the driver, from the completion records
 
 Each actor loads the backbone and the fitted decoder once and builds whole shards (the Ray-free work
@@ -23,6 +24,7 @@ import warnings
 from dataclasses import asdict
 
 import numpy as np
+import torch
 
 from factory import __version__, storage
 from factory import config as config_lib
@@ -47,8 +49,8 @@ def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str
     with storage.local_copy(decoder_dir, [MODEL_FILE]) as local:
         decoder_sha = safetensors_fingerprint(f"{local}/{MODEL_FILE}")
     b = cfg.backbone
-    settings = ({"diffusion": asdict(b.diffusion), "batch_invariant": b.batch_invariant} if b.kind == "diffusion"
-                else {"psi": b.psi, "rgb_taps": b.rgb_taps})
+    settings = ({"diffusion": asdict(b.diffusion)} if b.kind == "diffusion" else {"psi": b.psi, "rgb_taps": b.rgb_taps})
+    settings["batch_invariant"] = b.batch_invariant
     return config_lib.stable_hash({"backbone": backbone_hash, **settings, "decoder": decoder_sha,
                                    "depth_scale": cfg.labels.depth_scale})
 
@@ -70,31 +72,30 @@ def fitted_decoder_metadata(url: str) -> dict[str, str]:
 
 
 def load_models(cfg: FactoryConfig):
-    """The backbone and the fitted decoder, on the GPU when the actor has one."""
-    device = "cuda" if cfg.generate.gpus_per_actor > 0 else "cpu"
-    with storage.local_copy(cfg.generate.decoder, [MODEL_FILE]) as local:
+    """The backbone and the fitted decoder, once per actor, on the GPU when the actor has one (else
+    on as many CPU threads as the actor reserved)."""
+    g = cfg.generate
+    device = "cuda" if g.gpus_per_actor > 0 else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(max(1, int(g.cpus_per_actor)))
+    with storage.local_copy(g.decoder, [MODEL_FILE]) as local:
         decoder = load_decoder(local, device)
-    return load_backbone(cfg.backbone, device), decoder
-
-
-class SeedScorer:
-    """Ray Data actor for the calibration pass: rows of seed ranges -> rows of (seed, score)."""
-
-    def __init__(self, cfg: dict) -> None:
-        self.cfg = config_lib.from_dict(cfg)
-        storage.configure(self.cfg.storage)
-        self.backbone, self.decoder = load_models(self.cfg)
-        self.texts = prompts.read_texts(self.cfg.generate.output)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seeds = [s for start, stop in zip(batch["start"], batch["stop"]) for s in range(int(start), int(stop))]
-        batch_prompts = labeling.prompts_for(seeds, self.texts, self.cfg.generate.start_seed)
-        scores = labeling.score_seeds(self.backbone, self.decoder, seeds, batch_prompts)
-        return {"seed": np.asarray(seeds, dtype=np.int64), "score": np.asarray(scores, dtype=np.float64)}
+    backbone = load_backbone(cfg.backbone, device)
+    backbone.accelerate(compile=g.compile, channels_last=g.channels_last)
+    return backbone, decoder
 
 
 class ShardBuilder:
-    """Ray Data actor: loads the models once, then turns rows of shard specs into completion records.
+    """Ray Data actor: loads the models once, then turns rows of shard specs into records.
+
+    Calibration runs on these same actors. While the build filters by uncertainty and no threshold is
+    fixed yet, a shard is staged: made once, unfiltered, into `_staging/` (`labeling.stage_shard`).
+    As soon as the calibration shards (those holding the first `calibration_samples` seeds) are all
+    staged, whoever notices first (an actor before its next shard, or the driver) fixes the threshold
+    from their scores into calibration.json: a deterministic function of those scores, so concurrent
+    writers write the same file. From then on shards are built directly, and each actor finishes the
+    shards it staged from their rows (no model runs). No sample is computed twice, and no shard is
+    published before the threshold exists.
 
     A shard that raises is retried `generate.max_retries` times, then reported as failed (with its
     error) instead of failing the whole build: the other shards still finish, and the driver records
@@ -102,13 +103,14 @@ class ShardBuilder:
     builds it again. (An actor that crashes is restarted by Ray, which resubmits its shard.)
     """
 
-    def __init__(self, cfg: dict, config_hash: str, threshold: float | None) -> None:
+    def __init__(self, cfg: dict, config_hash: str, threshold: float | None = None) -> None:
         self.cfg = config_lib.from_dict(cfg)
         storage.configure(self.cfg.storage)
         self.backbone, self.decoder = load_models(self.cfg)
         self.config_hash = config_hash
         self.threshold = threshold
         self.texts = prompts.read_texts(self.cfg.generate.output)
+        self.staged_here: list[ShardSpec] = []
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
@@ -117,17 +119,39 @@ class ShardBuilder:
             out.append(json.dumps(self.build(spec)))
         return {"record": np.asarray(out, dtype=object)}
 
+    def current_threshold(self) -> float | None:
+        """The drop threshold once it is fixed (None while it is not, or when nothing is dropped)."""
+        if self.threshold is None and self.cfg.generate.drop_uncertain > 0:
+            record = calibrate_if_ready(self.cfg, self.config_hash)
+            self.threshold = record["threshold"] if record else None
+        return self.threshold
+
     def build(self, spec: ShardSpec) -> dict:
         attempts = self.cfg.generate.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                return labeling.build_shard(self.backbone, self.decoder, self.cfg, spec, self.config_hash,
-                                            self.threshold, self.texts)
+                return self._build(spec)
             except Exception as e:  # recorded in the manifest and the exit code by the driver
                 log.error("shard %s failed (attempt %d of %d):\n%s", spec.name, attempt, attempts,
                           traceback.format_exc())
                 error = f"{type(e).__name__}: {e}"
         return {"shard": spec.index, "name": spec.name, "failed": error, "attempts": attempts}
+
+    def _build(self, spec: ShardSpec) -> dict:
+        filtering = self.cfg.generate.drop_uncertain > 0
+        if filtering and self.current_threshold() is None:
+            record = labeling.stage_shard(self.backbone, self.decoder, self.cfg, spec, self.config_hash, self.texts)
+            self.staged_here.append(spec)
+            if self.current_threshold() is None:  # this shard may have completed the calibration set
+                return {**record, "staged": True}
+        while self.staged_here:  # the threshold is fixed: finish what this actor staged
+            staged = self.staged_here.pop(0)
+            if layout.read_completion(self.cfg.generate.output, staged) is None:
+                done = labeling.finish_staged(self.cfg, staged, self.config_hash, self.threshold)
+                if staged == spec:
+                    return done
+        return labeling.build_shard(self.backbone, self.decoder, self.cfg, spec, self.config_hash,
+                                    self.threshold, self.texts)
 
 
 def map_on_actors(ds, actor: type, cfg: FactoryConfig, num_items: int, constructor_kwargs: dict):
@@ -153,37 +177,47 @@ def map_on_actors(ds, actor: type, cfg: FactoryConfig, num_items: int, construct
         )
 
 
-def calibrate(cfg: FactoryConfig, config_hash: str) -> dict | None:
-    """Fix the uncertainty threshold before the build: score the first `calibration_samples` seeds
-    and take the (1 - drop_uncertain) quantile. Only the scores are held, never the samples.
-    Stored as calibration.json, so a resumed build reuses it."""
-    import ray
+def read_calibration(output: str, config_hash: str) -> dict | None:
+    """calibration.json, if it was written for this config."""
+    url = storage.join(output, layout.CALIBRATION)
+    record = storage.read_json(url) if storage.exists(url) else None
+    return record if record is not None and record.get("config_hash") == config_hash else None
 
+
+def calibration_shards(g) -> list[ShardSpec]:
+    """The shards holding the first `calibration_samples` seeds, whose scores fix the threshold."""
+    plan = layout.plan_shards(g.start_seed, g.num_samples, g.shard_size)
+    return [s for s in plan if s.start_seed < g.start_seed + min(g.calibration_samples, g.num_samples)]
+
+
+def calibrate_if_ready(cfg: FactoryConfig, config_hash: str) -> dict | None:
+    """calibration.json, written now if every calibration shard is staged: the (1 - drop_uncertain)
+    quantile of the scores of the first `calibration_samples` seeds, in seed order. A function of
+    those scores alone, so the driver and any actor may write it, with the same bytes; only scores
+    are read, never samples. None while a calibration shard is not staged yet."""
     g = cfg.generate
-    if g.drop_uncertain == 0:
-        return None
-    url = storage.join(g.output, layout.CALIBRATION)
-    if storage.exists(url):
-        record = storage.read_json(url)
-        if record.get("config_hash") == config_hash:
-            return record
+    record = read_calibration(g.output, config_hash)
+    if record is not None:
+        return record
+    staged = []
+    for spec in calibration_shards(g):
+        found = layout.read_staged(g.output, spec)
+        if found is None or found["config_hash"] != config_hash:
+            return None
+        staged.append(found)
     n = min(g.calibration_samples, g.num_samples)
-    chunks = [{"start": s, "stop": min(s + g.batch_size, g.start_seed + n)}
-              for s in range(g.start_seed, g.start_seed + n, g.batch_size)]
-    t0 = time.perf_counter()
-    ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 4 * g.num_actors))
-    ds = map_on_actors(ds, SeedScorer, cfg, len(chunks), {"cfg": config_lib.to_dict(cfg)})
-    scores = ds.to_pandas().sort_values("seed")["score"].to_numpy()
+    scores = np.concatenate([np.asarray(r["scores"], dtype=np.float64) for r in staged])[:n]
     record = {
         "drop_fraction": g.drop_uncertain,
         "threshold": float(np.quantile(scores, 1 - g.drop_uncertain)),
         "seeds": [g.start_seed, g.start_seed + n],
         "num_scored": int(scores.size),
+        "staged_shards": [r["name"] for r in staged],
         "score_quantiles": {f"p{q}": float(np.quantile(scores, q / 100)) for q in (10, 50, 90, 99)},
         "config_hash": config_hash,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(sum(r["timings"]["total_s"] for r in staged), 3),  # making the calibration shards
     }
-    storage.write_json(url, record)
+    storage.write_json(storage.join(g.output, layout.CALIBRATION), record)
     log.info("calibration: dropping scores above %.5f (%d seeds scored)", record["threshold"], n)
     return record
 
@@ -230,12 +264,19 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
         if finished["build_hash"] == dataset_hash and finished["complete"]:
             return finished  # a finished build: nothing to do, nothing written
 
-    # 3. Calibration pass: fixes the drop threshold (read back from calibration.json when resuming).
-    calibration = calibrate(cfg, config_hash)
-
-    # 4. Ray Data: shard specs -> actor pool (backbone -> decoder -> filter -> encode -> write) ->
-    #    completion records.
+    # 3. Ray Data: shard specs -> actor pool (backbone -> decoder -> filter -> encode -> writers) ->
+    #    records. Until the drop threshold is fixed, shards are staged unfiltered; the calibration
+    #    shards' scores fix it (calibration.json), and the actors build directly from then on.
+    filtering = g.drop_uncertain > 0
+    calibration = calibrate_if_ready(cfg, config_hash) if filtering else None
+    wanted = {s.name for s in calibration_shards(g)}
+    if filtering and calibration is None and wanted & set(records):  # built with a threshold that is gone now
+        raise GenerateError(f"{g.output}/{layout.CALIBRATION} is missing but {', '.join(sorted(wanted & set(records)))} "
+                            "were built with its threshold; rebuild the dataset with generate.overwrite=true")
+    staged = {name for name, r in layout.read_all_staged(g.output).items()
+              if r["config_hash"] == config_hash and name not in records}
     failed: dict[str, str] = {}
+    todo = [s for s in todo if s.name not in staged]
     if todo:
         ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
         ds = map_on_actors(ds, builder or ShardBuilder, cfg, len(todo),
@@ -246,13 +287,32 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
                 record = json.loads(row["record"])
                 if "failed" in record:
                     failed[record["name"]] = record["failed"]
+                elif record.get("staged"):
+                    staged.add(record["name"])
                 else:
                     log.info("%s: %d samples", record["name"], record["count"])
         except Exception as e:  # e.g. an actor that kept crashing after max_retries restarts
             log.error("the build stopped early: %s", e)
             reason = f"not built: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            failed.update({s.name: reason for s in todo if s.name not in failed})
-        records = layout.read_completions(g.output)  # what the actors published, read back
+            failed.update({s.name: reason for s in todo if s.name not in failed and s.name not in staged})
+
+    # 4. Shards still staged (their actor got no shard after the threshold was fixed): finished here
+    #    from their rows, without the models.
+    records = layout.read_completions(g.output)
+    calibration = calibrate_if_ready(cfg, config_hash) if filtering else None
+    for spec in plan:
+        if spec.name in staged and spec.name not in records:
+            if calibration is None:
+                failed[spec.name] = ("staged, waiting for the threshold: calibration shards "
+                                     f"{', '.join(sorted(wanted - set(records)))} are not all made; re-run to finish")
+                continue
+            try:
+                labeling.finish_staged(cfg, spec, config_hash, calibration["threshold"])
+            except Exception as e:
+                failed[spec.name] = f"{type(e).__name__}: {e}"
+    records = layout.read_completions(g.output)  # what was published, read back
+    if len(records) == len(plan):
+        storage.remove_tree(storage.join(g.output, layout.STAGING_DIR))  # no staged rows left to finish
 
     # 5. Manifest, last.
     tasks = cfg.decoder.active_tasks()
@@ -260,7 +320,8 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
         plan, records, failed,
         name=cfg.name, package_version=__version__, build_hash=dataset_hash, config_hash=config_hash,
         task="segmentation" if "segmentation" in tasks else tasks[0], tasks=tasks,
-        labels=json.loads(meta["labels"]), formats=list(g.formats), calibration=calibration, config=resolved,
+        labels=json.loads(meta["labels"]), formats=list(g.formats), image_format=g.image_format,
+        calibration=calibration, config=resolved,
     )
     layout.write_manifest(g.output, manifest)
     if not manifest["complete"]:

@@ -54,21 +54,31 @@ def _within_float_noise(image: np.ndarray, labeled: LabeledSet, n: int) -> bool:
     return int(diff.max()) <= 2 and float((diff > 0).mean()) < 0.02
 
 
+def regenerate(labeled: LabeledSet, backbone) -> list[torch.Tensor]:
+    """The labeled images' features, each regenerated in the batch it was exported in and checked
+    against the exported pixels; one [N, C_j, h_j, w_j] map per tap, in the labeled set's order."""
+    position = {seed: n for n, seed in enumerate(labeled.seeds.tolist())}
+    rows: dict[int, list[torch.Tensor]] = {}
+    for batch in labeled.batches_to_regenerate():
+        out = backbone(batch)
+        for i, seed in enumerate(batch):
+            n = position.get(seed)
+            if n is None:
+                continue  # exported with the labeled ones, skipped by the annotators
+            image = out.images[i].numpy()
+            if pixels_sha256(image) != labeled.image_sha256[n] and not _within_float_noise(image, labeled, n):
+                raise TrainError(
+                    f"regenerating {labeled.files[n]} from seed {seed} gave different pixels than were "
+                    "exported for labeling: the backbone weights, psi or code changed since export"
+                )
+            rows[n] = [f[i : i + 1] for f in out.features]
+    return [torch.cat(parts) for parts in zip(*(rows[n] for n in range(len(position))))]
+
+
 def prepare_data(cfg: FactoryConfig, labeled: LabeledSet, backbone, device: torch.device) -> TrainingData:
     """Regenerate the labeled images, check they are the ones that were labeled, keep their features."""
     seeds = labeled.seeds.tolist()
-    features: list[list[torch.Tensor]] = []
-    for start in range(0, len(seeds), 8):
-        out = backbone(seeds[start : start + 8])
-        for i, image in enumerate(out.images.numpy()):
-            n = start + i
-            if pixels_sha256(image) != labeled.image_sha256[n] and not _within_float_noise(image, labeled, n):
-                raise TrainError(
-                    f"regenerating {labeled.files[n]} from seed {seeds[n]} gave different pixels than were "
-                    "exported for labeling: the backbone weights, psi or code changed since export"
-                )
-        features.append(out.features)
-    maps = [torch.cat(parts) for parts in zip(*features)]
+    maps = regenerate(labeled, backbone)
     size = (backbone.resolution, backbone.resolution)
     n_val = cfg.train.val_images
     index = list(range(len(seeds)))

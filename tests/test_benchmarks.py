@@ -1,0 +1,25 @@
+"""The prepared GPU benchmark runs: CI has no GPU, so its `--smoke` mode (toy sizes, any device) is
+run here, so the script a GPU session runs once is known to work end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_run_reports_labeled_and_bare(tmp_path):
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--smoke", "--cases",
+                    "stylegan2-256,sd15-512-bf16", "--budget-s", "0", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    report = json.loads(out.read_text())
+    assert [c["case"] for c in report["cases"]] == ["stylegan2-256", "sd15-512-bf16"]
+    for case in report["cases"]:
+        assert case["bare"]["samples_per_s"] > 0 and case["labeled"]["samples_per_s"] > 0
+        assert case["labeled"]["samples"] == case["bare"]["samples"] and case["labeled"]["bytes"] > 0
+        assert case["compile"].startswith("skipped")
