@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from factory import tensorfile
+from factory.config import ConfigError
 
 EXPORT_RECORD = "export.json"
 IMAGES_DIR = "images"
@@ -53,10 +54,40 @@ class LabeledSet:
     images: torch.Tensor | None = None
     """[N, H, W, 3] uint8: the exported pixels, so regeneration can be checked to within float noise
     (another thread count may move a few pixels by a grey level, which changes the sha256)."""
+    latents: torch.Tensor | None = None
+    """[N, D] float32: the user's own latents the images were exported from (`annotate.latents`);
+    None when they came from their seeds."""
+    latent_space: str | None = None
+    """"z" or "w": what `latents` holds."""
 
 
 def pixels_sha256(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def read_latents(path: str, space: str, dim: int, num_ws: int) -> np.ndarray:
+    """A user's latents (`annotate.latents`) as [N, dim] float32: a numeric .npy of [N, dim], or for w
+    [N, num_ws, dim] whose per-layer rows are equal (a projector's broadcast w). Read with
+    allow_pickle=False, so the file can hold numbers only."""
+    key = f"annotate.latents={path}"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}: no such file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"{key}: not a readable numeric .npy array ({str(e).splitlines()[0]})") from None
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
+        raise ConfigError(f"{key}: holds {getattr(array, 'dtype', type(array).__name__)}, expected float latents")
+    if array.ndim == 3 and space == "w" and array.shape[1:] == (num_ws, dim):
+        if not np.array_equal(array, np.repeat(array[:, :1], num_ws, axis=1)):
+            raise ConfigError(f"{key}: its {num_ws} per-layer w differ (style mixing); one w per image is supported")
+        array = array[:, 0]
+    if array.ndim != 2 or array.shape[1] != dim or array.shape[0] == 0:
+        wanted = f"[N, {dim}]" + (f" or [N, {num_ws}, {dim}]" if space == "w" else "")
+        raise ConfigError(f"{key}: shape {list(array.shape)}, expected {wanted} for annotate.latent_space={space}")
+    if not np.isfinite(array).all():
+        raise ConfigError(f"{key}: holds NaN or infinite values")
+    return array.astype(np.float32)
 
 
 def read_export(directory: str) -> dict:
@@ -98,6 +129,7 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
         raise AnnotationError(problems)
 
     files = sorted(labeled, key=lambda name: images[name]["seed"])
+    given = export.get("latents")  # the user's own latents, recorded by export
     pixels = []
     for name in files:
         with Image.open(os.path.join(directory, IMAGES_DIR, name)) as im:
@@ -113,6 +145,8 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
         psi=export["psi"],
         masks=torch.from_numpy(np.stack([masks[n] for n in files])) if task == "segmentation" else None,
         keypoints=torch.from_numpy(np.stack([keypoints[n] for n in files])) if task == "keypoints" else None,
+        latents=torch.tensor([images[n]["latent"] for n in files], dtype=torch.float32) if given else None,
+        latent_space=given["space"] if given else None,
     )
 
 
@@ -238,7 +272,7 @@ FORMAT = "factory.labeled_set"
 
 def save_labeled_set(path: str, labeled: LabeledSet) -> None:
     tensors = {"seeds": labeled.seeds}
-    for name in ("masks", "keypoints", "images"):
+    for name in ("masks", "keypoints", "images", "latents"):
         if getattr(labeled, name) is not None:
             tensors[name] = getattr(labeled, name)
     metadata = {
@@ -249,6 +283,8 @@ def save_labeled_set(path: str, labeled: LabeledSet) -> None:
         "backbone_hash": labeled.backbone_hash,
         "psi": repr(labeled.psi),
     }
+    if labeled.latent_space is not None:
+        metadata["latent_space"] = labeled.latent_space
     tensorfile.write(path, tensors, FORMAT, metadata)
 
 
@@ -265,4 +301,6 @@ def load_labeled_set(path: str) -> LabeledSet:
         masks=tensors.get("masks"),
         keypoints=tensors.get("keypoints"),
         images=tensors.get("images"),
+        latents=tensors.get("latents"),
+        latent_space=metadata.get("latent_space"),
     )

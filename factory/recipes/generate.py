@@ -48,7 +48,8 @@ def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str
         decoder_sha = safetensors_fingerprint(f"{local}/{MODEL_FILE}")
     b = cfg.backbone
     settings = ({"diffusion": asdict(b.diffusion), "batch_invariant": b.batch_invariant} if b.kind == "diffusion"
-                else {"psi": b.psi, "rgb_taps": b.rgb_taps})
+                else {"psi": b.psi, "rgb_taps": b.rgb_taps, "noise": b.noise, "classes": list(b.classes),
+                      "dtype": b.dtype})
     return config_lib.stable_hash({"backbone": backbone_hash, **settings, "decoder": decoder_sha,
                                    "depth_scale": cfg.labels.depth_scale})
 

@@ -54,12 +54,21 @@ def _within_float_noise(image: np.ndarray, labeled: LabeledSet, n: int) -> bool:
     return int(diff.max()) <= 2 and float((diff > 0).mean()) < 0.02
 
 
+def regenerate(backbone, labeled: LabeledSet, start: int, stop: int):
+    """Labeled images start..stop, generated again from what they were exported from: their seeds, or
+    the user's own latents (`annotate.latents`) with the seeds' noise and classes."""
+    seeds = labeled.seeds[start:stop].tolist()
+    if labeled.latents is None:
+        return backbone(seeds)
+    return backbone.render(labeled.latents[start:stop], labeled.latent_space, seeds)
+
+
 def prepare_data(cfg: FactoryConfig, labeled: LabeledSet, backbone, device: torch.device) -> TrainingData:
     """Regenerate the labeled images, check they are the ones that were labeled, keep their features."""
     seeds = labeled.seeds.tolist()
     features: list[list[torch.Tensor]] = []
     for start in range(0, len(seeds), 8):
-        out = backbone(seeds[start : start + 8])
+        out = regenerate(backbone, labeled, start, start + 8)
         for i, image in enumerate(out.images.numpy()):
             n = start + i
             if pixels_sha256(image) != labeled.image_sha256[n] and not _within_float_noise(image, labeled, n):
