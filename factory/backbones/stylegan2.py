@@ -52,7 +52,7 @@ def num_ws(cfg: StyleGAN2Config) -> int:
 
 def read_architecture(path: str) -> StyleGAN2Config:
     """The architecture stored in a weights file written by `save_stylegan2`, without its tensors."""
-    stored = _read_config(Path(path), tensorfile.read_metadata(str(path), None, "StyleGAN2 weights file"))
+    stored = config_from_metadata(Path(path), tensorfile.read_metadata(str(path), None, "StyleGAN2 weights file"))
     if stored is None:
         raise ValueError(f"{path} has no factory.stylegan2 config metadata")
     return stored
@@ -392,7 +392,7 @@ def save_stylegan2(model: StyleGAN2Generator, path: str | Path, metadata: dict[s
     tensorfile.write(str(path), model.state_dict(), FORMAT, {**(metadata or {}), "config": json.dumps(asdict(model.cfg))})
 
 
-def _read_config(path: Path, metadata: dict[str, str]) -> StyleGAN2Config | None:
+def config_from_metadata(path: Path, metadata: dict[str, str]) -> StyleGAN2Config | None:
     if "config" not in metadata:
         return None
     if metadata.get("format") != FORMAT:
@@ -432,7 +432,7 @@ def load_stylegan2(path: str | Path, cfg: StyleGAN2Config | None = None,
     """A project safetensors file, strictly: every key and shape must match, all problems in one error."""
     path = Path(path)
     tensors, metadata = tensorfile.read(str(path), None, "StyleGAN2 weights file")
-    stored = _read_config(path, metadata)
+    stored = config_from_metadata(path, metadata)
     if stored is None and cfg is None:
         raise ValueError(f"{path} has no factory.stylegan2 config metadata; pass cfg explicitly")
     if stored is not None and cfg is not None:

@@ -46,7 +46,7 @@ from factory import fingerprint, storage, tensorfile
 from factory.backbones.stylegan2 import (
     MappingNetwork,
     StyleGAN2Generator,
-    _read_config,
+    config_from_metadata,
     feature_info,
     generator_from_tensors,
     read_architecture,
@@ -213,7 +213,7 @@ def load_generator(path: str, network: str = "G_ema", device: str | torch.device
 
 def read_project_safetensors(path: str) -> Checkpoint:
     tensors, metadata = tensorfile.read(path, None, "StyleGAN2 weights file")
-    arch = _read_config(path, metadata)
+    arch = config_from_metadata(path, metadata)
     if arch is None:
         raise ValueError(f"{path} is a safetensors file without factory.stylegan2 config metadata; write it with "
                          f"`factory weights convert` (or factory.backbones.stylegan2.save_stylegan2)")
