@@ -258,8 +258,11 @@ def read_official_pickle(path: str, network: str = "G_ema") -> Checkpoint:
         raise ValueError(f"{path} holds a pickled {type(data).__name__}, not an official StyleGAN2 snapshot")
     if not isinstance(record, PersistentRecord):
         raise ValueError(f"{path}: {taken} is a {type(record).__name__}, not an official StyleGAN2 network record")
-    arch = _official_architecture(path, taken, record)
-    tensors = _official_tensors(path, taken, record)
+    try:
+        arch = _official_architecture(path, taken, record)
+        tensors = _official_tensors(path, taken, record)
+    except (TypeError, AttributeError, KeyError) as e:  # a record whose state is not a module's
+        raise ValueError(f"{path}: {taken} is not a readable StyleGAN2 network record ({type(e).__name__}: {e})") from None
     return Checkpoint(tensors, arch, OFFICIAL, taken, holds)
 
 
@@ -456,29 +459,10 @@ def rosinality_to_factory(sd: dict[str, Tensor], lr_mlp: float, latent_avg: Tens
     except ConfigError as e:
         raise ValueError(f"{where}: its architecture is not one this project runs: {e}") from None
 
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for i in range(n_mlp):
-        for p in ("weight", "bias"):
-            out[f"mapping.fc{i}.{p}"] = sd[f"style.{i + 1}.{p}"]
-            used.add(f"style.{i + 1}.{p}")
-    if latent_avg is not None:
-        out["mapping.w_avg"] = latent_avg.reshape(-1)
-    out["synthesis.b4.const"] = sd["input.input"][0]
-    used.add("input.input")
-    _layer(sd, "conv1", "synthesis.b4.conv1", out, used)
-    _layer(sd, "to_rgb1", "synthesis.b4.torgb", out, used)
-    for k in range(n_up):
-        res = 8 * 2**k
-        _layer(sd, f"convs.{2 * k}", f"synthesis.b{res}.conv0", out, used)
-        _layer(sd, f"convs.{2 * k + 1}", f"synthesis.b{res}.conv1", out, used)
-        _layer(sd, f"to_rgbs.{k}", f"synthesis.b{res}.torgb", out, used)
-    layer_names = [name for name, _, _ in feature_info(arch)]
-    noises = [f"noises.noise_{i}" for i in range(len(layer_names))]
-    if all(n in sd for n in noises):
-        for name, n in zip(layer_names, noises):
-            out[f"synthesis.{name}.noise_const"] = sd[n][0, 0]
-            used.add(n)
+    try:
+        out, used = _rename_rosinality(sd, arch, latent_avg)
+    except KeyError as e:
+        raise ValueError(f"{where} misses {e.args[0]} (a rosinality Generator of {resolution} px has it)") from None
     for k, t in sd.items():  # the blur and upsample FIRs are fixed here: checked, then dropped
         if k.endswith(".kernel") and k not in used:
             if not _is_standard_fir(t):
@@ -488,6 +472,33 @@ def rosinality_to_factory(sd: dict[str, Tensor], lr_mlp: float, latent_avg: Tens
     if left:
         raise ValueError(f"{where} has tensors with no counterpart here: {left[:8]}{' ...' if len(left) > 8 else ''}")
     return {k: v.float().contiguous() for k, v in out.items()}, arch
+
+
+def _rename_rosinality(sd: dict[str, Tensor], arch: StyleGAN2Config, latent_avg: Tensor | None
+                       ) -> tuple[dict[str, Tensor], set[str]]:
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for i in range(arch.mapping_layers):
+        for p in ("weight", "bias"):
+            out[f"mapping.fc{i}.{p}"] = sd[f"style.{i + 1}.{p}"]
+            used.add(f"style.{i + 1}.{p}")
+    if latent_avg is not None:
+        out["mapping.w_avg"] = latent_avg.reshape(-1)
+    out["synthesis.b4.const"] = sd["input.input"][0]
+    used.add("input.input")
+    _layer(sd, "conv1", "synthesis.b4.conv1", out, used)
+    _layer(sd, "to_rgb1", "synthesis.b4.torgb", out, used)
+    for k, res in enumerate(arch.block_resolutions[1:]):
+        _layer(sd, f"convs.{2 * k}", f"synthesis.b{res}.conv0", out, used)
+        _layer(sd, f"convs.{2 * k + 1}", f"synthesis.b{res}.conv1", out, used)
+        _layer(sd, f"to_rgbs.{k}", f"synthesis.b{res}.torgb", out, used)
+    layer_names = [name for name, _, _ in feature_info(arch)]
+    noises = [f"noises.noise_{i}" for i in range(len(layer_names))]
+    if all(n in sd for n in noises):
+        for name, n in zip(layer_names, noises):
+            out[f"synthesis.{name}.noise_const"] = sd[n][0, 0]
+            used.add(n)
+    return out, used
 
 
 @torch.no_grad()
