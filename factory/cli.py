@@ -74,9 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     ex = asub.add_parser(
         "export",
         help="write generated images for annotators",
-        description="Generate annotate.num_images images from seeds into annotate.dir: PNGs under "
-        "images/, classes.txt, README.txt with labeling instructions, export.json with each "
-        "image's seed, latent and pixel hash.",
+        description="Generate annotate.num_images images from seeds (or one per row of annotate.latents, "
+        "your own z or w) into annotate.dir: PNGs under images/, classes.txt, README.txt with labeling "
+        "instructions, export.json with each image's seed, latent, class and pixel hash.",
     )
     im = asub.add_parser(
         "import",

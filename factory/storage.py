@@ -283,7 +283,7 @@ def fetch(url: str, cache_dir: str | None = None) -> str:
     if is_local(url):
         path = local_path(url)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{url} does not exist")
+            raise FileNotFoundError(f"{url} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
         return path
     return _fetch(url, cache_dir or FETCH_CACHE)
 
