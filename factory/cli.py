@@ -74,9 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     ex = asub.add_parser(
         "export",
         help="write generated images for annotators",
-        description="Generate annotate.num_images images from seeds into annotate.dir: PNGs under "
-        "images/, classes.txt, README.txt with labeling instructions, export.json with each "
-        "image's seed, latent and pixel hash.",
+        description="Generate annotate.num_images images from seeds (or one per row of annotate.latents, "
+        "your own z or w) into annotate.dir: PNGs under images/, classes.txt, README.txt with labeling "
+        "instructions, export.json with each image's seed, latent, class and pixel hash.",
     )
     im = asub.add_parser(
         "import",
@@ -124,6 +124,35 @@ def _parser() -> argparse.ArgumentParser:
     tw.add_argument("--num-images", type=int, default=100, help="scenes to render (default 100)")
     tw.add_argument("--start-seed", type=int, default=0, help="seed of the first scene (default 0)")
     tw.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+
+    wt = sub.add_parser("weights", help="convert or inspect StyleGAN2 checkpoints (official pickles, rosinality .pt)",
+                        description="StyleGAN2 checkpoints in, read without executing anything from the file.")
+    wsub = wt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    wc = wsub.add_parser(
+        "convert",
+        help="write a checkpoint as the project's safetensors plus a JSON record",
+        description="Read an official stylegan2-ada-pytorch / stylegan3 networks_stylegan2 pickle, a "
+        "rosinality/stylegan2-pytorch .pt, or a project safetensors file, and write its generator as "
+        "OUT (.safetensors) with OUT's stem + .json recording the source file, its sha256, the architecture "
+        "and the network taken. backbone.weights then takes OUT (or the original file directly).",
+    )
+    wc.add_argument("source", help="checkpoint file or URL (s3://...)")
+    wc.add_argument("out", help="where to write the .safetensors (local path or URL)")
+    wc.add_argument("--network", choices=["G_ema", "G"], default="G_ema",
+                    help="which generator of a training snapshot (default G_ema, the one every official tool samples)")
+    wi = wsub.add_parser(
+        "inspect",
+        help="print what a weights file holds",
+        description="Print a checkpoint's format, the generator taken, its architecture (resolution, "
+        "mapping layers, channels, conditioning, conv_clamp, fp16 blocks), w_avg, noise buffers and tensors.",
+    )
+    wi.add_argument("file", help="checkpoint file or URL")
+    wi.add_argument("--network", choices=["G_ema", "G"], default="G_ema", help="which generator of a snapshot")
+    wi.add_argument("--json", action="store_true", help="print as JSON")
+    for verb in (wc, wi):
+        verb.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// URLs (storage.endpoint_url)")
+        verb.add_argument("--region", default=None, help="S3 region (storage.region)")
+        verb.add_argument("--anonymous", action="store_true", help="read a public bucket without credentials")
 
     i = sub.add_parser(
         "inspect",
@@ -183,6 +212,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.verb == "inspect":
         return _inspect(args)
+    if args.verb == "weights":
+        return _weights(args)
     if args.verb == "toyworld":
         from factory.data.toyworld import CLASSES, KEYPOINTS, write_folder
 
@@ -276,6 +307,25 @@ def _inspect(args: argparse.Namespace) -> int:
         if "preview" in summary:
             print(f"preview   {summary['preview']}")
     return 0 if summary["complete"] else 1
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from factory import storage
+    from factory.backbones import stylegan2_formats as formats
+    from factory.config import StorageConfig
+
+    storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
+    if args.action == "convert":
+        command = shlex.join(["factory", "weights", "convert", args.source, args.out, "--network", args.network])
+        record = formats.convert(args.source, args.out, args.network, command)
+        arch = record["architecture"]
+        print(f"wrote {args.out} ({record['network']} of {record['source']['file']}, {record['source']['format']}; "
+              f"{arch['resolution']} px, c_dim {arch['c_dim']}, conv_clamp {arch['conv_clamp']}) and "
+              f"{formats.record_path(args.out)}; weights hash {record['weights_hash'][:16]}")
+        return 0
+    info = formats.inspect(args.file, args.network)
+    print(json.dumps(info, indent=2) if args.json else formats.format_inspection(info))
+    return 0
 
 
 def _metrics(metrics: dict) -> str:

@@ -55,6 +55,16 @@ def safetensors_fingerprint(path: str, with_metadata: bool = True) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read in blocks (the identity of a source file that is not ours,
+    e.g. a checkpoint a conversion record names)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def canonical_json(path: str) -> bytes:
     """A JSON file's content without the keys that record who wrote it (`_diffusers_version`,
     `_name_or_path`, `name_or_path`...), in a canonical form."""

@@ -10,6 +10,7 @@ go through `publish`: write a temporary name, then move it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -269,6 +270,51 @@ def _download(url: str, local_dir: str, names: list[str] | None) -> None:
         local = os.path.join(local_dir, os.path.relpath(remote, path))
         os.makedirs(os.path.dirname(local), exist_ok=True)
         fs.get_file(remote, local)
+
+
+FETCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "factory", "fetched")
+"""Where `fetch` keeps local copies of remote files (one folder per URL)."""
+
+
+def fetch(url: str, cache_dir: str | None = None) -> str:
+    """A local path holding the file at `url`: the path itself when local, else a copy downloaded once
+    into `cache_dir` (default FETCH_CACHE) and reused while the remote file keeps its size and version
+    (ETag / modification time). Readers that need a real file (pickles, safetensors) call this first."""
+    if is_local(url):
+        path = local_path(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{url} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
+        return path
+    return _fetch(url, cache_dir or FETCH_CACHE)
+
+
+@_errors
+def _fetch(url: str, cache_dir: str) -> str:
+    fs, path = filesystem(url)
+    info = fs.info(path)
+    if info.get("type") == "directory":
+        raise StorageError(f"{url} is a folder, a file is needed here")
+    version = {k: str(info.get(k)) for k in ("size", "ETag", "LastModified", "mtime") if info.get(k) is not None}
+    folder = os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:24])
+    local, stamp = os.path.join(folder, path.rsplit("/", 1)[-1]), os.path.join(folder, ".source.json")
+    try:
+        with open(stamp) as f:
+            if json.load(f) == {"url": url, **version} and os.path.isfile(local):
+                return local
+    except (OSError, ValueError):
+        pass
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}")
+    try:
+        fs.get_file(path, tmp)
+        os.replace(tmp, local)  # concurrent fetches of one URL each publish a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    with open(f"{stamp}.{uuid.uuid4().hex}", "w") as f:
+        json.dump({"url": url, **version}, f)
+    os.replace(f.name, stamp)
+    return local
 
 
 def publish_tree(local_dir: str, url: str, ignore: Callable | None = None, last: str | None = None) -> None:

@@ -46,7 +46,7 @@ def test_stylegan2_identity_reads_no_model_and_is_cached_beside_the_file(tmp_pat
     first = backbone_identity(cfg)
     assert (tmp_path / f".g.safetensors{fingerprint.CACHE_FILE}").is_file()
     monkeypatch.setattr(fingerprint, "safetensors_fingerprint", lambda *a, **k: pytest.fail("not cached"))
-    monkeypatch.setattr("factory.backbones.gan.load_stylegan2", lambda *a, **k: pytest.fail("built a model"))
+    monkeypatch.setattr("factory.backbones.gan.load_generator", lambda *a, **k: pytest.fail("built a model"))
     assert backbone_identity(cfg) == first
 
 

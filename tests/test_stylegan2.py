@@ -260,6 +260,9 @@ def test_load_garbage_and_missing_files(tmp_path: Path) -> None:
     ("channel_base", 8, "stylegan2.channel_base must be >= resolution"),
     ("mapping_lr_multiplier", 0.0, "stylegan2.mapping_lr_multiplier must be > 0"),
     ("w_avg_beta", 1.5, "stylegan2.w_avg_beta must be in [0, 1], got 1.5"),
+    ("c_dim", -1, "stylegan2.c_dim must be an integer >= 0, got -1"),
+    ("num_fp16_res", 1.5, "stylegan2.num_fp16_res must be an integer >= 0, got 1.5"),
+    ("conv_clamp", 0, "stylegan2.conv_clamp must be > 0 or null, got 0"),
 ])
 def test_config_validation_names_field(field: str, value: object, needle: str) -> None:
     with pytest.raises(ValueError) as err:

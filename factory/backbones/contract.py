@@ -16,8 +16,11 @@ class BackboneOutput:
     features: list[torch.Tensor]
     """One [B, C_j, h_j, w_j] map per tap, at native resolution, on the model's device."""
     latents: torch.Tensor
-    """[B, z_dim] float32 on the CPU: the z each sample was generated from ([B, 0] for a diffusion
-    backbone, whose starting noise is a function of the seed and whose input is the prompt)."""
+    """[B, z_dim] float32 on the CPU: the z each sample was generated from (the given latents when
+    rendered from a user's z or w; [B, 0] for a diffusion backbone, whose starting noise is a
+    function of the seed and whose input is the prompt)."""
+    classes: list[int] | None = None
+    """The class each sample was generated for by a class-conditional generator; None otherwise."""
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,53 @@
-"""StyleGAN2 as a backbone: a generator from a weights file (or seeded random weights) sampled at a
-fixed truncation, so a sample is a function of its seed; every conv layer's output is a feature."""
+"""StyleGAN2 as a backbone: a generator from a weights file in any supported format (or seeded random
+weights) sampled at a fixed truncation, noise mode and class rule, so a sample is a function of its
+seed; every conv layer's output is a feature."""
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from factory import fingerprint
+from factory import fingerprint, storage
 from factory.backbones.contract import BackboneIdentity, BackboneOutput, to_uint8
-from factory.backbones.stylegan2 import StyleGAN2Generator, feature_info, load_stylegan2, read_architecture
+from factory.backbones.stylegan2 import StyleGAN2Generator, feature_info
+from factory.backbones.stylegan2_formats import identity_hash, load_generator, weights_info
+from factory.config import ConfigError, StyleGAN2Config
 
 if TYPE_CHECKING:
     from factory.config import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+
+def local_weights(cfg: BackboneConfig) -> str:
+    """`backbone.weights` as a local file: fetched once into the local cache when it is a storage URL."""
+    return storage.fetch(cfg.weights)
+
+
+def classes_for(cfg: BackboneConfig, seeds: Sequence[int]) -> list[int] | None:
+    """The class of each seed for a class-conditional generator: classes[seed % len(classes)], so the
+    class depends on the seed alone (None when `backbone.classes` is empty)."""
+    if not cfg.classes:
+        return None
+    return [cfg.classes[int(s) % len(cfg.classes)] for s in seeds]
+
+
+def check_settings(cfg: BackboneConfig, arch: StyleGAN2Config, noise_const: bool, where: str) -> None:
+    """`backbone.classes` and `backbone.noise` against what the generator has; ConfigError naming the key."""
+    if arch.c_dim > 0 and not cfg.classes:
+        raise ConfigError(f"backbone.classes must list the class indices to generate: {where} is class-conditional "
+                          f"(c_dim={arch.c_dim}); e.g. backbone.classes=[3] or backbone.classes=[0,1,2]")
+    if arch.c_dim == 0 and cfg.classes:
+        raise ConfigError(f"backbone.classes={list(cfg.classes)} but {where} is unconditional (c_dim=0); leave it empty")
+    bad = [c for c in cfg.classes if c >= arch.c_dim]
+    if arch.c_dim and bad:
+        raise ConfigError(f"backbone.classes has {bad[0]}, outside {where}'s {arch.c_dim} classes (c_dim={arch.c_dim})")
+    if cfg.noise == "const" and not noise_const:
+        raise ConfigError(f"backbone.noise=const needs the checkpoint's noise_const buffers, and {where} has none "
+                          f"(official pickles and rosinality checkpoints store them); use backbone.noise=seed")
 
 
 class StyleGAN2Backbone:
@@ -22,10 +55,14 @@ class StyleGAN2Backbone:
 
     def __init__(self, cfg: BackboneConfig, device: str | torch.device = "cpu") -> None:
         if cfg.weights is None:
-            generator = StyleGAN2Generator(cfg.stylegan2, seed=cfg.init_seed)
+            generator, where = StyleGAN2Generator(cfg.stylegan2, seed=cfg.init_seed), "the random-weight generator"
         else:
-            generator = load_stylegan2(cfg.weights)
+            generator, where = load_generator(local_weights(cfg)), cfg.weights
+        check_settings(cfg, generator.cfg, generator.has_noise_const, where)
         self.generator = generator.eval().requires_grad_(False).to(device)
+        if torch.device(device).type == "cuda" and cfg.dtype != "float32" and generator.cfg.num_fp16_res:
+            self.generator.synthesis.reduced_dtype = getattr(torch, cfg.dtype)
+        self.cfg = cfg
         self.psi = cfg.psi
         self.rgb_taps = cfg.rgb_taps
         self.batch_invariant = cfg.batch_invariant
@@ -43,36 +80,65 @@ class StyleGAN2Backbone:
             self.generator.mapping = torch.compile(self.generator.mapping)
             self.generator.synthesis = torch.compile(self.generator.synthesis)
 
+    def _groups(self, seeds: Sequence[int]) -> list[list[int]]:
+        # Batched convolutions differ from unbatched ones in the last float bits, enough to flip a
+        # uint8 pixel: a sample is a function of its seed and its batch, or with batch_invariant
+        # (one seed per forward pass) of its seed alone.
+        return [[s] for s in seeds] if self.batch_invariant else [list(seeds)]
+
+    def _output(self, parts: list[tuple[torch.Tensor, torch.Tensor, dict]], seeds: Sequence[int]) -> BackboneOutput:
+        features = {name: torch.cat([p[2][name] for p in parts]) for name in self.feature_names}
+        return BackboneOutput(
+            images=to_uint8(torch.cat([p[1] for p in parts])),
+            features=[features[name] for name in self.feature_names],
+            latents=torch.cat([p[0] for p in parts]).detach().float().cpu(),
+            classes=classes_for(self.cfg, seeds),
+        )
+
     @torch.no_grad()  # not inference_mode: training backpropagates through decoders fed these features
     def __call__(self, seeds: Sequence[int], prompts: Sequence[str] | None = None) -> BackboneOutput:
         if prompts is not None:
             raise ValueError("a StyleGAN2 backbone takes no prompts (backbone.kind is 'stylegan2')")
-        # Batched convolutions differ from unbatched ones in the last float bits, enough to flip a
-        # uint8 pixel: a sample is a function of its seed and its batch, or with batch_invariant
-        # (one seed per forward pass) of its seed alone.
-        groups = [[s] for s in seeds] if self.batch_invariant else [list(seeds)]
-        parts = [self.generator.sample(group, psi=self.psi, rgb_taps=self.rgb_taps) for group in groups]
-        z = torch.cat([p[0] for p in parts])
-        images = torch.cat([p[1] for p in parts])
-        features = {name: torch.cat([p[2][name] for p in parts]) for name in self.feature_names}
-        return BackboneOutput(
-            images=to_uint8(images),
-            features=[features[name] for name in self.feature_names],
-            latents=z.detach().float().cpu(),
-        )
+        parts = [self.generator.sample(group, psi=self.psi, rgb_taps=self.rgb_taps, noise_mode=self.cfg.noise,
+                                       classes=classes_for(self.cfg, group))
+                 for group in self._groups(seeds)]
+        return self._output(parts, seeds)
+
+    @torch.no_grad()
+    def render(self, latents: torch.Tensor, space: str, seeds: Sequence[int]) -> BackboneOutput:
+        """Images from given latents instead of the seeds' z: "z" is mapped and truncated with
+        `backbone.psi` like a seed's z, "w" goes straight to synthesis. The seeds give each image its
+        noise (`backbone.noise: seed`) and class, as they would for their own z."""
+        if space not in ("z", "w"):
+            raise ValueError(f"latent space must be 'z' or 'w', got {space!r}")
+        if len(latents) != len(seeds):
+            raise ValueError(f"{len(latents)} latents for {len(seeds)} seeds")
+        device = self.generator.mapping.w_avg.device
+        parts, start = [], 0
+        for group in self._groups(seeds):
+            given = latents[start : start + len(group)].float().to(device)
+            start += len(group)
+            _, noise, c = self.generator.inputs(group, self.cfg.noise, classes_for(self.cfg, group))
+            if space == "z":
+                image, feats = self.generator(given, psi=self.psi, noise=noise, rgb_taps=self.rgb_taps, c=c)
+            else:
+                image, feats = self.generator.synthesize(given, noise=noise, rgb_taps=self.rgb_taps)
+            parts.append((given, image, feats))
+        return self._output(parts, seeds)
 
 
 def stylegan2_identity(cfg: BackboneConfig, generator: StyleGAN2Generator | None = None) -> BackboneIdentity:
-    """A weights file's identity from its tensors and stored architecture (hash cached beside it); the
-    random-weight default's from `generator` or a fresh build of it (they are tiny)."""
+    """A weights file's identity from its tensors and stored architecture (cached beside it, any
+    format, no model built); the random-weight default's from `generator` or a fresh build of it
+    (they are tiny). Also checks `backbone.classes` and `backbone.noise` against the generator."""
     if cfg.weights is None:
         generator = generator or StyleGAN2Generator(cfg.stylegan2, seed=cfg.init_seed)
-        arch, weights_hash = generator.cfg, fingerprint.state_hash(generator)
+        arch = generator.cfg
+        weights_hash = identity_hash(fingerprint.state_hash(generator), arch)
+        check_settings(cfg, arch, generator.has_noise_const, "the random-weight generator")
     else:
-        arch = read_architecture(cfg.weights)
-        folder, name = os.path.split(os.path.abspath(cfg.weights))
-        weights_hash = fingerprint.cached_hash(
-            [cfg.weights], folder, f".{name}{fingerprint.CACHE_FILE}",
-            lambda: fingerprint.safetensors_fingerprint(cfg.weights, with_metadata=False))
-    info = feature_info(arch, cfg.rgb_taps)
-    return BackboneIdentity(weights_hash, arch.resolution, [n for n, _, _ in info], [c for _, c, _ in info])
+        info = weights_info(local_weights(cfg))
+        arch, weights_hash = info.arch, info.weights_hash
+        check_settings(cfg, arch, info.noise_const, cfg.weights)
+    feats = feature_info(arch, cfg.rgb_taps)
+    return BackboneIdentity(weights_hash, arch.resolution, [n for n, _, _ in feats], [c for _, c, _ in feats])

@@ -3,20 +3,14 @@
 Written from Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN" (weight
 demodulation, skip generator); no NVIDIA code is used.
 
-Checkpoint layouts. Parameter names and shapes equal stylegan2-ada-pytorch's (and stylegan3's
-`networks_stylegan2`) `G_ema.state_dict()` for c_dim=0, unpickled with their code, so conversion is a
-key copy: `mapping.fc{i}.*`, `mapping.w_avg`, `synthesis.b{res}.const`, `synthesis.b{res}.{conv0,conv1,
-torgb}.*`. Drop their buffers `*.resample_filter` (the [1,3,3,1] FIR is fixed here) and
-`*.noise_const` (noise is drawn per seed by `sample`). Their channel formula is used unchanged:
-channel_base=32768, channel_max=512 for `--cfg=stylegan2`. Not supported: conditioning
-(`mapping.embed`), fp16 blocks and `conv_clamp` (clamping at +-256 is skipped), per-layer ws.
-StyleGAN3's alias-free generator is a different network. TF pickles: convert with ada's `legacy.py`
-(it transposes, flips up-conv kernels and adds TF's implicit +1 to `mod_bias`), then copy.
-rosinality/stylegan2-pytorch: rename `style.{i+1}`->`mapping.fc{i}`, `latent_avg`->`mapping.w_avg`,
-`input.input[0]`->`b4.const`, `conv1`/`to_rgb1`->`b4.conv1`/`b4.torgb`, `convs.{2k,2k+1}`/`to_rgbs.{k}`
-->`b{8*2**k}.conv0,conv1`/`.torgb`; in a layer `conv.weight[0]`->`weight`, `conv.modulation`->`affine`,
-`noise.weight[0]`->`noise_strength`, `activate.bias` or ToRGB `bias.flatten()`->`bias`. Its up-conv
-kernels already have ada's orientation (both flip TF's); check a converted model against reference images.
+Parameter and buffer names and shapes equal stylegan2-ada-pytorch's (and stylegan3's
+`networks_stylegan2`) `G_ema.state_dict()` without its fixed `*.resample_filter` buffers:
+`mapping.fc{i}.*`, `mapping.embed.*` (class-conditional), `mapping.w_avg`, `synthesis.b{res}.const`,
+`synthesis.b{res}.{conv0,conv1,torgb}.*`, and the optional `*.noise_const` buffers. Everything an
+official snapshot uses is reproduced: `conv_clamp` (where the official layers clamp), class
+conditioning, const noise, and `num_fp16_res` blocks (float32 on a CPU; float16/bfloat16 on request
+on CUDA). Reading official pickles, rosinality checkpoints and this project's safetensors (one function
+picks the reader from the file) is `stylegan2_formats.py`.
 """
 
 from __future__ import annotations
@@ -35,6 +29,7 @@ from factory import tensorfile
 from factory.config import StyleGAN2Config
 
 FORMAT = "factory.stylegan2"
+NOISE_MODES = ("seed", "const", "none")
 _LRELU_GAIN = math.sqrt(2.0)
 
 
@@ -50,22 +45,30 @@ def feature_info(cfg: StyleGAN2Config, rgb_taps: bool = False) -> list[tuple[str
     return info
 
 
+def num_ws(cfg: StyleGAN2Config) -> int:
+    """How many per-layer w the official network broadcasts (every conv layer, plus the last toRGB)."""
+    return len(feature_info(cfg)) + 1
+
+
 def read_architecture(path: str) -> StyleGAN2Config:
     """The architecture stored in a weights file written by `save_stylegan2`, without its tensors."""
-    stored = _read_config(Path(path), tensorfile.read_metadata(str(path), None, "StyleGAN2 weights file"))
+    stored = config_from_metadata(Path(path), tensorfile.read_metadata(str(path), None, "StyleGAN2 weights file"))
     if stored is None:
         raise ValueError(f"{path} has no factory.stylegan2 config metadata")
     return stored
 
 
 def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool, padding: int) -> Tensor:
-    """Per-sample weights as one grouped conv: the batch becomes the group axis (paper, Sec. 2.2)."""
+    """Per-sample weights as one grouped conv: the batch becomes the group axis (paper, Sec. 2.2).
+    Modulation and demodulation run in the weights' precision; the conv in the activations' (as the
+    official fused path does for its float16 blocks)."""
     b, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     wts = weight.unsqueeze(0) * styles.reshape(b, 1, cin, 1, 1)
     if demodulate:
         wts = wts * (wts.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8).rsqrt()
-    out = F.conv2d(x.reshape(1, b * cin, h, w), wts.reshape(b * cout, cin, kh, kw), padding=padding, groups=b)
+    wts = wts.reshape(b * cout, cin, kh, kw).to(x.dtype)
+    out = F.conv2d(x.reshape(1, b * cin, h, w), wts, padding=padding, groups=b)
     return out.reshape(b, cout, out.shape[2], out.shape[3])
 
 
@@ -79,6 +82,10 @@ def upsample2d(x: Tensor, padding: int = 1) -> Tensor:
     f = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=x.dtype, device=x.device)
     k = (torch.outer(f, f) / 16.0).expand(c, 1, 4, 4).contiguous()
     return F.conv_transpose2d(x, k, stride=2, padding=padding, groups=c)
+
+
+def _clamp(x: Tensor, limit: float | None) -> Tensor:
+    return x if limit is None else x.clamp(-limit, limit)
 
 
 @torch.no_grad()
@@ -111,18 +118,32 @@ class FullyConnected(nn.Module):
         return F.leaky_relu(x, 0.2) * _LRELU_GAIN if self.activate else x
 
 
+def normalize_2nd_moment(x: Tensor) -> Tensor:
+    return x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+
+
 class MappingNetwork(nn.Module):
+    """z (and a one-hot class, embedded and normalised like z) -> w."""
+
     def __init__(self, cfg: StyleGAN2Config) -> None:
         super().__init__()
         self.w_avg_beta = cfg.w_avg_beta
-        dims = [cfg.z_dim] + [cfg.w_dim] * cfg.mapping_layers
+        self.c_dim = cfg.c_dim
+        if cfg.c_dim > 0:
+            self.embed = FullyConnected(cfg.c_dim, cfg.w_dim)
+        dims = [cfg.z_dim + (cfg.w_dim if cfg.c_dim > 0 else 0)] + [cfg.w_dim] * cfg.mapping_layers
         for i in range(cfg.mapping_layers):
             setattr(self, f"fc{i}", FullyConnected(dims[i], dims[i + 1], cfg.mapping_lr_multiplier, activate=True))
         self.num_layers = cfg.mapping_layers
         self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
 
-    def forward(self, z: Tensor, psi: float = 1.0, update_w_avg: bool = False) -> Tensor:
-        x = z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+    def forward(self, z: Tensor, psi: float = 1.0, update_w_avg: bool = False, c: Tensor | None = None) -> Tensor:
+        x = normalize_2nd_moment(z)
+        if self.c_dim > 0:
+            if c is None or c.shape != (z.shape[0], self.c_dim):
+                got = None if c is None else tuple(c.shape)
+                raise ValueError(f"a class-conditional generator needs c of shape [{z.shape[0]}, {self.c_dim}], got {got}")
+            x = torch.cat([x, normalize_2nd_moment(self.embed(c))], dim=1)
         for i in range(self.num_layers):
             x = getattr(self, f"fc{i}")(x)
         if update_w_avg:
@@ -133,13 +154,15 @@ class MappingNetwork(nn.Module):
 
 
 class SynthesisLayer(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, w_dim: int, resolution: int, up: bool) -> None:
+    def __init__(self, in_ch: int, out_ch: int, w_dim: int, resolution: int, up: bool,
+                 conv_clamp: float | None = None) -> None:
         super().__init__()
         self.affine = FullyConnected(w_dim, in_ch, bias_init=1.0)
         self.weight = nn.Parameter(torch.empty(out_ch, in_ch, 3, 3))
         self.bias = nn.Parameter(torch.empty(out_ch))
         self.noise_strength = nn.Parameter(torch.empty(()))
-        self.resolution, self.up = resolution, up
+        self.register_buffer("noise_const", None)  # [res, res] when the weights file stores them
+        self.resolution, self.up, self.conv_clamp = resolution, up, conv_clamp
 
     def reset_parameters(self, gen: torch.Generator) -> None:
         self.weight.copy_(torch.randn(self.weight.shape, generator=gen))
@@ -148,23 +171,29 @@ class SynthesisLayer(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor, noise: Tensor | None) -> Tensor:
         styles = self.affine(w)
+        weight = self.weight
+        if x.dtype == torch.float16:  # the official pre-normalisation against float16 overflow
+            weight = weight * (weight[0].numel() ** -0.5 / weight.abs().amax(dim=(1, 2, 3), keepdim=True))
+            styles = styles / styles.abs().amax(dim=1, keepdim=True)
         if self.up:
             # Official up-conv kernels act as true convolutions (inherited from TF's transposed conv).
-            x = modulated_conv2d(upsample2d(x, padding=0), self.weight.flip([2, 3]), styles, True, padding=0)
+            x = modulated_conv2d(upsample2d(x, padding=0), weight.flip([2, 3]), styles, True, padding=0)
         else:
-            x = modulated_conv2d(x, self.weight, styles, True, padding=1)
+            x = modulated_conv2d(x, weight, styles, True, padding=1)
         if noise is not None:
-            x = x + noise * self.noise_strength
-        return F.leaky_relu(x + self.bias.reshape(1, -1, 1, 1), 0.2) * _LRELU_GAIN
+            x = x + (noise * self.noise_strength).to(x.dtype)
+        x = F.leaky_relu(x + self.bias.to(x.dtype).reshape(1, -1, 1, 1), 0.2) * _LRELU_GAIN
+        return _clamp(x, self.conv_clamp)  # after bias, activation and gain, as the official bias_act
 
 
 class ToRGB(nn.Module):
-    def __init__(self, in_ch: int, img_channels: int, w_dim: int) -> None:
+    def __init__(self, in_ch: int, img_channels: int, w_dim: int, conv_clamp: float | None = None) -> None:
         super().__init__()
         self.affine = FullyConnected(w_dim, in_ch, bias_init=1.0)
         self.weight = nn.Parameter(torch.empty(img_channels, in_ch, 1, 1))
         self.bias = nn.Parameter(torch.empty(img_channels))
         self.weight_gain = 1.0 / math.sqrt(in_ch)
+        self.conv_clamp = conv_clamp
 
     def reset_parameters(self, gen: torch.Generator) -> None:
         self.weight.copy_(torch.randn(self.weight.shape, generator=gen))
@@ -172,20 +201,22 @@ class ToRGB(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
         styles = self.affine(w) * self.weight_gain
-        return modulated_conv2d(x, self.weight, styles, False, padding=0) + self.bias.reshape(1, -1, 1, 1)
+        x = modulated_conv2d(x, self.weight, styles, False, padding=0) + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return _clamp(x, self.conv_clamp)
 
 
 class SynthesisBlock(nn.Module):
     def __init__(self, cfg: StyleGAN2Config, res: int) -> None:
         super().__init__()
-        out_ch = cfg.channels(res)
+        out_ch, clamp = cfg.channels(res), cfg.conv_clamp
         if res == 4:
             self.const = nn.Parameter(torch.empty(out_ch, 4, 4))
         else:
-            self.conv0 = SynthesisLayer(cfg.channels(res // 2), out_ch, cfg.w_dim, res, up=True)
-        self.conv1 = SynthesisLayer(out_ch, out_ch, cfg.w_dim, res, up=False)
-        self.torgb = ToRGB(out_ch, cfg.img_channels, cfg.w_dim)
+            self.conv0 = SynthesisLayer(cfg.channels(res // 2), out_ch, cfg.w_dim, res, up=True, conv_clamp=clamp)
+        self.conv1 = SynthesisLayer(out_ch, out_ch, cfg.w_dim, res, up=False, conv_clamp=clamp)
+        self.torgb = ToRGB(out_ch, cfg.img_channels, cfg.w_dim, conv_clamp=clamp)
         self.resolution = res
+        self.reduced = res in cfg.fp16_resolutions
 
     def reset_parameters(self, gen: torch.Generator) -> None:
         if self.resolution == 4:
@@ -202,9 +233,14 @@ class SynthesisNetwork(nn.Module):
         self.resolutions = cfg.block_resolutions
         for res in self.resolutions:
             setattr(self, f"b{res}", SynthesisBlock(cfg, res))
+        self.reduced_dtype: torch.dtype | None = None
+        """float16/bfloat16 for the checkpoint's `num_fp16_res` blocks; None runs them in float32."""
 
     def blocks(self) -> list[SynthesisBlock]:
         return [getattr(self, f"b{res}") for res in self.resolutions]
+
+    def layers(self) -> list[SynthesisLayer]:
+        return [getattr(block, name) for block in self.blocks() for name in block.layer_names]
 
     def forward(self, w: Tensor, noise: list[Tensor | None], rgb_taps: bool = False
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -212,12 +248,14 @@ class SynthesisNetwork(nn.Module):
         x = img = None
         noise_iter = iter(noise)
         for block in self.blocks():
+            dtype = self.reduced_dtype if block.reduced and self.reduced_dtype is not None else torch.float32
             if x is None:
                 x = block.const.unsqueeze(0).expand(w.shape[0], -1, -1, -1)
+            x = x.to(dtype)
             for name in block.layer_names:
                 x = getattr(block, name)(x, w, next(noise_iter))
-                feats[f"b{block.resolution}.{name}"] = x
-            y = block.torgb(x, w)
+                feats[f"b{block.resolution}.{name}"] = x.float()
+            y = block.torgb(x, w).float()
             img = y if img is None else upsample2d(img) + y
             if rgb_taps:
                 feats[f"b{block.resolution}.rgb"] = img
@@ -225,7 +263,7 @@ class SynthesisNetwork(nn.Module):
 
 
 class StyleGAN2Generator(nn.Module):
-    """z -> (image, every synthesis conv output), with seed-addressable sampling for DatasetGAN."""
+    """z (and a class) -> (image, every synthesis conv output), with seed-addressable sampling for DatasetGAN."""
 
     def __init__(self, cfg: StyleGAN2Config, seed: int = 0, w_avg_samples: int = 4096) -> None:
         super().__init__()
@@ -241,9 +279,15 @@ class StyleGAN2Generator(nn.Module):
 
     @torch.no_grad()
     def compute_w_avg(self, num_samples: int = 4096, seed: int = 0) -> Tensor:
-        """Centre of W for truncation; a fresh model's zero buffer would truncate towards nothing."""
-        z = torch.randn(num_samples, self.cfg.z_dim, generator=torch.Generator("cpu").manual_seed(seed))
-        w = self.mapping(z.to(self.mapping.w_avg.device))
+        """Centre of W for truncation; a fresh model's zero buffer would truncate towards nothing. A
+        class-conditional generator's classes are drawn uniformly from the same generator."""
+        gen = torch.Generator("cpu").manual_seed(seed)
+        z = torch.randn(num_samples, self.cfg.z_dim, generator=gen)
+        c = None
+        if self.cfg.c_dim > 0:
+            c = self.one_hot(torch.randint(self.cfg.c_dim, (num_samples,), generator=gen).tolist())
+        device = self.mapping.w_avg.device
+        w = self.mapping(z.to(device), c=None if c is None else c.to(device))
         self.mapping.w_avg.copy_(w.mean(0))
         return self.mapping.w_avg.clone()
 
@@ -252,6 +296,17 @@ class StyleGAN2Generator(nn.Module):
 
     def noise_shapes(self) -> list[tuple[int, int]]:
         return [(res, res) for _, _, res in self.feature_info()]
+
+    @property
+    def has_noise_const(self) -> bool:
+        return all(layer.noise_const is not None for layer in self.synthesis.layers())
+
+    def one_hot(self, classes: Sequence[int]) -> Tensor:
+        """[B, c_dim] one-hot labels, as the official generate.py builds them."""
+        bad = [c for c in classes if not 0 <= c < self.cfg.c_dim]
+        if bad:
+            raise ValueError(f"class {bad[0]} is outside this generator's {self.cfg.c_dim} classes (c_dim)")
+        return F.one_hot(torch.tensor(list(classes), dtype=torch.long), self.cfg.c_dim).float()
 
     def _draw(self, seeds: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
         if len(seeds) == 0:
@@ -271,53 +326,113 @@ class StyleGAN2Generator(nn.Module):
         """The exact noise `sample(seeds)` uses: one [B, 1, r, r] map per conv layer."""
         return self._draw(seeds)[1]
 
-    def forward(self, z: Tensor, psi: float = 1.0, noise: list[Tensor] | None = None,
-                rgb_taps: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """noise=None means no noise (ada's noise_mode='none'): deterministic, never re-randomised."""
+    def const_noise(self, batch: int) -> list[Tensor]:
+        """The stored `noise_const` maps, as the official `noise_mode='const'` uses them."""
+        if not self.has_noise_const:
+            raise ValueError("noise 'const' needs the noise_const buffers of an official checkpoint; "
+                             "these weights have none (use backbone.noise=seed)")
+        return [layer.noise_const.reshape(1, 1, *layer.noise_const.shape).expand(batch, -1, -1, -1)
+                for layer in self.synthesis.layers()]
+
+    def inputs(self, seeds: Sequence[int], noise_mode: str = "seed", classes: Sequence[int] | None = None
+               ) -> tuple[Tensor, list[Tensor] | None, Tensor | None]:
+        """(z, noise, c) of each seed: z and seed noise from the seed's own CPU generator, const noise
+        from the checkpoint, c one-hot from `classes` (one per seed) for a conditional generator."""
+        z, noise = self._draw(seeds)
+        if noise_mode == "const":
+            noise = self.const_noise(len(seeds))
+        elif noise_mode == "none":
+            noise = None
+        elif noise_mode != "seed":
+            raise ValueError(f"noise mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        c = None
+        if self.cfg.c_dim > 0:
+            if classes is None or len(classes) != len(seeds):
+                raise ValueError(f"a class-conditional generator (c_dim={self.cfg.c_dim}) needs one class per seed")
+            c = self.one_hot(classes).to(z.device)
+        return z, noise, c
+
+    def check_noise(self, noise: list[Tensor] | None) -> list[Tensor | None]:
         shapes = self.noise_shapes()
         if noise is None:
-            layer_noise: list[Tensor | None] = [None] * len(shapes)
-        else:
-            if len(noise) != len(shapes):
-                raise ValueError(f"noise must have {len(shapes)} maps (one per conv layer), got {len(noise)}")
-            for i, (n, shape) in enumerate(zip(noise, shapes)):
-                if tuple(n.shape[-2:]) != shape:
-                    raise ValueError(f"noise[{i}] must end in {shape}, got {tuple(n.shape)}")
-            layer_noise = list(noise)
-        w = self.mapping(z, psi=psi)
+            return [None] * len(shapes)
+        if len(noise) != len(shapes):
+            raise ValueError(f"noise must have {len(shapes)} maps (one per conv layer), got {len(noise)}")
+        for i, (n, shape) in enumerate(zip(noise, shapes)):
+            if tuple(n.shape[-2:]) != shape:
+                raise ValueError(f"noise[{i}] must end in {shape}, got {tuple(n.shape)}")
+        return list(noise)
+
+    def forward(self, z: Tensor, psi: float = 1.0, noise: list[Tensor] | None = None,
+                rgb_taps: bool = False, c: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """noise=None means no noise (ada's noise_mode='none'): deterministic, never re-randomised."""
+        layer_noise = self.check_noise(noise)
+        w = self.mapping(z, psi=psi, c=c)
         return self.synthesis(w, layer_noise, rgb_taps=rgb_taps)
 
+    def synthesize(self, w: Tensor, noise: list[Tensor] | None = None, rgb_taps: bool = False
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+        """A given w (a projector's output, an edit) straight to the synthesis network."""
+        return self.synthesis(w, self.check_noise(noise), rgb_taps=rgb_taps)
+
     @torch.no_grad()
-    def sample(self, seeds: Sequence[int], psi: float = 1.0, rgb_taps: bool = False
-               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def sample(self, seeds: Sequence[int], psi: float = 1.0, rgb_taps: bool = False, noise_mode: str = "seed",
+               classes: Sequence[int] | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """z and noise of each sample come from its own CPU generator, so a sample depends only on
-        (weights, seed, psi): not on its batch-mates nor the device. Fixes DatasetGAN's re-randomised noise."""
-        z, noise = self._draw(seeds)
-        image, feats = self(z, psi=psi, noise=noise, rgb_taps=rgb_taps)
+        (weights, seed, psi, class): not on its batch-mates nor the device. Fixes DatasetGAN's
+        re-randomised noise."""
+        z, noise, c = self.inputs(seeds, noise_mode, classes)
+        image, feats = self(z, psi=psi, noise=noise, rgb_taps=rgb_taps, c=c)
         return z, image, feats
 
 
-def save_stylegan2(model: StyleGAN2Generator, path: str | Path) -> None:
-    tensorfile.write(str(path), model.state_dict(), FORMAT, {"config": json.dumps(asdict(model.cfg))})
+def save_stylegan2(model: StyleGAN2Generator, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """The generator's state dict (with its `noise_const` buffers when it has them) and its
+    architecture, plus any `metadata` (e.g. where a converted checkpoint came from)."""
+    tensorfile.write(str(path), model.state_dict(), FORMAT, {**(metadata or {}), "config": json.dumps(asdict(model.cfg))})
 
 
-def _read_config(path: Path, metadata: dict[str, str]) -> StyleGAN2Config | None:
+def config_from_metadata(path: Path, metadata: dict[str, str]) -> StyleGAN2Config | None:
     if "config" not in metadata:
         return None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}")
     try:
         return StyleGAN2Config(**json.loads(metadata["config"]))
-    except (TypeError, json.JSONDecodeError) as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: stored stylegan2 config is unreadable: {e}") from e
+
+
+def generator_from_tensors(tensors: dict[str, Tensor], cfg: StyleGAN2Config, where: str) -> StyleGAN2Generator:
+    """A generator holding exactly `tensors`: every key and shape must match `cfg` (all problems in
+    one line naming `where`). The `noise_const` buffers are optional, all or none."""
+    model = StyleGAN2Generator(cfg, seed=0, w_avg_samples=0)
+    if any(f"synthesis.{name}.noise_const" in tensors for name, _, _ in feature_info(cfg)):
+        for layer, (_, _, res) in zip(model.synthesis.layers(), feature_info(cfg)):
+            layer.noise_const = torch.zeros(res, res)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    mismatched = [(k, tuple(expected[k].shape), tuple(t.shape)) for k, t in tensors.items()
+                  if k in expected and t.shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys: {unexpected}")
+        problems += [f"shape mismatch: {k} expected {e} found {s}" for k, e, s in mismatched]
+        raise ValueError(f"{where} does not match the StyleGAN2 architecture: {'; '.join(problems)}")
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
 
 
 def load_stylegan2(path: str | Path, cfg: StyleGAN2Config | None = None,
                    device: str | torch.device = "cpu") -> StyleGAN2Generator:
-    """Strict load: every key and shape must match, and all problems are reported in one error."""
+    """A project safetensors file, strictly: every key and shape must match, all problems in one error."""
     path = Path(path)
     tensors, metadata = tensorfile.read(str(path), None, "StyleGAN2 weights file")
-    stored = _read_config(path, metadata)
+    stored = config_from_metadata(path, metadata)
     if stored is None and cfg is None:
         raise ValueError(f"{path} has no factory.stylegan2 config metadata; pass cfg explicitly")
     if stored is not None and cfg is not None:
@@ -326,20 +441,4 @@ def load_stylegan2(path: str | Path, cfg: StyleGAN2Config | None = None,
             if given != found:
                 raise ValueError(f"{path}: config mismatch on stylegan2.{fld.name}: "
                                  f"given {given!r}, file has {found!r}")
-    model = StyleGAN2Generator(cfg or stored, seed=0, w_avg_samples=0)
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    mismatched = [(k, tuple(expected[k].shape), tuple(t.shape)) for k, t in tensors.items()
-                  if k in expected and t.shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"{path} does not match the StyleGAN2 architecture:"]
-        if missing:
-            lines.append(f"  missing keys: {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {unexpected}")
-        lines += [f"  shape mismatch: {k} expected {e} found {s}" for k, e, s in mismatched]
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(tensors, strict=True)
-    return model.to(device).eval()
+    return generator_from_tensors(tensors, cfg or stored, str(path)).to(device)

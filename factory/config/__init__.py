@@ -117,8 +117,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return absolute_paths(cfg)
 
 
-PATH_KEYS = ("backbone.weights", "labels.dir", "prompts.source", "annotate.dir", "train.labeled", "train.storage_path", "generate.decoder",
-             "generate.output", "nightly.root", "pretrain.images", "pretrain.output", "pretrain.storage_path")
+PATH_KEYS = ("backbone.weights", "annotate.latents", "labels.dir", "prompts.source", "annotate.dir", "train.labeled",
+             "train.storage_path", "generate.decoder", "generate.output", "nightly.root", "pretrain.images", "pretrain.output", "pretrain.storage_path")
 
 
 SHIPPED = "pkg://"

@@ -31,6 +31,15 @@ class StyleGAN2Config:
     """Equalized-lr multiplier of the mapping layers; only shapes how weights are stored."""
     w_avg_beta: float = 0.995
     """EMA decay for tracking w_avg while training; unused at inference."""
+    c_dim: int = 0
+    """Class labels of a class-conditional generator (its `mapping.embed` takes a one-hot class);
+    0 is unconditional. A conditional generator needs `backbone.classes`."""
+    conv_clamp: float | None = None
+    """Clamp every synthesis layer's and toRGB's output to +-conv_clamp, where the official network
+    does (after bias, activation and gain). Official training sets 256 unless `--fp32`; None: no clamp."""
+    num_fp16_res: int = 0
+    """The highest-resolution blocks the checkpoint ran in float16 (official training: 4). They run
+    in `backbone.dtype` on CUDA and in float32 elsewhere; 0 runs every block in float32."""
 
     def __post_init__(self) -> None:
         for name in ("resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max",
@@ -50,6 +59,13 @@ class StyleGAN2Config:
         beta = self.w_avg_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
             raise ConfigError(f"backbone.stylegan2.w_avg_beta must be in [0, 1], got {beta!r}")
+        for name in ("c_dim", "num_fp16_res"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"backbone.stylegan2.{name} must be an integer >= 0, got {value!r}")
+        clamp = self.conv_clamp
+        if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
+            raise ConfigError(f"backbone.stylegan2.conv_clamp must be > 0 or null, got {clamp!r}")
 
     def channels(self, res: int) -> int:
         return min(self.channel_base // res, self.channel_max)
@@ -58,8 +74,18 @@ class StyleGAN2Config:
     def block_resolutions(self) -> list[int]:
         return [2**i for i in range(2, int(math.log2(self.resolution)) + 1)]
 
+    @property
+    def fp16_resolutions(self) -> list[int]:
+        """Blocks that ran in float16 in the checkpoint (the official network's rule)."""
+        if self.num_fp16_res == 0:
+            return []
+        lowest = max(2 ** (int(math.log2(self.resolution)) + 1 - self.num_fp16_res), 8)
+        return [r for r in self.block_resolutions if r >= lowest]
+
 
 SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+GAN_NOISE = ("seed", "const")
+GAN_DTYPES = ("float32", "float16", "bfloat16")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -113,9 +139,12 @@ class BackboneConfig:
     """Which generator: "stylegan2" (DatasetGAN: seeds -> images) or "diffusion" (DatasetDM: a
     Stable Diffusion pipeline, prompts + seeds -> images)."""
     weights: str | None = None
-    """stylegan2: a safetensors file written by `save_stylegan2`. diffusion: a Stable Diffusion 1.x/2.x
-    pipeline folder (`save_pretrained` layout) or a hub id where a hub is reachable. None builds a
-    tiny seeded random-weight model from configs (the embedded default)."""
+    """stylegan2: a local path or storage URL (s3://...) of an official stylegan2-ada-pytorch /
+    stylegan3 `networks_stylegan2` pickle (its G_ema), a rosinality/stylegan2-pytorch `.pt`, or a
+    safetensors file written by `factory weights convert` or `factory pretrain`; the format is read
+    from the file, never executed. diffusion: a Stable Diffusion 1.x/2.x pipeline folder
+    (`save_pretrained` layout) or a hub id where a hub is reachable. None builds a tiny seeded
+    random-weight model from configs (the embedded default)."""
     init_seed: int = 0
     """Seed of the random weights when `weights` is None."""
     psi: float = 0.7
@@ -130,6 +159,18 @@ class BackboneConfig:
     a function of its seed and its batch, and every path that regenerates a seed uses the same
     batches: `generate.batch_size` blocks from each shard's first seed, `annotate.batch_size` blocks
     of the export), so rebuilt shards and retraining reproduce their bytes exactly."""
+    noise: str = "seed"
+    """stylegan2: the per-layer noise. "seed": drawn from each sample's seed (a sample is a function
+    of its seed). "const": the checkpoint's stored `noise_const` buffers, exactly as the official
+    `noise_mode='const'` (the default of the official generate.py), for labels made on such images."""
+    classes: list[int] = field(default_factory=list)
+    """stylegan2, class-conditional checkpoints (c_dim > 0): the class indices to generate, seed s
+    taking classes[s % len(classes)] (one entry: a fixed class); recorded with every sample. Must be
+    empty for an unconditional generator."""
+    dtype: str = "float32"
+    """stylegan2: precision of the checkpoint's float16 blocks (`num_fp16_res`) on CUDA: "float32"
+    (exact), "float16" (as the official network runs them), "bfloat16". On a CPU every block runs
+    in float32. (A diffusion backbone uses `backbone.diffusion.dtype`.)"""
     stylegan2: StyleGAN2Config = field(default_factory=lambda: StyleGAN2Config(channel_max=8))
     """Architecture of the random-weight generator; with `weights` set, the file's stored
     architecture is used instead."""
@@ -140,6 +181,11 @@ class BackboneConfig:
         if self.kind not in ("stylegan2", "diffusion"):
             raise ConfigError(f"backbone.kind must be 'stylegan2' or 'diffusion', got {self.kind!r}")
         within("backbone.psi", self.psi, 0.0, 2.0)
+        one_of("backbone.noise", self.noise, GAN_NOISE)
+        one_of("backbone.dtype", self.dtype, GAN_DTYPES)
+        bad = [c for c in self.classes if isinstance(c, bool) or not isinstance(c, int) or c < 0]
+        if bad:
+            raise ConfigError(f"backbone.classes must list class indices >= 0, got {list(self.classes)}")
 
 
 DECODER_TASKS = {"interpreter": ("segmentation", "keypoints"),

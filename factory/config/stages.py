@@ -40,9 +40,19 @@ class AnnotateConfig:
     batch_size: int = 16
     """Seeds per forward pass when exporting; recorded in export.json, so training regenerates every
     labeled image in the very batch it was exported in (see `backbone.batch_invariant`)."""
+    latents: str | None = None
+    """A .npy of your own latents, one row per image ([N, z_dim] for z; [N, w_dim], or [N, num_ws,
+    w_dim] with equal rows, for w): export renders these instead of seeds' latents, so images already
+    labeled with another tool come in with their latents. Image i gets seed start_seed + i (its noise
+    with `backbone.noise: seed`, its class); all N rows are exported and num_images is not used."""
+    latent_space: str = "z"
+    """What `latents` holds: "z" (mapped and truncated with backbone.psi, like a seed's z) or "w"
+    (used as is, e.g. a projector's output)."""
 
     def __post_init__(self) -> None:
         at_least("annotate", self, 1, ("num_images", "batch_size"))
+        if self.latent_space not in ("z", "w"):
+            raise ConfigError(f"annotate.latent_space must be 'z' or 'w', got {self.latent_space!r}")
 
 
 @dataclass

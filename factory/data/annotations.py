@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from factory import tensorfile
+from factory.config import ConfigError
 
 EXPORT_RECORD = "export.json"
 IMAGES_DIR = "images"
@@ -56,6 +57,14 @@ class LabeledSet:
     batches: list[list[int]] | None = None
     """The seeds of each forward pass the export ran (labeled or not): an image is regenerated in its
     own batch, since batched float results depend on the batch. None: one seed per pass."""
+    latents: torch.Tensor | None = None
+    """[M, D] float32: the user's own latents the export rendered (`annotate.latents`), one row per
+    exported image (labeled or not: a batch is regenerated whole), in the order of `latent_seeds`;
+    None when the images came from their seeds."""
+    latent_seeds: torch.Tensor | None = None
+    """[M] int64: the seed of each row of `latents` (its noise and class)."""
+    latent_space: str | None = None
+    """"z" or "w": what `latents` holds."""
 
     def batches_to_regenerate(self) -> list[list[int]]:
         """The export's batches that hold a labeled seed (every seed alone for sets without them)."""
@@ -64,9 +73,39 @@ class LabeledSet:
             return [[s] for s in self.seeds.tolist()]
         return [b for b in self.batches if labeled & set(b)]
 
+    def latents_of(self, seeds: list[int]) -> torch.Tensor:
+        """The user's latents the export rendered for `seeds`."""
+        row = {s: i for i, s in enumerate(self.latent_seeds.tolist())}
+        return self.latents[[row[s] for s in seeds]]
+
 
 def pixels_sha256(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def read_latents(path: str, space: str, dim: int, num_ws: int) -> np.ndarray:
+    """A user's latents (`annotate.latents`) as [N, dim] float32: a numeric .npy of [N, dim], or for w
+    [N, num_ws, dim] whose per-layer rows are equal (a projector's broadcast w). Read with
+    allow_pickle=False, so the file can hold numbers only."""
+    key = f"annotate.latents={path}"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}: no such file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"{key}: not a readable numeric .npy array ({str(e).splitlines()[0]})") from None
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
+        raise ConfigError(f"{key}: holds {getattr(array, 'dtype', type(array).__name__)}, expected float latents")
+    if array.ndim == 3 and space == "w" and array.shape[1:] == (num_ws, dim):
+        if not np.array_equal(array, np.repeat(array[:, :1], num_ws, axis=1)):
+            raise ConfigError(f"{key}: its {num_ws} per-layer w differ (style mixing); one w per image is supported")
+        array = array[:, 0]
+    if array.ndim != 2 or array.shape[1] != dim or array.shape[0] == 0:
+        wanted = f"[N, {dim}]" + (f" or [N, {num_ws}, {dim}]" if space == "w" else "")
+        raise ConfigError(f"{key}: shape {list(array.shape)}, expected {wanted} for annotate.latent_space={space}")
+    if not np.isfinite(array).all():
+        raise ConfigError(f"{key}: holds NaN or infinite values")
+    return array.astype(np.float32)
 
 
 def read_export(directory: str) -> dict:
@@ -108,6 +147,8 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
         raise AnnotationError(problems)
 
     files = sorted(labeled, key=lambda name: images[name]["seed"])
+    given = export.get("latents")  # the user's own latents, recorded by export
+    exported = sorted(export["images"], key=lambda e: e["seed"])
     pixels = []
     for name in files:
         with Image.open(os.path.join(directory, IMAGES_DIR, name)) as im:
@@ -124,6 +165,9 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
         masks=torch.from_numpy(np.stack([masks[n] for n in files])) if task == "segmentation" else None,
         keypoints=torch.from_numpy(np.stack([keypoints[n] for n in files])) if task == "keypoints" else None,
         batches=export.get("batches"),
+        latents=torch.tensor([e["latent"] for e in exported], dtype=torch.float32) if given else None,
+        latent_seeds=torch.tensor([e["seed"] for e in exported], dtype=torch.int64) if given else None,
+        latent_space=given["space"] if given else None,
     )
 
 
@@ -249,7 +293,7 @@ FORMAT = "factory.labeled_set"
 
 def save_labeled_set(path: str, labeled: LabeledSet) -> None:
     tensors = {"seeds": labeled.seeds}
-    for name in ("masks", "keypoints", "images"):
+    for name in ("masks", "keypoints", "images", "latents", "latent_seeds"):
         if getattr(labeled, name) is not None:
             tensors[name] = getattr(labeled, name)
     metadata = {
@@ -262,6 +306,8 @@ def save_labeled_set(path: str, labeled: LabeledSet) -> None:
     }
     if labeled.batches is not None:
         metadata["batches"] = json.dumps(labeled.batches)
+    if labeled.latent_space is not None:
+        metadata["latent_space"] = labeled.latent_space
     tensorfile.write(path, tensors, FORMAT, metadata)
 
 
@@ -279,4 +325,7 @@ def load_labeled_set(path: str) -> LabeledSet:
         keypoints=tensors.get("keypoints"),
         images=tensors.get("images"),
         batches=json.loads(metadata["batches"]) if "batches" in metadata else None,
+        latents=tensors.get("latents"),
+        latent_seeds=tensors.get("latent_seeds"),
+        latent_space=metadata.get("latent_space"),
     )

@@ -39,6 +39,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("depth_scale", pa.float32()),
         pa.field("instances", pa.binary()),
         pa.field("instance_classes", pa.string()),
+        pa.field("class_index", pa.int32()),
     ]
 )
 """One generated sample. `image` and `mask` are PNG bytes (mask: uint8 class ids); `keypoints` is
@@ -46,7 +47,8 @@ JSON [{"name", "x", "y", "score"}]; `latent` is the z the seed produced (empty f
 backbone, whose input is `prompt`); `config_hash` identifies the backbone, decoder and sampling
 settings that made the sample. Diffusion samples also record `prompt`, `guidance` and `steps`;
 `depth` is a 16-bit PNG of metres x `depth_scale`; `instances` is an 8-bit PNG of instance ids
-(0: none) described by `instance_classes`, JSON [{"id", "class", "score"}]. Fields a backbone or
+(0: none) described by `instance_classes`, JSON [{"id", "class", "score"}]. `class_index` is the
+class a class-conditional GAN generated the sample for (`backbone.classes`). Fields a backbone or
 decoder does not produce are null."""
 
 MEDIA_FIELDS = ("image", "mask", "depth", "instances")
@@ -91,6 +93,8 @@ class Sample:
     prompt: str | None = None
     guidance: float | None = None
     steps: int | None = None
+    class_index: int | None = None
+    """The class of a class-conditional GAN's sample (its one-hot label's index)."""
 
     @property
     def key(self) -> str:
@@ -185,6 +189,7 @@ def encode(s: Sample, codec: Codec = Codec()) -> dict:
         "depth_scale": s.depth_scale if s.depth is not None else None,
         "instances": png(s.instances.astype(np.uint8), level) if s.instances is not None else None,
         "instance_classes": json.dumps(s.instance_classes) if s.instance_classes is not None else None,
+        "class_index": s.class_index,
     }
 
 

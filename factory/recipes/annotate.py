@@ -1,10 +1,10 @@
 """The annotation round trip: export generated images for people to label, import their labels.
 
 The export folder opens in any labeling tool: plain PNGs under `images/`, the label names in
-`classes.txt`, instructions in `README.txt`. `export.json` records the seed, latent and pixel hash of
-every image, the batches they were generated in, and the backbone's hash, so import (and training) can
-prove that regenerating an image from its seed, in its batch, gives back exactly the pixels that were
-labeled.
+`classes.txt`, instructions in `README.txt`. `export.json` records the seed, latent, class and pixel
+hash of every image, the batches they were generated in, and the backbone's hash, so import (and
+training) can prove that regenerating an image from its seed (or from the user's own latent,
+`annotate.latents`), in its batch, gives back exactly the pixels that were labeled.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import logging
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
+from factory import fingerprint
 from factory.backbones import backbone_identity, load_backbone
-from factory.config import FactoryConfig
+from factory.backbones.stylegan2 import num_ws
+from factory.config import ConfigError, FactoryConfig
 from factory.data import annotations
 
 log = logging.getLogger(__name__)
@@ -27,7 +30,7 @@ Label these images for the factory ({task}).
 
 images/       the generated images; do not rename them
 classes.txt   the label names; the line number (from 0) is the label id
-export.json   seed, latent and pixel hash of every image (do not edit)
+export.json   seed, latent, class and pixel hash of every image (do not edit)
 
 Segmentation: for each image, save an index mask with the same file name under masks/
   (single-channel PNG, mode L or P, same size as the image, pixel value = class id),
@@ -38,23 +41,43 @@ Then run: factory annotate import CONFIG
 """
 
 
+def user_latents(cfg: FactoryConfig, backbone) -> torch.Tensor | None:
+    """`annotate.latents` checked against the generator's z or w size, or None (images from seeds)."""
+    a = cfg.annotate
+    if a.latents is None:
+        return None
+    if cfg.backbone.kind != "stylegan2":
+        raise ConfigError("annotate.latents needs backbone.kind 'stylegan2' (it renders a GAN's z or w)")
+    arch = backbone.generator.cfg
+    dim = arch.z_dim if a.latent_space == "z" else arch.w_dim
+    return torch.from_numpy(annotations.read_latents(a.latents, a.latent_space, dim, num_ws(arch)))
+
+
 def export_images(cfg: FactoryConfig) -> str:
-    """Generate `annotate.num_images` images from consecutive seeds into `annotate.dir`."""
+    """Generate `annotate.num_images` images from consecutive seeds (or one image per row of the
+    user's `annotate.latents`) into `annotate.dir`."""
     out = cfg.annotate.dir
     backbone = load_backbone(cfg.backbone)
-    seeds = list(range(cfg.annotate.start_seed, cfg.annotate.start_seed + cfg.annotate.num_images))
+    given = user_latents(cfg, backbone)
+    count = cfg.annotate.num_images if given is None else len(given)
+    seeds = list(range(cfg.annotate.start_seed, cfg.annotate.start_seed + count))
     os.makedirs(os.path.join(out, annotations.IMAGES_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, annotations.MASKS_DIR), exist_ok=True)
     records = []
-    batches = [seeds[i : i + cfg.annotate.batch_size] for i in range(0, len(seeds), cfg.annotate.batch_size)]
-    for batch_seeds in batches:
-        batch = backbone(batch_seeds)
-        for seed, image, latent in zip(batch_seeds, batch.images.numpy(), batch.latents):
+    size = cfg.annotate.batch_size
+    batches = [seeds[i : i + size] for i in range(0, len(seeds), size)]
+    for start in range(0, len(seeds), size):
+        batch_seeds = seeds[start : start + size]
+        if given is None:
+            batch = backbone(batch_seeds)
+        else:
+            batch = backbone.render(given[start : start + size], cfg.annotate.latent_space, batch_seeds)
+        classes = batch.classes or [None] * len(batch_seeds)
+        for seed, image, latent, klass in zip(batch_seeds, batch.images.numpy(), batch.latents, classes):
             name = f"{seed:08d}.png"
             Image.fromarray(image).save(os.path.join(out, annotations.IMAGES_DIR, name))
-            records.append(
-                {"file": name, "seed": seed, "latent": latent.tolist(), "sha256": annotations.pixels_sha256(image)}
-            )
+            records.append({"file": name, "seed": seed, "latent": latent.tolist(), "class": klass,
+                            "sha256": annotations.pixels_sha256(image)})
     record = {
         "backbone_hash": backbone.weights_hash,
         "psi": cfg.backbone.psi,
@@ -62,6 +85,9 @@ def export_images(cfg: FactoryConfig) -> str:
         "task": cfg.decoder.task,
         "labels": cfg.label_names(),
         "batches": batches,  # the forward passes the images came from: training regenerates them alike
+        "latents": None if given is None else {
+            "file": os.path.basename(cfg.annotate.latents), "space": cfg.annotate.latent_space,
+            "sha256": fingerprint.file_sha256(cfg.annotate.latents)},
         "images": records,
     }
     with open(os.path.join(out, annotations.EXPORT_RECORD), "w") as f:

@@ -49,7 +49,9 @@ def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str
     with storage.local_copy(decoder_dir, [MODEL_FILE]) as local:
         decoder_sha = safetensors_fingerprint(f"{local}/{MODEL_FILE}")
     b = cfg.backbone
-    settings = ({"diffusion": asdict(b.diffusion)} if b.kind == "diffusion" else {"psi": b.psi, "rgb_taps": b.rgb_taps})
+    settings = ({"diffusion": asdict(b.diffusion)} if b.kind == "diffusion"
+                else {"psi": b.psi, "rgb_taps": b.rgb_taps, "noise": b.noise, "classes": list(b.classes),
+                      "dtype": b.dtype})
     settings["batch_invariant"] = b.batch_invariant
     return config_lib.stable_hash({"backbone": backbone_hash, **settings, "decoder": decoder_sha,
                                    "depth_scale": cfg.labels.depth_scale})
@@ -61,7 +63,7 @@ def build_hash(cfg: FactoryConfig, sample_config_hash: str, prompts_sha256: str 
     g = cfg.generate
     return config_lib.stable_hash(
         [sample_config_hash, g.start_seed, g.num_samples, g.shard_size, g.batch_size, sorted(g.formats),
-         g.drop_uncertain, g.calibration_samples, prompts_sha256]
+         g.drop_uncertain, g.calibration_samples, prompts_sha256, g.image_format, g.image_quality, g.png_compression]
     )
 
 

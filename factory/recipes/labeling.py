@@ -89,6 +89,7 @@ def samples_from(out: BackboneOutput, labels: Decoded, seeds: list[int], shard: 
             prompt=prompts[i] if prompts else None,
             guidance=diffusion.guidance_scale if diffusion else None,
             steps=diffusion.steps if diffusion else None,
+            class_index=out.classes[i] if out.classes is not None else None,
         ))
     return samples
 

@@ -55,12 +55,17 @@ def _within_float_noise(image: np.ndarray, labeled: LabeledSet, n: int) -> bool:
 
 
 def regenerate(labeled: LabeledSet, backbone) -> list[torch.Tensor]:
-    """The labeled images' features, each regenerated in the batch it was exported in and checked
-    against the exported pixels; one [N, C_j, h_j, w_j] map per tap, in the labeled set's order."""
+    """The labeled images' features, generated again from what they were exported from (their seeds,
+    or the user's own latents, `annotate.latents`, with the seeds' noise and classes), each in the
+    batch it was exported in, and checked against the exported pixels; one [N, C_j, h_j, w_j] map per
+    tap, in the labeled set's order."""
     position = {seed: n for n, seed in enumerate(labeled.seeds.tolist())}
     rows: dict[int, list[torch.Tensor]] = {}
     for batch in labeled.batches_to_regenerate():
-        out = backbone(batch)
+        if labeled.latents is None:
+            out = backbone(batch)
+        else:
+            out = backbone.render(labeled.latents_of(batch), labeled.latent_space, batch)
         for i, seed in enumerate(batch):
             n = position.get(seed)
             if n is None:
