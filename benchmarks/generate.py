@@ -158,6 +158,15 @@ def run_bare(args: argparse.Namespace) -> None:
         decoder(backbone(batch).features, size)
     bare_s = time.perf_counter() - t0
 
+    # The per-seed mode (backbone.batch_invariant=true) on the same seeds: what batching buys.
+    per_seed_seeds = seeds[: args.encode_samples]
+    backbone.batch_invariant = True
+    t0 = time.perf_counter()
+    for i in range(0, len(per_seed_seeds), g.batch_size):
+        decoder(backbone(per_seed_seeds[i : i + g.batch_size]).features, size)
+    per_seed_s = time.perf_counter() - t0
+    backbone.batch_invariant = False
+
     encode_seeds = seeds[: args.encode_samples]
     t0 = time.perf_counter()
     for i in range(0, len(encode_seeds), g.batch_size):
@@ -168,6 +177,9 @@ def run_bare(args: argparse.Namespace) -> None:
         "resolution": backbone.resolution,
         "samples": len(seeds), "seconds": bare_s, "samples_per_s": len(seeds) / bare_s,
         "model_load_s": load_s,
+        "per_seed": {"samples": len(per_seed_seeds), "seconds": per_seed_s,
+                     "samples_per_s": len(per_seed_seeds) / per_seed_s,
+                     "batched_over_per_seed": (len(seeds) / bare_s) / (len(per_seed_seeds) / per_seed_s)},
         "label_seeds": {"samples": len(encode_seeds), "seconds": encode_s,
                         "samples_per_s": len(encode_seeds) / encode_s},
         "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss(),
@@ -391,6 +403,9 @@ def print_report(report: dict) -> None:
           f"{bare['samples_per_s']:>9.1f} {bare['peak_rss_bytes'] / MIB:>20.0f}")
     print(f"{'label_seeds: + encode, 1 thread':<30} {enc['samples']:>7} {enc['seconds']:>7.1f} {'-':>7} "
           f"{enc['samples_per_s']:>9.1f} {'(same process)':>20}")
+    ps = bare["per_seed"]
+    print(f"{'per-seed mode (batch_invariant)':<30} {ps['samples']:>7} {ps['seconds']:>7.1f} {'-':>7} "
+          f"{ps['samples_per_s']:>9.1f} {'(same process)':>20}")
     for b in builds:
         peaks = b["memory_and_cpu"]["peak_rss_bytes"]
         mem = f"{peaks['total'] / MIB:.0f} ({peaks['pool_actors'] / MIB:.0f} actors)"

@@ -30,7 +30,8 @@ from lookalike import (
 
 from factory.backbones import backbone_identity, load_backbone, to_uint8
 from factory.backbones import stylegan2_formats as formats
-from factory.backbones.stylegan2 import StyleGAN2Generator, load_stylegan2, num_ws, save_stylegan2
+from factory.backbones.stylegan2 import StyleGAN2Generator, num_ws
+from factory.backbones.stylegan2_file import load_stylegan2, save_stylegan2
 from factory.cli import main
 from factory.config import ConfigError, StyleGAN2Config, load_config
 

@@ -10,7 +10,8 @@ import torch
 
 from factory import fingerprint
 from factory.backbones import backbone_identity, load_backbone
-from factory.backbones.stylegan2 import StyleGAN2Generator, load_stylegan2, save_stylegan2
+from factory.backbones.stylegan2 import StyleGAN2Generator
+from factory.backbones.stylegan2_file import load_stylegan2, save_stylegan2
 from factory.backbones.tiny_diffusion import save_tiny_pipeline
 from factory.config import StyleGAN2Config, load_config
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from factory.backbones.stylegan2 import StyleGAN2Generator, load_stylegan2, modulated_conv2d, save_stylegan2, upsample2d
+from factory.backbones.stylegan2 import StyleGAN2Generator, modulated_conv2d, upsample2d
+from factory.backbones.stylegan2_file import load_stylegan2, save_stylegan2
 from factory.config import StyleGAN2Config
 
 CFG = StyleGAN2Config(resolution=16, z_dim=32, w_dim=32, mapping_layers=2, channel_base=256, channel_max=32)

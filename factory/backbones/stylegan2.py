@@ -10,25 +10,20 @@ Parameter and buffer names and shapes equal stylegan2-ada-pytorch's (and stylega
 official snapshot uses is reproduced: `conv_clamp` (where the official layers clamp), class
 conditioning, const noise, and `num_fp16_res` blocks (float32 on a CPU; float16/bfloat16 on request
 on CUDA). Reading official pickles, rosinality checkpoints and this project's safetensors (one function
-picks the reader from the file) is `stylegan2_formats.py`.
+picks the reader from the file) is `stylegan2_formats.py`; the project's own file is `stylegan2_file.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from factory import tensorfile
 from factory.config import StyleGAN2Config
 
-FORMAT = "factory.stylegan2"
 NOISE_MODES = ("seed", "const", "none")
 _LRELU_GAIN = math.sqrt(2.0)
 
@@ -48,14 +43,6 @@ def feature_info(cfg: StyleGAN2Config, rgb_taps: bool = False) -> list[tuple[str
 def num_ws(cfg: StyleGAN2Config) -> int:
     """How many per-layer w the official network broadcasts (every conv layer, plus the last toRGB)."""
     return len(feature_info(cfg)) + 1
-
-
-def read_architecture(path: str) -> StyleGAN2Config:
-    """The architecture stored in a weights file written by `save_stylegan2`, without its tensors."""
-    stored = config_from_metadata(Path(path), tensorfile.read_metadata(str(path), None, "StyleGAN2 weights file"))
-    if stored is None:
-        raise ValueError(f"{path} has no factory.stylegan2 config metadata")
-    return stored
 
 
 def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool, padding: int) -> Tensor:
@@ -384,61 +371,3 @@ class StyleGAN2Generator(nn.Module):
         z, noise, c = self.inputs(seeds, noise_mode, classes)
         image, feats = self(z, psi=psi, noise=noise, rgb_taps=rgb_taps, c=c)
         return z, image, feats
-
-
-def save_stylegan2(model: StyleGAN2Generator, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """The generator's state dict (with its `noise_const` buffers when it has them) and its
-    architecture, plus any `metadata` (e.g. where a converted checkpoint came from)."""
-    tensorfile.write(str(path), model.state_dict(), FORMAT, {**(metadata or {}), "config": json.dumps(asdict(model.cfg))})
-
-
-def config_from_metadata(path: Path, metadata: dict[str, str]) -> StyleGAN2Config | None:
-    if "config" not in metadata:
-        return None
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}")
-    try:
-        return StyleGAN2Config(**json.loads(metadata["config"]))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: stored stylegan2 config is unreadable: {e}") from e
-
-
-def generator_from_tensors(tensors: dict[str, Tensor], cfg: StyleGAN2Config, where: str) -> StyleGAN2Generator:
-    """A generator holding exactly `tensors`: every key and shape must match `cfg` (all problems in
-    one line naming `where`). The `noise_const` buffers are optional, all or none."""
-    model = StyleGAN2Generator(cfg, seed=0, w_avg_samples=0)
-    if any(f"synthesis.{name}.noise_const" in tensors for name, _, _ in feature_info(cfg)):
-        for layer, (_, _, res) in zip(model.synthesis.layers(), feature_info(cfg)):
-            layer.noise_const = torch.zeros(res, res)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    mismatched = [(k, tuple(expected[k].shape), tuple(t.shape)) for k, t in tensors.items()
-                  if k in expected and t.shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys: {unexpected}")
-        problems += [f"shape mismatch: {k} expected {e} found {s}" for k, e, s in mismatched]
-        raise ValueError(f"{where} does not match the StyleGAN2 architecture: {'; '.join(problems)}")
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
-
-
-def load_stylegan2(path: str | Path, cfg: StyleGAN2Config | None = None,
-                   device: str | torch.device = "cpu") -> StyleGAN2Generator:
-    """A project safetensors file, strictly: every key and shape must match, all problems in one error."""
-    path = Path(path)
-    tensors, metadata = tensorfile.read(str(path), None, "StyleGAN2 weights file")
-    stored = config_from_metadata(path, metadata)
-    if stored is None and cfg is None:
-        raise ValueError(f"{path} has no factory.stylegan2 config metadata; pass cfg explicitly")
-    if stored is not None and cfg is not None:
-        for fld in fields(StyleGAN2Config):
-            given, found = getattr(cfg, fld.name), getattr(stored, fld.name)
-            if given != found:
-                raise ValueError(f"{path}: config mismatch on stylegan2.{fld.name}: "
-                                 f"given {given!r}, file has {found!r}")
-    return generator_from_tensors(tensors, cfg or stored, str(path)).to(device)

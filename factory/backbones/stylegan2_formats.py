@@ -35,8 +35,8 @@ from factory.backbones.checkpoint import (
 )
 from factory.backbones.official_pickle import read_official_pickle
 from factory.backbones.rosinality import read_rosinality
-from factory.backbones.stylegan2 import (
-    StyleGAN2Generator,
+from factory.backbones.stylegan2 import StyleGAN2Generator
+from factory.backbones.stylegan2_file import (
     config_from_metadata,
     generator_from_tensors,
     read_architecture,
@@ -73,7 +73,7 @@ def read_project_safetensors(path: str) -> Checkpoint:
     arch = config_from_metadata(path, metadata)
     if arch is None:
         raise ValueError(f"{path} is a safetensors file without factory.stylegan2 config metadata; write it with "
-                         f"`factory weights convert` (or factory.backbones.stylegan2.save_stylegan2)")
+                         f"`factory weights convert` (or factory.backbones.stylegan2_file.save_stylegan2)")
     notes = []
     if "converted_from" in metadata:
         source = json.loads(metadata["converted_from"])

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones.discriminator import StyleGAN2Discriminator
-from factory.backbones.stylegan2 import StyleGAN2Generator, save_stylegan2
+from factory.backbones.stylegan2 import StyleGAN2Generator
+from factory.backbones.stylegan2_file import save_stylegan2
 from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder
 from factory.data.images import to_float
