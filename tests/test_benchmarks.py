@@ -23,3 +23,13 @@ def test_gpu_benchmark_smoke_run_reports_labeled_and_bare(tmp_path):
         assert case["bare"]["samples_per_s"] > 0 and case["labeled"]["samples_per_s"] > 0
         assert case["labeled"]["samples"] == case["bare"]["samples"] and case["labeled"]["bytes"] > 0
         assert case["compile"].startswith("skipped")
+
+
+def test_codecs_benchmark_checks_round_trips_and_reports_pil(tmp_path):
+    out = tmp_path / "codecs.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "codecs.py"), "--sizes", "16",
+                    "--seconds", "0.01", "--out", str(out)], check=True, capture_output=True, text=True,
+                   timeout=120, cwd=ROOT)
+    results = json.loads(out.read_text())["results"]
+    assert {(r["kind"], r["encoder"]) for r in results} >= {("rgb", "pil (factory)"), ("mask", "pil (factory)")}
+    assert all(r["us_per_image"] > 0 and r["bytes"] > 0 for r in results)
