@@ -33,7 +33,7 @@ the same for every phase, do not hide it: interpreter, libraries, weights and ac
 peak's growth above the RSS after loading; also the process's lifetime peak (ru_maxrss).
 
     python benchmarks/diffusion.py [--samples 64] [--batch-size 8] [--steps 10] [--guidance 7.5]
-        [--device auto|cpu|cuda] [--realistic] [--out benchmarks/results/diffusion.json] [key=value ...]
+        [--device auto|cpu|cuda] [--realistic] [--family sd|sdxl|sd3|flux] [--out benchmarks/results/diffusion.json] [key=value ...]
 
 Trailing `key=value` arguments override the config (`--config`, default configs/diffusion.yaml) for
 every phase. `--realistic` on a CPU is refused unless `--samples` is at most 2 (a code-path check).
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
     p.add_argument("--realistic", action="store_true", help="an SD-1.5-shaped random-weight pipeline (GPU)")
+    p.add_argument("--family", choices=["sd", "sdxl", "sd3", "flux"], default="sd",
+                   help="the tiny pipeline's family (tiny_families.build_tiny); --realistic is SD 1.5 only")
     p.add_argument("--memory-batches", type=int, default=2, help="CPU: batches per fresh memory subprocess")
     p.add_argument("--config", default="configs/diffusion.yaml")
     p.add_argument("--out", default="benchmarks/results/diffusion.json")
@@ -97,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.realistic and args.device == "cpu" and args.samples > REALISTIC_CPU_MAX_SAMPLES:
         p.error(f"--realistic on a CPU takes minutes per sample (SD-1.5 size at 512 px); run it on a GPU, or pass "
                 f"--samples {REALISTIC_CPU_MAX_SAMPLES} or fewer (and small --steps/--resolution) to check the code path")
+    if args.realistic and args.family != "sd":
+        p.error(f"--realistic is the SD-1.5-shaped pipeline; --family {args.family} runs the tiny one only")
     if args.resolution is None and args.realistic:
         args.resolution = 512
     args.batch_size = min(args.batch_size, args.samples)
@@ -173,11 +177,12 @@ def save_pipeline(args: argparse.Namespace, directory: str) -> dict:
             pipe = pipe.to(dtype=torch.float16)
         pipe.save_pretrained(directory, safe_serialization=True)
     else:
-        from factory.backbones.tiny_diffusion import build_tiny_pipeline
+        from factory.backbones.tiny_families import build_tiny
 
-        pipe = build_tiny_pipeline(0)
+        pipe = build_tiny(args.family, 0)
         pipe.save_pretrained(directory, safe_serialization=True)
-    counts = {part: sum(p.numel() for p in getattr(pipe, part).parameters()) for part in ("unet", "vae", "text_encoder")}
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in pipe.components.items()
+              if isinstance(part, torch.nn.Module)}
     return {**counts, "build_and_save_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -214,11 +219,18 @@ def bare_pipeline(cfg, device: str):
 
     d = cfg.backbone.diffusion
     pipe = load_pipeline(cfg.backbone.weights, cfg.backbone.init_seed, torch_dtype(d.dtype, torch.device(device)))
-    pipe.scheduler = make_scheduler(d.scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(d.scheduler, pipe)
     pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for part in model_parts(pipe):
         part.eval().requires_grad_(False)
     return pipe.to(device)
+
+
+def model_parts(pipe) -> list:
+    """The pipeline's torch modules (denoiser, VAE, text encoders), whatever its family."""
+    import torch
+
+    return [part for part in pipe.components.values() if isinstance(part, torch.nn.Module)]
 
 
 def texts_for(cfg) -> list[str]:
@@ -256,7 +268,7 @@ class Phases:
         out = []
         for pipe in (self.pipe, self.backbone.pipe if self.backbone else None):
             if pipe is not None:
-                out += [pipe.unet, pipe.vae, pipe.text_encoder]
+                out += model_parts(pipe)
         return out + ([self.decoder.model] if self.decoder else [])
 
     def touch_weights(self) -> None:
@@ -275,10 +287,9 @@ class Phases:
 
     def weight_bytes(self, phase: str) -> int:
         if phase == "bare":
-            return module_bytes(self.pipe.unet, self.pipe.vae, self.pipe.text_encoder)
-        p = self.backbone.pipe
+            return module_bytes(*model_parts(self.pipe))
         extra = (self.decoder.model,) if phase in ("backbone_decoder", "labeled") else ()
-        return module_bytes(p.unet, p.vae, p.text_encoder, *extra)
+        return module_bytes(*model_parts(self.backbone.pipe), *extra)
 
     def run(self, phase: str, seeds: list[int]):
         import torch
@@ -384,6 +395,7 @@ def memory_in_subprocesses(args: argparse.Namespace, workdir: str) -> dict:
             cmd += ["--threads", str(args.threads)]
         if args.realistic:
             cmd.append("--realistic")
+        cmd += ["--family", args.family]
         done = subprocess.run([*cmd, *args.overrides], capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"memory subprocess for {phase} failed:\n{done.stderr[-4000:]}")
@@ -497,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-diffusion-") as workdir:
-        print(f"building the {'SD-1.5-shaped' if args.realistic else 'tiny'} pipeline ...", flush=True)
+        print(f"building the {'SD-1.5-shaped' if args.realistic else 'tiny ' + args.family} pipeline ...", flush=True)
         params = save_pipeline(args, os.path.join(workdir, "pipeline"))
         cfg = load(args, workdir)
         texts = texts_for(cfg)
@@ -548,7 +560,8 @@ def main(argv: list[str] | None = None) -> None:
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine()),
         "git": git_revision(),
         "settings": {
-            "model": "SD-1.5-shaped random-weight" if args.realistic else "tiny built-in",
+            "model": "SD-1.5-shaped random-weight" if args.realistic else f"tiny {args.family}",
+            "family": args.family,
             "parameters": params, "samples": args.samples, "batch_size": args.batch_size, "steps": d.steps,
             "guidance": d.guidance_scale, "resolution": d.resolution, "scheduler": d.scheduler,
             "dtype": str(torch_dtype(d.dtype, torch.device(args.device))).replace("torch.", ""),

@@ -57,10 +57,7 @@ def test_features_are_grouped_by_resolution_with_attention_maps(backbone, pipeli
 def test_taps_leave_the_images_of_the_bare_pipeline_unchanged(backbone, pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
-    from factory.backbones.diffusion import make_scheduler
-
     bare = StableDiffusionPipeline.from_pretrained(pipeline_dir)
-    bare.scheduler = make_scheduler("ddim", bare.scheduler.config)
     bare.set_progress_bar_config(disable=True)
     images = bare(PROMPTS, num_inference_steps=4, guidance_scale=7.5, height=64, width=64, output_type="pt",
                   generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)]).images
@@ -100,7 +97,7 @@ def test_batch_invariant_samples_each_seed_as_if_alone(pipeline_dir):
 
 def test_inversion_matches_the_noise_level_of_the_tapped_step(pipeline_dir):
     last = load_backbone(diffusion_cfg(f"backbone.weights={pipeline_dir}"))
-    first = load_backbone(diffusion_cfg(f"backbone.weights={pipeline_dir}", "backbone.diffusion.feature_step=0"))
+    first = load_backbone(diffusion_cfg(f"backbone.weights={pipeline_dir}", "backbone.diffusion.feature_steps=[0]"))
     fixed = load_backbone(diffusion_cfg(f"backbone.weights={pipeline_dir}", "backbone.diffusion.inversion_timestep=250"))
     assert last.inversion_timestep == 1 and first.inversion_timestep == 751 and fixed.inversion_timestep == 250
 
@@ -120,5 +117,5 @@ def test_prompts_are_required_and_bad_weights_are_named(backbone, tmp_path):
     with pytest.raises(PipelineError, match="no pipeline folder at"):
         load_backbone(diffusion_cfg(f"backbone.weights={tmp_path}/missing/pipeline"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PipelineError, match=r"cannot load a Stable Diffusion pipeline from .*empty"):
+    with pytest.raises(PipelineError, match=r"empty has no model_index.json"):
         load_backbone(diffusion_cfg(f"backbone.weights={tmp_path / 'empty'}"))

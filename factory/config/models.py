@@ -83,7 +83,8 @@ class StyleGAN2Config:
         return [r for r in self.block_resolutions if r >= lowest]
 
 
-SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+SCHEDULERS = ("auto", "ddim", "euler", "euler_a", "dpmsolver++", "lcm", "flow_euler")
+FEATURE_NORMS = ("auto", "robust", "none")
 GAN_NOISE = ("seed", "const")
 GAN_DTYPES = ("float32", "float16", "bfloat16")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -91,45 +92,69 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 @dataclass
 class DiffusionConfig:
-    """Sampling and feature-tap settings of a Stable Diffusion backbone (`backbone.kind: diffusion`)."""
+    """Sampling and feature-tap settings of a diffusers text-to-image backbone (`backbone.kind:
+    diffusion`): SD 1.x/2.x, SDXL, SD3 or FLUX, the family read from the pipeline folder."""
 
-    scheduler: str = "ddim"
-    """Sampler: "ddim", "euler" or "dpmsolver++" (DPM-Solver++ 2M), built from the pipeline's own
-    scheduler config, so few-step schedules work with any checkpoint."""
+    scheduler: str = "auto"
+    """Sampler, built from the pipeline's own scheduler config: "auto" (the class the folder ships
+    with); for UNets (SD, SDXL) "ddim", "euler", "euler_a", "dpmsolver++" (DPM-Solver++ 2M) or "lcm";
+    for flow-matching transformers (SD3, FLUX) "flow_euler". A sampler that does not fit the
+    folder's family is refused."""
     steps: int = 10
     """Denoising steps per image."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance; 1.0 turns guidance off (one UNet pass per step instead of two)."""
+    """Guidance the way the family takes it: classifier-free guidance for SD/SDXL/SD3 (1.0 turns it
+    off: one pass per step instead of two); FLUX's embedded guidance (always one pass)."""
     resolution: int = 64
-    """Image size in pixels (a multiple of 8 times the UNet's downsampling); real checkpoints want
-    512 (SD 1.x) or 768 (SD 2.x)."""
+    """Image size in pixels (a multiple of the VAE factor times the denoiser's downsampling or patch
+    size); real checkpoints want 512 (SD 1.x), 768 (SD 2.x) or 1024 (SDXL, SD3, FLUX)."""
     dtype: str = "auto"
-    """Weights and activations: "auto" is float32 on CPU and float16 on CUDA; or "float32",
-    "float16", "bfloat16"."""
-    feature_step: int = -1
-    """Denoising step whose UNet features (and attention maps) the decoder reads; -1 is the last."""
+    """Weights and activations: "auto" is float32 on CPU and on CUDA bfloat16 where the GPU supports
+    it (else float16); or "float32", "float16", "bfloat16". The backbone's identity (weights hash)
+    does not depend on it."""
+    feature_steps: list[int] = field(default_factory=lambda: [-1])
+    """Denoising steps whose features (and attention maps) the decoder reads; -1 is the last. Several
+    steps are concatenated per resolution (the decoder fuses them); inversion noises a real image to
+    each of their noise levels."""
+    feature_blocks: list[int] = field(default_factory=list)
+    """Denoiser blocks tapped, by index (negative from the end): UNet down, mid and up blocks in
+    order; transformer blocks in order (FLUX: double-stream, then single-stream). Empty: every UNet
+    block; for a transformer 4 evenly spaced blocks ending with the last."""
+    feature_norm: str = "auto"
+    """Per-channel robust normalisation of block features ((x - median) / MAD over positions, per
+    sample): "robust", "none", or "auto" (robust for transformers, whose few "massive activation"
+    channels would swamp a decoder; none for UNets). Recorded in the feature names."""
     inversion_timestep: int | None = None
-    """Real images are VAE-encoded, noised to this timestep (0-999) and passed through the UNet once
-    to tap the same features (the paper's inversion). None uses the timestep of `feature_step` in
-    the sampling schedule, so the decoder is trained and applied at the same noise level."""
+    """Real images are VAE-encoded, noised to this timestep (0-999; sigma = t / 1000 for flow
+    matching) and passed through the denoiser once to tap the same features (the paper's inversion).
+    None uses the noise level of each of `feature_steps` in the sampling schedule, so the decoder is
+    trained and applied at the same noise levels; a fixed value needs a single feature step."""
     attention_maps: bool = True
-    """Also tap the cross-attention maps (per prompt token, averaged over heads) of every UNet block."""
+    """Also tap the image->text attention maps (per prompt token, averaged over heads) of the tapped
+    blocks."""
     max_prompt_tokens: int = 8
-    """Cross-attention tokens kept as features (after the start token); the tokenizer's full length
-    (77) costs memory and rarely helps."""
+    """Attention tokens kept as features (after CLIP's start token); the full text length (77, or
+    hundreds of T5 tokens) costs memory and rarely helps."""
 
     def __post_init__(self) -> None:
         one_of("backbone.diffusion.scheduler", self.scheduler, SCHEDULERS)
         one_of("backbone.diffusion.dtype", self.dtype, DTYPES)
+        one_of("backbone.diffusion.feature_norm", self.feature_norm, FEATURE_NORMS)
         at_least("backbone.diffusion", self, 1, ("steps", "max_prompt_tokens"))
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"backbone.diffusion.resolution must be a multiple of 8, got {self.resolution}")
-        if not -self.steps <= self.feature_step < self.steps:
-            raise ConfigError(
-                f"backbone.diffusion.feature_step must index one of the {self.steps} steps, got {self.feature_step}"
-            )
+        if not self.feature_steps:
+            raise ConfigError("backbone.diffusion.feature_steps must name at least one step, got []")
+        bad = [s for s in self.feature_steps if not -self.steps <= s < self.steps]
+        if bad:
+            raise ConfigError(f"backbone.diffusion.feature_steps must index the {self.steps} steps, got {bad}")
+        if len({s % self.steps for s in self.feature_steps}) != len(self.feature_steps):
+            raise ConfigError(f"backbone.diffusion.feature_steps has a step twice: {list(self.feature_steps)}")
         if self.inversion_timestep is not None:
             within("backbone.diffusion.inversion_timestep", self.inversion_timestep, 0, 1000, open_high=True)
+            if len(self.feature_steps) > 1:
+                raise ConfigError("backbone.diffusion.inversion_timestep is one noise level; with several "
+                                  f"feature_steps {list(self.feature_steps)} leave it null")
         at_least("backbone.diffusion", self, 1, ("guidance_scale",))
 
 
@@ -142,8 +167,9 @@ class BackboneConfig:
     """stylegan2: a local path or storage URL (s3://...) of an official stylegan2-ada-pytorch /
     stylegan3 `networks_stylegan2` pickle (its G_ema), a rosinality/stylegan2-pytorch `.pt`, or a
     safetensors file written by `factory weights convert` or `factory pretrain`; the format is read
-    from the file, never executed. diffusion: a Stable Diffusion 1.x/2.x pipeline folder
-    (`save_pretrained` layout) or a hub id where a hub is reachable. None builds a tiny seeded
+    from the file, never executed. diffusion: a diffusers pipeline folder (`save_pretrained` layout) of
+    StableDiffusionPipeline (1.x/2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline or
+    FluxPipeline (read from its model_index.json), or a hub id where a hub is reachable. None builds a tiny seeded
     random-weight model from configs (the embedded default)."""
     init_seed: int = 0
     """Seed of the random weights when `weights` is None."""

@@ -2,7 +2,7 @@
 `storage.local_copy` first):
 
     model.safetensors   the weights; metadata holds the decoder config, the input channels, the label
-                        names and the backbone hash it was fitted on
+                        names, the backbone hash and feature layout (names) it was fitted on
     config.yaml         the full resolved training config
     labels.json         task and label names, for people and tools
 """
@@ -33,7 +33,10 @@ def save_decoder(
     backbone_hash: str,
     config_yaml: str,
     keypoint_names: Sequence[str] = (),
+    feature_names: Sequence[str] = (),
 ) -> None:
+    """`feature_names`: the backbone's feature layout the decoder was fitted on (resolutions, tapped
+    steps, normalisation: `BackboneIdentity.feature_names`), checked again before generating."""
     os.makedirs(directory, exist_ok=True)
     metadata = {
         "decoder": json.dumps(asdict(cfg)),
@@ -41,6 +44,7 @@ def save_decoder(
         "in_channels": json.dumps(list(in_channels)),
         "backbone_hash": backbone_hash,
         "keypoint_names": json.dumps(list(keypoint_names)),
+        "feature_names": json.dumps(list(feature_names)),
     }
     tensorfile.write(os.path.join(directory, MODEL_FILE), unwrap(model).state_dict(), FORMAT, metadata)
     with open(os.path.join(directory, "config.yaml"), "w") as f:

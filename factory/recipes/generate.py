@@ -242,6 +242,12 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
             f"decoder {g.decoder} was fitted on backbone {meta['backbone_hash'][:12]}, the config builds "
             f"{backbone.weights_hash[:12]}; check backbone.weights / backbone.init_seed or re-train"
         )
+    fitted_on = json.loads(meta.get("feature_names", "[]"))
+    if fitted_on and fitted_on != backbone.feature_names:
+        raise GenerateError(
+            f"decoder {g.decoder} was fitted on features {fitted_on}, the config taps {backbone.feature_names}; "
+            "check backbone.diffusion.feature_steps / feature_blocks / feature_norm or re-train"
+        )
     config_hash = sample_hash(cfg, backbone.weights_hash, g.decoder)
     build_prompts, fresh = None, False
     if cfg.backbone.kind == "diffusion":  # resolved once, stored with the dataset, read by the actors

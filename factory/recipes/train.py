@@ -155,6 +155,7 @@ def _worker(loop_config: dict) -> None:
             save_decoder(
                 d, model, cfg.decoder, cfg.label_names(), loop_config["in_channels"],
                 loop_config["backbone_hash"], loop_config["config_yaml"], cfg.labels.keypoints,
+                loop_config["feature_names"],
             )
             state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "inputs_hash": expected_inputs}
@@ -181,6 +182,7 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
             "config_yaml": config_lib.to_yaml(cfg),
             "in_channels": backbone.feature_channels,
             "backbone_hash": backbone.weights_hash,
+            "feature_names": backbone.feature_names,
             "inputs_hash": inputs_hash(cfg, cfg.train.labeled),
         },
         cfg.train,

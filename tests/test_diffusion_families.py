@@ -1,0 +1,135 @@
+"""SDXL, SD3 and FLUX backbones on tiny pipelines built from configs, saved and loaded back through
+`from_pretrained`: the family read from model_index.json, taps leaving the bare pipeline's images
+bit-identical, feature shapes, image->text attention per token, inversion without a VAE decode,
+several tapped steps, bfloat16 on CPU with a dtype-independent identity, refusals."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from factory import fingerprint
+from factory.backbones import backbone_identity, load_backbone
+from factory.backbones.diffusion import PipelineError
+from factory.backbones.tiny_families import save_tiny
+from factory.config import load_config
+
+PROMPTS = ["a photo of a face with red hair", "a bald face"]
+FAMILY_CLASS = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def family_cfg(folder, *overrides):
+    return load_config(overrides=["backbone.kind=diffusion", "decoder.kind=perception", "backbone.diffusion.steps=2",
+                                  f"backbone.weights={folder}", *overrides]).backbone
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
+def folder(request, tmp_path_factory):
+    return save_tiny(str(tmp_path_factory.mktemp(request.param) / "pipeline"), request.param, seed=0)
+
+
+def family_of(folder):
+    with open(f"{folder}/model_index.json") as f:
+        return json.load(f)["_class_name"]
+
+
+def test_taps_features_attention_and_inversion(folder, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    backbone = load_backbone(family_cfg(folder))
+    assert type(backbone.pipe).__name__ == family_of(folder) and backbone.family.pipeline_class == family_of(folder)
+    out = backbone([1, 2], PROMPTS)
+
+    bare = DiffusionPipeline.from_pretrained(folder)  # the user's pipeline, untouched
+    bare.set_progress_bar_config(disable=True)
+    images = bare(prompt=PROMPTS, num_inference_steps=2, guidance_scale=7.5, height=64, width=64, output_type="pt",
+                  generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
+    assert torch.equal(out.images, (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+
+    transformer = backbone.family.tokens
+    sides = [16] if transformer else [32, 16]
+    assert backbone.feature_names == [f"res{s}" + ("+robust" if transformer else "") for s in sides]
+    assert [tuple(f.shape) for f in out.features] == [(2, c, s, s) for c, s in zip(backbone.feature_channels, sides)]
+    tokens = backbone.cfg.max_prompt_tokens
+    attention = out.features[-1][:, -tokens:]  # image->text probabilities: each pixel's row sums to <= 1
+    assert attention.min() >= 0 and 0 < attention.sum(dim=1).max() <= 1 + 1e-5
+    assert attention[0].flatten(1).std(dim=1).max() > 0  # maps, not constants
+    if transformer:  # robust normalisation: per-channel median 0 over positions
+        blocks = out.features[0][:, :-tokens].flatten(2)
+        assert blocks.median(dim=-1).values.abs().max() < 1e-3
+
+    monkeypatch.setattr(backbone.pipe.vae.decoder, "forward", lambda *a, **k: pytest.fail("inversion decoded"))
+    real = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    features = backbone.invert(real, PROMPTS, [0, 1])
+    assert [tuple(f.shape) for f in features] == [tuple(f.shape) for f in out.features]
+    assert all(torch.equal(a, b) for a, b in zip(features, backbone.invert(real, PROMPTS, [0, 1])))
+    assert backbone_identity(family_cfg(folder)) == backbone.identity
+
+
+def test_several_steps_in_bfloat16_keep_the_identity(folder):
+    one = backbone_identity(family_cfg(folder))
+    b = load_backbone(family_cfg(folder, "backbone.diffusion.feature_steps=[0,1]", "backbone.diffusion.dtype=bfloat16"))
+    assert b.pipe.dtype == torch.bfloat16 and b.weights_hash == one.weights_hash
+    assert b.feature_channels == [2 * c for c in one.feature_channels]
+    assert all(n.startswith(m.split("+")[0] + "@0,1") for n, m in zip(b.feature_names, one.feature_names))
+    assert len(b.noise_levels) == 2 and b.noise_levels[0] > b.noise_levels[1]
+    out = b([3], PROMPTS[:1])
+    assert out.images.shape == (1, 64, 64, 3) and int(out.images.max()) > int(out.images.min())
+    assert [f.shape[1] for f in out.features] == b.feature_channels and all(f.dtype == torch.float32 for f in out.features)
+    features = b.invert(out.images.numpy(), PROMPTS[:1], [0])
+    assert [f.shape[1] for f in features] == b.feature_channels
+
+
+def test_misfit_samplers_and_unknown_pipelines_are_refused(folder, tmp_path):
+    flow = family_of(folder) != "StableDiffusionXLPipeline"
+    wrong = "ddim" if flow else "flow_euler"
+    with pytest.raises(PipelineError, match=f"scheduler={wrong} does not fit a {family_of(folder)}"):
+        load_backbone(family_cfg(folder, f"backbone.diffusion.scheduler={wrong}"))
+    with pytest.raises(PipelineError, match=r"feature_blocks=\[9\]: \[9\] out of range"):
+        backbone_identity(family_cfg(folder, "backbone.diffusion.feature_blocks=[9]"))
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    with pytest.raises(PipelineError, match="a KandinskyPipeline is not supported; supported pipelines: "
+                                            "StableDiffusionPipeline, StableDiffusionXLPipeline"):
+        load_backbone(family_cfg(other))
+
+
+def test_hashing_bfloat16_tensors_does_not_crash():
+    """Measured on an older main: `tensors_hash` called `.numpy()` on bfloat16 tensors."""
+    w = torch.linspace(-1, 1, 6)
+    assert fingerprint.tensors_hash({"w": w.bfloat16()}) != fingerprint.tensors_hash({"w": w.half()})
+    assert fingerprint.tensors_hash({"w": w.bfloat16()}) == fingerprint.tensors_hash({"w": w.bfloat16().clone()})
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_labels_import_train_generate_inspect_on_ray(folder, tmp_path, ray_cluster, capsys):
+    """The README's diffusion walk, unchanged but for `backbone.weights`, on the session's cluster."""
+    import os
+
+    from factory.cli import main
+    from factory.dataset.read import iter_samples, open_dataset
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "diffusion.yaml")
+    args = [config, f"workdir={tmp_path}", f"backbone.weights={folder}", f"labels.dir={tmp_path}/labeled",
+            "backbone.diffusion.steps=2", "train.steps=6", "train.checkpoint_every=3", "train.val_images=2",
+            "train.num_workers=1", "decoder.num_heads=2", "generate.num_samples=6", "generate.shard_size=3",
+            "generate.batch_size=3", "generate.calibration_samples=3", "generate.cpus_per_actor=0.5",
+            "generate.formats=[parquet,webdataset]"]
+    assert main(["toyworld", str(tmp_path / "labeled"), "--num-images", "8"]) == 0
+    assert main(["labels", "import", *args]) == 0
+    assert main(["train", *args]) == 0
+    assert main(["generate", *args]) == 0
+    url, manifest = open_dataset(f"{tmp_path}/dataset")
+    assert manifest["complete"] and manifest["num_generated"] == 6
+    for fmt in ("parquet", "webdataset"):
+        samples = list(iter_samples(url, fmt=fmt))
+        assert len(samples) == manifest["num_samples"] >= 1
+        assert all(s["image"].shape == (64, 64, 3) and s["mask"].shape == (64, 64) for s in samples)
+    capsys.readouterr()
+    assert main(["inspect", f"{tmp_path}/dataset"]) == 0
+    assert str(manifest["num_samples"]) in capsys.readouterr().out
