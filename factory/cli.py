@@ -192,6 +192,7 @@ def _exit_code(e: Exception) -> int | None:
     from factory.config import ConfigError
     from factory.data.annotations import AnnotationError
     from factory.data.image_folder import ImageFolderError
+    from factory.lease import LeaseError
     from factory.recipes.generate import GenerateError
     from factory.recipes.ray_train import TrainError
     from factory.storage import StorageError
@@ -199,7 +200,7 @@ def _exit_code(e: Exception) -> int | None:
     if isinstance(e, (ConfigError, AnnotationError, ImageFolderError, FileNotFoundError, FileExistsError,
                       StorageError)):
         return 2
-    if isinstance(e, (TrainError, GenerateError)):
+    if isinstance(e, (TrainError, GenerateError, LeaseError)):  # LeaseError: another build holds the output
         return 1
     if isinstance(e, ValueError):
         return 2

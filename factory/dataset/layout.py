@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from factory import storage
+from factory.lease import LEASE_FILE
 
 STATS_DIR = "_stats"
 STAGING_DIR = "_staging"
@@ -31,8 +32,9 @@ MANIFEST = "manifest.json"
 BUILD_RECORD = "build.json"
 CALIBRATION = "calibration.json"
 FORMAT = "factory.dataset/1"
-PRE_BUILD_FILES = {"prompts.jsonl", "prompts.request.json"}
-"""Files `factory prompts expand` may write into an output before its build starts."""
+PRE_BUILD_FILES = {"prompts.jsonl", "prompts.request.json", LEASE_FILE}
+"""Files `factory prompts expand` may write into an output before its build starts, and the build's
+own lease (`factory/lease.py`), taken before the output is claimed."""
 FORMATS = ("parquet", "webdataset")
 """Output formats, each written to the folder of its name."""
 
@@ -177,16 +179,23 @@ def prepare_output(output: str, build_hash: str, resolved_config: dict, overwrit
                 f"{previous.get('build_hash', '?')[:12]}, this config {build_hash[:12]}); "
                 "choose another generate.output or pass generate.overwrite=true"
             )
-        storage.remove_tree(output)
+        _clear(output)
     elif storage.exists(output) and set(storage.listdir(output)) - PRE_BUILD_FILES:
         if not overwrite:
             raise FileExistsError(
                 f"{output} exists and is not a factory dataset; choose another generate.output "
                 "or pass generate.overwrite=true"
             )
-        storage.remove_tree(output)
+        _clear(output)
     storage.makedirs(output)
     storage.write_json(url, {"format": FORMAT, "build_hash": build_hash, "config": resolved_config})
+
+
+def _clear(output: str) -> None:
+    """Remove everything under `output` but the lease this build holds on it."""
+    for name in storage.listdir(output):
+        if name != LEASE_FILE:
+            storage.remove_tree(storage.join(output, name))
 
 
 def write_manifest(output: str, manifest: dict) -> None:
