@@ -165,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--preview", default=None, help="where to write the preview PNG (default DATASET/preview.png)")
     i.add_argument("--samples", type=int, default=2000, help="samples read for label statistics (default 2000)")
+    i.add_argument("--no-verify", action="store_true",
+                   help="check file sizes only, not every file's sha256 against its completion record")
     i.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// datasets (storage.endpoint_url)")
     i.add_argument("--region", default=None, help="S3 region (storage.region)")
     i.add_argument("--anonymous", action="store_true", help="read a public bucket without credentials")
@@ -298,8 +300,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
     dataset = versions.resolve(args.dataset)  # ROOT@latest -> the version LATEST names
-    summary = inspect.summarize(dataset, stat_samples=args.samples)
-    if not summary.get("in_progress"):
+    summary = inspect.summarize(dataset, stat_samples=args.samples, checksums=not args.no_verify)
+    if not summary.get("in_progress") and not summary.get("broken_files"):
         summary["preview"] = inspect.preview(dataset, args.preview or storage.join(dataset, "preview.png"))
     if args.json:
         print(json.dumps(summary, indent=2))

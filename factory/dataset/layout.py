@@ -162,6 +162,38 @@ def remove_temporaries(output: str) -> list[str]:
     return removed
 
 
+def verify_files(output: str, record: dict, checksums: bool = True) -> list[str]:
+    """What is wrong with the files a completion record lists (each problem names its file): missing,
+    a size other than recorded, or (`checksums`) other bytes than recorded. Empty when all match."""
+    problems = []
+    for file in record.get("files", []):
+        url = storage.join(output, file["path"])
+        if not storage.exists(url):
+            problems.append(f"{file['path']} is missing")
+            continue
+        if checksums:
+            size, sha = storage.digest(url)
+        else:
+            fs, path = storage.filesystem(url)
+            size, sha = fs.size(path), file["sha256"]
+        if size != file["bytes"]:
+            problems.append(f"{file['path']} has {size} bytes, its record says {file['bytes']} (truncated or replaced)")
+        elif sha != file["sha256"]:
+            problems.append(f"{file['path']} does not match its recorded sha256 (corrupted)")
+    return problems
+
+
+def drop_broken(output: str, records: dict[str, dict]) -> dict[str, list[str]]:
+    """Verify every completed shard's files; a shard whose files do not match loses its completion
+    record (and the dataset its manifest), so the build makes it again. Returns the problems by shard."""
+    broken = {name: problems for name, record in records.items() if (problems := verify_files(output, record))}
+    if broken:
+        storage.remove_tree(storage.join(output, MANIFEST))  # manifest first: it claims the shard is fine
+        for name in broken:
+            storage.remove_tree(storage.join(output, STATS_DIR, f"{name}.json"))
+    return broken
+
+
 def write_completion(output: str, shard: ShardSpec, record: dict) -> None:
     storage.write_json(completion_url(output, shard), record)
 

@@ -267,6 +267,9 @@ def _build(cfg: FactoryConfig, builder: type | None, meta: dict, config_hash: st
     for path in layout.remove_temporaries(g.output):
         log.info("removed %s, left by an interrupted build", path)
     records = layout.read_completions(g.output)
+    for name, problems in layout.drop_broken(g.output, records).items():  # never trust a record blindly
+        log.warning("%s is rebuilt: %s", name, "; ".join(problems))
+        del records[name]
     todo = [s for s in plan if s.name not in records]
     log.info("%d shards planned, %d to build, output %s", len(plan), len(todo), g.output)
     if not todo and storage.exists(storage.join(g.output, layout.MANIFEST)):
