@@ -263,7 +263,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "prompts":
         from factory.data import prompts
 
+        from factory.backbones.diffusion import check_prompt_lengths
+
         rows, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, cfg.generate.output)
+        check_prompt_lengths(cfg.backbone.weights, [r.text for r in rows], prompts.describe_source(cfg.prompts))
         prompts.store(rows, fresh, cfg.prompts, cfg.labels.classes, cfg.generate.output)
         print(f"{len(rows)} prompts in {storage.join(cfg.generate.output, prompts.PROMPTS_FILE)}, e.g. {rows[0].text!r}")
     elif args.verb == "train":
@@ -301,7 +304,7 @@ def _inspect(args: argparse.Namespace) -> int:
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
     dataset = versions.resolve(args.dataset)  # ROOT@latest -> the version LATEST names
     summary = inspect.summarize(dataset, stat_samples=args.samples, checksums=not args.no_verify)
-    if not summary.get("in_progress") and not summary.get("broken_files"):
+    if not summary.get("in_progress") and not summary.get("broken_files") and not summary.get("missing_files"):
         summary["preview"] = inspect.preview(dataset, args.preview or storage.join(dataset, "preview.png"))
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -162,11 +162,19 @@ def remove_temporaries(output: str) -> list[str]:
     return removed
 
 
+def escapes(path: str) -> bool:
+    """Whether a file path read from a record or manifest leaves the dataset folder (absolute, `..`)."""
+    return not path or path.startswith("/") or "\\" in path or ":" in path or ".." in path.split("/")
+
+
 def verify_files(output: str, record: dict, checksums: bool = True) -> list[str]:
     """What is wrong with the files a completion record lists (each problem names its file): missing,
     a size other than recorded, or (`checksums`) other bytes than recorded. Empty when all match."""
     problems = []
     for file in record.get("files", []):
+        if escapes(file["path"]):
+            problems.append(f"{file['path']} escapes the dataset folder")
+            continue
         url = storage.join(output, file["path"])
         if not storage.exists(url):
             problems.append(f"{file['path']} is missing")
@@ -241,6 +249,10 @@ def read_manifest(output: str) -> dict:
     manifest = storage.read_json(url)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{url}: unknown dataset format {manifest.get('format')!r}, expected {FORMAT}")
+    for record in manifest.get("shards", []):
+        for file in record.get("files", []):
+            if escapes(file.get("path", "")):
+                raise ValueError(f"{url}: file path {file.get('path')!r} escapes the dataset folder")
     return manifest
 
 

@@ -29,6 +29,7 @@ import torch
 from factory import __version__, lease, storage
 from factory import config as config_lib
 from factory.backbones import backbone_identity, load_backbone
+from factory.backbones.diffusion import check_prompt_lengths
 from factory.config import FactoryConfig
 from factory.data import prompts
 from factory.dataset import layout
@@ -244,6 +245,7 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
     build_prompts, fresh = None, False
     if cfg.backbone.kind == "diffusion":  # resolved once, stored with the dataset, read by the actors
         build_prompts, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, g.output)
+        check_prompt_lengths(cfg.backbone.weights, [p.text for p in build_prompts], prompts.describe_source(cfg.prompts))
         log.info("%d prompts, e.g. %r", len(build_prompts), build_prompts[0].text)
     dataset_hash = build_hash(cfg, config_hash, prompts.sha256(build_prompts) if build_prompts else None)
     with lease.acquire(g.output, g.lease_seconds) as held:  # one build per output; others are refused

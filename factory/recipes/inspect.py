@@ -43,7 +43,7 @@ def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) ->
     broken = [p for p in problems if not p.endswith(" is missing")]
     scores = np.concatenate(
         [t.column("uncertainty").to_numpy() for t in read.shard_tables(dataset, ["uncertainty"])] or [np.zeros(0)]
-    ) if not broken else np.zeros(0)
+    ) if not problems else np.zeros(0)
     counts, edges = np.histogram(scores, bins=10) if scores.size else (np.zeros(10, int), np.zeros(11))
     summary = {
         "dataset": dataset,
@@ -68,7 +68,7 @@ def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) ->
         },
     }
     summary["complete"] = summary["complete"] and not problems
-    if broken:
+    if problems:  # no samples are read from a dataset whose files do not match its records
         return summary
     if manifest["task"] == "segmentation":
         pixels = np.zeros(len(labels), dtype=np.int64)
@@ -177,7 +177,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"MISSING   {path}")
     for problem in s.get("broken_files", []):
         lines.append(f"BROKEN    {problem}; re-run `factory generate` with the same config to rebuild its shard")
-    if s.get("broken_files"):
+    if s.get("broken_files") or s["missing_files"]:
         return "\n".join(lines)
     if "class_pixel_frequency" in s:
         lines.append("classes   " + ", ".join(f"{k} {v:.1%}" for k, v in s["class_pixel_frequency"].items()))
