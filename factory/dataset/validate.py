@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from factory import storage
 from factory.dataset import layout, read
 
 
