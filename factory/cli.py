@@ -165,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--preview", default=None, help="where to write the preview PNG (default DATASET/preview.png)")
     i.add_argument("--samples", type=int, default=2000, help="samples read for label statistics (default 2000)")
+    i.add_argument("--no-verify", action="store_true",
+                   help="check file sizes only, not every file's sha256 against its completion record")
     i.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// datasets (storage.endpoint_url)")
     i.add_argument("--region", default=None, help="S3 region (storage.region)")
     i.add_argument("--anonymous", action="store_true", help="read a public bucket without credentials")
@@ -192,6 +194,7 @@ def _exit_code(e: Exception) -> int | None:
     from factory.config import ConfigError
     from factory.data.annotations import AnnotationError
     from factory.data.image_folder import ImageFolderError
+    from factory.lease import LeaseError
     from factory.recipes.generate import GenerateError
     from factory.recipes.ray_train import TrainError
     from factory.storage import StorageError
@@ -199,7 +202,7 @@ def _exit_code(e: Exception) -> int | None:
     if isinstance(e, (ConfigError, AnnotationError, ImageFolderError, FileNotFoundError, FileExistsError,
                       StorageError)):
         return 2
-    if isinstance(e, (TrainError, GenerateError)):
+    if isinstance(e, (TrainError, GenerateError, LeaseError)):  # LeaseError: another build holds the output
         return 1
     if isinstance(e, ValueError):
         return 2
@@ -260,7 +263,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "prompts":
         from factory.data import prompts
 
+        from factory.backbones.diffusion import check_prompt_lengths
+
         rows, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, cfg.generate.output)
+        check_prompt_lengths(cfg.backbone.weights, [r.text for r in rows], prompts.describe_source(cfg.prompts))
         prompts.store(rows, fresh, cfg.prompts, cfg.labels.classes, cfg.generate.output)
         print(f"{len(rows)} prompts in {storage.join(cfg.generate.output, prompts.PROMPTS_FILE)}, e.g. {rows[0].text!r}")
     elif args.verb == "train":
@@ -297,8 +303,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
     dataset = versions.resolve(args.dataset)  # ROOT@latest -> the version LATEST names
-    summary = inspect.summarize(dataset, stat_samples=args.samples)
-    if not summary.get("in_progress"):
+    summary = inspect.summarize(dataset, stat_samples=args.samples, checksums=not args.no_verify)
+    if not summary.get("in_progress") and not summary.get("broken_files") and not summary.get("missing_files"):
         summary["preview"] = inspect.preview(dataset, args.preview or storage.join(dataset, "preview.png"))
     if args.json:
         print(json.dumps(summary, indent=2))

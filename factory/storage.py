@@ -143,8 +143,10 @@ def _require_bucket(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
     bucket = path.split("/", 1)[0]
     if (_settings.endpoint_url, bucket) in _known_buckets:
         return
-    if not fs.exists(bucket):
-        raise StorageError(f"bucket {bucket!r} does not exist (for {url}); create it or fix the URL")
+    try:  # not fs.exists, which answers False for an endpoint it cannot reach
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise StorageError(f"bucket {bucket!r} does not exist (for {url}); create it or fix the URL") from None
     _known_buckets.add((_settings.endpoint_url, bucket))
 
 
@@ -175,6 +177,21 @@ def read_bytes(url: str) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} does not exist") from None
+
+
+@_errors
+def digest(url: str) -> tuple[int, str]:
+    """(size in bytes, sha256) of the file at `url`, streamed in 8 MiB chunks."""
+    fs, path = filesystem(url)
+    h, size = hashlib.sha256(), 0
+    try:
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+    return size, h.hexdigest()
 
 
 def read_json(url: str) -> dict:

@@ -88,6 +88,35 @@ def test_rerun_is_a_noop_and_resume_rebuilds_identically(built):
     assert not [p for p in (work / "dataset" / "webdataset").iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_a_corrupted_finished_shard_is_caught_and_rebuilt(built, tmp_path, capsys):
+    """A shard file truncated or altered after its completion record: inspect and validation name it;
+    a re-run does not trust the record, rebuilds that shard to the same bytes and re-publishes the
+    manifest only when all match."""
+    import shutil
+
+    from factory.dataset.validate import ValidationError, validate
+
+    work, args = built
+    copy = tmp_path / "copy"
+    shutil.copytree(work / "dataset", copy)
+    parquet, tar = copy / "parquet" / "shard-00000.parquet", copy / "webdataset" / "shard-00002.tar"
+    good = parquet.read_bytes(), tar.read_bytes()
+    parquet.write_bytes(good[0][: len(good[0]) // 2])  # truncated
+    flipped = bytearray(good[1])
+    flipped[700] ^= 0xFF  # one byte inside a member: same size, other bytes
+    tar.write_bytes(bytes(flipped))
+    assert main(["inspect", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN    parquet/shard-00000.parquet has" in out and "BROKEN    webdataset/shard-00002.tar does not match" in out
+    with pytest.raises(ValidationError, match="shard-00000.parquet has .* bytes.*shard-00002.tar does not match"):
+        validate(str(copy))
+    assert main(["generate", *args, f"generate.output={copy}"]) == 0
+    assert (parquet.read_bytes(), tar.read_bytes()) == good
+    capsys.readouterr()
+    assert main(["inspect", str(copy), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["complete"]
+
+
 def test_train_rerun_resumes_from_its_checkpoint(built):
     from factory.config import load_config
     from factory.fingerprint import safetensors_fingerprint

@@ -270,3 +270,23 @@ class DiffusionBackbone:
         for level in self.noise_levels:
             family.denoise_noised(pipe, latents, noise, level, cond)
         return self.tap.finish()
+
+
+def check_prompt_lengths(weights: str | None, texts: list[str], source: str) -> None:
+    """Refuse prompts longer than the pipeline's text encoder takes (CLIP would cut them silently),
+    naming the first few by their row in `source`. Only the tokenizer is loaded."""
+    from transformers import CLIPTokenizer
+
+    if weights is None:  # the tiny built-in pipeline: CLIP's 77-token context
+        from factory.backbones.tiny_diffusion import build_tiny_pipeline
+
+        tokenizer = build_tiny_pipeline(0).tokenizer
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(pipeline_folder(weights), "tokenizer"))
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    long = [(i, n) for i, n in enumerate(lengths) if n > limit]
+    if long:
+        shown = ", ".join(f"prompt {i + 1} ({n} tokens)" for i, n in long[:5])
+        raise ValueError(f"{source}: {len(long)} prompts longer than the text encoder's {limit} tokens: {shown}; "
+                            "shorten them")

@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from factory.config.checks import ConfigError
@@ -101,7 +101,13 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: a config file is a mapping of sections (key: value), "
+                                  f"this one holds a {type(loaded).__name__}")
+            merged = OmegaConf.merge(merged, loaded)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"{path}: {_describe(e)}") from None
     bad = [o for o in overrides if "=" not in o]

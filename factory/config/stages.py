@@ -127,6 +127,10 @@ class GenerateConfig:
     with its shard resubmitted, before the shard is reported failed."""
     overwrite: bool = False
     """Replace a dataset that was built from a different config instead of refusing."""
+    lease_seconds: float = 60.0
+    """Life of the build's lease on its output (`<output>/_lease.json`, renewed every third of it): a
+    second build into the same output is refused while it lives; a crashed build's lease is taken over
+    once it expires (at once when the crashed driver ran on the same host)."""
     image_format: str = "png"
     """Codec of the generated images: "png" (lossless), or "webp"/"jpeg" where a lossy image is
     acceptable (`image_quality`). Masks, depth and instance maps are always PNG."""
@@ -146,7 +150,7 @@ class GenerateConfig:
         at_least("generate", self, 1, ("num_samples", "shard_size", "batch_size", "num_actors", "calibration_samples"))
         at_least("generate", self, 0, ("start_seed", "max_retries", "gpus_per_actor"))
         within("generate.drop_uncertain", self.drop_uncertain, 0, 1, open_high=True)
-        positive("generate", self, ("cpus_per_actor",))
+        positive("generate", self, ("cpus_per_actor", "lease_seconds"))
         distinct_subset("generate.formats", list(self.formats), ("parquet", "webdataset"))
         one_of("generate.image_format", self.image_format, ("png", "webp", "jpeg"))
         within("generate.image_quality", self.image_quality, 1, 100)

@@ -32,8 +32,8 @@ class AnnotationError(ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} annotation problem(s):\n{lines}")
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        super().__init__(f"{len(problems)} annotation problem(s): {shown}")
 
 
 @dataclass
@@ -201,7 +201,7 @@ def _read_masks(
             with Image.open(os.path.join(mask_dir, name)) as im:
                 mode, (w, h) = im.mode, im.size
                 mask = np.array(im)
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             problems.append(f"{rel}: not a readable image ({e})")
             continue
         if mode not in ("L", "P", "I", "I;16"):
@@ -233,6 +233,19 @@ def open_coco(path: str, problems: list[str]):
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         problems.append(f"{os.path.basename(path)}: not a COCO annotation file ({type(e).__name__}: {e})")
         return None
+    name = os.path.basename(path)
+    for img in coco.loadImgs(coco.getImgIds()):
+        file = str(img.get("file_name", ""))
+        if os.path.isabs(file) or "\\" in file or ".." in file.split("/"):
+            problems.append(f"{name}: image file_name {file!r} escapes the folder (absolute or '..')")
+    for ann in coco.dataset.get("annotations", []):
+        img = coco.imgs.get(ann.get("image_id"), {})
+        w, h, seg = img.get("width"), img.get("height"), ann.get("segmentation")
+        if w and h and isinstance(seg, list):
+            points = [np.asarray(poly, dtype=float).reshape(-1, 2) for poly in seg if len(poly) >= 6]
+            if any(((p < 0) | (p > (w, h))).any() for p in points):
+                problems.append(f"{name}: annotation {ann.get('id')} of image {img.get('file_name')!r} has a polygon "
+                                f"outside its {w}x{h} image")
     return coco
 
 

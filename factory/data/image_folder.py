@@ -56,7 +56,7 @@ def load_image_folder(directory: str, resolution: int) -> ImageFolder:
         try:
             with Image.open(os.path.join(image_dir, name)) as im:
                 images.append(np.array(square(im.convert("RGB"), resolution, Image.Resampling.BICUBIC)))
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             problems.append(f"{os.path.relpath(os.path.join(image_dir, name), directory)}: not a readable image ({e})")
     prompts = read_prompts(directory, names, None, problems)
     if problems:

@@ -76,6 +76,14 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
     if not names:
         raise AnnotationError([f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})"])
     stems = {os.path.splitext(n)[0]: n for n in names}
+    for stem in sorted(stems):
+        same = [n for n in names if os.path.splitext(n)[0] == stem]
+        if len(same) > 1:
+            problems.append(f"{IMAGES_DIR}/: {', '.join(same)} share the name {stem!r}; keep one")
+    for name in names:
+        if os.path.islink(os.path.join(image_dir, name)):
+            problems.append(f"{IMAGES_DIR}/{name}: a symbolic link; a labeled folder holds its files, not links out of it")
+    names = [n for n in names if not os.path.islink(os.path.join(image_dir, n))]
     prompts = read_prompts(directory, names, classes, problems)
     wanted_keypoints = keypoint_names if "keypoints" in tasks else None  # others' keypoints are not our business
     coco = _read_coco(directory, names, classes, wanted_keypoints, problems) if os.path.isfile(
@@ -89,7 +97,7 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
             with Image.open(os.path.join(image_dir, name)) as im:
                 size = im.size
                 rgb = np.array(square(im.convert("RGB"), resolution, Image.Resampling.BICUBIC))
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # a bomb: refused before decoding
             problems.append(f"{rel}: not a readable image ({e})")
             continue
         images.append(rgb)
@@ -167,6 +175,9 @@ def _read_png(directory: str, sub: str, stem: str, size: tuple[int, int], proble
               what: str, required: bool = False) -> np.ndarray | None:
     path = os.path.join(directory, sub, f"{stem}.png")
     rel = f"{sub}/{stem}.png"
+    if os.path.islink(path):
+        problems.append(f"{rel}: a symbolic link; a labeled folder holds its files, not links out of it")
+        return None
     if not os.path.isfile(path):
         if required:
             problems.append(f"{IMAGES_DIR}/{stem}: no {rel}")
@@ -175,7 +186,7 @@ def _read_png(directory: str, sub: str, stem: str, size: tuple[int, int], proble
         with Image.open(path) as im:
             mode, got = im.mode, im.size
             data = np.array(im)
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         problems.append(f"{rel}: not a readable image ({e})")
         return None
     if mode not in modes:

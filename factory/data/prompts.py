@@ -88,8 +88,22 @@ def _check(rows: list[tuple[str, object, object]], source: str, known: list[str]
     return prompts
 
 
+def describe_source(cfg: PromptsConfig) -> str:
+    """Where the build's prompts come from, for messages (rows are numbered in it)."""
+    return cfg.source or (f"prompts from {cfg.endpoint}" if cfg.endpoint else f"prompts.template {cfg.template!r}")
+
+
+def _text(url: str) -> str:
+    data = storage.read_bytes(url)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptError(f"{url}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
 def from_text(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
-    lines = storage.read_bytes(url).decode("utf-8").splitlines()
+    lines = _text(url).splitlines()
     rows = [(f"{url}:{n}", line, None) for n, line in enumerate(lines, 1)
             if line.strip() and not line.lstrip().startswith("#")]
     return _check(rows, url, known_classes)
@@ -97,7 +111,7 @@ def from_text(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
 
 def from_jsonl(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
     rows, problems = [], []
-    for n, line in enumerate(storage.read_bytes(url).decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(_text(url).splitlines(), 1):
         if not line.strip():
             continue
         try:

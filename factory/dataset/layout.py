@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from factory import storage
+from factory.lease import LEASE_FILE
 
 STATS_DIR = "_stats"
 STAGING_DIR = "_staging"
@@ -31,8 +32,9 @@ MANIFEST = "manifest.json"
 BUILD_RECORD = "build.json"
 CALIBRATION = "calibration.json"
 FORMAT = "factory.dataset/1"
-PRE_BUILD_FILES = {"prompts.jsonl", "prompts.request.json"}
-"""Files `factory prompts expand` may write into an output before its build starts."""
+PRE_BUILD_FILES = {"prompts.jsonl", "prompts.request.json", LEASE_FILE}
+"""Files `factory prompts expand` may write into an output before its build starts, and the build's
+own lease (`factory/lease.py`), taken before the output is claimed."""
 FORMATS = ("parquet", "webdataset")
 """Output formats, each written to the folder of its name."""
 
@@ -160,6 +162,46 @@ def remove_temporaries(output: str) -> list[str]:
     return removed
 
 
+def escapes(path: str) -> bool:
+    """Whether a file path read from a record or manifest leaves the dataset folder (absolute, `..`)."""
+    return not path or path.startswith("/") or "\\" in path or ":" in path or ".." in path.split("/")
+
+
+def verify_files(output: str, record: dict, checksums: bool = True) -> list[str]:
+    """What is wrong with the files a completion record lists (each problem names its file): missing,
+    a size other than recorded, or (`checksums`) other bytes than recorded. Empty when all match."""
+    problems = []
+    for file in record.get("files", []):
+        if escapes(file["path"]):
+            problems.append(f"{file['path']} escapes the dataset folder")
+            continue
+        url = storage.join(output, file["path"])
+        if not storage.exists(url):
+            problems.append(f"{file['path']} is missing")
+            continue
+        if checksums:
+            size, sha = storage.digest(url)
+        else:
+            fs, path = storage.filesystem(url)
+            size, sha = fs.size(path), file["sha256"]
+        if size != file["bytes"]:
+            problems.append(f"{file['path']} has {size} bytes, its record says {file['bytes']} (truncated or replaced)")
+        elif sha != file["sha256"]:
+            problems.append(f"{file['path']} does not match its recorded sha256 (corrupted)")
+    return problems
+
+
+def drop_broken(output: str, records: dict[str, dict]) -> dict[str, list[str]]:
+    """Verify every completed shard's files; a shard whose files do not match loses its completion
+    record (and the dataset its manifest), so the build makes it again. Returns the problems by shard."""
+    broken = {name: problems for name, record in records.items() if (problems := verify_files(output, record))}
+    if broken:
+        storage.remove_tree(storage.join(output, MANIFEST))  # manifest first: it claims the shard is fine
+        for name in broken:
+            storage.remove_tree(storage.join(output, STATS_DIR, f"{name}.json"))
+    return broken
+
+
 def write_completion(output: str, shard: ShardSpec, record: dict) -> None:
     storage.write_json(completion_url(output, shard), record)
 
@@ -177,16 +219,23 @@ def prepare_output(output: str, build_hash: str, resolved_config: dict, overwrit
                 f"{previous.get('build_hash', '?')[:12]}, this config {build_hash[:12]}); "
                 "choose another generate.output or pass generate.overwrite=true"
             )
-        storage.remove_tree(output)
+        _clear(output)
     elif storage.exists(output) and set(storage.listdir(output)) - PRE_BUILD_FILES:
         if not overwrite:
             raise FileExistsError(
                 f"{output} exists and is not a factory dataset; choose another generate.output "
                 "or pass generate.overwrite=true"
             )
-        storage.remove_tree(output)
+        _clear(output)
     storage.makedirs(output)
     storage.write_json(url, {"format": FORMAT, "build_hash": build_hash, "config": resolved_config})
+
+
+def _clear(output: str) -> None:
+    """Remove everything under `output` but the lease this build holds on it."""
+    for name in storage.listdir(output):
+        if name != LEASE_FILE:
+            storage.remove_tree(storage.join(output, name))
 
 
 def write_manifest(output: str, manifest: dict) -> None:
@@ -200,6 +249,10 @@ def read_manifest(output: str) -> dict:
     manifest = storage.read_json(url)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{url}: unknown dataset format {manifest.get('format')!r}, expected {FORMAT}")
+    for record in manifest.get("shards", []):
+        for file in record.get("files", []):
+            if escapes(file.get("path", "")):
+                raise ValueError(f"{url}: file path {file.get('path')!r} escapes the dataset folder")
     return manifest
 
 

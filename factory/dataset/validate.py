@@ -3,11 +3,8 @@ names it): counts, completeness, checksums and label sanity."""
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from factory import storage
 from factory.dataset import layout, read
 
 
@@ -34,16 +31,8 @@ def validate(dataset: str, min_samples: int = 1, verify_checksums: bool = True, 
         problems.append(f"{manifest['num_samples']} samples kept, fewer than the required {min_samples}")
     checked_files = 0
     for record in manifest["shards"]:
-        for file in record["files"]:
-            url = storage.join(dataset, file["path"])
-            if not storage.exists(url):
-                problems.append(f"{file['path']} is missing")
-                continue
-            if verify_checksums:
-                data = storage.read_bytes(url)
-                if len(data) != file["bytes"] or hashlib.sha256(data).hexdigest() != file["sha256"]:
-                    problems.append(f"{file['path']} does not match its recorded size/sha256")
-            checked_files += 1
+        problems += layout.verify_files(dataset, record, checksums=verify_checksums)
+        checked_files += len(record["files"])
     labels = manifest["labels"]
     foreground = 0
     checked_samples = 0

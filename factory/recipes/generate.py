@@ -26,9 +26,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from factory import __version__, storage
+from factory import __version__, lease, storage
 from factory import config as config_lib
 from factory.backbones import backbone_identity, load_backbone
+from factory.backbones.diffusion import check_prompt_lengths
 from factory.config import FactoryConfig
 from factory.data import prompts
 from factory.dataset import layout
@@ -229,8 +230,6 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
 
     `builder` is the Ray Data actor class that builds shards (default `ShardBuilder`); wrappers of
     it can instrument or fault-inject a build."""
-    import ray
-
     g = cfg.generate
     storage.configure(cfg.storage)
 
@@ -252,8 +251,19 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
     build_prompts, fresh = None, False
     if cfg.backbone.kind == "diffusion":  # resolved once, stored with the dataset, read by the actors
         build_prompts, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, g.output)
+        check_prompt_lengths(cfg.backbone.weights, [p.text for p in build_prompts], prompts.describe_source(cfg.prompts))
         log.info("%d prompts, e.g. %r", len(build_prompts), build_prompts[0].text)
     dataset_hash = build_hash(cfg, config_hash, prompts.sha256(build_prompts) if build_prompts else None)
+    with lease.acquire(g.output, g.lease_seconds) as held:  # one build per output; others are refused
+        return _build(cfg, builder, meta, config_hash, dataset_hash, build_prompts, fresh, held)
+
+
+def _build(cfg: FactoryConfig, builder: type | None, meta: dict, config_hash: str, dataset_hash: str,
+           build_prompts: list | None, fresh: bool, held: lease.Lease) -> dict:
+    """Steps 2-5 of `generate`, under the output's lease."""
+    import ray
+
+    g = cfg.generate
 
     # 2. Claim the output, store the prompts, plan shards, skip those already complete, clear an
     #    interrupted run's debris.
@@ -265,6 +275,9 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
     for path in layout.remove_temporaries(g.output):
         log.info("removed %s, left by an interrupted build", path)
     records = layout.read_completions(g.output)
+    for name, problems in layout.drop_broken(g.output, records).items():  # never trust a record blindly
+        log.warning("%s is rebuilt: %s", name, "; ".join(problems))
+        del records[name]
     todo = [s for s in plan if s.name not in records]
     log.info("%d shards planned, %d to build, output %s", len(plan), len(todo), g.output)
     if not todo and storage.exists(storage.join(g.output, layout.MANIFEST)):
@@ -331,6 +344,7 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
         labels=json.loads(meta["labels"]), formats=list(g.formats), image_format=g.image_format,
         calibration=calibration, config=resolved,
     )
+    held.check()  # a build that lost its lease publishes no manifest
     layout.write_manifest(g.output, manifest)
     if not manifest["complete"]:
         names = ", ".join(f"{f['name']} ({f['error']})" for f in manifest["failed"][:5])

@@ -27,18 +27,23 @@ def palette(n: int) -> np.ndarray:
     return colors
 
 
-def summarize(dataset: str, stat_samples: int = 2000) -> dict:
-    """Manifest summary, failed and missing shards, uncertainty histogram (all samples), label
-    statistics (pixel frequencies per class, or keypoint scores) over the first `stat_samples`
-    samples. A build with no manifest yet (running or interrupted) gets a progress summary."""
+def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) -> dict:
+    """Manifest summary, failed shards, files missing or not matching their records (sizes, and sha256
+    with `checksums`), uncertainty histogram (all samples), label statistics (pixel frequencies per
+    class, or keypoint scores) over the first `stat_samples` samples; no samples are read from a
+    dataset with broken files. A build with no manifest yet (running or interrupted) gets a progress
+    summary."""
     if not storage.exists(storage.join(dataset, layout.MANIFEST)) and storage.exists(
             storage.join(dataset, layout.BUILD_RECORD)):
         return progress(dataset)
     manifest = layout.read_manifest(dataset)
     labels = manifest["labels"]
+    problems = [p for record in manifest["shards"] for p in layout.verify_files(dataset, record, checksums)]
+    missing = [p.removesuffix(" is missing") for p in problems if p.endswith(" is missing")]
+    broken = [p for p in problems if not p.endswith(" is missing")]
     scores = np.concatenate(
         [t.column("uncertainty").to_numpy() for t in read.shard_tables(dataset, ["uncertainty"])] or [np.zeros(0)]
-    )
+    ) if not problems else np.zeros(0)
     counts, edges = np.histogram(scores, bins=10) if scores.size else (np.zeros(10, int), np.zeros(11))
     summary = {
         "dataset": dataset,
@@ -51,7 +56,8 @@ def summarize(dataset: str, stat_samples: int = 2000) -> dict:
         "num_shards": manifest["num_shards"],
         "complete": manifest["complete"],
         "failed_shards": manifest["failed"],
-        "missing_files": missing_files(dataset, manifest),
+        "missing_files": missing,
+        "broken_files": broken,
         "bytes": sum(s["bytes"] for s in manifest["shards"]),
         "config_hash": manifest["config_hash"],
         "package_version": manifest["package_version"],
@@ -61,7 +67,9 @@ def summarize(dataset: str, stat_samples: int = 2000) -> dict:
             "histogram": {"counts": counts.tolist(), "edges": [round(float(e), 6) for e in edges]},
         },
     }
-    summary["complete"] = summary["complete"] and not summary["missing_files"]
+    summary["complete"] = summary["complete"] and not problems
+    if problems:  # no samples are read from a dataset whose files do not match its records
+        return summary
     if manifest["task"] == "segmentation":
         pixels = np.zeros(len(labels), dtype=np.int64)
         for sample in read.iter_samples(dataset, limit=stat_samples):
@@ -75,21 +83,6 @@ def summarize(dataset: str, stat_samples: int = 2000) -> dict:
                 scores_by_kp[kp["name"]].append(kp["score"])
         summary["keypoint_mean_score"] = {k: float(np.mean(v)) if v else None for k, v in scores_by_kp.items()}
     return summary
-
-
-def missing_files(dataset: str, manifest: dict) -> list[str]:
-    """Files the manifest lists that are not in storage (one listing per folder)."""
-    present: dict[str, set[str]] = {}
-    missing = []
-    for record in manifest["shards"]:
-        for file in record["files"]:
-            folder, name = file["path"].rsplit("/", 1)
-            if folder not in present:
-                url = storage.join(dataset, folder)
-                present[folder] = set(storage.listdir(url)) if storage.exists(url) else set()
-            if name not in present[folder]:
-                missing.append(file["path"])
-    return missing
 
 
 def progress(dataset: str) -> dict:
@@ -182,6 +175,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"FAILED    {f['name']}: {f['error']}")
     for path in s["missing_files"]:
         lines.append(f"MISSING   {path}")
+    for problem in s.get("broken_files", []):
+        lines.append(f"BROKEN    {problem}; re-run `factory generate` with the same config to rebuild its shard")
+    if s.get("broken_files") or s["missing_files"]:
+        return "\n".join(lines)
     if "class_pixel_frequency" in s:
         lines.append("classes   " + ", ".join(f"{k} {v:.1%}" for k, v in s["class_pixel_frequency"].items()))
     if "keypoint_mean_score" in s:
