@@ -11,7 +11,7 @@ same seeds (`generate.start_seed` on):
    row building) on the first `--encode-samples` seeds, to split model time from encode time.
 2. full build: `factory.recipes.generate.generate(cfg)` (the calibration pass staging the first
    shards, Ray Data actor pools, encoding on threads beside the model, shard writers, upload) into a
-   loopback S3 server (moto's `ThreadedMotoServer`, running in this process) on a local Ray cluster
+   loopback S3 server (moto's server, in its own process) on a local Ray cluster
    started by `factory.runtime.init_ray` with 4 logical CPUs, once with 1 actor and once with 2
    (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the whole `generate()` call, the
    calibration pass included (it makes the first shards' samples, which the build then finishes
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import resource
@@ -46,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import asdict
 
 from machine import busy_cpu_seconds, git_revision, write_results  # noqa: E402  (benchmarks/machine.py)
@@ -214,11 +214,12 @@ def other_cpu(busy0, own0, busy1, own1) -> float | None:
 class ProcessSampler(threading.Thread):
     """Samples RSS and CPU time of this process and all its descendants (the local Ray cluster).
 
-    Groups: "driver" (this process: the benchmark, Ray Data's driver side and the S3 server),
+    Groups: "driver" (this process: the benchmark and Ray Data's driver side), "s3_server" (the
+    loopback S3 server's process, which holds every object written),
     "pool_actors" (processes titled `ray::MapWorker(...)`: the calibration and build pools' actors),
     "ray_other" (the rest: Ray's daemons, dashboard, helper actors and idle workers)."""
 
-    GROUPS = ("driver", "pool_actors", "ray_other")
+    GROUPS = ("driver", "s3_server", "pool_actors", "ray_other")
 
     def __init__(self, interval: float) -> None:
         super().__init__(daemon=True)
@@ -252,6 +253,8 @@ class ProcessSampler(threading.Thread):
                 continue
             if proc.pid == self.root.pid:
                 group = "driver"
+            elif "moto.server" in title:
+                group = "s3_server"
             else:
                 group = "pool_actors" if title.startswith("ray::MapWorker(") else "ray_other"
             totals[group] += rss
@@ -303,16 +306,40 @@ class ProcessSampler(threading.Thread):
             }
 
 
-def start_s3() -> tuple[object, str]:
-    import boto3
-    from moto.server import ThreadedMotoServer
+class S3Server:
+    """The loopback S3 server (moto) in its own process, so the driver's memory is the driver's alone
+    (the server holds every object it stores; in the driver it would look like driver growth)."""
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    return server, endpoint
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the moto S3 server did not start on {self.endpoint}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def start_s3() -> tuple[S3Server, str]:
+    import boto3
+
+    server = S3Server()
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    return server, server.endpoint
 
 
 def actor_threads() -> int:
@@ -421,7 +448,7 @@ def print_report(report: dict) -> None:
               f"{t['sum_encode_wait_s']:.1f} s, write {t['sum_write_s']:.1f} s, publish {t['sum_publish_s']:.1f} s, "
               f"finishing staged {t['sum_finish_staged_s']:.1f} s; model {100 * t['model_fraction']:.0f}% of shard "
               f"time; actors busy {100 * b['actor_busy_fraction']:.0f}% of the build; CPU-s: pool actors "
-              f"{cpu['pool_actors']:.1f}, driver+S3 {cpu['driver']:.1f}, rest of Ray {cpu['ray_other']:.1f}, other "
+              f"{cpu['pool_actors']:.1f}, driver {cpu['driver']:.1f}, S3 server {cpu['s3_server']:.1f}, rest of Ray {cpu['ray_other']:.1f}, other "
               f"processes {b['cpu_s_used_by_other_processes']}")
     m = report.get("memory_build")
     if m:
@@ -430,8 +457,8 @@ def print_report(report: dict) -> None:
                   f"driver {q['driver_peak_rss_bytes'] / MIB:.0f}, largest actor {q['largest_actor_peak_rss_bytes'] / MIB:.0f}"
                   for q in m["memory_and_cpu"]["by_quarter_of_the_run"]))
     print(f"bare loop: other processes used {bare['cpu_s_used_by_other_processes']} CPU-s while it ran")
-    print("peak RSS: bare = the bare subprocess's ru_maxrss; builds = sampled sum over the driver (+ S3 "
-          "server) and all Ray processes, shared pages counted per process; (actors) = the pools' actors")
+    print("peak RSS: bare = the bare subprocess's ru_maxrss; builds = sampled sum over the driver, the S3 "
+          "server and all Ray processes, shared pages counted per process; (actors) = the pools' actors")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -458,7 +485,6 @@ def main(argv: list[str] | None = None) -> None:
         bare = bare_in_subprocess(args, workdir)
 
         # 2. Loopback S3, Ray, then one build per actor count.
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server logs every request
         server, endpoint = start_s3()
         init_ray(RayConfig(num_cpus=RAY_NUM_CPUS))
         import ray.data
@@ -508,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
             "actor_counts": actor_counts(args), "gpus_per_actor": args.gpus_per_actor, "ray_num_cpus": RAY_NUM_CPUS, "actor_torch_threads": threads_in_actor,
             "bare_torch_threads": bare["threads"], "encode_samples": args.encode_samples, "quick": args.quick,
             "overrides": list(args.overrides), "resolution": bare["resolution"],
-            "decoder_heads": cfg.decoder.num_heads, "storage": "moto ThreadedMotoServer on 127.0.0.1 (in the driver)",
+            "decoder_heads": cfg.decoder.num_heads, "storage": "moto server on 127.0.0.1 (its own process)",
             "ray_data_progress_bars": False, "memory_sample_interval_s": args.sample_interval,
             "backbone": asdict(cfg.backbone), "decoder": asdict(cfg.decoder), "labels": asdict(cfg.labels),
         },
