@@ -155,6 +155,28 @@ class GenerateConfig:
 
 
 @dataclass
+class CardConfig:
+    """The dataset card (`README.md`) every finished build writes at its root, in the Hugging Face
+    dataset-card format."""
+
+    weights_license: str | None = None
+    """Licence of the backbone weights that made the data (e.g. "apache-2.0", "mit",
+    "nvidia-source-code-license-nc"); the card repeats it, since the data inherits its terms. None:
+    unknown, with a warning at build time (the shipped toy weights are known: apache-2.0; weights
+    from NVIDIA's official pickles are recognised and called non-commercial whatever is set here)."""
+    license: str | None = None
+    """The dataset's own licence id for the card's front matter; None derives it from the weights'
+    ("other" for non-commercial NVIDIA weights, "unknown" when the weights' licence is unknown)."""
+    stat_samples: int = 1000
+    """Samples read for the card's per-class pixel frequencies."""
+    preview_samples: int = 16
+    """Samples drawn in the card's preview image (preview.png beside it)."""
+
+    def __post_init__(self) -> None:
+        at_least("card", self, 1, ("stat_samples", "preview_samples"))
+
+
+@dataclass
 class PromptsConfig:
     """Where a diffusion build's prompts come from. The resolved prompts are written next to the
     dataset (`<generate.output>/prompts.jsonl`) and the build reads that file, so a build is

@@ -6,7 +6,8 @@
                          writers -> completion records; until the drop threshold is fixed, shards are
                          staged unfiltered, and the first ones' scores fix it (calibration.json)
     4. finish staged     staged shards' rows -> filter -> writers (Ray tasks, no models)
-    5. manifest          written last, by the driver, from the completion records
+    5. publish           a complete build's card (README.md) and preview.png, then the manifest,
+                         last, by the driver, from the completion records
 
 Each actor loads the backbone and the fitted decoder once and builds whole shards (the Ray-free work
 is in `labeling.py`), so shard files are named from their seed range, written under a temporary name
@@ -36,6 +37,7 @@ from factory.dataset.layout import ShardSpec
 from factory.decoders.files import MODEL_FILE, load_decoder, read_decoder_metadata
 from factory.fingerprint import safetensors_fingerprint
 from factory.recipes import labeling
+from factory.recipes.dataset_card import publish_card
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +226,11 @@ def calibrate_if_ready(cfg: FactoryConfig, config_hash: str) -> dict | None:
     return record
 
 
-def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
+def generate(cfg: FactoryConfig, builder: type | None = None, command: str | None = None) -> dict:
     """Build (or resume) the dataset at `generate.output`; returns the manifest.
 
     `builder` is the Ray Data actor class that builds shards (default `ShardBuilder`); wrappers of
-    it can instrument or fault-inject a build."""
+    it can instrument or fault-inject a build. `command` (what was run) is recorded in the card."""
     import ray
 
     g = cfg.generate
@@ -316,7 +318,7 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
     if len(records) == len(plan):
         storage.remove_tree(storage.join(g.output, layout.STAGING_DIR))  # no staged rows left to finish
 
-    # 5. Manifest, last.
+    # 5. Publish: a complete build's card and preview, then the manifest, last.
     tasks = cfg.decoder.active_tasks()
     manifest = layout.build_manifest(
         plan, records, failed,
@@ -325,6 +327,8 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
         labels=json.loads(meta["labels"]), formats=list(g.formats), image_format=g.image_format,
         calibration=calibration, config=resolved,
     )
+    if manifest["complete"]:
+        publish_card(cfg, manifest, command)
     layout.write_manifest(g.output, manifest)
     if not manifest["complete"]:
         names = ", ".join(f"{f['name']} ({f['error']})" for f in manifest["failed"][:5])
