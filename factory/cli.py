@@ -165,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--preview", default=None, help="where to write the preview PNG (default DATASET/preview.png)")
     i.add_argument("--samples", type=int, default=2000, help="samples read for label statistics (default 2000)")
+    i.add_argument("--html", default=None, metavar="OUT.html",
+                   help="also write a self-contained HTML report (preview with labels and legend, class "
+                   "frequencies, uncertainty histogram, shards, failures, decoder metrics; no server needed)")
     i.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// datasets (storage.endpoint_url)")
     i.add_argument("--region", default=None, help="S3 region (storage.region)")
     i.add_argument("--anonymous", action="store_true", help="read a public bucket without credentials")
@@ -283,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
         from factory.runtime import init_ray
 
         init_ray(cfg.ray)
-        manifest = generate(cfg)
+        manifest = generate(cfg, command=shlex.join(["factory", "generate", args.config, *args.overrides]))
         print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards at {cfg.generate.output} "
               f"({time.perf_counter() - started:.0f} s)")
     return 0
@@ -300,12 +303,18 @@ def _inspect(args: argparse.Namespace) -> int:
     summary = inspect.summarize(dataset, stat_samples=args.samples)
     if not summary.get("in_progress"):
         summary["preview"] = inspect.preview(dataset, args.preview or storage.join(dataset, "preview.png"))
+        if args.html:
+            from factory.recipes.report import write_report
+
+            summary["report"] = write_report(dataset, summary, args.html)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(inspect.format_summary(summary))
         if "preview" in summary:
             print(f"preview   {summary['preview']}")
+        if "report" in summary:
+            print(f"report    {summary['report']}")
     return 0 if summary["complete"] else 1
 
 

@@ -24,7 +24,7 @@ def label_statistics(samples: Iterable[dict], labels: list[str], task: str) -> d
                 "samples_counted": counted}
     scores: dict[str, list[float]] = {name: [] for name in labels}
     for sample in samples:
-        for kp in sample["keypoints"]:
+        for kp in sample["keypoints"] or []:
             scores[kp["name"]].append(kp["score"])
         counted += 1
     return {"keypoint_mean_score": {k: float(np.mean(v)) if v else None for k, v in scores.items()},
