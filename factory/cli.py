@@ -85,7 +85,19 @@ def _parser() -> argparse.ArgumentParser:
         "annotate.dir/coco.json, plus skip.txt; check sizes, class ids and coverage; write "
         "train.labeled. Every problem is listed with its file; nothing is written unless all pass.",
     )
-    for verb in (ex, im):
+    su = asub.add_parser(
+        "suggest",
+        help="choose the images to label next with the fitted decoder (active annotation)",
+        description="Score a pool of candidates with the fitted decoder (generate.decoder) on Ray Data and "
+        "choose --num-images that are uncertain and unlike each other and the labeled ones (uncertainty-"
+        "weighted farthest-point sampling on pooled backbone features). GAN path: seeds from "
+        "annotate.pool_start_seed, exported into annotate.dir like `annotate export` (images/, export.json), "
+        "so `annotate import` takes them with the first round. Diffusion path: the photos in "
+        "annotate.candidates, copied into labels.dir/images/. suggested.json lists the choice.",
+    )
+    su.add_argument("--num-images", type=int, required=True, help="how many images to choose")
+    su.add_argument("--pool", type=int, default=None, help="candidates to score (default annotate.pool_size)")
+    for verb in (ex, im, su):
         verb.add_argument("config", help=_CONFIG_HELP)
         verb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
@@ -212,6 +224,7 @@ def _exit_code(e: Exception) -> int | None:
 def _run(args: argparse.Namespace) -> int:
     from factory import config as config_lib
     from factory import storage
+    from factory.config import ConfigError
 
     if args.verb == "inspect":
         return _inspect(args)
@@ -250,6 +263,18 @@ def _run(args: argparse.Namespace) -> int:
         out = export_images(cfg)
         print(f"exported {cfg.annotate.num_images} images to {out}; label them as {out}/README.txt says, "
               f"then run: factory annotate import {args.config}")
+    elif args.verb == "annotate" and args.action == "suggest":
+        from factory.recipes.suggest import suggest
+        from factory.runtime import init_ray
+
+        if args.num_images < 1 or (args.pool is not None and args.pool < 1):
+            raise ConfigError(f"--num-images and --pool must be >= 1, got {args.num_images} and {args.pool}")
+        init_ray(cfg.ray)
+        record = suggest(cfg, args.num_images, args.pool)
+        where = cfg.labels.dir if cfg.backbone.kind == "diffusion" else cfg.annotate.dir
+        print(f"suggested {len(record['images'])} of {record['pool_scored']} candidates into {where} "
+              f"({', '.join(r['file'] for r in record['images'][:8])}{' ...' if len(record['images']) > 8 else ''}); "
+              f"label them, then run: factory {'labels' if cfg.backbone.kind == 'diffusion' else 'annotate'} import {args.config}")
     elif args.verb == "annotate":
         from factory.recipes.annotate import import_labels
 

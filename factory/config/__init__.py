@@ -119,7 +119,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return absolute_paths(cfg)
 
 
-PATH_KEYS = ("backbone.weights", "annotate.latents", "labels.dir", "prompts.source", "annotate.dir", "train.labeled",
+PATH_KEYS = ("backbone.weights", "annotate.latents", "annotate.candidates", "labels.dir", "prompts.source", "annotate.dir", "train.labeled",
              "train.storage_path", "generate.decoder", "generate.output", "nightly.root", "pretrain.images", "pretrain.output", "pretrain.storage_path")
 
 

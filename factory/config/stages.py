@@ -48,9 +48,19 @@ class AnnotateConfig:
     latent_space: str = "z"
     """What `latents` holds: "z" (mapped and truncated with backbone.psi, like a seed's z) or "w"
     (used as is, e.g. a projector's output)."""
+    pool_start_seed: int = 100_000
+    """`annotate suggest` (GAN path): candidate seeds are pool_start_seed .. pool_start_seed + pool_size - 1
+    (apart from the first round's seeds and from generate.start_seed's)."""
+    pool_size: int = 1000
+    """`annotate suggest`: candidates scored with the fitted decoder (seeds, or the first images of
+    `candidates`); `--pool` overrides it."""
+    candidates: str | None = None
+    """`annotate suggest` (diffusion path): a folder of unlabeled real photos to choose from; the
+    chosen ones are copied into labels.dir/images/ for annotators."""
 
     def __post_init__(self) -> None:
-        at_least("annotate", self, 1, ("num_images", "batch_size"))
+        at_least("annotate", self, 1, ("num_images", "batch_size", "pool_size"))
+        at_least("annotate", self, 0, ("pool_start_seed",))
         if self.latent_space not in ("z", "w"):
             raise ConfigError(f"annotate.latent_space must be 'z' or 'w', got {self.latent_space!r}")
 
