@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def file_sha256(path: str) -> str:
     """sha256 of a local file's bytes, cached beside it (else under ~/.cache/factory) while unchanged."""
     folder, name = os.path.split(os.path.abspath(path))
-    return fingerprint.cached_hash([path], folder, f".{name}.sha256.json", lambda: fingerprint.file_sha256(path))
+    return fingerprint.cached_hash([path], folder, f".{name}.sha256{fingerprint.CACHE_FILE}", lambda: fingerprint.file_sha256(path))
 
 
 def weights_provenance(cfg: BackboneConfig) -> dict:
