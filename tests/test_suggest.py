@@ -75,3 +75,30 @@ def test_suggest_errors_are_one_line(tiny_cfg, labeled_dir, tmp_path, capsys):
     save_untrained_decoder(tiny_cfg)
     assert main(["annotate", "suggest", str(config), "--num-images", "50", "--pool", "10"]) == 2
     assert "more than the pool of 10" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_diffusion_path_suggests_unlabeled_photos_into_the_labeled_folder(tmp_path, ray_cluster):
+    import os
+
+    from factory.config import load_config
+    from factory.data import toyworld
+    from factory.recipes.suggest import suggest
+
+    labeled, candidates = tmp_path / "labeled", tmp_path / "candidates"
+    toyworld.write_folder(str(labeled), 2, start_seed=0, size=32)
+    toyworld.write_folder(str(candidates), 8, start_seed=50, size=32)
+    cfg = load_config("configs/diffusion.yaml", [
+        f"workdir={tmp_path}", "backbone.diffusion.resolution=32", "backbone.diffusion.steps=2", "decoder.num_heads=2",
+        f"labels.dir={labeled}", f"annotate.candidates={candidates}", "annotate.batch_size=4",
+        "generate.num_actors=1", "generate.cpus_per_actor=0.5"])
+    save_untrained_decoder(cfg)
+    record = suggest(cfg, 3, pool_size=8)
+    names = [r["file"] for r in record["images"]]
+    assert len(names) == 3 and record["pool_scored"] == 8
+    for name in names:  # copied byte for byte beside the labeled photos, for the annotators
+        assert open(candidates / "images" / name, "rb").read() == open(labeled / "images" / name, "rb").read()
+    assert len(os.listdir(labeled / "images")) == 5 and (labeled / "suggested.json").is_file()
+    again = suggest(cfg, 2, pool_size=8)  # the next round leaves out what is in the labeled folder now
+    assert not set(r["file"] for r in again["images"]) & set(names) and again["pool_scored"] == 5
