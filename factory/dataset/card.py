@@ -102,8 +102,8 @@ def front_matter(manifest: dict, licence: dict, dataset_license: str | None) -> 
         "license": dataset_license,
         "task_categories": sorted({TASK_CATEGORIES[t] for t in tasks if t in TASK_CATEGORIES}),
         "task_ids": sorted({TASK_IDS[t] for t in tasks if t in TASK_IDS}),
-        "tags": ["synthetic", "factory", "datasetdm" if manifest.get("prompts") or "depth" in tasks
-                 or manifest["config"].get("backbone", {}).get("kind") == "diffusion" else "datasetgan"],
+        "tags": ["synthetic", "factory",
+                 "datasetdm" if manifest["config"].get("backbone", {}).get("kind") == "diffusion" else "datasetgan"],
         "size_categories": [size_category(manifest["num_samples"])],
         "configs": [config],
     }
