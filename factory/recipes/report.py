@@ -102,6 +102,10 @@ def shard_timings(records: list[dict]) -> str:
     return figure_uri(fig)
 
 
+class Markup(str):
+    """HTML that `table` inserts as is (everything else is escaped)."""
+
+
 def table(rows: list[tuple], header: tuple | None = None) -> str:
     out = ["<table>"]
     if header:
@@ -111,10 +115,6 @@ def table(rows: list[tuple], header: tuple | None = None) -> str:
                    + "</tr>")
     out.append("</table>")
     return "".join(out)
-
-
-class Markup(str):
-    """HTML that `table` inserts as is (everything else is escaped)."""
 
 
 def decoder_metrics(manifest: dict) -> dict | None:
