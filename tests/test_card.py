@@ -2,7 +2,6 @@
 reads with no arguments, with provenance, label statistics, the filter and the weights' licence
 (non-commercial for weights from an official NVIDIA pickle, a warning when unknown)."""
 
-import glob
 import logging
 import shutil
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import traceback
 import warnings
 from dataclasses import asdict

@@ -36,7 +36,12 @@ from factory.backbones import backbone_identity
 from factory.config import ConfigError, FactoryConfig
 from factory.data import annotations
 from factory.recipes import annotate
-from factory.recipes.generate import GenerateError, fitted_decoder_metadata, load_models, map_on_actors
+from factory.recipes.generate import (
+    GenerateError,
+    fitted_decoder_metadata,
+    load_models,
+    map_on_actors,
+)
 
 log = logging.getLogger(__name__)
 
