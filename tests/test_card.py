@@ -121,3 +121,15 @@ def test_weights_from_an_official_nvidia_pickle_make_a_non_commercial_card(tmp_p
                               "config": {}}, card.weights_license(b, None), None)
     assert meta["license"] == "other" and meta["license_name"] == card.NVIDIA_NC
     assert meta["size_categories"] == ["10K<n<100K"]
+
+
+def test_label_statistics_of_each_task():
+    from factory.dataset.stats import label_statistics
+
+    mask = np.array([[0, 1], [1, 1]], np.uint8)
+    seg = label_statistics([{"mask": mask}] * 3, ["bg", "part"], "segmentation")
+    assert seg == {"class_pixel_frequency": {"bg": 0.25, "part": 0.75}, "samples_counted": 3}
+    kps = [{"keypoints": [{"name": "nose", "score": 0.5}]}, {"keypoints": [{"name": "nose", "score": 1.0}]}]
+    assert label_statistics(kps, ["nose", "chin"], "keypoints") == {
+        "keypoint_mean_score": {"nose": 0.75, "chin": None}, "samples_counted": 2}
+    assert label_statistics([{"mask": None, "keypoints": None}], ["bg"], "depth") == {"samples_counted": 0}

@@ -12,7 +12,7 @@ import numpy as np
 def label_statistics(samples: Iterable[dict], labels: list[str], task: str) -> dict:
     """{"class_pixel_frequency": {class: share of pixels}} for segmentation datasets, or
     {"keypoint_mean_score": {keypoint: mean score or None}} for keypoint ones, over `samples`
-    (decoded, see `sample.decode`), with "samples_counted"."""
+    (decoded, see `sample.decode`), with "samples_counted"; only that for other tasks."""
     counted = 0
     if task == "segmentation":
         pixels = np.zeros(len(labels), dtype=np.int64)
@@ -22,6 +22,8 @@ def label_statistics(samples: Iterable[dict], labels: list[str], task: str) -> d
         total = max(int(pixels.sum()), 1)
         return {"class_pixel_frequency": {name: round(int(c) / total, 6) for name, c in zip(labels, pixels)},
                 "samples_counted": counted}
+    if task != "keypoints":  # e.g. a depth-only diffusion build: no class or keypoint labels to count
+        return {"samples_counted": 0}
     scores: dict[str, list[float]] = {name: [] for name in labels}
     for sample in samples:
         for kp in sample["keypoints"] or []:

@@ -158,13 +158,14 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
 
     # classes
     if "class_pixel_frequency" in summary:
-        plot = class_bars(summary["class_pixel_frequency"], colors)
-        caption = "Share of pixels per class"
+        plot = f'<img alt="class frequencies" src="{class_bars(summary["class_pixel_frequency"], colors)}">'
+        caption = "Share of pixels per class over the first samples."
+    elif "keypoint_mean_score" in summary:
+        plot = f'<img alt="keypoint scores" src="{keypoint_bars(summary["keypoint_mean_score"])}">'
+        caption = "Mean score per keypoint over the first samples."
     else:
-        plot = keypoint_bars(summary["keypoint_mean_score"])
-        caption = "Mean score per keypoint"
-    parts.append(f'<section id="classes"><h2>Labels</h2><p>{caption} over the first samples.</p>'
-                 f'<img alt="class frequencies" src="{plot}"></section>')
+        plot, caption = "", f"No class or keypoint labels in a {html.escape(task)} dataset."
+    parts.append(f'<section id="classes"><h2>Labels</h2><p>{caption}</p>{plot}</section>')
 
     # uncertainty
     scores = np.concatenate([t.column("uncertainty").to_numpy() for t in read.shard_tables(dataset, ["uncertainty"])]
