@@ -133,3 +133,34 @@ def test_label_statistics_of_each_task():
     assert label_statistics(kps, ["nose", "chin"], "keypoints") == {
         "keypoint_mean_score": {"nose": 0.75, "chin": None}, "samples_counted": 2}
     assert label_statistics([{"mask": None, "keypoints": None}], ["bg"], "depth") == {"samples_counted": 0}
+
+
+def test_a_diffusion_dataset_card_has_depth_and_its_pipeline(tmp_path, hf_offline):
+    """The DatasetDM path: depth as an image feature, the pipeline folder and its training record."""
+    import datasets
+
+    from factory.config import to_dict
+
+    cfg = load_config("configs/diffusion.yaml", [
+        f"workdir={tmp_path}", "backbone.weights=pkg://toy_diffusion", "backbone.diffusion.resolution=32",
+        "backbone.diffusion.steps=2", "decoder.num_heads=2", "generate.batch_size=4"])
+    backbone = save_untrained_decoder(cfg)
+    out = cfg.generate.output
+    layout.prepare_output(out, "build", {}, overwrite=False)
+    spec = layout.plan_shards(0, 4, 4)[0]
+    record = build_shard(backbone, load_decoder(cfg.generate.decoder), cfg, spec, "cfg", texts=["a photo of a face"])
+    manifest = layout.build_manifest([spec], {spec.name: record}, {}, name="dm", package_version="0.1.0",
+                                     build_hash="b", config_hash="c", task="segmentation",
+                                     tasks=["segmentation", "depth"], labels=cfg.labels.classes, formats=["parquet"],
+                                     image_format="png", calibration=None, config=to_dict(cfg))
+    publish_card(cfg, manifest)
+    layout.write_manifest(out, manifest)
+    text = open(f"{out}/README.md").read()
+    meta = front_matter(text)
+    assert meta["task_categories"] == ["depth-estimation", "image-segmentation"] and "datasetdm" in meta["tags"]
+    assert meta["license"] == "apache-2.0" and "diffusers pipeline folder (shipped with factory)" in text
+    assert "factory pretrain configs/toy_dm.yaml" in text and "Nothing was dropped" in text
+    ds = datasets.load_dataset(out, split="train", cache_dir=hf_offline)
+    depth = np.asarray(ds[0]["depth"])
+    assert depth.shape == (32, 32) and depth.dtype in (np.uint16, np.int32)
+    np.testing.assert_allclose(depth / cfg.labels.depth_scale, next(read.iter_samples(out))["depth"], rtol=1e-6)

@@ -110,8 +110,7 @@ def front_matter(manifest: dict, licence: dict, dataset_license: str | None) -> 
     if meta["license"] == "other":
         meta["license_name"] = licence["id"]
     if fmt == "parquet":
-        meta["dataset_info"] = {"config_name": "default", "features": features(),
-                                "splits": [{"name": "train", "num_examples": manifest["num_samples"]}]}
+        meta["dataset_info"] = {"config_name": "default", "features": features()}
     return meta
 
 
