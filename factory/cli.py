@@ -85,7 +85,19 @@ def _parser() -> argparse.ArgumentParser:
         "annotate.dir/coco.json, plus skip.txt; check sizes, class ids and coverage; write "
         "train.labeled. Every problem is listed with its file; nothing is written unless all pass.",
     )
-    for verb in (ex, im):
+    su = asub.add_parser(
+        "suggest",
+        help="choose the images to label next with the fitted decoder (active annotation)",
+        description="Score a pool of candidates with the fitted decoder (generate.decoder) on Ray Data and "
+        "choose --num-images that are uncertain and unlike each other and the labeled ones (uncertainty-"
+        "weighted farthest-point sampling on pooled backbone features). GAN path: seeds from "
+        "annotate.pool_start_seed, exported into annotate.dir like `annotate export` (images/, export.json), "
+        "so `annotate import` takes them with the first round. Diffusion path: the photos in "
+        "annotate.candidates, copied into labels.dir/images/. suggested.json lists the choice.",
+    )
+    su.add_argument("--num-images", type=int, required=True, help="how many images to choose")
+    su.add_argument("--pool", type=int, default=None, help="candidates to score (default annotate.pool_size)")
+    for verb in (ex, im, su):
         verb.add_argument("config", help=_CONFIG_HELP)
         verb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
@@ -167,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--samples", type=int, default=2000, help="samples read for label statistics (default 2000)")
     i.add_argument("--no-verify", action="store_true",
                    help="check file sizes only, not every file's sha256 against its completion record")
+    i.add_argument("--html", default=None, metavar="OUT.html",
+                   help="also write a self-contained HTML report (preview with labels and legend, class "
+                   "frequencies, uncertainty histogram, shards, failures, decoder metrics; no server needed)")
     i.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// datasets (storage.endpoint_url)")
     i.add_argument("--region", default=None, help="S3 region (storage.region)")
     i.add_argument("--anonymous", action="store_true", help="read a public bucket without credentials")
@@ -212,6 +227,7 @@ def _exit_code(e: Exception) -> int | None:
 def _run(args: argparse.Namespace) -> int:
     from factory import config as config_lib
     from factory import storage
+    from factory.config import ConfigError
 
     if args.verb == "inspect":
         return _inspect(args)
@@ -250,6 +266,18 @@ def _run(args: argparse.Namespace) -> int:
         out = export_images(cfg)
         print(f"exported {cfg.annotate.num_images} images to {out}; label them as {out}/README.txt says, "
               f"then run: factory annotate import {args.config}")
+    elif args.verb == "annotate" and args.action == "suggest":
+        from factory.recipes.suggest import suggest
+        from factory.runtime import init_ray
+
+        if args.num_images < 1 or (args.pool is not None and args.pool < 1):
+            raise ConfigError(f"--num-images and --pool must be >= 1, got {args.num_images} and {args.pool}")
+        init_ray(cfg.ray)
+        record = suggest(cfg, args.num_images, args.pool)
+        where = cfg.labels.dir if cfg.backbone.kind == "diffusion" else cfg.annotate.dir
+        print(f"suggested {len(record['images'])} of {record['pool_scored']} candidates into {where} "
+              f"({', '.join(r['file'] for r in record['images'][:8])}{' ...' if len(record['images']) > 8 else ''}); "
+              f"label them, then run: factory {'labels' if cfg.backbone.kind == 'diffusion' else 'annotate'} import {args.config}")
     elif args.verb == "annotate":
         from factory.recipes.annotate import import_labels
 
@@ -289,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
         from factory.runtime import init_ray
 
         init_ray(cfg.ray)
-        manifest = generate(cfg)
+        manifest = generate(cfg, command=shlex.join(["factory", "generate", args.config, *args.overrides]))
         print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards at {cfg.generate.output} "
               f"({time.perf_counter() - started:.0f} s)")
     return 0
@@ -306,12 +334,18 @@ def _inspect(args: argparse.Namespace) -> int:
     summary = inspect.summarize(dataset, stat_samples=args.samples, checksums=not args.no_verify)
     if not summary.get("in_progress") and not summary.get("broken_files") and not summary.get("missing_files"):
         summary["preview"] = inspect.preview(dataset, args.preview or storage.join(dataset, "preview.png"))
+        if args.html:
+            from factory.recipes.report import write_report
+
+            summary["report"] = write_report(dataset, summary, args.html)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(inspect.format_summary(summary))
         if "preview" in summary:
             print(f"preview   {summary['preview']}")
+        if "report" in summary:
+            print(f"report    {summary['report']}")
     return 0 if summary["complete"] else 1
 
 

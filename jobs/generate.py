@@ -4,6 +4,7 @@
 """
 
 import logging
+import shlex
 import sys
 
 from factory import config as config_lib
@@ -13,14 +14,14 @@ from factory.runtime import ray_session
 log = logging.getLogger("jobs.generate")
 
 
-def main(cfg: config_lib.FactoryConfig) -> dict:
+def main(cfg: config_lib.FactoryConfig, command: str | None = None) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
     with ray_session(cfg.ray):
-        manifest = generate(cfg)
+        manifest = generate(cfg, command=command)
     log.info("%d samples in %d shards at %s", manifest["num_samples"], manifest["num_shards"], cfg.generate.output)
     return manifest
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(config_lib.load_config(sys.argv[1], sys.argv[2:]))
+    main(config_lib.load_config(sys.argv[1], sys.argv[2:]), shlex.join(["python", "jobs/generate.py", *sys.argv[1:]]))

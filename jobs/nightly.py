@@ -14,6 +14,7 @@
 import argparse
 import datetime
 import logging
+import shlex
 import sys
 
 from factory import config as config_lib
@@ -54,7 +55,7 @@ def build(cfg: config_lib.FactoryConfig, date: datetime.date) -> dict:
 
     # 2. Tonight's version.
     cfg.generate.output = storage.join(root, version)
-    manifest = generate(cfg)
+    manifest = generate(cfg, command=shlex.join(["python", "jobs/nightly.py", *sys.argv[1:]]))
 
     # 3. Validate before anyone can see it.
     checked = validate.validate(cfg.generate.output, cfg.nightly.min_samples, cfg.nightly.verify_checksums,

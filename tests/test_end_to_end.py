@@ -62,6 +62,11 @@ def test_dataset_reads_back_with_pyarrow(built):
     for record in manifest["shards"]:
         for file in record["files"]:
             assert (work / "dataset" / file["path"]).stat().st_size == file["bytes"]
+    card = (work / "dataset" / "README.md").read_text()  # the card: what made it, from the decoder's metrics.json
+    trained = json.loads((work / "train" / "interpreter" / "decoder" / "metrics.json").read_text())
+    assert trained["labeled_set"]["fingerprint"] in card and trained["labeled_set"]["images"] == 10
+    assert "val_miou" in trained["metrics"] and "factory generate" in card and manifest["config_hash"] in card
+    assert (work / "dataset" / "preview.png").is_file()
 
 
 def test_decoder_checkpoint_carries_config_and_labels(built):
@@ -244,7 +249,8 @@ def test_train_checkpoints_and_decoder_on_s3(built, s3_bucket, s3_endpoint):
     s3 = [f"storage.endpoint_url={s3_endpoint}", "storage.region=us-east-1",
           f"train.storage_path={s3_bucket}/runs", "train.steps=10", "train.checkpoint_every=5"]
     assert main(["train", *args, *s3]) == 0
-    assert storage_listing(f"{s3_bucket}/runs/interpreter/decoder") == ["config.yaml", "labels.json", "model.safetensors"]
+    assert storage_listing(f"{s3_bucket}/runs/interpreter/decoder") == ["config.yaml", "labels.json", "metrics.json",
+                                                                         "model.safetensors"]
     assert any(n.startswith("checkpoint") for n in storage_listing(f"{s3_bucket}/runs/interpreter"))
     out = f"{s3_bucket}/from-s3-decoder"
     assert main(["generate", *args, *s3, f"generate.output={out}", "generate.num_samples=20"]) == 0

@@ -110,6 +110,8 @@ def test_nightly_job_publishes_validates_and_is_idempotent(ray_head, nightly_con
     version = versions.resolve(f"{root}@latest")
     assert version == f"{root}/2026-11-23"
     assert validate.validate(version)["samples"] == layout.read_manifest(version)["num_samples"] > 0
+    card = storage.read_bytes(storage.join(version, "README.md")).decode()  # the version carries its card
+    assert card.startswith("---\n") and "python jobs/nightly.py" in card
     endpoint = load_config(str(nightly_config)).storage.endpoint_url
     assert main(["inspect", f"{root}@latest", "--json", "--endpoint-url", endpoint, "--region", "us-east-1"]) == 0
 

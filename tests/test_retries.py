@@ -62,6 +62,7 @@ def test_a_shard_that_keeps_crashing_is_reported_failed(cfg, tmp_path):
     assert not manifest["complete"]
     assert "shard-00001" in [f["name"] for f in manifest["failed"]]
     assert "shard-00001" not in [s["name"] for s in manifest["shards"]]
+    assert not os.path.exists(os.path.join(cfg.generate.output, "README.md"))  # no card: not a finished dataset
     assert layout.read_completion(cfg.generate.output, layout.ShardSpec(1, 0, 0)) is None
 
 

@@ -32,6 +32,7 @@ from factory.config.models import (
 )
 from factory.config.stages import (
     AnnotateConfig,
+    CardConfig,
     GenerateConfig,
     NightlyConfig,
     PretrainConfig,
@@ -42,7 +43,7 @@ from factory.config.stages import (
 )
 
 __all__ = [
-    "DECODER_TASKS", "DTYPES", "SCHEDULERS", "SHIPPED", "SHIPPED_DIR", "AnnotateConfig", "BackboneConfig",
+    "DECODER_TASKS", "DTYPES", "SCHEDULERS", "SHIPPED", "SHIPPED_DIR", "AnnotateConfig", "BackboneConfig", "CardConfig",
     "ConfigError", "DecoderConfig", "DiffusionConfig", "FactoryConfig", "GenerateConfig", "LabelsConfig",
     "NightlyConfig", "PretrainConfig", "PromptsConfig", "RayConfig", "StorageConfig", "StyleGAN2Config",
     "TrainConfig", "absolute_paths", "from_dict", "load_config", "shipped_path", "stable_hash", "to_dict",
@@ -67,6 +68,7 @@ class FactoryConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    card: CardConfig = field(default_factory=CardConfig)
 
     def label_names(self) -> list[str]:
         """What the decoder predicts: the classes (segmentation) or the keypoint names."""
@@ -123,7 +125,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return absolute_paths(cfg)
 
 
-PATH_KEYS = ("backbone.weights", "annotate.latents", "labels.dir", "prompts.source", "annotate.dir", "train.labeled",
+PATH_KEYS = ("backbone.weights", "annotate.latents", "annotate.candidates", "labels.dir", "prompts.source", "annotate.dir", "train.labeled",
              "train.storage_path", "generate.decoder", "generate.output", "nightly.root", "pretrain.images", "pretrain.output", "pretrain.storage_path")
 
 

@@ -48,9 +48,19 @@ class AnnotateConfig:
     latent_space: str = "z"
     """What `latents` holds: "z" (mapped and truncated with backbone.psi, like a seed's z) or "w"
     (used as is, e.g. a projector's output)."""
+    pool_start_seed: int = 100_000
+    """`annotate suggest` (GAN path): candidate seeds are pool_start_seed .. pool_start_seed + pool_size - 1
+    (apart from the first round's seeds and from generate.start_seed's)."""
+    pool_size: int = 1000
+    """`annotate suggest`: candidates scored with the fitted decoder (seeds, or the first images of
+    `candidates`); `--pool` overrides it."""
+    candidates: str | None = None
+    """`annotate suggest` (diffusion path): a folder of unlabeled real photos to choose from; the
+    chosen ones are copied into labels.dir/images/ for annotators."""
 
     def __post_init__(self) -> None:
-        at_least("annotate", self, 1, ("num_images", "batch_size"))
+        at_least("annotate", self, 1, ("num_images", "batch_size", "pool_size"))
+        at_least("annotate", self, 0, ("pool_start_seed",))
         if self.latent_space not in ("z", "w"):
             raise ConfigError(f"annotate.latent_space must be 'z' or 'w', got {self.latent_space!r}")
 
@@ -156,6 +166,28 @@ class GenerateConfig:
         within("generate.image_quality", self.image_quality, 1, 100)
         within("generate.png_compression", self.png_compression, 0, 9)
         at_least("generate", self, 1, ("encode_threads",))
+
+
+@dataclass
+class CardConfig:
+    """The dataset card (`README.md`) every finished build writes at its root, in the Hugging Face
+    dataset-card format."""
+
+    weights_license: str | None = None
+    """Licence of the backbone weights that made the data (e.g. "apache-2.0", "mit",
+    "nvidia-source-code-license-nc"); the card repeats it, since the data inherits its terms. None:
+    unknown, with a warning at build time (the shipped toy weights are known: apache-2.0; weights
+    from NVIDIA's official pickles are recognised and called non-commercial whatever is set here)."""
+    license: str | None = None
+    """The dataset's own licence id for the card's front matter; None derives it from the weights'
+    ("other" for non-commercial NVIDIA weights, "unknown" when the weights' licence is unknown)."""
+    stat_samples: int = 1000
+    """Samples read for the card's per-class pixel frequencies."""
+    preview_samples: int = 16
+    """Samples drawn in the card's preview image (preview.png beside it)."""
+
+    def __post_init__(self) -> None:
+        at_least("card", self, 1, ("stat_samples", "preview_samples"))
 
 
 @dataclass

@@ -90,9 +90,11 @@ def iter_rows(url: str, manifest: dict, fmt: str, records: list[dict]) -> Iterat
                 yield from iter_tar(storage.join(url, path))
 
 
-def iter_samples(dataset: str, limit: int | None = None, fmt: str = "auto") -> Iterator[dict]:
-    """Decoded samples in shard order, from either format (see `decode`)."""
-    url, manifest = open_dataset(dataset)
+def iter_samples(dataset: str, limit: int | None = None, fmt: str = "auto",
+                 manifest: dict | None = None) -> Iterator[dict]:
+    """Decoded samples in shard order, from either format (see `decode`). A build passes the
+    `manifest` it is about to publish, to read its shards before that (the card and preview)."""
+    url, manifest = (dataset, manifest) if manifest is not None else open_dataset(dataset)
     fmt = choose_format(manifest, fmt, url)
     for n, row in enumerate(iter_rows(url, manifest, fmt, manifest["shards"])):
         if limit is not None and n >= limit:

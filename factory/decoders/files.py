@@ -5,6 +5,8 @@
                         names, the backbone hash and feature layout (names) it was fitted on
     config.yaml         the full resolved training config
     labels.json         task and label names, for people and tools
+    metrics.json        written by `factory train` after the weights: the final validation metrics and
+                        the labeled set's fingerprint (read by the dataset card and the HTML report)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from factory.config import DecoderConfig
 from factory.decoders import FittedDecoder, build_decoder, unwrap
 
 MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
 FORMAT = "factory.decoder"
 
 

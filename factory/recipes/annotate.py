@@ -61,6 +61,29 @@ def export_images(cfg: FactoryConfig) -> str:
     given = user_latents(cfg, backbone)
     count = cfg.annotate.num_images if given is None else len(given)
     seeds = list(range(cfg.annotate.start_seed, cfg.annotate.start_seed + count))
+    records, batches = render(cfg, backbone, seeds, given)
+    record = {
+        "backbone_hash": backbone.weights_hash,
+        "psi": cfg.backbone.psi,
+        "resolution": backbone.resolution,
+        "task": cfg.decoder.task,
+        "labels": cfg.label_names(),
+        "batches": batches,  # the forward passes the images came from: training regenerates them alike
+        "latents": None if given is None else {
+            "file": os.path.basename(cfg.annotate.latents), "space": cfg.annotate.latent_space,
+            "sha256": fingerprint.file_sha256(cfg.annotate.latents)},
+        "images": records,
+    }
+    write_export(cfg, record)
+    log.info("exported %d images to %s", len(records), out)
+    return out
+
+
+def render(cfg: FactoryConfig, backbone, seeds: list[int], given: torch.Tensor | None = None
+           ) -> tuple[list[dict], list[list[int]]]:
+    """Render `seeds` (or the user's latents `given`, one per seed) in batches of `annotate.batch_size`
+    into annotate.dir/images/; returns their export records and the batches."""
+    out = cfg.annotate.dir
     os.makedirs(os.path.join(out, annotations.IMAGES_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, annotations.MASKS_DIR), exist_ok=True)
     records = []
@@ -78,26 +101,44 @@ def export_images(cfg: FactoryConfig) -> str:
             Image.fromarray(image).save(os.path.join(out, annotations.IMAGES_DIR, name))
             records.append({"file": name, "seed": seed, "latent": latent.tolist(), "class": klass,
                             "sha256": annotations.pixels_sha256(image)})
-    record = {
-        "backbone_hash": backbone.weights_hash,
-        "psi": cfg.backbone.psi,
-        "resolution": backbone.resolution,
-        "task": cfg.decoder.task,
-        "labels": cfg.label_names(),
-        "batches": batches,  # the forward passes the images came from: training regenerates them alike
-        "latents": None if given is None else {
-            "file": os.path.basename(cfg.annotate.latents), "space": cfg.annotate.latent_space,
-            "sha256": fingerprint.file_sha256(cfg.annotate.latents)},
-        "images": records,
-    }
-    with open(os.path.join(out, annotations.EXPORT_RECORD), "w") as f:
+    return records, batches
+
+
+def write_export(cfg: FactoryConfig, record: dict) -> None:
+    """export.json (replaced in one step), classes.txt and README.txt in annotate.dir."""
+    out = cfg.annotate.dir
+    tmp = os.path.join(out, f".{annotations.EXPORT_RECORD}.tmp")
+    with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(out, annotations.EXPORT_RECORD))
     with open(os.path.join(out, "classes.txt"), "w") as f:
         f.write("\n".join(cfg.label_names()) + "\n")
     with open(os.path.join(out, "README.txt"), "w") as f:
         f.write(_README.format(task=cfg.decoder.task))
-    log.info("exported %d images to %s", len(records), out)
-    return out
+
+
+def add_to_export(cfg: FactoryConfig, seeds: list[int]) -> list[str]:
+    """Render more seeds into an existing export (a later annotation round): their images join
+    images/, their records and batches join export.json, so `annotate import` takes every round's
+    labels together and training regenerates each image in its own batch. Returns the new files."""
+    export = annotations.read_export(cfg.annotate.dir)
+    backbone = load_backbone(cfg.backbone)
+    if export["backbone_hash"] != backbone.weights_hash:
+        raise annotations.AnnotationError([
+            f"{annotations.EXPORT_RECORD}: exported with backbone {export['backbone_hash'][:12]}, the config's "
+            f"backbone is {backbone.weights_hash[:12]}; a new round must use the first round's backbone"])
+    if export.get("latents"):
+        raise ValueError(f"{cfg.annotate.dir} was exported from your own latents ({export['latents']['file']}); "
+                         "a later round renders seeds, export it into another annotate.dir")
+    taken = {r["seed"] for r in export["images"]}
+    clash = sorted(taken & set(seeds))
+    if clash:
+        raise ValueError(f"seeds {clash[:5]} are already in {cfg.annotate.dir}/{annotations.EXPORT_RECORD}")
+    records, batches = render(cfg, backbone, seeds)
+    export["images"] = export["images"] + records
+    export["batches"] = (export.get("batches") or [[r["seed"]] for r in export["images"][: -len(records)]]) + batches
+    write_export(cfg, export)
+    return [r["file"] for r in records]
 
 
 def import_labels(cfg: FactoryConfig) -> annotations.LabeledSet:

@@ -6,7 +6,8 @@
                          writers -> completion records; until the drop threshold is fixed, shards are
                          staged unfiltered, and the first ones' scores fix it (calibration.json)
     4. finish staged     staged shards' rows -> filter -> writers (Ray tasks, no models)
-    5. manifest          written last, by the driver, from the completion records
+    5. publish           a complete build's card (README.md) and preview.png, then the manifest,
+                         last, by the driver, from the completion records
 
 Each actor loads the backbone and the fitted decoder once and builds whole shards (the Ray-free work
 is in `labeling.py`), so shard files are named from their seed range, written under a temporary name
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import traceback
 import warnings
 from dataclasses import asdict
@@ -37,6 +37,7 @@ from factory.dataset.layout import ShardSpec
 from factory.decoders.files import MODEL_FILE, load_decoder, read_decoder_metadata
 from factory.fingerprint import safetensors_fingerprint
 from factory.recipes import labeling
+from factory.recipes.dataset_card import publish_card
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +226,11 @@ def calibrate_if_ready(cfg: FactoryConfig, config_hash: str) -> dict | None:
     return record
 
 
-def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
+def generate(cfg: FactoryConfig, builder: type | None = None, command: str | None = None) -> dict:
     """Build (or resume) the dataset at `generate.output`; returns the manifest.
 
     `builder` is the Ray Data actor class that builds shards (default `ShardBuilder`); wrappers of
-    it can instrument or fault-inject a build."""
+    it can instrument or fault-inject a build. `command` (what was run) is recorded in the card."""
     g = cfg.generate
     storage.configure(cfg.storage)
 
@@ -255,11 +256,11 @@ def generate(cfg: FactoryConfig, builder: type | None = None) -> dict:
         log.info("%d prompts, e.g. %r", len(build_prompts), build_prompts[0].text)
     dataset_hash = build_hash(cfg, config_hash, prompts.sha256(build_prompts) if build_prompts else None)
     with lease.acquire(g.output, g.lease_seconds) as held:  # one build per output; others are refused
-        return _build(cfg, builder, meta, config_hash, dataset_hash, build_prompts, fresh, held)
+        return _build(cfg, builder, meta, config_hash, dataset_hash, build_prompts, fresh, held, command)
 
 
 def _build(cfg: FactoryConfig, builder: type | None, meta: dict, config_hash: str, dataset_hash: str,
-           build_prompts: list | None, fresh: bool, held: lease.Lease) -> dict:
+           build_prompts: list | None, fresh: bool, held: lease.Lease, command: str | None) -> dict:
     """Steps 2-5 of `generate`, under the output's lease."""
     import ray
 
@@ -335,7 +336,7 @@ def _build(cfg: FactoryConfig, builder: type | None, meta: dict, config_hash: st
     if len(records) == len(plan):
         storage.remove_tree(storage.join(g.output, layout.STAGING_DIR))  # no staged rows left to finish
 
-    # 5. Manifest, last.
+    # 5. Publish: a complete build's card and preview, then the manifest, last.
     tasks = cfg.decoder.active_tasks()
     manifest = layout.build_manifest(
         plan, records, failed,
@@ -344,7 +345,9 @@ def _build(cfg: FactoryConfig, builder: type | None, meta: dict, config_hash: st
         labels=json.loads(meta["labels"]), formats=list(g.formats), image_format=g.image_format,
         calibration=calibration, config=resolved,
     )
-    held.check()  # a build that lost its lease publishes no manifest
+    held.check()  # a build that lost its lease publishes no card and no manifest
+    if manifest["complete"]:
+        publish_card(cfg, manifest, command)
     layout.write_manifest(g.output, manifest)
     if not manifest["complete"]:
         names = ", ".join(f"{f['name']} ({f['error']})" for f in manifest["failed"][:5])

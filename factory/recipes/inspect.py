@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image, ImageDraw
 
 from factory import storage
 from factory.dataset import layout, read
-
-TILE = 128
-
-
-def palette(n: int) -> np.ndarray:
-    """The PASCAL VOC colour map: distinct, stable colours for class ids 0..n-1 (0 is black)."""
-    colors = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colors[i] = (r, g, b)
-    return colors
+from factory.dataset import preview as preview_lib
+from factory.dataset.stats import label_statistics
 
 
 def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) -> dict:
@@ -70,18 +53,8 @@ def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) ->
     summary["complete"] = summary["complete"] and not problems
     if problems:  # no samples are read from a dataset whose files do not match its records
         return summary
-    if manifest["task"] == "segmentation":
-        pixels = np.zeros(len(labels), dtype=np.int64)
-        for sample in read.iter_samples(dataset, limit=stat_samples):
-            pixels += np.bincount(sample["mask"].ravel(), minlength=len(labels))[: len(labels)]
-        total = max(int(pixels.sum()), 1)
-        summary["class_pixel_frequency"] = {name: round(int(c) / total, 6) for name, c in zip(labels, pixels)}
-    else:
-        scores_by_kp: dict[str, list[float]] = {name: [] for name in labels}
-        for sample in read.iter_samples(dataset, limit=stat_samples):
-            for kp in sample["keypoints"]:
-                scores_by_kp[kp["name"]].append(kp["score"])
-        summary["keypoint_mean_score"] = {k: float(np.mean(v)) if v else None for k, v in scores_by_kp.items()}
+    stats = label_statistics(read.iter_samples(dataset, limit=stat_samples), labels, manifest["task"])
+    summary.update({k: v for k, v in stats.items() if k != "samples_counted"})
     return summary
 
 
@@ -107,48 +80,10 @@ def progress(dataset: str) -> dict:
 
 def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
     """A grid of image | image-with-labels (| depth, near bright) tiles and a class legend, written as
-    PNG to `path`."""
+    PNG to `path` (see `factory.dataset.preview`)."""
     manifest = layout.read_manifest(dataset)
-    labels = manifest["labels"]
-    colors = palette(max(len(labels), 2))
-    tiles = []
-    for sample in read.iter_samples(dataset, limit=num):
-        image = sample["image"]
-        overlay = image.copy()
-        if sample["mask"] is not None:  # class 0 (background) is left untinted
-            tinted = (0.4 * image + 0.6 * colors[sample["mask"]]).astype(np.uint8)
-            overlay = np.where(sample["mask"][..., None] > 0, tinted, image)
-        panels = [image, overlay]
-        if sample.get("depth") is not None:  # inverse depth, normalised per image: near is bright
-            inverse = 1.0 / np.maximum(sample["depth"], 1e-3)
-            span = max(float(inverse.max() - inverse.min()), 1e-6)
-            grey = ((inverse - inverse.min()) / span * 255).astype(np.uint8)
-            panels.append(np.repeat(grey[..., None], 3, axis=2))
-        pair = Image.fromarray(np.concatenate(panels, axis=1)).resize((len(panels) * TILE, TILE), Image.NEAREST)
-        if sample["keypoints"]:
-            draw = ImageDraw.Draw(pair)
-            scale = TILE / image.shape[1]
-            for i, kp in enumerate(sample["keypoints"]):
-                x, y = TILE + kp["x"] * scale, kp["y"] * scale
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=tuple(int(c) for c in colors[(i + 1) % len(colors)]))
-        tiles.append(pair)
-    rows = max(1, -(-len(tiles) // columns))
-    legend_h = 18 * (-(-len(labels) // 4)) + 8
-    tile_w = tiles[0].width if tiles else 2 * TILE
-    grid = Image.new("RGB", (columns * (tile_w + 4), rows * (TILE + 4) + legend_h), (255, 255, 255))
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % columns) * (tile_w + 4), (i // columns) * (TILE + 4)))
-    draw = ImageDraw.Draw(grid)
-    top = rows * (TILE + 4) + 4
-    for i, name in enumerate(labels):
-        x, y = (i % 4) * (grid.width // 4) + 4, top + (i // 4) * 18
-        color = tuple(int(c) for c in colors[i]) if manifest["task"] == "segmentation" else tuple(
-            int(c) for c in colors[(i + 1) % len(colors)])
-        draw.rectangle([x, y, x + 12, y + 12], fill=color, outline=(0, 0, 0))
-        draw.text((x + 18, y), f"{i}: {name}", fill=(0, 0, 0))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    storage.write_bytes(path, buf.getvalue())
+    png = preview_lib.draw(read.iter_samples(dataset, limit=num), manifest["labels"], manifest["task"], columns)
+    storage.write_bytes(path, png)
     return path
 
 

@@ -25,7 +25,7 @@ from factory.config import FactoryConfig
 from factory.data.annotations import LabeledSet, load_labeled_set
 from factory.data.labeled_photos import RealLabeledSet, load_real_labeled_set
 from factory.decoders import unwrap
-from factory.decoders.files import MODEL_FILE, save_decoder
+from factory.decoders.files import METRICS_FILE, MODEL_FILE, save_decoder
 from factory.fingerprint import safetensors_fingerprint
 from factory.recipes.objectives import objective_for
 from factory.recipes.ray_train import (
@@ -195,5 +195,11 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
     with result.checkpoint.as_directory() as d:
         storage.publish_tree(d, target, ignore=shutil.ignore_patterns(STATE_FILE), last=MODEL_FILE)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    storage.write_json(storage.join(target, METRICS_FILE), {
+        "metrics": metrics, "steps": cfg.train.steps, "val_images": cfg.train.val_images,
+        "labeled_set": {"path": cfg.train.labeled, "fingerprint": safetensors_fingerprint(cfg.train.labeled),
+                        "images": len(labeled.files)},
+        "inputs_hash": inputs_hash(cfg, cfg.train.labeled),
+    })
     log.info("decoder written to %s; final metrics %s", target, metrics)
     return metrics

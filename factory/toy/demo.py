@@ -72,7 +72,7 @@ def run_demo(cfg: FactoryConfig) -> dict:
     # 4. Fit the decoder on Ray Train.
     metrics = train(cfg)
     # 5. Generate the labeled dataset on Ray Data.
-    generate(cfg)
+    generate(cfg, command="factory demo" + (" --diffusion" if cfg.backbone.kind == "diffusion" else ""))
     # 6. Inspect it.
     summary = inspect.summarize(cfg.generate.output)
     summary["preview"] = inspect.preview(cfg.generate.output, os.path.join(cfg.generate.output, "preview.png"))

@@ -1,0 +1,240 @@
+"""The dataset card: `README.md` at the root of every finished dataset, in the Hugging Face
+dataset-card format, so a person sees at a glance what the data is and where it came from, and
+`datasets.load_dataset(<the folder>)` reads it with no arguments.
+
+    ---                                  YAML front matter (the Hub's metadata)
+    configs: [default: data_files ...]   the shards of the dataset's first format (Parquet when
+                                         written, else the WebDataset tars)
+    dataset_info: features               the sample columns as `datasets` features (Parquet)
+    license, task_categories, tags, size_categories, pretty_name
+    ---
+    body                                 preview, labels with pixel shares, provenance, the
+                                         uncertainty filter, how to read it, the weights' licence
+
+`datasets` picks one loader for a whole folder, so the front matter lists one format; the body says
+how to read the other. The card is written by the build's final publish, just before the manifest,
+and only when every shard is complete (`recipes/generate.py`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import yaml
+
+from factory import storage
+from factory.dataset.sample import MEDIA_FIELDS, SAMPLE_SCHEMA
+
+CARD = "README.md"
+NVIDIA_NC = "nvidia-source-code-license-nc"
+SHIPPED_LICENSE = "apache-2.0"
+SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+TASK_CATEGORIES = {"segmentation": "image-segmentation", "instances": "image-segmentation",
+                   "depth": "depth-estimation", "keypoints": "keypoint-detection"}
+TASK_IDS = {"segmentation": "semantic-segmentation", "instances": "instance-segmentation"}
+
+
+def size_category(n: int) -> str:
+    for bound, name in SIZE_CATEGORIES:
+        if n < bound:
+            return name
+    return "n>1B"
+
+
+_DTYPES = {pa.string(): "string", pa.int64(): "int64", pa.int32(): "int32", pa.float32(): "float32"}
+
+
+def features() -> list[dict]:
+    """SAMPLE_SCHEMA as `datasets` features: encoded pixels are `image` (decoded to PIL on access)."""
+    out = []
+    for f in SAMPLE_SCHEMA:
+        if f.name in MEDIA_FIELDS:
+            out.append({"name": f.name, "dtype": "image"})
+        elif pa.types.is_list(f.type):
+            out.append({"name": f.name, "sequence": _DTYPES[f.type.value_type]})
+        else:
+            out.append({"name": f.name, "dtype": _DTYPES[f.type]})
+    return out
+
+
+def weights_license(backbone: dict, configured: str | None) -> dict:
+    """The licence of the weights that made the data: {"id", "known", "non_commercial", "text"}.
+
+    Weights from an official NVIDIA pickle are non-commercial whatever the config says; otherwise the
+    configured `card.weights_license`, the shipped toy weights' Apache-2.0, or unknown."""
+    if backbone["nvidia_official"]:
+        return {"id": NVIDIA_NC, "known": True, "non_commercial": True, "text": (
+            "**Non-commercial.** The backbone's weights came from an official NVIDIA StyleGAN2 checkpoint "
+            "(a stylegan2-ada-pytorch / stylegan3 pickle, directly or through `factory weights convert`), "
+            "released under the NVIDIA Source Code License-NC: they, and data made with them, may be used "
+            "for non-commercial research and evaluation only. The DatasetGAN annotations are under the same "
+            "terms." + (f" (`card.weights_license` says `{configured}`.)" if configured and configured != NVIDIA_NC
+                        else ""))}
+    if configured:
+        return {"id": configured, "known": True, "non_commercial": "nc" in configured.lower().split("-"),
+                "text": f"The backbone's weights are under `{configured}` (as set in `card.weights_license`); "
+                        "data made with them inherits its terms."}
+    if backbone["shipped"]:
+        return {"id": SHIPPED_LICENSE, "known": True, "non_commercial": False,
+                "text": "The backbone is one of the toy models shipped with `factory` and trained by it on its own "
+                        "toy world: Apache-2.0, like the package."}
+    if backbone["weights"] is None:
+        return {"id": SHIPPED_LICENSE, "known": True, "non_commercial": False,
+                "text": "The backbone has seeded random weights made by `factory` itself (Apache-2.0)."}
+    return {"id": "unknown", "known": False, "non_commercial": False, "text": (
+        "**Unknown.** Nobody said under which licence the backbone's weights are (`card.weights_license`). "
+        "Data generated from a model usually inherits the terms of its weights: check them before you "
+        "share or use this dataset.")}
+
+
+def front_matter(manifest: dict, licence: dict, dataset_license: str | None) -> dict:
+    formats = manifest["formats"]
+    fmt = "parquet" if "parquet" in formats else "webdataset"
+    pattern = "parquet/*.parquet" if fmt == "parquet" else "webdataset/*.tar"
+    config = {"config_name": "default", "data_files": [{"split": "train", "path": pattern}]}
+    tasks = manifest.get("tasks") or [manifest["task"]]
+    if dataset_license is None:
+        dataset_license = "other" if licence["non_commercial"] else licence["id"]
+    meta = {
+        "pretty_name": manifest["name"],
+        "license": dataset_license,
+        "task_categories": sorted({TASK_CATEGORIES[t] for t in tasks if t in TASK_CATEGORIES}),
+        "task_ids": sorted({TASK_IDS[t] for t in tasks if t in TASK_IDS}),
+        "tags": ["synthetic", "factory",
+                 "datasetdm" if manifest["config"].get("backbone", {}).get("kind") == "diffusion" else "datasetgan"],
+        "size_categories": [size_category(manifest["num_samples"])],
+        "configs": [config],
+    }
+    if meta["license"] == "other":
+        meta["license_name"] = licence["id"]
+    if fmt == "parquet":
+        meta["dataset_info"] = {"config_name": "default", "features": features()}
+    return meta
+
+
+def render(manifest: dict, provenance: dict, stats: dict, preview: str | None, dataset_license: str | None = None,
+           configured_weights_license: str | None = None) -> str:
+    """The card's text. `provenance`: {"backbone": weights_provenance + "weights_hash", "decoder": {"url",
+    "sha256", "kind", "metrics"}, "labeled_set": {"path", "fingerprint"} or None, "command"};
+    `stats`: `label_statistics` of the first samples; `preview`: the preview's path in the dataset."""
+    licence = weights_license(provenance["backbone"], configured_weights_license)
+    meta = front_matter(manifest, licence, dataset_license)
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+             f"# {manifest['name']}", ""]
+    tasks = manifest.get("tasks") or [manifest["task"]]
+    lines += [f"{manifest['num_samples']:,} synthetic images with pixel labels ({', '.join(tasks)}), kept of "
+              f"{manifest['num_generated']:,} generated, in {manifest['num_shards']} shards "
+              f"({', '.join(manifest['formats'])}), made by "
+              f"factory {manifest['package_version']}: a generative backbone "
+              "whose internal features a small decoder, fitted on a few annotated images, turns into labels "
+              "(DatasetGAN / DatasetDM).", ""]
+    if preview:
+        lines += ["## Preview", "", f"![the first samples, each beside its labels]({preview})", "",
+                  "Each tile: the image, then the image with its labels overlaid (and the depth, near is bright, "
+                  "when the dataset has depth).", ""]
+    lines += ["## Labels", ""]
+    labels = manifest["labels"]
+    if "class_pixel_frequency" in stats:
+        lines += [f"Share of pixels per class over the first {stats['samples_counted']:,} samples:", "",
+                  "| id | class | pixels |", "|---|---|---|"]
+        lines += [f"| {i} | {name} | {stats['class_pixel_frequency'].get(name, 0):.2%} |" for i, name in enumerate(labels)]
+    elif "keypoint_mean_score" in stats:
+        lines += [f"Mean keypoint score over the first {stats['samples_counted']:,} samples:", "",
+                  "| id | keypoint | mean score |", "|---|---|---|"]
+        lines += [f"| {i} | {name} | {score:.3f} |" if score is not None else f"| {i} | {name} | - |"
+                  for i, (name, score) in enumerate(stats["keypoint_mean_score"].items())]
+    lines.append("")
+    lines += provenance_section(manifest, provenance)
+    lines += filter_section(manifest)
+    lines += reading_section(manifest, manifest["config"].get("generate", {}).get("output") or "THIS_FOLDER")
+    lines += ["## Licence of the weights", "", licence["text"], ""]
+    return "\n".join(lines)
+
+
+def provenance_section(manifest: dict, p: dict) -> list[str]:
+    b, d, labeled = p["backbone"], p["decoder"], p.get("labeled_set")
+    source = b.get("source") or {}
+    converted = source.get("converted_from")
+    rows = [
+        ("backbone", f"{b['kind']}, {b['format']}" + (" (shipped with factory)" if b["shipped"] else "")),
+        ("backbone weights", f"`{b['weights']}`" if b["weights"] else "none (random)"),
+        ("backbone weights hash", f"`{b['weights_hash']}`"),
+    ]
+    if b.get("sha256"):
+        rows.append(("backbone file sha256", f"`{b['sha256']}`"))
+    if converted:
+        rows.append(("converted from", f"`{converted.get('file')}` ({converted.get('format')}, sha256 "
+                                       f"`{converted.get('sha256')}`)"))
+    if source.get("trained_by"):
+        rows.append(("trained by", f"`{source['trained_by']}` ({source.get('steps')} steps; images hash "
+                                   f"`{source.get('images')}`)"))
+    rows += [("decoder", f"{d['kind']} at `{d['url']}`"), ("decoder weights sha256", f"`{d['sha256']}`")]
+    if d.get("metrics"):
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d["metrics"].items())
+        rows.append(("decoder validation", shown))
+    if labeled:
+        rows.append(("labeled set", f"`{labeled['path']}`, fingerprint `{labeled['fingerprint']}`"
+                     + (f", {labeled['images']} images" if labeled.get("images") else "")))
+    else:
+        rows.append(("labeled set", "not recorded (the decoder has no metrics.json and the labeled set is not at hand)"))
+    rows += [("config hash (samples)", f"`{manifest['config_hash']}`"), ("build hash", f"`{manifest['build_hash']}`"),
+             ("factory version", manifest["package_version"]), ("command", f"`{p.get('command') or 'not recorded'}`")]
+    g = manifest["config"].get("generate", {})
+    if g:
+        rows.append(("seeds", f"{g['start_seed']:,} to {g['start_seed'] + g['num_samples'] - 1:,}, "
+                              f"{g['shard_size']:,} per shard, batches of {g['batch_size']}"))
+    return (["## How it was made", "", "A sample is a function of (config, seed): rebuilding with the same "
+             "config gives the same bytes. The full resolved config is in `manifest.json` and `build.json`.", "",
+             "| what | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""])
+
+
+def filter_section(manifest: dict) -> list[str]:
+    c = manifest.get("calibration")
+    lines = ["## Uncertainty filter", ""]
+    if not c:
+        return lines + ["Nothing was dropped (`generate.drop_uncertain=0`). Every sample keeps its "
+                        "`uncertainty` score, so you can filter yourself.", ""]
+    q = c.get("score_quantiles", {})
+    return lines + [
+        f"The decoder is an ensemble; a sample's `uncertainty` is the mean Jensen-Shannon disagreement of its "
+        f"heads over its most uncertain pixels. The {c['drop_fraction']:.0%} most uncertain samples were dropped: "
+        f"scores above **{c['threshold']:.5f}**, the {1 - c['drop_fraction']:.0%} quantile of the first "
+        f"{c['num_scored']:,} seeds' scores (median {q.get('p50', float('nan')):.5f}, p90 {q.get('p90', float('nan')):.5f}). "
+        "Every kept sample keeps its score, so you can filter further.", ""]
+
+
+def reading_section(manifest: dict, where: str) -> list[str]:
+    formats = manifest["formats"]
+    q = json.dumps(where)  # the dataset's URL as a Python string literal
+    tars = json.dumps(f"{where}/webdataset/*.tar")
+    lines = ["## How to read it", "", "With factory installed (`ShardDataset` works on a local folder or `s3://`):", "",
+             "```python", "from torch.utils.data import DataLoader", "from factory.dataset.read import ShardDataset, ray_dataset",
+             "", f"loader = DataLoader(ShardDataset({q}, shuffle=True), batch_size=32)  # (image, mask, meta)",
+             f"ds = ray_dataset({q})  # a ray.data.Dataset of the Parquet rows", "```", "",
+             "With the Hugging Face `datasets` library (this card's front matter tells it where the data is):", "",
+             "```python", "import datasets", "", f'ds = datasets.load_dataset({q}, split="train")']
+    if "parquet" in formats:
+        lines += ['ds[0]["image"], ds[0]["mask"]  # PIL images; mask pixel value = class id']
+    lines += ["```", ""]
+    if "parquet" in formats:
+        lines += ["With Ray Data or pyarrow alone:", "", "```python", "import ray", "",
+                  f"ds = ray.data.read_parquet({json.dumps(where + '/parquet')})", "```", ""]
+    if "webdataset" in formats:
+        lines += ["With webdataset (members `KEY.png`, `KEY.seg.png`, `KEY.json`, ...):", "", "```python",
+                  "import glob", "import webdataset as wds", "",
+                  f'ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False).decode("rgb8")', "```", ""]
+        if "parquet" in formats:
+            lines += ["`datasets` reads one format per folder, the Parquet shards here; for the tars: "
+                      f'`datasets.load_dataset("webdataset", data_files={tars})`.', ""]
+    lines += ["Files: `parquet/shard-NNNNN.parquet` (one row per sample), `webdataset/shard-NNNNN.tar` (+ "
+              "`.meta.parquet`), `_stats/` (a completion record per shard: counts, sha256 of every file, timings), "
+              "`manifest.json` (written last), `calibration.json`, `build.json`.", ""]
+    return lines
+
+
+def write(output: str, text: str) -> str:
+    url = storage.join(output, CARD)
+    storage.write_bytes(url, text.encode())
+    return url

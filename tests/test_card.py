@@ -1,0 +1,166 @@
+"""The dataset card: README.md at a finished dataset's root that `datasets.load_dataset(<folder>)`
+reads with no arguments, with provenance, label statistics, the filter and the weights' licence
+(non-commercial for weights from an official NVIDIA pickle, a warning when unknown)."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from conftest import save_untrained_decoder
+from lookalike import canary_source, snapshot, with_noise_const
+
+from factory.backbones.provenance import weights_provenance
+from factory.backbones.stylegan2 import StyleGAN2Generator
+from factory.backbones.stylegan2_formats import convert
+from factory.config import SHIPPED_DIR, load_config
+from factory.dataset import card, layout, read
+from factory.decoders.files import load_decoder
+from factory.recipes.dataset_card import publish_card
+from factory.recipes.labeling import build_shard
+
+
+def build(work, formats: str, *overrides: str):
+    """Two shards built without Ray and the card published as `generate` does (manifest last)."""
+    cfg = load_config(None, [f"workdir={work}", "decoder.num_heads=2", "generate.batch_size=5",
+                             f"generate.formats=[{formats}]", *overrides])
+    backbone = save_untrained_decoder(cfg)
+    decoder = load_decoder(cfg.generate.decoder)
+    out = cfg.generate.output
+    layout.prepare_output(out, "build", {}, overwrite=False)
+    plan = layout.plan_shards(100, 10, 5)
+    records = {s.name: build_shard(backbone, decoder, cfg, s, "cfg") for s in plan}
+    manifest = layout.build_manifest(
+        plan, records, {}, name="card-test", package_version="0.1.0", build_hash="b" * 64, config_hash="c" * 64,
+        task="segmentation", tasks=["segmentation"], labels=cfg.labels.classes, formats=cfg.generate.formats,
+        image_format="png", calibration={"drop_fraction": 0.1, "threshold": 0.25, "num_scored": 10,
+                                         "score_quantiles": {"p50": 0.2, "p90": 0.25}}, config=cfg_dict(cfg))
+    publish_card(cfg, manifest, command="factory generate my.yaml")
+    layout.write_manifest(out, manifest)
+    return cfg, out
+
+
+def cfg_dict(cfg):
+    from factory.config import to_dict
+
+    return to_dict(cfg)
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+@pytest.fixture
+def hf_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    return str(tmp_path / "hf-cache")
+
+
+def test_load_dataset_reads_a_built_dataset_through_its_card(tmp_path, hf_offline):
+    import datasets
+
+    _, out = build(tmp_path, "parquet,webdataset")
+    text = open(f"{out}/README.md").read()
+    meta = front_matter(text)
+    assert meta["configs"][0]["data_files"] == [{"split": "train", "path": "parquet/*.parquet"}]
+    assert meta["task_categories"] == ["image-segmentation"] and meta["size_categories"] == ["n<1K"]
+    assert meta["license"] == "apache-2.0"  # seeded random weights made by factory itself
+    ds = datasets.load_dataset(out, split="train", cache_dir=hf_offline)  # no arguments but the folder
+    ours = list(read.iter_samples(out))
+    assert ds["key"] == [s["key"] for s in ours] and len(ours) == 10
+    np.testing.assert_array_equal(np.asarray(ds[3]["image"]), ours[3]["image"])
+    np.testing.assert_array_equal(np.asarray(ds[3]["mask"]), ours[3]["mask"])
+    # the body: preview, pixel shares, provenance, the filter, the readers
+    assert "![the first samples" in text and (tmp_path / "dataset" / "preview.png").is_file()
+    assert "| 0 | background |" in text and "threshold" not in meta
+    assert "0.25000" in text and "factory generate my.yaml" in text and "c" * 64 in text
+    for reader in ("ShardDataset", "ray.data.read_parquet", "wds.WebDataset", "load_dataset"):
+        assert reader in text
+
+
+def test_a_webdataset_only_dataset_loads_its_tars_through_the_card(tmp_path, hf_offline):
+    import datasets
+
+    _, out = build(tmp_path, "webdataset")
+    assert front_matter(open(f"{out}/README.md").read())["configs"][0]["data_files"][0]["path"] == "webdataset/*.tar"
+    ds = datasets.load_dataset(out, split="train", cache_dir=hf_offline)
+    assert ds["__key__"] == [f"{s:012d}" for s in range(100, 110)] and ds[0]["json"]["seed"] == 100
+
+
+def test_unknown_weights_licence_warns_and_the_card_says_so(tmp_path, caplog):
+    weights = tmp_path / "my_g.safetensors"
+    shutil.copy(f"{SHIPPED_DIR}/toy_stylegan2.safetensors", weights)
+    with caplog.at_level(logging.WARNING):
+        _, out = build(tmp_path, "parquet", f"backbone.weights={weights}", "backbone.stylegan2.channel_max=64")
+    assert "licence of backbone weights" in caplog.text and "card.weights_license" in caplog.text
+    text = open(f"{out}/README.md").read()
+    assert front_matter(text)["license"] == "unknown" and "**Unknown.**" in text
+    # the file's sha256 is in the provenance; setting the licence silences the warning
+    assert weights_provenance(load_config(None, [f"backbone.weights={weights}"]).backbone)["sha256"] in text
+
+
+def test_weights_from_an_official_nvidia_pickle_make_a_non_commercial_card(tmp_path):
+    g = with_noise_const(StyleGAN2Generator(load_config(None, []).backbone.stylegan2, seed=3, w_avg_samples=16))
+    pickle_path = tmp_path / "network-snapshot.pkl"
+    pickle_path.write_bytes(snapshot(g, canary_source(str(tmp_path / "CANARY"))))
+    converted = str(tmp_path / "converted.safetensors")
+    convert(str(pickle_path), converted)
+    for weights in (str(pickle_path), converted):  # the pickle itself, and its conversion
+        b = weights_provenance(load_config(None, [f"backbone.weights={weights}"]).backbone)
+        assert b["nvidia_official"], weights
+        licence = card.weights_license(b, "mit")  # whatever the config says
+        assert licence["non_commercial"] and "Non-commercial" in licence["text"]
+    assert not (tmp_path / "CANARY").exists()
+    shipped = weights_provenance(load_config(None, ["backbone.weights=pkg://toy_stylegan2.safetensors"]).backbone)
+    assert shipped["shipped"] and not shipped["nvidia_official"] and shipped["source"]["trained_by"]
+    meta = card.front_matter({"formats": ["parquet"], "task": "segmentation", "name": "x", "num_samples": 20_000,
+                              "config": {}}, card.weights_license(b, None), None)
+    assert meta["license"] == "other" and meta["license_name"] == card.NVIDIA_NC
+    assert meta["size_categories"] == ["10K<n<100K"]
+
+
+def test_label_statistics_of_each_task():
+    from factory.dataset.stats import label_statistics
+
+    mask = np.array([[0, 1], [1, 1]], np.uint8)
+    seg = label_statistics([{"mask": mask}] * 3, ["bg", "part"], "segmentation")
+    assert seg == {"class_pixel_frequency": {"bg": 0.25, "part": 0.75}, "samples_counted": 3}
+    kps = [{"keypoints": [{"name": "nose", "score": 0.5}]}, {"keypoints": [{"name": "nose", "score": 1.0}]}]
+    assert label_statistics(kps, ["nose", "chin"], "keypoints") == {
+        "keypoint_mean_score": {"nose": 0.75, "chin": None}, "samples_counted": 2}
+    assert label_statistics([{"mask": None, "keypoints": None}], ["bg"], "depth") == {"samples_counted": 0}
+
+
+def test_a_diffusion_dataset_card_has_depth_and_its_pipeline(tmp_path, hf_offline):
+    """The DatasetDM path: depth as an image feature, the pipeline folder and its training record."""
+    import datasets
+
+    from factory.config import to_dict
+
+    cfg = load_config("configs/diffusion.yaml", [
+        f"workdir={tmp_path}", "backbone.weights=pkg://toy_diffusion", "backbone.diffusion.resolution=32",
+        "backbone.diffusion.steps=2", "decoder.num_heads=2", "generate.batch_size=4"])
+    backbone = save_untrained_decoder(cfg)
+    out = cfg.generate.output
+    layout.prepare_output(out, "build", {}, overwrite=False)
+    spec = layout.plan_shards(0, 4, 4)[0]
+    record = build_shard(backbone, load_decoder(cfg.generate.decoder), cfg, spec, "cfg", texts=["a photo of a face"])
+    manifest = layout.build_manifest([spec], {spec.name: record}, {}, name="dm", package_version="0.1.0",
+                                     build_hash="b", config_hash="c", task="segmentation",
+                                     tasks=["segmentation", "depth"], labels=cfg.labels.classes, formats=["parquet"],
+                                     image_format="png", calibration=None, config=to_dict(cfg))
+    publish_card(cfg, manifest)
+    layout.write_manifest(out, manifest)
+    text = open(f"{out}/README.md").read()
+    meta = front_matter(text)
+    assert meta["task_categories"] == ["depth-estimation", "image-segmentation"] and "datasetdm" in meta["tags"]
+    assert meta["license"] == "apache-2.0" and "diffusers pipeline folder (shipped with factory)" in text
+    assert "factory pretrain configs/toy_dm.yaml" in text and "Nothing was dropped" in text
+    ds = datasets.load_dataset(out, split="train", cache_dir=hf_offline)
+    depth = np.asarray(ds[0]["depth"])
+    assert depth.shape == (32, 32) and depth.dtype in (np.uint16, np.int32)
+    np.testing.assert_allclose(depth / cfg.labels.depth_scale, next(read.iter_samples(out))["depth"], rtol=1e-6)

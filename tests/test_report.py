@@ -1,0 +1,77 @@
+"""`factory inspect --html`: one self-contained page (no external resource), opened in headless
+Chromium where it is installed: the DOM has every section and the screenshot is not blank."""
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_card import build
+
+from factory.cli import main
+from factory.recipes.report import SECTIONS
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A two-shard dataset with a decoder metrics.json, one shard's tar deleted, and its report."""
+    work = tmp_path_factory.mktemp("report")
+    cfg, out = build(work, "parquet,webdataset")
+    with open(os.path.join(cfg.generate.decoder, "metrics.json"), "w") as f:
+        json.dump({"metrics": {"val_miou": 0.4321, "step": 20}, "val_images": 2,
+                   "labeled_set": {"path": "labeled.safetensors", "fingerprint": "f" * 64, "images": 8}}, f)
+    os.remove(os.path.join(out, "webdataset", "shard-00001.tar"))
+    page = str(work / "report.html")
+    assert main(["inspect", out, "--html", page]) == 1  # incomplete: a file is missing
+    return page
+
+
+def test_the_page_is_self_contained_with_every_section(report):
+    text = open(report).read()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in text
+    assert not re.search(r'(src|href)="(?!data:)', text)  # nothing fetched: every image a data URI
+    assert "http://" not in text and "https://" not in text
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(images) == 4  # preview, class bars, uncertainty histogram, shard timings
+    for data in images:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            assert im.width > 100 and im.height > 100
+    assert "webdataset/shard-00001.tar" in text and "INCOMPLETE" in text  # the missing file is shown
+    assert "0.4321" in text and "val_miou" in text  # decoder metrics
+    assert "scores above 0.25000, calibrated on 10 seeds" in text  # the filter beside its histogram
+    assert "0: background" in text and "1: blue" in text  # the legend
+
+
+def chromium(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={cwd}/profile"]
+    return subprocess.run([CHROMIUM, *flags, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium; .ci/run does "
+                                             "where it can)")
+def test_headless_chromium_renders_every_section(report, tmp_path):
+    url = f"file://{report}"
+    dom = chromium("--dump-dom", url, cwd=str(tmp_path))
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom.stdout
+    shot = tmp_path / "shot.png"
+    done = chromium(f"--screenshot={shot}", "--window-size=1200,1800", "--hide-scrollbars", url, cwd=str(tmp_path))
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.shape[:2] == (1800, 1200)
+    non_white = (pixels < 245).any(axis=2).mean()
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert non_white > 0.05 and colours > 100, (non_white, colours)  # text, tables and images, not a blank page

@@ -1,0 +1,104 @@
+"""`factory annotate suggest`: uncertainty-weighted farthest-point selection, and the GAN path end to
+end on Ray: the chosen seeds join the export like `annotate export` writes it, `annotate import`
+takes both rounds together, and training regenerates every image bit for bit."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import save_untrained_decoder
+
+from factory.cli import main
+from factory.recipes.suggest import select
+
+
+def test_select_prefers_uncertain_images_unlike_each_other_and_the_labeled_ones():
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(20, 8)) * 3
+    clones = np.repeat(rng.normal(size=(1, 8)), 5, axis=0) + rng.normal(size=(5, 8)) * 1e-3
+    emb = np.concatenate([clones, spread])
+    scores = np.concatenate([np.full(5, 1.0), np.full(20, 0.6)])
+    chosen = select(scores, emb, 4)
+    assert chosen[0] == 0  # the most uncertain first (ties: the lower index)
+    assert sum(i < 5 for i in chosen) == 1  # one of the five near-duplicates, not all of them
+    assert np.argsort(-scores, kind="stable")[:4].tolist() == [0, 1, 2, 3]  # what uncertainty alone would take
+    again = select(scores, emb, 4, labeled=emb[:1])  # a clone is labeled already: none is chosen
+    assert all(i >= 5 for i in again) and again == select(scores, emb, 4, labeled=emb[:1])
+    flat = select(np.zeros(25), emb, 3)  # no uncertainty anywhere: plain farthest-point sampling
+    assert len(set(flat)) == 3
+    with pytest.raises(ValueError, match="cannot choose 30 of 25"):
+        select(scores, emb, 30)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_suggested_seeds_are_exported_imported_and_regenerated(tiny_cfg, labeled_dir, ray_cluster, tmp_path, capsys):
+    from factory.backbones import load_backbone
+    from factory.data.annotations import load_labeled_set
+    from factory.recipes.objectives import regenerate
+    from factory.toy.annotator import annotate_by_rule
+
+    save_untrained_decoder(tiny_cfg)
+    config = tmp_path / "factory.yaml"
+    config.write_text(f"workdir: {tmp_path}\nannotate: {{num_images: 8, batch_size: 3}}\ndecoder: {{num_heads: 3}}\n"
+                      "train: {val_images: 2}\ngenerate: {num_actors: 2, cpus_per_actor: 0.5}\n")
+    first = json.loads(open(f"{labeled_dir}/export.json").read())
+    assert main(["annotate", "suggest", str(config), "--num-images", "5", "--pool", "30"]) == 0
+    assert "suggested 5 of 30 candidates" in capsys.readouterr().out
+    export = json.loads(open(f"{labeled_dir}/export.json").read())
+    suggested = json.loads(open(f"{labeled_dir}/suggested.json").read())
+    new = [r["seed"] for r in export["images"][8:]]
+    assert export["images"][:8] == first["images"] and len(new) == 5 and set(new) <= set(range(100_000, 100_030))
+    assert sorted(r["seed"] for r in suggested["images"]) == new and sorted(r["rank"] for r in suggested["images"]) == list(range(5))
+    assert export["batches"] == first["batches"] + [new[:3], new[3:]]  # annotate.batch_size=3
+    # a second round never repeats a seed
+    assert main(["annotate", "suggest", str(config), "--num-images", "2", "--pool", "30"]) == 0
+    again = json.loads(open(f"{labeled_dir}/export.json").read())
+    seeds = [r["seed"] for r in again["images"]]
+    assert len(seeds) == 15 == len(set(seeds))
+    # the annotator labels the new images; import takes all rounds; training regenerates them all
+    annotate_by_rule(labeled_dir)
+    assert main(["annotate", "import", str(config)]) == 0
+    labeled = load_labeled_set(tiny_cfg.train.labeled)
+    assert sorted(labeled.seeds.tolist()) == sorted(seeds)
+    features = regenerate(labeled, load_backbone(tiny_cfg.backbone))
+    assert features[0].shape[0] == 15
+
+
+def test_suggest_errors_are_one_line(tiny_cfg, labeled_dir, tmp_path, capsys):
+    config = tmp_path / "factory.yaml"
+    config.write_text(f"workdir: {tmp_path}\nannotate: {{num_images: 8}}\ndecoder: {{num_heads: 3}}\ntrain: {{val_images: 2}}\n")
+    assert main(["annotate", "suggest", str(config), "--num-images", "0"]) == 2
+    assert "--num-images and --pool must be >= 1" in capsys.readouterr().err
+    assert main(["annotate", "suggest", str(config), "--num-images", "5"]) == 2  # no decoder fitted yet
+    assert "run `factory train` first" in capsys.readouterr().err
+    save_untrained_decoder(tiny_cfg)
+    assert main(["annotate", "suggest", str(config), "--num-images", "50", "--pool", "10"]) == 2
+    assert "more than the pool of 10" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_diffusion_path_suggests_unlabeled_photos_into_the_labeled_folder(tmp_path, ray_cluster):
+    import os
+
+    from factory.config import load_config
+    from factory.data import toyworld
+    from factory.recipes.suggest import suggest
+
+    labeled, candidates = tmp_path / "labeled", tmp_path / "candidates"
+    toyworld.write_folder(str(labeled), 2, start_seed=0, size=32)
+    toyworld.write_folder(str(candidates), 8, start_seed=50, size=32)
+    cfg = load_config("configs/diffusion.yaml", [
+        f"workdir={tmp_path}", "backbone.diffusion.resolution=32", "backbone.diffusion.steps=2", "decoder.num_heads=2",
+        f"labels.dir={labeled}", f"annotate.candidates={candidates}", "annotate.batch_size=4",
+        "generate.num_actors=1", "generate.cpus_per_actor=0.5"])
+    save_untrained_decoder(cfg)
+    record = suggest(cfg, 3, pool_size=8)
+    names = [r["file"] for r in record["images"]]
+    assert len(names) == 3 and record["pool_scored"] == 8
+    for name in names:  # copied byte for byte beside the labeled photos, for the annotators
+        assert open(candidates / "images" / name, "rb").read() == open(labeled / "images" / name, "rb").read()
+    assert len(os.listdir(labeled / "images")) == 5 and (labeled / "suggested.json").is_file()
+    again = suggest(cfg, 2, pool_size=8)  # the next round leaves out what is in the labeled folder now
+    assert not set(r["file"] for r in again["images"]) & set(names) and again["pool_scored"] == 5
