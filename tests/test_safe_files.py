@@ -55,7 +55,7 @@ def _one_line(e: AnnotationError, name: str) -> bool:
 
 def test_annotate_import_refuses_a_symlinked_mask(tiny_cfg, labeled_dir, tmp_path):
     masks = os.path.join(labeled_dir, "masks")
-    victim = sorted(os.listdir(masks))[0]
+    victim = min(os.listdir(masks))
     outside = tmp_path / "outside.png"
     shutil.move(os.path.join(masks, victim), outside)
     os.symlink(outside, os.path.join(masks, victim))

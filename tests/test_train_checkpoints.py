@@ -7,7 +7,13 @@ import os
 import pytest
 import torch
 
-from factory.recipes.ray_train import CHECKPOINT_RECORD, STATE_FILE, TrainError, record_checkpoint, verify_checkpoint
+from factory.recipes.ray_train import (
+    CHECKPOINT_RECORD,
+    STATE_FILE,
+    TrainError,
+    record_checkpoint,
+    verify_checkpoint,
+)
 
 
 @pytest.fixture

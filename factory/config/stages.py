@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from factory.config.checks import ConfigError, at_least, distinct_subset, no_credentials, one_of, positive, within
+from factory.config.checks import (
+    ConfigError,
+    at_least,
+    distinct_subset,
+    no_credentials,
+    one_of,
+    positive,
+    within,
+)
 
 
 @dataclass

@@ -34,8 +34,14 @@ from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder, load_image_folder
 from factory.recipes.pretrain_diffusion import PIPELINE_DIR, DiffusionRecipe
 from factory.recipes.pretrain_gan import GAN_FILE, GanRecipe
-from factory.recipes.ray_train import (STATE_FILE, fit_on_ray, report_checkpoint, restore_state, step_generator,
-                                      verify_checkpoint)
+from factory.recipes.ray_train import (
+    STATE_FILE,
+    fit_on_ray,
+    report_checkpoint,
+    restore_state,
+    step_generator,
+    verify_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
