@@ -149,8 +149,62 @@ def fault_two_builds(rng: random.Random, config: Path, output: str, address: str
             "recovery_s": round(time.perf_counter() - start, 2)}
 
 
+def build_actors() -> list:
+    """The build's Ray Data actors on this machine, found the way an operator (or the OOM killer) would:
+    by their process title."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::MapWorker") and "ShardBuilder" in cmdline:
+            found.append(proc)
+    return found
+
+
+def _kill_actors(rng: random.Random, config: Path, output: str, address: str, shards: int, kills: int) -> dict:
+    """SIGKILL a random build actor `kills` times at random moments (from outside: a signal, not an
+    exception in it); Ray restarts it and resubmits its shard. Re-run if the build failed anyway."""
+    stats = Path(output, "_stats")
+    moments = sorted(rng.randrange(0, shards) for _ in range(kills))
+    driver = cli(config, output, address)
+    killed, start = [], None
+    for at in moments:
+        deadline = time.monotonic() + 300
+        while driver.poll() is None and time.monotonic() < deadline:
+            if len(list(stats.glob("shard-*.json"))) >= at and build_actors():
+                break
+            time.sleep(0.05)
+        actors = build_actors()
+        if driver.poll() is not None or not actors:
+            break
+        victim = actors[rng.randrange(len(actors))]
+        victim.send_signal(signal.SIGKILL)
+        killed.append({"pid": victim.pid, "after_shards": len(list(stats.glob("shard-*.json")))})
+        start = start or time.perf_counter()
+        time.sleep(rng.uniform(0.5, 2.0))  # let Ray notice before the next kill
+    start = start or time.perf_counter()
+    _, err = driver.communicate(timeout=600)
+    code, rerun_code = driver.returncode, None
+    if code != 0:
+        rerun_code, err = rerun(config, output, address)
+    return {"killed": killed, "build_exit": code, "rerun_exit": rerun_code,
+            "error": err.strip()[-300:] if (rerun_code or code and rerun_code is None) else "",
+            "recovery_s": round(time.perf_counter() - start, 2)}
+
+
+def fault_actor_killed_once(rng: random.Random, config: Path, output: str, address: str, shards: int) -> dict:
+    return _kill_actors(rng, config, output, address, shards, kills=1)
+
+
+def fault_actor_killed_repeatedly(rng: random.Random, config: Path, output: str, address: str, shards: int) -> dict:
+    return _kill_actors(rng, config, output, address, shards, kills=4)
+
+
 FAULTS = {
     "driver SIGKILLed at a random moment": fault_driver_killed,
+    "actor SIGKILLed from outside, once": fault_actor_killed_once,
+    "actor SIGKILLed from outside, 4 times": fault_actor_killed_repeatedly,
     "shard corrupted after its record": fault_corrupted_shard,
     "two builds into one output": fault_two_builds,
 }
@@ -194,7 +248,7 @@ def main() -> int:
         for fault, run in FAULTS.items():
             results = []
             for t in range(trials):
-                output = str(work / f"{fault.split()[0]}-{t}")
+                output = str(work / f"fault{list(FAULTS).index(fault)}-{t}")
                 extra = {"reference": reference} if run is fault_corrupted_shard else {}
                 result = run(rng, config, output, address, shards, **extra)
                 result.update(check(output, reference))

@@ -46,9 +46,14 @@ def current() -> StorageConfig:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local path or an fsspec URL."""
+    """(filesystem, path inside it) for a local path or an fsspec URL. A URL carrying credentials
+    (`s3://KEY:SECRET@bucket/...`, which fsspec would accept) is refused without repeating them."""
     if "://" not in url:
         return LocalFileSystem(), os.path.abspath(url)
+    scheme, _, rest = url.partition("://")
+    if "@" in rest.split("/", 1)[0] or ":" in rest.rpartition("@")[0]:  # a secret may hold '/'
+        raise StorageError(f"{scheme}://***@{rest.rpartition('@')[2]}: credentials in a URL are refused; give them "
+                           "through the environment (AWS_ACCESS_KEY_ID, a profile or a role)")
     if url.startswith("s3://"):
         from s3fs import S3FileSystem
 

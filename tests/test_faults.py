@@ -19,7 +19,7 @@ def test_faults_quick_run_recovers_every_trial(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert len(report["faults"]) == 3
+    assert len(report["faults"]) == 5
     for fault, trials in report["faults"].items():
         for trial in trials:
             assert trial["recovered"] and trial["missing"] == 0 and trial["duplicates"] == 0, (fault, trial)

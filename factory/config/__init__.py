@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from factory.config.checks import ConfigError
+from factory.config.checks import ConfigError, no_credentials
 from factory.config.models import (
     DECODER_TASKS,
     DTYPES,
@@ -149,6 +149,8 @@ def absolute_paths(cfg: FactoryConfig) -> FactoryConfig:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if value is not None and "://" in value:
+            no_credentials(key, value)  # `s3://KEY:SECRET@bucket` would reach the manifest and the logs
         if key == "backbone.weights" and value is not None and value.startswith(SHIPPED):
             cfg.backbone.weights = shipped_path(value)
             continue

@@ -49,3 +49,20 @@ def distinct_subset(key: str, values: list, allowed: Iterable[object]) -> None:
     allowed = tuple(allowed)
     if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
         raise ConfigError(f"{key} must list some of {allowed} once each, got {values}")
+
+
+def no_credentials(key: str, url: str | None) -> None:
+    """A URL in a config carries no secret (`user:password@host`, `?api_key=...`): keys come from the
+    environment, so that no config, manifest, log line or error message ever holds one. The message
+    names the key, never the value."""
+    if not url:
+        return
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(url)
+    secret_query = {"key", "api_key", "apikey", "token", "access_token", "secret", "password",
+                    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "signature"}
+    rest = url.partition("://")[2]  # a secret with '/' in it cuts the netloc short: look at the whole URL
+    if "@" in parts.netloc or ":" in rest.rpartition("@")[0] or any(k.lower() in secret_query for k, _ in parse_qsl(parts.query)):
+        raise ConfigError(f"{key} holds a credential (user:password@ or a key in the query); give credentials "
+                          "through the environment, never in a config (the value is not shown)")

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from factory.config.checks import ConfigError, at_least, distinct_subset, one_of, positive, within
+from factory.config.checks import (
+    ConfigError,
+    at_least,
+    distinct_subset,
+    no_credentials,
+    one_of,
+    positive,
+    within,
+)
 
 
 @dataclass
@@ -27,6 +35,9 @@ class StorageConfig:
     anonymous: bool = False
     """Access public buckets without credentials. Otherwise credentials come from the standard AWS
     chain (environment, profile, instance or pod role), never from config files."""
+
+    def __post_init__(self) -> None:
+        no_credentials("storage.endpoint_url", self.endpoint_url)
 
 
 @dataclass
@@ -218,6 +229,7 @@ class PromptsConfig:
 
     def __post_init__(self) -> None:
         at_least("prompts", self, 1, ("num_prompts",))
+        no_credentials("prompts.endpoint", self.endpoint)
 
 
 @dataclass

@@ -130,7 +130,10 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
     if task == "segmentation":
         attempted = _read_masks(directory, images, size, label_names, masks, problems)
     coco_path = os.path.join(directory, COCO_FILE)
-    if os.path.isfile(coco_path):
+    for rel in [COCO_FILE, *(f"{IMAGES_DIR}/{name}" for name in sorted(images))]:
+        if os.path.islink(os.path.join(directory, rel)):
+            problems.append(f"{rel}: a symbolic link; a labeled folder holds its files, not links out of it")
+    if os.path.isfile(coco_path) and not os.path.islink(coco_path):
         _read_coco(coco_path, images, size, task, label_names, masks, keypoints, problems)
     labeled = masks if task == "segmentation" else keypoints
     for name in sorted(images):
@@ -197,18 +200,21 @@ def _read_masks(
         if name not in images:
             problems.append(f"{rel}: no exported image named {IMAGES_DIR}/{name}")
             continue
-        try:
+        if os.path.islink(os.path.join(mask_dir, name)):
+            problems.append(f"{rel}: a symbolic link; a labeled folder holds its files, not links out of it")
+            continue
+        try:  # mode and size come from the header: nothing larger than the export is ever decoded
             with Image.open(os.path.join(mask_dir, name)) as im:
                 mode, (w, h) = im.mode, im.size
+                if mode not in ("L", "P", "I", "I;16"):
+                    problems.append(f"{rel}: mode {mode}; expected a single-channel index PNG (mode L or P) of class ids")
+                    continue
+                if (w, h) != (size, size):
+                    problems.append(f"{rel}: size {w}x{h}, expected {size}x{size} like {IMAGES_DIR}/{name}")
+                    continue
                 mask = np.array(im)
         except (OSError, Image.DecompressionBombError) as e:
             problems.append(f"{rel}: not a readable image ({e})")
-            continue
-        if mode not in ("L", "P", "I", "I;16"):
-            problems.append(f"{rel}: mode {mode}; expected a single-channel index PNG (mode L or P) of class ids")
-            continue
-        if (w, h) != (size, size):
-            problems.append(f"{rel}: size {w}x{h}, expected {size}x{size} like {IMAGES_DIR}/{name}")
             continue
         top = int(mask.max())
         if top >= len(label_names):

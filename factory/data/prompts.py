@@ -267,6 +267,9 @@ def _ask(client, messages: list[dict], endpoint: str, model: str, api_key_env: s
         if e.status_code in (401, 403):
             hint = (f" (check the key in environment variable {api_key_env})" if os.environ.get(api_key_env)
                     else f" (environment variable {api_key_env} is not set)")
+        key = os.environ.get(api_key_env)
+        if key:  # servers echo the key they refused; it never reaches an error message or a log line
+            message = message.replace(key, "***")
         raise PromptError(f"{endpoint} answered {e.status_code}: {message}{hint}") from None
     except openai.APIError as e:
         raise PromptError(f"{endpoint}: unusable reply: {_one_line(e.message)}") from None

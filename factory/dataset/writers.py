@@ -123,7 +123,9 @@ class WebDatasetShardWriter:
         self._meta.abort()
 
     def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
+        if not name or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+            raise ValueError(f"tar member name {name!r} is not a plain file name")  # readers extract these
+        info = tarfile.TarInfo(name)  # a regular file (REGTYPE), never a link or a folder
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = "root"

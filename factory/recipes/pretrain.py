@@ -34,7 +34,14 @@ from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder, load_image_folder
 from factory.recipes.pretrain_diffusion import PIPELINE_DIR, DiffusionRecipe
 from factory.recipes.pretrain_gan import GAN_FILE, GanRecipe
-from factory.recipes.ray_train import STATE_FILE, fit_on_ray, report_checkpoint, restore_state, step_generator
+from factory.recipes.ray_train import (
+    STATE_FILE,
+    fit_on_ray,
+    report_checkpoint,
+    restore_state,
+    step_generator,
+    verify_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +219,7 @@ def pretrain(cfg: FactoryConfig, command: str | None = None) -> dict:
         "config_yaml": config_lib.to_yaml(cfg),
     }
     with result.checkpoint.as_directory() as d:
+        verify_checkpoint(d, f"{p.storage_path}/{p.run_name}")
         with open(os.path.join(d, RECORD_FILE)) as f:
             record["weights_hash"] = json.load(f)["weights_hash"]
         record["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -9,6 +9,8 @@ goes) stay in the recipes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,6 +21,9 @@ import torch
 from factory import storage
 
 STATE_FILE = "train_state.pt"
+CHECKPOINT_RECORD = "checkpoint.json"
+"""Written last into every checkpoint folder: each file's size and sha256. A checkpoint whose files
+do not match it (a copy cut short, a file truncated on the storage) is never loaded."""
 
 
 class TrainError(RuntimeError):
@@ -88,6 +93,7 @@ def restore_state(expected_inputs: str, run: RunSettings, section: str, inputs: 
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
+        verify_checkpoint(d, f"{run.storage_path}/{run.run_name}")
         state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
     if state["inputs_hash"] != expected_inputs:
         raise TrainError(
@@ -107,4 +113,48 @@ def report_checkpoint(metrics: dict, rank: int, write: Callable[[str], None]) ->
         return
     with tempfile.TemporaryDirectory() as d:
         write(d)
+        record_checkpoint(d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _file_digests(folder: str) -> dict[str, list]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel == CHECKPOINT_RECORD:
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[rel] = [os.path.getsize(path), h.hexdigest()]
+    return dict(sorted(out.items()))
+
+
+def record_checkpoint(folder: str) -> None:
+    """Write `CHECKPOINT_RECORD` (each file's size and sha256) into a finished checkpoint folder, last."""
+    with open(os.path.join(folder, CHECKPOINT_RECORD), "w") as f:
+        json.dump({"files": _file_digests(folder)}, f, indent=1, sort_keys=True)
+
+
+def verify_checkpoint(folder: str, where: str) -> None:
+    """Raise TrainError naming the file unless `folder` holds exactly the files its record lists, each
+    of the recorded size and sha256 (a checkpoint is whole or refused, never half-read)."""
+    path = os.path.join(folder, CHECKPOINT_RECORD)
+    name = os.path.basename(os.path.normpath(folder))
+    try:
+        with open(path) as f:
+            want = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"checkpoint {name} in {where} is incomplete: no readable {CHECKPOINT_RECORD} "
+                         f"({type(e).__name__}); delete it to resume from the one before") from None
+    got = _file_digests(folder)
+    for rel in sorted(set(want) | set(got)):
+        if got.get(rel) != want.get(rel):
+            found = "missing" if rel not in got else f"{got[rel][0]} bytes" + (
+                "" if rel not in want or got[rel][0] != want[rel][0] else " with another sha256")
+            raise TrainError(f"checkpoint {name} in {where}: {rel} is {found}, its record says "
+                             f"{want[rel][0] if rel in want else 'nothing'}"
+                             f"{' bytes' if rel in want else ''}; delete the checkpoint to resume from the one before")

@@ -29,12 +29,14 @@ from factory.decoders.files import METRICS_FILE, MODEL_FILE, save_decoder
 from factory.fingerprint import safetensors_fingerprint
 from factory.recipes.objectives import objective_for
 from factory.recipes.ray_train import (
+    CHECKPOINT_RECORD,
     STATE_FILE,
     TrainError,
     fit_on_ray,
     report_checkpoint,
     restore_state,
     step_generator,
+    verify_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -193,7 +195,8 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
     #    without them as "no decoder").
     target = cfg.generate.decoder
     with result.checkpoint.as_directory() as d:
-        storage.publish_tree(d, target, ignore=shutil.ignore_patterns(STATE_FILE), last=MODEL_FILE)
+        verify_checkpoint(d, f"{cfg.train.storage_path}/{cfg.train.run_name}")
+        storage.publish_tree(d, target, ignore=shutil.ignore_patterns(STATE_FILE, CHECKPOINT_RECORD), last=MODEL_FILE)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     storage.write_json(storage.join(target, METRICS_FILE), {
         "metrics": metrics, "steps": cfg.train.steps, "val_images": cfg.train.val_images,

@@ -1,0 +1,55 @@
+"""A training checkpoint is whole or refused: rank 0 writes each file's size and sha256 into it last,
+and resuming or publishing verifies it, naming the file that is missing, cut short or changed."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from factory.recipes.ray_train import (
+    CHECKPOINT_RECORD,
+    STATE_FILE,
+    TrainError,
+    record_checkpoint,
+    verify_checkpoint,
+)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    d = tmp_path / "checkpoint_000003"
+    (d / "decoder").mkdir(parents=True)
+    torch.save({"step": 30, "weights": torch.arange(1000.0)}, d / STATE_FILE)
+    (d / "decoder" / "model.safetensors").write_bytes(os.urandom(4096))
+    record_checkpoint(str(d))
+    return d
+
+
+def test_a_whole_checkpoint_verifies_and_lists_every_file(checkpoint):
+    verify_checkpoint(str(checkpoint), "run")
+    files = json.loads((checkpoint / CHECKPOINT_RECORD).read_text())["files"]
+    assert sorted(files) == ["decoder/model.safetensors", STATE_FILE]
+
+
+def test_a_truncated_state_file_is_refused_naming_it(checkpoint):
+    data = (checkpoint / STATE_FILE).read_bytes()
+    (checkpoint / STATE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(TrainError, match=rf"checkpoint_000003 in run: {STATE_FILE} is {len(data) // 2} bytes, "
+                                         rf"its record says {len(data)} bytes"):
+        verify_checkpoint(str(checkpoint), "run")
+
+
+def test_a_changed_byte_a_missing_file_and_no_record_are_refused(checkpoint):
+    path = checkpoint / "decoder" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(TrainError, match="decoder/model.safetensors is 4096 bytes with another sha256"):
+        verify_checkpoint(str(checkpoint), "run")
+    path.unlink()
+    with pytest.raises(TrainError, match="decoder/model.safetensors is missing"):
+        verify_checkpoint(str(checkpoint), "run")
+    (checkpoint / CHECKPOINT_RECORD).unlink()  # a copy cut short before its record: never loaded
+    with pytest.raises(TrainError, match=f"incomplete: no readable {CHECKPOINT_RECORD}"):
+        verify_checkpoint(str(checkpoint), "run")
