@@ -125,7 +125,7 @@ def fit_selected(
     for step, model in _training(images, masks, cfg, fit_cfg, device, False, every):
         model.eval()
         score = mean_iou(iou_per_class(predict(model, val_images), val_masks, cfg.num_classes))
-        curve.append([step, round(score, 4)])
+        curve.append([step, score])
         if best is None or score > best[0]:
             best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         model.train()
