@@ -307,6 +307,7 @@ def dm_levers(args: argparse.Namespace, workdir: str) -> dict:
     """The DM decoder refitted (demo steps, without Ray) with one setting changed each, scored by
     inversion on the decoder-quality row's real faces (and the shifted ones)."""
     from factory.backbones import load_backbone
+    from factory.decoders import FittedDecoder
     from factory.toy.demo import demo_config
 
     count = 16 if args.quick else 200
@@ -316,8 +317,6 @@ def dm_levers(args: argparse.Namespace, workdir: str) -> dict:
         model, metrics = fit_decoder(cfg)
         score = _probe("dm", cfg, count)(model)
         backbone = load_backbone(cfg.backbone)
-        from factory.decoders import FittedDecoder
-
         decoder = FittedDecoder(model, cfg.decoder, cfg.label_names(), list(backbone.feature_channels), "", [])
         shifted = decoder_miou_by_inversion(backbone, decoder, SHIFT_START, count, shift())["miou"]
         rows[name] = {"settings": settings, "miou": score, "shifted_miou": shifted, "val_miou": metrics.get("val_miou")}
