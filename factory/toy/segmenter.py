@@ -108,7 +108,7 @@ def fit_selected(
     val_images: np.ndarray,
     val_masks: np.ndarray,
     cfg: SegmenterConfig,
-    fit_cfg: FitConfig = FitConfig(),
+    fit_cfg: FitConfig | None = None,
     every: int = 100,
     device: str | torch.device = "cpu",
 ) -> tuple[Segmenter, dict]:
@@ -119,6 +119,7 @@ def fit_selected(
     and a fraction of one of a large set. The validation images never enter training."""
     if every < 1:
         raise ValueError(f"every must be >= 1 step, got {every}")
+    fit_cfg = fit_cfg or FitConfig()
     best: tuple[float, int, dict] | None = None
     curve = []
     model = None
