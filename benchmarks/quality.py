@@ -1,7 +1,7 @@
 """Label quality: the papers' evaluation protocol in miniature, for both paths, on the toy world.
 
-    python benchmarks/quality.py [--quick] [--paths gan,dm] [--num-synthetic 5000] [--eval-images 1000]
-        [--out benchmarks/results/quality.json]
+    python benchmarks/quality.py [--quick] [--diagnose] [--paths gan,dm] [--num-synthetic 5000]
+        [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
 factory keeps every sample (generate.drop_uncertain=0) so filtering can be measured afterwards:
@@ -14,13 +14,35 @@ factory keeps every sample (generate.drop_uncertain=0) so filtering can be measu
        same for both paths),
    (b) on N synthetic samples from the factory,
    (c) on both (the 16 real ones repeated to make up about a quarter of the images),
-   each scored on `--eval-images` held-out real toy faces: IoU per class and mean.
+   each scored on `--eval-images` held-out real toy faces and on as many faces of a *shifted* toy
+   world (SHIFT: smaller faces, stronger roll, harsher light): IoU per class and mean.
 3. filtering: (b) again without the 10% most uncertain samples (by their stored uncertainty).
 
+One rule for every downstream run (the papers' protocol): train for `--segmenter-steps` (cosine
+learning rate) and keep the step whose mIoU on `--val-images` real toy faces is best, scored every
+`--segmenter-steps / 12` steps. Those validation faces never enter training and are not the held-out
+ones, so 16 images and 5,000 are each stopped where they are best, not after a step count that is
+thousands of epochs of one and a few of the other.
+
+`--diagnose` adds the rows that say where the quality goes (about 4x the default's time):
+- the ceiling set by the images: the same downstream run on the factory's own images labeled by the
+  stand-in annotator instead of the decoder (both paths): "bad labels" against "bad images";
+- the filtering curve: 0/10/20/30/50% most uncertain dropped;
+- decoder learning curves: the product's own training loop (`factory.recipes.train.fit`, without
+  Ray) run 4x the demo's steps, scored at every checkpoint on what the decoder quality row scores
+  (GAN: 64 and 256 pixels per head per step; DM: 4 and 8 images per step);
+- DM levers: the decoder refitted with one setting changed each (inversion timestep, tapped step,
+  cross-attention maps off, decoder width), scored by inversion;
+- backbone quality: KID (kernel inception distance, Binkowski et al. 2018: unbiased MMD^2 with the
+  kernel (x.y / d + 1)^3, mean over subsets of 100) between each backbone's images and real toy
+  faces, in the feature space of a fixed network: the shipped stand-in annotator's encoder, every
+  level average-pooled (`segmenter.embed`), which knows toy faces as Inception knows photos. Two
+  disjoint sets of real faces give the noise floor.
+
 Chance is the mIoU of guessing each pixel's class by the held-out set's class frequencies (per class
-p / (2 - p)). Every mIoU is printed beside it. Seeds: the backbones trained on toy scenes 0-3,999, the
-annotator on 2,000,000 on, the 16 real labeled faces are 3,000,000-3,000,015, and the held-out faces
-1,000,000 on, so no evaluation image was seen in training.
+p / (2 - p)). Seeds: the backbones trained on toy scenes 0-3,999, the annotator on 2,000,000 on, the
+16 real labeled faces are 3,000,000-3,000,015, the held-out faces 1,000,000 on, the validation faces
+4,000,000 on, the shifted faces 6,000,000 on, so no evaluation image was seen in training.
 """
 
 from __future__ import annotations
@@ -39,22 +61,45 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
 
 EVAL_START = 1_000_000
+VAL_START = 4_000_000
+SHIFT_START = 6_000_000
+FILTER_CURVE = (0.1, 0.2, 0.3, 0.5)
+"""--diagnose's filtering curve (the default run drops 10% only); 0% is the plain synthetic run."""
+DM_LEVERS = {
+    "inversion_timestep=100": ["backbone.diffusion.inversion_timestep=100"],
+    "inversion_timestep=300": ["backbone.diffusion.inversion_timestep=300"],
+    "feature_step=-3 (an earlier, noisier step)": ["backbone.diffusion.feature_step=-3"],
+    "attention_maps=false": ["backbone.diffusion.attention_maps=false"],
+    "decoder.dim=128": ["decoder.dim=128"],
+}
+"""--diagnose: the DM decoder refitted with one setting changed each, against the demo's."""
+
+
+def shift():
+    """The shifted toy world of the robustness rows: faces 20% smaller, in-plane roll 1.8x wider,
+    light 1.6x more one-sided (see `toyworld.WorldShift`)."""
+    from factory.data import toyworld
+
+    return toyworld.WorldShift(scale=0.8, roll=1.8, light=1.6)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny N, few steps (CI)")
+    p.add_argument("--diagnose", action="store_true", help="add the diagnosis rows (ceiling, curves, levers, KID)")
     p.add_argument("--paths", default="gan,dm", help="comma-separated: gan, dm (default both)")
     p.add_argument("--num-synthetic", type=int, help="N synthetic samples per path (default 5000; quick 64)")
-    p.add_argument("--eval-images", type=int, help="held-out real toy faces (default 1000; quick 48)")
-    p.add_argument("--segmenter-steps", type=int, help="steps per downstream fit (default 1200; quick 30)")
+    p.add_argument("--eval-images", type=int, help="held-out real toy faces, and shifted ones (default 1000; quick 48)")
+    p.add_argument("--val-images", type=int, help="real toy faces that select each run's step (default 200; quick 16)")
+    p.add_argument("--segmenter-steps", type=int, help="steps per downstream fit (default 2400; quick 36)")
     p.add_argument("--workdir", help="where the runs go (default: a temporary folder, removed after)")
     p.add_argument("--out", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)
     quick = args.quick
     args.num_synthetic = args.num_synthetic or (64 if quick else 5000)
     args.eval_images = args.eval_images or (48 if quick else 1000)
-    args.segmenter_steps = args.segmenter_steps or (30 if quick else 1200)
+    args.val_images = args.val_images or (16 if quick else 200)
+    args.segmenter_steps = args.segmenter_steps or (36 if quick else 2400)
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
     bad = [s for s in args.paths if s not in ("gan", "dm")]
     if bad:
@@ -72,27 +117,45 @@ def path_overrides(args: argparse.Namespace) -> list[str]:
     return settings
 
 
-def downstream(train_images, train_masks, eval_images, eval_masks, num_classes: int, steps: int) -> dict:
+def downstream(train_images, train_masks, sets: dict, num_classes: int, steps: int) -> dict:
+    """One downstream run under the benchmark's one rule: the step is selected on sets["val"]; scored
+    on sets["held_out"] and sets["shifted"]."""
     from factory.toy import segmenter
 
     cfg = segmenter.SegmenterConfig(num_classes, width=24, levels=3)
-    model = segmenter.fit(train_images, train_masks, cfg, segmenter.FitConfig(steps=steps, batch_size=32, lr=2e-3))
-    per_class = segmenter.iou_per_class(segmenter.predict(model, eval_images), eval_masks, num_classes)
-    return {"miou": segmenter.mean_iou(per_class), "iou": per_class, "train_images": int(len(train_images))}
+    fit_cfg = segmenter.FitConfig(steps=steps, batch_size=32, lr=2e-3)
+    model, selected = segmenter.fit_selected(train_images, train_masks, *sets["val"], cfg, fit_cfg,
+                                             every=max(1, steps // 12))
+    result = {"train_images": int(len(train_images)), "selected_step": selected["step"],
+              "val_miou": selected["val_miou"], "val_curve": selected["curve"]}
+    for name in ("held_out", "shifted"):
+        images, masks = sets[name]
+        per_class = segmenter.iou_per_class(segmenter.predict(model, images), masks, num_classes)
+        key = "" if name == "held_out" else "shifted_"
+        result[f"{key}miou"], result[f"{key}iou"] = segmenter.mean_iou(per_class), per_class
+    return result
 
 
-def run_path(path: str, args: argparse.Namespace, workdir: str, real, held_out) -> dict:
+def annotator_agreement(decoder_masks: np.ndarray, images: np.ndarray, num_classes: int) -> dict:
+    """mIoU between a decoder's masks and the stand-in annotator's on the same generated images."""
+    from factory.toy import segmenter
+    from factory.toy.annotator import SHIPPED_ANNOTATOR
+
+    annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
+    per_class = segmenter.iou_per_class(decoder_masks, segmenter.predict(annotator, images), num_classes)
+    return {"miou": segmenter.mean_iou(per_class), "iou": per_class}
+
+
+def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict) -> dict:
     from factory.data import toyworld
     from factory.dataset.read import iter_samples
     from factory.recipes.generate import generate
     from factory.recipes.train import train
-    from factory.toy import segmenter
     from factory.toy.demo import demo_config, prepare_labels
 
     started = time.perf_counter()
     cfg = demo_config(os.path.join(workdir, path), path_overrides(args), diffusion=path == "dm")
     num_classes = len(toyworld.CLASSES)
-    eval_images, eval_masks = held_out
     prepare_labels(cfg)
     train_metrics = train(cfg)
     generate(cfg)
@@ -103,48 +166,59 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, held_out) 
     result: dict = {"num_synthetic": len(samples), "train_metrics": train_metrics}
 
     # 1. Decoder quality.
+    k = min(200, len(images))
     if path == "dm":
-        k = min(200, len(eval_images))
+        from factory.backbones import load_backbone
+        from factory.decoders.files import load_decoder
+
+        backbone, decoder = load_backbone(cfg.backbone), load_decoder(cfg.generate.decoder)
         result["decoder"] = {"what": f"decoder vs truth, {k} real faces (inversion)",
-                             **decoder_miou_by_inversion(cfg, EVAL_START, k)}
+                             **decoder_miou_by_inversion(backbone, decoder, EVAL_START, k)}
+        result["decoder_shifted"] = {"what": f"decoder vs truth, {k} shifted faces (inversion)",
+                                     **decoder_miou_by_inversion(backbone, decoder, SHIFT_START, k, shift())}
+        if args.diagnose:
+            result["decoder_vs_annotator"] = {"what": f"decoder vs stand-in annotator, {k} generated",
+                                              **annotator_agreement(masks[:k], images[:k], num_classes)}
     else:
-        from factory.toy.annotator import SHIPPED_ANNOTATOR
-
-        annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
-        k = min(200, len(images))
-        per_class = segmenter.iou_per_class(masks[:k], segmenter.predict(annotator, images[:k]), num_classes)
         result["decoder"] = {"what": f"decoder vs stand-in annotator, {k} generated",
-                             "miou": segmenter.mean_iou(per_class), "iou": per_class}
+                             **annotator_agreement(masks[:k], images[:k], num_classes)}
 
-    # 2. Downstream: real only, synthetic only, both.  3. Synthetic without the 10% most uncertain.
+    # 2. Downstream: real only, synthetic only, both.  3. Synthetic without the most uncertain.
     real_images, real_masks = real
     repeat = max(1, len(images) // (3 * len(real_images)))
-    keep = scores <= np.quantile(scores, 0.9)
     runs = {
         "synthetic": (images, masks),
         "both": (np.concatenate([images, *[real_images] * repeat]), np.concatenate([masks, *[real_masks] * repeat])),
-        "synthetic_filtered_10": (images[keep], masks[keep]),
     }
-    result["downstream"] = {name: downstream(x, y, eval_images, eval_masks, num_classes, args.segmenter_steps)
+    for fraction in FILTER_CURVE if args.diagnose else (0.1,):
+        keep = scores <= np.quantile(scores, 1 - fraction)
+        runs[f"synthetic_filtered_{round(fraction * 100)}"] = (images[keep], masks[keep])
+    if args.diagnose:  # the ceiling: the same images, labeled by the stand-in annotator
+        from factory.toy import segmenter
+        from factory.toy.annotator import SHIPPED_ANNOTATOR
+
+        annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
+        runs["synthetic_annotator_labels"] = (images, segmenter.predict(annotator, images))
+    result["downstream"] = {name: downstream(x, y, sets, num_classes, args.segmenter_steps)
                             for name, (x, y) in runs.items()}
+    if args.diagnose:
+        result["decoder_curves"] = decoder_curves(path, args, workdir, sets)
+        if path == "dm":
+            result["dm_levers"] = dm_levers(args, workdir)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def decoder_miou_by_inversion(cfg, start: int, count: int) -> dict:
+def decoder_miou_by_inversion(backbone, decoder, start: int, count: int, world_shift=None) -> dict:
     import torch
 
-    from factory.backbones import load_backbone
     from factory.data import toyworld
-    from factory.decoders.files import load_decoder
     from factory.toy import segmenter
 
-    backbone = load_backbone(cfg.backbone)
-    decoder = load_decoder(cfg.generate.decoder)
     res = backbone.resolution
     seeds = list(range(start, start + count))
-    images, masks = toyworld.arrays(seeds, res)
-    prompts = [s.prompt for s in toyworld.render_batch(seeds)]
+    images, masks = toyworld.arrays(seeds, res, shift=world_shift)
+    prompts = [s.prompt for s in toyworld.render_batch(seeds, shift=world_shift)]
     predicted = []
     with torch.no_grad():
         for i in range(0, count, 16):
@@ -154,20 +228,158 @@ def decoder_miou_by_inversion(cfg, start: int, count: int) -> dict:
     return {"miou": segmenter.mean_iou(per_class), "iou": per_class}
 
 
+# ----------------------------------------------------------------------------------------------
+# --diagnose
+
+
+def _probe(path: str, cfg, count: int):
+    """What a decoder in training is scored on (the decoder-quality row's measure): a function of the
+    bare model. GAN: agreement with the stand-in annotator on `count` generated images (seeds from
+    generate.start_seed); DM: mIoU against truth on `count` real faces by inversion."""
+    from factory.backbones import load_backbone
+    from factory.data import toyworld
+    from factory.decoders import FittedDecoder
+    from factory.toy import segmenter
+    from factory.toy.annotator import SHIPPED_ANNOTATOR
+
+    backbone = load_backbone(cfg.backbone)
+    res = backbone.resolution
+
+    def fitted(model) -> FittedDecoder:
+        return FittedDecoder(model.eval(), cfg.decoder, cfg.label_names(), list(backbone.feature_channels), "", [])
+
+    if path == "dm":
+        return lambda model: decoder_miou_by_inversion(backbone, fitted(model), EVAL_START, count)["miou"]
+    seeds = list(range(cfg.generate.start_seed, cfg.generate.start_seed + count))
+    out = [backbone(seeds[i:i + 50]) for i in range(0, count, 50)]
+    features = [np.concatenate([o.features[j].numpy() for o in out]) for j in range(len(out[0].features))]
+    images = np.concatenate([o.images.numpy() for o in out])
+    annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
+    truth = segmenter.predict(annotator, images)
+
+    def agreement(model) -> float:
+        import torch
+
+        decoder = fitted(model)
+        pred = np.concatenate([decoder([torch.from_numpy(f[i:i + 50]) for f in features], (res, res)).masks.numpy()
+                               for i in range(0, count, 50)])
+        return segmenter.mean_iou(segmenter.iou_per_class(pred, truth, len(toyworld.CLASSES)))
+
+    return agreement
+
+
+def fit_decoder(cfg, report=None):
+    """The product's training loop (`factory.recipes.train.fit`) on this process's CPU, without Ray."""
+    import torch
+
+    from factory.recipes.train import fit, load_training_set
+
+    model, metrics = fit(cfg, load_training_set(cfg), torch.device("cpu"), report=report)
+    return model.eval(), metrics
+
+
+def decoder_curves(path: str, args: argparse.Namespace, workdir: str, sets: dict) -> dict:
+    """Held-out decoder quality against training steps, for two batch sizes per step."""
+    from factory.toy.demo import demo_config
+
+    base = demo_config(os.path.join(workdir, path), path_overrides(args), diffusion=path == "dm")
+    steps = base.train.steps * (1 if args.quick else 4)
+    every = max(1, steps // 8)
+    variants = ({"pixels_64": "train.batch_pixels=64", "pixels_256": "train.batch_pixels=256"} if path == "gan"
+                else {"images_4": "train.batch_images=4", "images_8": "train.batch_images=8"})
+    probe = _probe(path, base, 16 if args.quick else 200)
+    curves = {}
+    for name, setting in variants.items():
+        cfg = demo_config(os.path.join(workdir, path), [*path_overrides(args), setting, f"train.steps={steps}",
+                                                        f"train.checkpoint_every={every}"], diffusion=path == "dm")
+        points = []
+
+        def report(metrics, model, optimizer, step, points=points):
+            points.append({"step": step, "val_miou": metrics.get("val_miou"), "probe_miou": probe(model)})
+            model.train()
+
+        fit_decoder(cfg, report)
+        curves[name] = points
+    return curves
+
+
+def dm_levers(args: argparse.Namespace, workdir: str) -> dict:
+    """The DM decoder refitted (demo steps, without Ray) with one setting changed each, scored by
+    inversion on the decoder-quality row's real faces (and the shifted ones)."""
+    from factory.backbones import load_backbone
+    from factory.decoders import FittedDecoder
+    from factory.toy.demo import demo_config
+
+    count = 16 if args.quick else 200
+    rows = {}
+    for name, settings in {"demo settings": [], **DM_LEVERS}.items():
+        cfg = demo_config(os.path.join(workdir, "dm"), [*path_overrides(args), *settings], diffusion=True)
+        model, metrics = fit_decoder(cfg)
+        score = _probe("dm", cfg, count)(model)
+        backbone = load_backbone(cfg.backbone)
+        decoder = FittedDecoder(model, cfg.decoder, cfg.label_names(), list(backbone.feature_channels), "", [])
+        shifted = decoder_miou_by_inversion(backbone, decoder, SHIFT_START, count, shift())["miou"]
+        rows[name] = {"settings": settings, "miou": score, "shifted_miou": shifted, "val_miou": metrics.get("val_miou")}
+    return rows
+
+
+def kid(x: np.ndarray, y: np.ndarray, subset: int = 100, subsets: int = 50, seed: int = 0) -> float:
+    """Kernel inception distance between feature sets [N, D] and [M, D]: the unbiased MMD^2 with the
+    polynomial kernel (x.y / D + 1)^3, averaged over random subsets of `subset` rows each."""
+    rng = np.random.default_rng(seed)
+    d = x.shape[1]
+    n = min(subset, len(x), len(y))
+    values = []
+    for _ in range(subsets):
+        a, b = x[rng.choice(len(x), n, replace=False)], y[rng.choice(len(y), n, replace=False)]
+        kxx, kyy, kxy = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+        off = n * (n - 1)
+        values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
+    return float(np.mean(values))
+
+
+def backbone_kid(report: dict, sets: dict, workdir: str, images_by_path: dict) -> dict:
+    """KID of each path's generated images, and of a second set of real faces (the floor), to the
+    held-out real faces, in the stand-in annotator's feature space."""
+    from factory.toy import segmenter
+    from factory.toy.annotator import SHIPPED_ANNOTATOR
+
+    annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
+    real = segmenter.embed(annotator, sets["held_out"][0])
+    rows = {"real (validation faces)": kid(segmenter.embed(annotator, sets["val"][0]), real),
+            "real, shifted world": kid(segmenter.embed(annotator, sets["shifted"][0]), real)}
+    for path, images in images_by_path.items():
+        rows[f"{path} backbone"] = kid(segmenter.embed(annotator, images), real)
+    return rows
+
+
 def print_table(report: dict) -> None:
     classes = report["classes"]
     chance = report["chance"]
-    print(f"\nlabel quality on {report['eval_images']} held-out real toy faces (mIoU; chance {chance['miou']:.3f})")
-    print(f"{'path':5} {'measure':44} {'mIoU':>6}  " + " ".join(f"{c[:5]:>5}" for c in classes))
-    print(f"{'':5} {'chance (class frequencies)':44} {chance['miou']:6.3f}  " + _row(chance["iou"]))
-    real = report["real_16"]
-    print(f"{'':5} {'downstream: 16 real labeled faces only':44} {real['miou']:6.3f}  " + _row(real["iou"]))
+    print(f"\nlabel quality on {report['eval_images']} held-out real toy faces and as many shifted ones (mIoU; "
+          f"chance {chance['miou']:.3f}); each downstream run stopped at its best step on {report['val_images']} "
+          "validation faces")
+    print(f"{'path':5} {'measure':46} {'mIoU':>6} {'shift':>6} {'step':>5}  " + " ".join(f"{c[:5]:>5}" for c in classes))
+    print(f"{'':5} {'chance (class frequencies)':46} {chance['miou']:6.3f} {'':6} {'':5}  " + _row(chance["iou"]))
+    _print_run("", "downstream: 16 real labeled faces only", report["real_16"])
     for path, r in report["paths"].items():
-        d = r["decoder"]
-        print(f"{path:5} {d['what'][:44]:44} {d['miou']:6.3f}  " + _row(d["iou"]))
+        for key in ("decoder", "decoder_shifted", "decoder_vs_annotator"):
+            if key in r:
+                print(f"{path:5} {r[key]['what'][:46]:46} {r[key]['miou']:6.3f} {'':6} {'':5}  " + _row(r[key]["iou"]))
         for name, run in r["downstream"].items():
-            label = f"downstream: {name} ({run['train_images']} images)"
-            print(f"{'':5} {label:44} {run['miou']:6.3f}  " + _row(run["iou"]))
+            _print_run("", f"downstream: {name} ({run['train_images']})", run)
+        for name, curve in r.get("decoder_curves", {}).items():
+            points = " ".join(f"{p['step']}:{p['probe_miou']:.3f}" for p in curve)
+            print(f"{path:5} decoder curve {name} (step:mIoU) {points}")
+        for name, row in r.get("dm_levers", {}).items():
+            print(f"{path:5} {'DM lever: ' + name:46} {row['miou']:6.3f} {row['shifted_miou']:6.3f}")
+    for name, value in report.get("kid", {}).items():
+        print(f"{'':5} {'KID to held-out real faces: ' + name:46} {value:8.4f}")
+
+
+def _print_run(path: str, label: str, run: dict) -> None:
+    print(f"{path:5} {label[:46]:46} {run['miou']:6.3f} {run['shifted_miou']:6.3f} {run['selected_step']:5d}  "
+          + _row(run["iou"]))
 
 
 def _row(values: list) -> str:
@@ -192,17 +404,28 @@ def main(argv: list[str] | None = None) -> dict:
 
         resolution = 32  # both shipped backbones
         real = toyworld.arrays(DM_LABELED_SEEDS, resolution)
-        held_out = toyworld.arrays(range(EVAL_START, EVAL_START + args.eval_images), resolution)
-        num_classes = len(toyworld.CLASSES)
-        chance = segmenter.chance_iou(held_out[1], num_classes)
-        report = {
-            "benchmark": "quality", "quick": args.quick, "classes": toyworld.CLASSES,
-            "eval_images": args.eval_images, "num_synthetic": args.num_synthetic,
-            "segmenter_steps": args.segmenter_steps, "resolution": resolution,
-            "chance": {"miou": segmenter.mean_iou(chance), "iou": chance},
-            "real_16": downstream(*real, *held_out, num_classes, args.segmenter_steps),
-            "paths": {path: run_path(path, args, workdir, real, held_out) for path in args.paths},
+        sets = {
+            "held_out": toyworld.arrays(range(EVAL_START, EVAL_START + args.eval_images), resolution),
+            "val": toyworld.arrays(range(VAL_START, VAL_START + args.val_images), resolution),
+            "shifted": toyworld.arrays(range(SHIFT_START, SHIFT_START + args.eval_images), resolution, shift=shift()),
         }
+        num_classes = len(toyworld.CLASSES)
+        chance = segmenter.chance_iou(sets["held_out"][1], num_classes)
+        report = {
+            "benchmark": "quality", "quick": args.quick, "diagnose": args.diagnose, "classes": toyworld.CLASSES,
+            "eval_images": args.eval_images, "val_images": args.val_images, "num_synthetic": args.num_synthetic,
+            "segmenter_steps": args.segmenter_steps, "resolution": resolution, "shift": vars(shift()),
+            "chance": {"miou": segmenter.mean_iou(chance), "iou": chance},
+            "real_16": downstream(*real, sets, num_classes, args.segmenter_steps),
+            "paths": {path: run_path(path, args, workdir, real, sets) for path in args.paths},
+        }
+        if args.diagnose:
+            from factory.dataset.read import iter_samples
+
+            generated = {path: np.stack([s["image"] for s in iter_samples(os.path.join(workdir, path, "dataset"),
+                                                                           limit=args.eval_images)])
+                         for path in args.paths}
+            report["kid"] = backbone_kid(report, sets, workdir, generated)
     finally:
         if started_ray:
             import ray

@@ -20,6 +20,7 @@ def test_quick_quality_benchmark_beats_chance_on_both_paths(tmp_path, ray_cluste
     chance = report["chance"]["miou"]
     assert 0 < chance < 0.2  # 8 classes, most of them small parts
     assert report["real_16"]["miou"] > chance
+    assert report["shift"] == {"scale": 0.8, "roll": 1.8, "light": 1.6}
     for path in ("gan", "dm"):
         r = report["paths"][path]
         assert r["num_synthetic"] == 64  # drop_uncertain=0: every sample kept for the filtering run
@@ -29,4 +30,21 @@ def test_quick_quality_benchmark_beats_chance_on_both_paths(tmp_path, ray_cluste
         assert runs["synthetic_filtered_10"]["train_images"] < runs["synthetic"]["train_images"]
         for name, run in runs.items():
             assert run["miou"] > chance, (path, name, run)
-            assert len(run["iou"]) == len(report["classes"])
+            assert run["shifted_miou"] > 0, (path, name, run)  # every arm is scored on the shifted world too
+            assert len(run["iou"]) == len(report["classes"]) == len(run["shifted_iou"])
+            # the one rule: the kept step is the best of its validation curve, never past the last step
+            assert run["selected_step"] == max(run["val_curve"], key=lambda p: p[1])[0] <= report["segmenter_steps"]
+    assert report["paths"]["dm"]["decoder_shifted"]["miou"] > 0
+
+
+def test_kid_is_near_zero_between_draws_of_one_distribution_and_grows_with_a_shift():
+    import numpy as np
+    import quality
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    same = quality.kid(a, b)
+    moved = quality.kid(a, b + 0.5)
+    assert abs(same) < 0.05 < moved
+    assert quality.kid(a, b + 1.0) > moved  # further apart, larger
+    assert quality.kid(a, b) == same  # seeded subsets

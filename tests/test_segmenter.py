@@ -55,3 +55,32 @@ def test_bad_inputs_are_named(tmp_path):
     save_file({"a": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="is not a factory segmenter"):
         segmenter.load(str(tmp_path / "x.safetensors"))
+
+
+def test_fit_selected_keeps_the_best_validation_step_and_never_trains_on_validation():
+    num_classes = len(toyworld.CLASSES)
+    images, masks = scenes(range(64))
+    val_images, val_masks = scenes(range(20_000, 20_024))
+    cfg = segmenter.SegmenterConfig(num_classes, width=16, levels=2)
+    fit_cfg = segmenter.FitConfig(steps=40, batch_size=16, lr=3e-3)
+    model, selected = segmenter.fit_selected(images, masks, val_images, val_masks, cfg, fit_cfg, every=15)
+    assert [step for step, _ in selected["curve"]] == [15, 30, 40]  # and the last step
+    best = max(selected["curve"], key=lambda p: p[1])
+    assert selected["step"] == best[0] and selected["val_miou"] == best[1]
+    again = segmenter.mean_iou(segmenter.iou_per_class(segmenter.predict(model, val_images), val_masks, num_classes))
+    assert again == pytest.approx(selected["val_miou"])  # the returned model is the selected state
+    last = segmenter.fit(images, masks, cfg, fit_cfg)  # the same run to the end, without selection
+    ref = dict(selected["curve"])[40]
+    got = segmenter.mean_iou(segmenter.iou_per_class(segmenter.predict(last, val_images), val_masks, num_classes))
+    assert got == pytest.approx(ref, abs=1e-4)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        segmenter.fit_selected(images, masks, val_images, val_masks, cfg, fit_cfg, every=0)
+
+
+def test_embed_is_a_fixed_feature_per_image():
+    cfg = segmenter.SegmenterConfig(len(toyworld.CLASSES), width=16, levels=2)
+    model = segmenter.Segmenter(cfg).eval()
+    images, _ = scenes(range(5))
+    feats = segmenter.embed(model, images, batch_size=2)
+    assert feats.shape == (5, 16 + 32 + 64)
+    np.testing.assert_allclose(segmenter.embed(model, images[3:4]), feats[3:4], rtol=1e-5, atol=1e-6)

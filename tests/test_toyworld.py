@@ -106,3 +106,14 @@ def test_folder_round_trips_with_keypoints(tmp_path):
     with_kp = [a for a in coco["annotations"] if "keypoints" in a]
     assert len(with_kp) == 5 and all(a["category_id"] == toyworld.CLASSES.index("skin") for a in with_kp)
     np.testing.assert_allclose(np.reshape(with_kp[1]["keypoints"], (-1, 3)), toyworld.render(41).keypoints, atol=0.01)
+
+
+def test_a_shifted_world_moves_only_its_parameters():
+    same = toyworld.render_batch(range(6), 32, shift=toyworld.WorldShift())
+    for a, b in zip(toyworld.render_batch(range(6), 32), same):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+    small = toyworld.arrays(range(100), 32, shift=toyworld.WorldShift(scale=0.8))[1]
+    plain = toyworld.arrays(range(100), 32)[1]
+    assert (small > 0).mean() < 0.8 * (plain > 0).mean()  # smaller faces: fewer face pixels
+    shifted = toyworld.render(5, shift=toyworld.WorldShift(scale=0.8, roll=1.8, light=1.6))
+    assert shifted.prompt == toyworld.render(5).prompt  # the same scene otherwise

@@ -8,7 +8,7 @@ from factory.data.annotations import load_labeled_set
 from factory.recipes import annotate
 from factory.recipes.objectives import PixelSampler, segmentation_metrics
 from factory.recipes.ray_train import step_generator
-from factory.recipes.train import fit
+from factory.recipes.train import fit, learning_rate
 from factory.toy.annotator import annotate_by_rule
 
 
@@ -35,6 +35,20 @@ def test_step_pixels_are_a_function_of_seed_rank_step():
     a = torch.rand(4, generator=step_generator(0, 1, 17))
     assert torch.equal(a, torch.rand(4, generator=step_generator(0, 1, 17)))
     assert not torch.equal(a, torch.rand(4, generator=step_generator(0, 0, 17)))
+
+
+def test_cosine_schedule_decays_to_zero_and_constant_stays():
+    t = load_config(None, ["train.steps=100", "train.lr=0.002"]).train
+    assert t.lr_schedule == "cosine"
+    assert learning_rate(t, 0) == pytest.approx(0.002)
+    assert learning_rate(t, 50) == pytest.approx(0.001)
+    assert learning_rate(t, 99) < 2e-6 and learning_rate(t, 100) == pytest.approx(0.0)
+    flat = load_config(None, ["train.lr_schedule=constant"]).train
+    assert learning_rate(flat, 0) == learning_rate(flat, flat.steps - 1) == flat.lr
+    from factory.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        load_config(None, ["train.lr_schedule=linear"])
 
 
 def test_segmentation_metrics_by_hand():

@@ -98,7 +98,10 @@ class TrainConfig:
     batch_images: int = 4
     """perception: labeled images per step per worker."""
     lr: float = 1e-3
-    """Adam learning rate."""
+    """Adam learning rate (the peak, with a schedule)."""
+    lr_schedule: str = "cosine"
+    """"cosine" decays the learning rate to 0 at `steps` (half a cosine), so the last steps settle
+    instead of bouncing between the few labeled images' minima; "constant" keeps `lr` throughout."""
     class_balanced: bool = True
     """Sample pixels uniformly over classes first, so small parts are seen as often as background."""
     val_images: int = 4
@@ -114,6 +117,7 @@ class TrainConfig:
         at_least("train", self, 1, ("num_workers", "steps", "batch_pixels", "batch_images", "checkpoint_every"))
         at_least("train", self, 0, ("val_images",))
         positive("train", self, ("lr", "cpus_per_worker"))
+        one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
 
 
 @dataclass

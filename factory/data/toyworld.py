@@ -102,7 +102,21 @@ class _Params:
     skin_texture: np.ndarray
 
 
-def _draw_params(seeds: list[int], size: int) -> _Params:
+@dataclass(frozen=True)
+class WorldShift:
+    """A toy world with shifted parameters, for robustness tests (`benchmarks/quality.py`'s shifted
+    held-out set). Applied after every random draw, so a scene's other choices stay those of its seed
+    and the identity shift renders exactly the unshifted world."""
+
+    scale: float = 1.0
+    """Multiplies the face size (drawn in 0.27-0.4 of the image height)."""
+    roll: float = 1.0
+    """Multiplies the head's in-plane rotation (drawn in +-0.35 rad)."""
+    light: float = 1.0
+    """Multiplies the light direction's offsets (drawn in +-0.6), i.e. how one-sided the shading is."""
+
+
+def _draw_params(seeds: list[int], size: int, shift: WorldShift | None = None) -> _Params:
     rows = []
     coarse = max(2, size // 8)
     for seed in seeds:
@@ -134,8 +148,11 @@ def _draw_params(seeds: list[int], size: int) -> _Params:
             occluder=occluder, occluder_colour=rng.uniform(0.05, 0.95, 3),
             wall_texture=rng.normal(0, 0.05, (coarse, coarse)), skin_texture=rng.normal(0, 0.025, (coarse, coarse)),
         ))
-    return _Params(**{k: (np.asarray([r[k] for r in rows], dtype=np.float32) if not isinstance(rows[0][k], str)
-                          else [r[k] for r in rows]) for k in rows[0]})
+    p = _Params(**{k: (np.asarray([r[k] for r in rows], dtype=np.float32) if not isinstance(rows[0][k], str)
+                       else [r[k] for r in rows]) for k in rows[0]})
+    if shift is not None and shift != WorldShift():
+        p.scale, p.roll, p.light = p.scale * shift.scale, p.roll * shift.roll, p.light * shift.light
+    return p
 
 
 def _upsample(texture: np.ndarray, size: int) -> np.ndarray:
@@ -163,8 +180,9 @@ def _col(x) -> np.ndarray | float:
     return x if np.isscalar(x) else np.asarray(x, np.float32)[:, None, None]
 
 
-def render_batch(seeds: list[int] | range | np.ndarray, size: int = 64) -> list[Scene]:
-    """The scenes of `seeds`, each identical to `render(seed, size)`.
+def render_batch(seeds: list[int] | range | np.ndarray, size: int = 64, shift: WorldShift | None = None) -> list[Scene]:
+    """The scenes of `seeds`, each identical to `render(seed, size)`; `shift` moves the world's
+    parameters (`WorldShift`).
 
     Layers are painted back to front as a layer index, a brightness and a depth per pixel; a layer's
     colour (per scene), class and instance are looked up from the index once at the end, so each
@@ -172,7 +190,7 @@ def render_batch(seeds: list[int] | range | np.ndarray, size: int = 64) -> list[
     seeds = [int(s) for s in seeds]
     if not seeds:
         return []
-    p = _draw_params(seeds, size)
+    p = _draw_params(seeds, size, shift)
     n = len(seeds)
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size
     y, x = np.broadcast_to(grid[None, :, None], (n, size, size)), np.broadcast_to(grid[None, None, :], (n, size, size))
@@ -305,11 +323,12 @@ def _prompt(p: _Params, b: int) -> str:
     return " ".join(words)
 
 
-def render(seed: int, size: int = 64) -> Scene:
-    return render_batch([seed], size)[0]
+def render(seed: int, size: int = 64, shift: WorldShift | None = None) -> Scene:
+    return render_batch([seed], size, shift)[0]
 
 
-def arrays(seeds: list[int] | range, resolution: int = 64, size: int = 64, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def arrays(seeds: list[int] | range, resolution: int = 64, size: int = 64, batch: int = 256,
+           shift: WorldShift | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, R, R, 3] uint8, masks [N, R, R] uint8) of `seeds` rendered at `size` and resized to
     `resolution` exactly as `factory labels import` and `factory pretrain` resize a folder of them
     (bicubic images, nearest masks), without the files: what a backbone trained on the folder saw."""
@@ -318,7 +337,7 @@ def arrays(seeds: list[int] | range, resolution: int = 64, size: int = 64, batch
     images, masks = [], []
     seeds = list(seeds)
     for first in range(0, len(seeds), batch):
-        for scene in render_batch(seeds[first:first + batch], size):
+        for scene in render_batch(seeds[first:first + batch], size, shift):
             if resolution == size:
                 images.append(scene.image)
                 masks.append(scene.mask)

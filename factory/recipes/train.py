@@ -11,6 +11,7 @@ re-running with the same `train.run_name` resumes from the last one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -51,7 +52,7 @@ def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
             "labeled": labeled_sha,
             "backbone": asdict(cfg.backbone),
             "decoder": asdict(cfg.decoder),
-            "train": [t.batch_pixels, t.batch_images, t.lr, t.class_balanced, t.val_images, t.seed],
+            "train": [t.batch_pixels, t.batch_images, t.lr, t.lr_schedule, t.class_balanced, t.val_images, t.seed],
         }
     )
 
@@ -122,6 +123,8 @@ def fit(
         if step >= cfg.train.steps:
             break
         unwrap(model).train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg.train, step)
         loss = objective.loss(model, step_generator(cfg.train.seed, rank, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,6 +132,15 @@ def fit(
         loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         step += 1
     return unwrap(model), metrics
+
+
+def learning_rate(t, step: int) -> float:
+    """The learning rate of `step` under `train.lr_schedule`: a function of the step (and
+    `train.steps`) alone, so a resumed run continues the same schedule; raising `train.steps` on
+    resume stretches what is left of it."""
+    if t.lr_schedule == "cosine":
+        return t.lr * 0.5 * (1 + math.cos(math.pi * min(step, t.steps) / t.steps))
+    return t.lr
 
 
 def _worker(loop_config: dict) -> None:

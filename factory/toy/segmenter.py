@@ -96,6 +96,46 @@ def fit(
 ) -> Segmenter:
     """Train a segmenter on uint8 images [N, H, W, 3] and class-id masks [N, H, W]; a function of
     (data, configs) on a given device. Cross-entropy, AdamW, cosine learning rate."""
+    model = None
+    for _, model in _training(images, masks, cfg, fit_cfg, device, progress, every=fit_cfg.steps):
+        pass
+    return model.eval()
+
+
+def fit_selected(
+    images: np.ndarray | torch.Tensor,
+    masks: np.ndarray | torch.Tensor,
+    val_images: np.ndarray,
+    val_masks: np.ndarray,
+    cfg: SegmenterConfig,
+    fit_cfg: FitConfig | None = None,
+    every: int = 100,
+    device: str | torch.device = "cpu",
+) -> tuple[Segmenter, dict]:
+    """`fit`, scored on a validation set every `every` steps (and at the end); returns the state with
+    the best validation mIoU and {"step", "val_miou", "curve": [[step, val_miou], ...]}. The papers'
+    rule for a fair comparison between training sets of very different sizes: each run stops where
+    held-apart real images say it is best, not after a step count that is many epochs of a small set
+    and a fraction of one of a large set. The validation images never enter training."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1 step, got {every}")
+    fit_cfg = fit_cfg or FitConfig()
+    best: tuple[float, int, dict] | None = None
+    curve = []
+    model = None
+    for step, model in _training(images, masks, cfg, fit_cfg, device, False, every):
+        model.eval()
+        score = mean_iou(iou_per_class(predict(model, val_images), val_masks, cfg.num_classes))
+        curve.append([step, score])
+        if best is None or score > best[0]:
+            best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        model.train()
+    model.load_state_dict(best[2])
+    return model.eval(), {"step": best[1], "val_miou": best[0], "curve": curve}
+
+
+def _training(images, masks, cfg: SegmenterConfig, fit_cfg: FitConfig, device, progress: bool, every: int):
+    """The training loop; yields (step, model) every `every` steps and after the last one."""
     images, masks = torch.as_tensor(np.asarray(images)), torch.as_tensor(np.asarray(masks)).long()
     if images.ndim != 4 or images.shape[:3] != masks.shape or images.shape[-1] != 3:
         raise ValueError(f"images must be [N, H, W, 3] and masks [N, H, W]; got {tuple(images.shape)} and "
@@ -114,7 +154,7 @@ def fit(
 
         steps = tqdm(steps, desc="segmenter", leave=False)
     model.train()
-    for _ in steps:
+    for step in steps:
         idx = torch.randint(len(images), (min(fit_cfg.batch_size, len(images)),), generator=gen)
         x, y = normalize(images[idx]), masks[idx]
         if fit_cfg.flip:
@@ -125,7 +165,8 @@ def fit(
         loss.backward()
         opt.step()
         schedule.step()
-    return model.eval()
+        if (step + 1) % every == 0 or step + 1 == fit_cfg.steps:
+            yield step + 1, model
 
 
 @torch.no_grad()
@@ -168,3 +209,20 @@ def load(path: str, device: str | torch.device = "cpu") -> tuple[Segmenter, list
     model = Segmenter(SegmenterConfig(**json.loads(meta["config"])))
     model.load_state_dict(state)
     return model.to(device).eval(), json.loads(meta["classes"])
+
+
+@torch.no_grad()
+def embed(model: Segmenter, images: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """uint8 images [N, H, W, 3] -> [N, D] float64: the encoder's every level, average-pooled and
+    concatenated. With fixed weights (the shipped stand-in annotator's) it is a fixed feature extractor
+    for distances between image sets (`benchmarks/quality.py`'s KID), as Inception is for photos."""
+    images = torch.as_tensor(np.asarray(images))
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size].to(device))
+        levels = [model.stem(x)]
+        for block in model.down:
+            levels.append(block(F.avg_pool2d(levels[-1], 2)))
+        out.append(torch.cat([level.mean((2, 3)) for level in levels], 1).double().cpu())
+    return torch.cat(out).numpy()
