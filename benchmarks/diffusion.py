@@ -42,7 +42,7 @@ the same for every phase, do not hide it: interpreter, libraries, weights and ac
 peak's growth above the RSS after loading; also the process's lifetime peak (ru_maxrss).
 
     python benchmarks/diffusion.py [--samples 64] [--batch-size 8] [--steps 10] [--guidance 7.5]
-        [--device auto|cpu|cuda] [--realistic [--smoke]] [--family sd|sdxl|sd3|flux]
+        [--device auto|cpu|cuda] [--realistic [--smoke]] [--family sd|sdxl|sd3|flux] [--skip-memory]
         [--out benchmarks/results/diffusion.json] [key=value ...]
 
 Trailing `key=value` arguments override the config (`--config`, default configs/diffusion.yaml) for
@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", choices=["sd", "sdxl", "sd3", "flux"], default="sd",
                    help="the pipeline's family (tiny: tiny_families.build_tiny; --realistic: realistic.build_realistic)")
     p.add_argument("--memory-batches", type=int, default=2, help="CPU: batches per fresh memory subprocess")
+    p.add_argument("--skip-memory", action="store_true",
+                   help="CPU: timing only, no per-phase memory subprocesses (half the run on a busy machine)")
     p.add_argument("--config", default="configs/diffusion.yaml")
     p.add_argument("--out", default="benchmarks/results/diffusion.json")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
@@ -482,7 +484,7 @@ def print_report(report: dict) -> None:
     if report["device"] == "cuda":
         print("peak GPU memory: max over batches of max_memory_allocated above the batch's start, plus the phase's "
               "own weights")
-    elif not s["smoke"]:
+    elif "skipped" not in res["labeled"]["memory"]:
         print("peak RSS: each phase alone in a fresh process (its models only), the peak while it samples (warm-up + "
               f"{s['memory_batches']} batches; VmHWM reset after loading), in brackets its growth above the RSS after "
               "loading")
@@ -528,11 +530,11 @@ def main(argv: list[str] | None = None) -> None:
         others = None if busy is None else max(0.0, (busy_end - busy) - (own_end - own))
         weights = {p: phases.weight_bytes(p) for p in PHASES}
         del phases
-        if args.device == "cpu" and not args.smoke:
+        if args.device == "cpu" and not (args.smoke or args.skip_memory):
             print("memory: each phase in a fresh process ...", flush=True)
             memory = memory_in_subprocesses(args, workdir)
         elif args.device == "cpu":
-            memory = {p: {"skipped": "--smoke"} for p in PHASES}
+            memory = {p: {"skipped": "--smoke" if args.smoke else "--skip-memory"} for p in PHASES}
 
     res = {}
     for phase in PHASES:
