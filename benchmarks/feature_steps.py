@@ -22,8 +22,7 @@ import tempfile
 import time
 
 import numpy as np
-
-from machine import busy_cpu_seconds, git_revision, write_results  # noqa: E402  (benchmarks/machine.py)
+from machine import busy_cpu_seconds, git_revision, write_results
 
 EVAL_START = 1_000_000
 
@@ -53,7 +52,7 @@ def fit_and_score(workdir: str, steps: list[int], seed: int, args: argparse.Name
     from factory import config as config_lib
     from factory.backbones import backbone_identity
     from factory.decoders.files import load_decoder, save_decoder
-    from factory.recipes.train import fit
+    from factory.recipes.train import fit, load_training_set
     from factory.toy.demo import demo_config, prepare_labels
 
     cfg = demo_config(workdir, [f"backbone.diffusion.feature_steps={steps}", f"train.seed={seed}",
@@ -61,7 +60,6 @@ def fit_and_score(workdir: str, steps: list[int], seed: int, args: argparse.Name
                                 *args.overrides], diffusion=True)
     if not os.path.exists(cfg.train.labeled):
         prepare_labels(cfg)
-    from factory.recipes.train import load_training_set
 
     labeled = load_training_set(cfg)
     identity = backbone_identity(cfg.backbone)
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "max": max(values), "runs": len(values)})
     print(f"\nDM decoder mIoU by inversion on {args.eval_images} held-out real toy faces, {args.train_steps} steps")
     for s in summary:
-        print(f"  feature_steps={str(s['feature_steps']):12} mean {s['mean_miou']:.3f} (min {s['min']:.3f}, "
+        print(f"  feature_steps={s['feature_steps']!s:12} mean {s['mean_miou']:.3f} (min {s['min']:.3f}, "
               f"max {s['max']:.3f}, {s['runs']} seeds)")
     wall = time.perf_counter() - started
     others = None
