@@ -18,10 +18,19 @@ machine's speed falls on all of them), after one warm-up batch each:
 The decoder is a seeded, untrained perception decoder saved with `save_decoder` and loaded with
 `load_decoder`, as `factory train` publishes one (throughput does not depend on training). The
 pipeline is saved with `save_pretrained` and loaded through `backbone.weights=<folder>`, the path a
-user's checkpoint takes: by default the tiny built-in pipeline (`tiny_diffusion`); `--realistic` is
-an SD-1.5-shaped pipeline with random weights (UNet 320/640/1280/1280, 2 layers per block,
-cross-attention 768, head dim 8; VAE 128/256/512/512; CLIP text encoder 768 wide, 12 layers, 12
-heads) at 512 px, meant for a GPU (float16 there, `dtype: auto`).
+user's checkpoint takes: by default the tiny pipeline of `--family` (`tiny_families`); `--realistic`
+is the realistic-size pipeline of `--family sd|sdxl|flux` with random weights (`benchmarks/realistic.py`:
+SD 1.5 at 512 px, SDXL base at 1024 px, a FLUX.1-sized 19 + 38 block transformer at 1024 px), made
+on the device and stored in the dtype it runs in (`dtype: auto`: bfloat16 on an H100/H200), meant
+for a GPU. `--smoke` runs the same realistic code at toy sizes (64 px, 2 seeds, 2 steps) on any
+device, without the CPU memory subprocesses (a GPU run measures memory in-process): the test suite
+runs it, so the GPU script is known to work.
+
+Prepared GPU runs, each under 8 minutes on one H200 (estimated, not yet run on one: FLUX-size is
+12B parameters, 24 GB in bfloat16, loaded twice):
+
+    python benchmarks/diffusion.py --realistic --family sdxl    # 16 seeds, batch 4, 10 steps, 1024 px
+    python benchmarks/diffusion.py --realistic --family flux    # 8 seeds, batch 2, 10 steps, 1024 px
 
 Peak memory per phase: on CUDA, in the timing process, per batch: `max_memory_allocated` above what
 was allocated before the batch, plus the bytes of the phase's own weights (the bare pipeline's, or
@@ -33,10 +42,12 @@ the same for every phase, do not hide it: interpreter, libraries, weights and ac
 peak's growth above the RSS after loading; also the process's lifetime peak (ru_maxrss).
 
     python benchmarks/diffusion.py [--samples 64] [--batch-size 8] [--steps 10] [--guidance 7.5]
-        [--device auto|cpu|cuda] [--realistic] [--family sd|sdxl|sd3|flux] [--out benchmarks/results/diffusion.json] [key=value ...]
+        [--device auto|cpu|cuda] [--realistic [--smoke]] [--family sd|sdxl|sd3|flux] [--skip-memory]
+        [--out benchmarks/results/diffusion.json] [key=value ...]
 
 Trailing `key=value` arguments override the config (`--config`, default configs/diffusion.yaml) for
-every phase. `--realistic` on a CPU is refused unless `--samples` is at most 2 (a code-path check).
+every phase. `--realistic` on a CPU is refused unless `--samples` is at most 2 (a code-path check) or
+with `--smoke`.
 """
 
 from __future__ import annotations
@@ -66,45 +77,68 @@ LABELS = {
 }
 MIB = 2**20
 REALISTIC_CPU_MAX_SAMPLES = 2
+REALISTIC_GPU_RUN = {"sd": (64, 8), "sdxl": (16, 4), "flux": (8, 2)}
+"""(seeds, batch size) of a realistic run on a GPU by default: under 8 minutes on one H200."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=None, help="seeds per phase (default 64; --realistic on CPU: 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="seeds per pipeline call")
+    p.add_argument("--samples", type=int, default=None,
+                   help="seeds per phase (default 64; --realistic: sd 64, sdxl 16, flux 8; on CPU 1; --smoke 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="seeds per pipeline call (default 8; --realistic: "
+                   "sd 8, sdxl 4, flux 2)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image size in pixels (default: the config's; --realistic: 512)")
+                   help="image size in pixels (default: the config's; --realistic: sd 512, sdxl/flux 1024; --smoke 64)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
-    p.add_argument("--realistic", action="store_true", help="an SD-1.5-shaped random-weight pipeline (GPU)")
+    p.add_argument("--realistic", action="store_true",
+                   help="the realistic-size random-weight pipeline of --family sd|sdxl|flux (GPU)")
+    p.add_argument("--smoke", action="store_true", help="with --realistic: the same code at toy sizes, any device")
     p.add_argument("--family", choices=["sd", "sdxl", "sd3", "flux"], default="sd",
-                   help="the tiny pipeline's family (tiny_families.build_tiny); --realistic is SD 1.5 only")
+                   help="the pipeline's family (tiny: tiny_families.build_tiny; --realistic: realistic.build_realistic)")
     p.add_argument("--memory-batches", type=int, default=2, help="CPU: batches per fresh memory subprocess")
+    p.add_argument("--skip-memory", action="store_true",
+                   help="CPU: timing only, no per-phase memory subprocesses (half the run on a busy machine)")
     p.add_argument("--config", default="configs/diffusion.yaml")
     p.add_argument("--out", default="benchmarks/results/diffusion.json")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: one CPU memory phase
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: where the models were saved
     args = p.parse_args(argv)
-    if min(args.batch_size, args.steps, args.memory_batches) < 1 or (args.samples is not None and args.samples < 1):
+    if any(v is not None and v < 1 for v in (args.samples, args.batch_size, args.steps, args.memory_batches)):
         p.error("--samples, --batch-size, --steps and --memory-batches must be >= 1")
+    if args.smoke and not args.realistic:
+        p.error("--smoke is the realistic code at toy sizes: pass it with --realistic")
+    if args.realistic and args.family not in REALISTIC_GPU_RUN:
+        p.error(f"--realistic --family {args.family}: realistic shapes are written for "
+                f"{', '.join(REALISTIC_GPU_RUN)}; run --family {args.family} without --realistic (the tiny one)")
     if args.device == "auto":
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu_samples, gpu_batch = REALISTIC_GPU_RUN.get(args.family, (64, 8)) if args.realistic else (64, 8)
     if args.samples is None:
-        args.samples = 1 if args.realistic and args.device == "cpu" else 64
-    if args.realistic and args.device == "cpu" and args.samples > REALISTIC_CPU_MAX_SAMPLES:
-        p.error(f"--realistic on a CPU takes minutes per sample (SD-1.5 size at 512 px); run it on a GPU, or pass "
-                f"--samples {REALISTIC_CPU_MAX_SAMPLES} or fewer (and small --steps/--resolution) to check the code path")
-    if args.realistic and args.family != "sd":
-        p.error(f"--realistic is the SD-1.5-shaped pipeline; --family {args.family} runs the tiny one only")
+        args.samples = 2 if args.smoke else (1 if args.realistic and args.device == "cpu" else gpu_samples)
+    if args.smoke:
+        args.steps = min(args.steps, 2)
+    if args.realistic and not args.smoke and args.device == "cpu" and args.samples > REALISTIC_CPU_MAX_SAMPLES:
+        p.error(f"--realistic on a CPU takes minutes per sample ({args.family} size); run it on a GPU, or pass "
+                f"--samples {REALISTIC_CPU_MAX_SAMPLES} or fewer (and small --steps/--resolution) to check the code "
+                "path, or --smoke for toy sizes")
     if args.resolution is None and args.realistic:
-        args.resolution = 512
-    args.batch_size = min(args.batch_size, args.samples)
+        from realistic import RESOLUTION
+
+        args.resolution = 64 if args.smoke else RESOLUTION[args.family]
+    args.batch_size = min(args.batch_size or (1 if args.smoke else gpu_batch), args.samples)
     return args
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if not args.realistic:
+        return f"tiny {args.family}"
+    return f"{args.family}-shaped random-weight" + (" (smoke: toy sizes)" if args.smoke else "")
 
 
 def set_threads(args: argparse.Namespace) -> int:
@@ -127,54 +161,17 @@ def quiet() -> None:
 
 # ---------------------------------------------------------------- models
 
-def build_realistic_pipeline(seed: int = 0):
-    """An SD-1.5-shaped StableDiffusionPipeline with seeded random weights (the tiny tokenizer's
-    vocabulary: the text encoder's width and depth are SD's, its embedding table is small)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from factory.backbones.tiny_diffusion import write_tokenizer_files
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.18215,
-    )
-    with tempfile.TemporaryDirectory() as d:
-        vocab_size = write_tokenizer_files(d)
-        tokenizer = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-
-
 def save_pipeline(args: argparse.Namespace, directory: str) -> dict:
     """The benchmark's pipeline, `save_pretrained` to `directory`; returns its parameter counts."""
     import torch
 
     t0 = time.perf_counter()
-    if args.realistic:
-        pipe = build_realistic_pipeline()
-        if args.device == "cuda":  # float16 on disk: what it is loaded as, half the bytes to write and read
-            pipe = pipe.to(dtype=torch.float16)
+    if args.realistic:  # made on the device, stored in the dtype it runs in: half the bytes to write and read
+        from realistic import build_realistic
+
+        from factory.backbones.diffusion import torch_dtype
+
+        pipe = build_realistic(args.family, args.smoke, args.device, torch_dtype("auto", torch.device(args.device)))
         pipe.save_pretrained(directory, safe_serialization=True)
     else:
         from factory.backbones.tiny_families import build_tiny
@@ -467,8 +464,12 @@ def print_report(report: dict) -> None:
     for phase in PHASES:
         r = res[phase]
         m = r["memory"]
-        mem = (f"{m['peak_bytes'] / MIB:.0f}" if report["device"] == "cuda"
-               else f"{m['peak_rss_bytes'] / MIB:.0f} ({m['peak_above_loaded_bytes'] / MIB:.0f})")
+        if "skipped" in m:
+            mem = f"skipped ({m['skipped']})"
+        elif report["device"] == "cuda":
+            mem = f"{m['peak_bytes'] / MIB:.0f}"
+        else:
+            mem = f"{m['peak_rss_bytes'] / MIB:.0f} ({m['peak_above_loaded_bytes'] / MIB:.0f})"
         print(f"{LABELS[phase]:<28} {r['samples']:>7} {r['seconds']:>8.2f} {r['samples_per_s']:>9.2f} "
               f"{r['ratio_to_bare']:>7.3f} {mem:>28}")
     o = report["overhead_ms_per_sample"]
@@ -483,7 +484,7 @@ def print_report(report: dict) -> None:
     if report["device"] == "cuda":
         print("peak GPU memory: max over batches of max_memory_allocated above the batch's start, plus the phase's "
               "own weights")
-    else:
+    elif "skipped" not in res["labeled"]["memory"]:
         print("peak RSS: each phase alone in a fresh process (its models only), the peak while it samples (warm-up + "
               f"{s['memory_batches']} batches; VmHWM reset after loading), in brackets its growth above the RSS after "
               "loading")
@@ -509,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-diffusion-") as workdir:
-        print(f"building the {'SD-1.5-shaped' if args.realistic else 'tiny ' + args.family} pipeline ...", flush=True)
+        print(f"building the {model_name(args)} pipeline ...", flush=True)
         params = save_pipeline(args, os.path.join(workdir, "pipeline"))
         cfg = load(args, workdir)
         texts = texts_for(cfg)
@@ -529,9 +530,11 @@ def main(argv: list[str] | None = None) -> None:
         others = None if busy is None else max(0.0, (busy_end - busy) - (own_end - own))
         weights = {p: phases.weight_bytes(p) for p in PHASES}
         del phases
-        if args.device == "cpu":
+        if args.device == "cpu" and not (args.smoke or args.skip_memory):
             print("memory: each phase in a fresh process ...", flush=True)
             memory = memory_in_subprocesses(args, workdir)
+        elif args.device == "cpu":
+            memory = {p: {"skipped": "--smoke" if args.smoke else "--skip-memory"} for p in PHASES}
 
     res = {}
     for phase in PHASES:
@@ -560,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine()),
         "git": git_revision(),
         "settings": {
-            "model": "SD-1.5-shaped random-weight" if args.realistic else f"tiny {args.family}",
+            "model": model_name(args), "smoke": args.smoke,
             "family": args.family,
             "parameters": params, "samples": args.samples, "batch_size": args.batch_size, "steps": d.steps,
             "guidance": d.guidance_scale, "resolution": d.resolution, "scheduler": d.scheduler,

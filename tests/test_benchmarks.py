@@ -33,3 +33,19 @@ def test_codecs_benchmark_checks_round_trips_and_reports_pil(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert {(r["kind"], r["encoder"]) for r in results} >= {("rgb", "pil (factory)"), ("mask", "pil (factory)")}
     assert all(r["us_per_image"] > 0 and r["bytes"] > 0 for r in results)
+
+
+@pytest.mark.slow
+def test_realistic_diffusion_benchmark_smoke_runs_the_flux_sized_code(tmp_path):
+    """`diffusion.py --realistic --family flux` is prepared for a GPU (19 + 38 blocks at 3072); its
+    `--smoke` mode builds the same pipeline code at toy sizes, so the GPU run is known to work."""
+    out = tmp_path / "diffusion.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "diffusion.py"), "--realistic", "--smoke",
+                    "--family", "flux", "--device", "cpu", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    report = json.loads(out.read_text())
+    s = report["settings"]
+    assert s["smoke"] and s["model"].startswith("flux-shaped") and s["resolution"] == 64
+    assert s["parameters"]["transformer"] > 0 and s["parameters"]["text_encoder_2"] > 0
+    assert report["checks"]["max_abs_diff_bare_vs_backbone_images"] == 0
+    assert all(report["phases"][p]["samples_per_s"] > 0 for p in ("bare", "backbone", "backbone_decoder", "labeled"))

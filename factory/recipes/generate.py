@@ -29,6 +29,7 @@ import torch
 from factory import __version__, lease, storage
 from factory import config as config_lib
 from factory.backbones import backbone_identity, load_backbone
+from factory.backbones.contract import BackboneIdentity
 from factory.backbones.diffusion import check_prompt_lengths
 from factory.config import FactoryConfig
 from factory.data import prompts
@@ -73,6 +74,23 @@ def fitted_decoder_metadata(url: str) -> dict[str, str]:
     """The metadata of the decoder published at `url` (a local folder or any storage URL)."""
     with storage.local_copy(url, [MODEL_FILE]) as local:
         return read_decoder_metadata(local)
+
+
+def check_decoder_fits(meta: dict[str, str], backbone: BackboneIdentity, url: str) -> None:
+    """A fitted decoder (its metadata `meta`, published at `url`) fits the configured backbone: the
+    same weights hash (computed from the stored weights, so the same in any dtype: a decoder fitted
+    in float32 fits a bfloat16 build) and the same feature layout."""
+    if meta["backbone_hash"] != backbone.weights_hash:
+        raise GenerateError(
+            f"decoder {url} was fitted on backbone {meta['backbone_hash'][:12]}, the config builds "
+            f"{backbone.weights_hash[:12]}; check backbone.weights / backbone.init_seed or re-train"
+        )
+    fitted_on = json.loads(meta.get("feature_names", "[]"))
+    if fitted_on and fitted_on != backbone.feature_names:
+        raise GenerateError(
+            f"decoder {url} was fitted on features {fitted_on}, the config taps {backbone.feature_names}; "
+            "check backbone.diffusion.feature_steps / feature_blocks / feature_norm or re-train"
+        )
 
 
 def load_models(cfg: FactoryConfig):
@@ -237,17 +255,7 @@ def generate(cfg: FactoryConfig, builder: type | None = None, command: str | Non
     # 1. Check inputs: the decoder exists and was fitted on this backbone.
     meta = fitted_decoder_metadata(g.decoder)
     backbone = backbone_identity(cfg.backbone)
-    if meta["backbone_hash"] != backbone.weights_hash:
-        raise GenerateError(
-            f"decoder {g.decoder} was fitted on backbone {meta['backbone_hash'][:12]}, the config builds "
-            f"{backbone.weights_hash[:12]}; check backbone.weights / backbone.init_seed or re-train"
-        )
-    fitted_on = json.loads(meta.get("feature_names", "[]"))
-    if fitted_on and fitted_on != backbone.feature_names:
-        raise GenerateError(
-            f"decoder {g.decoder} was fitted on features {fitted_on}, the config taps {backbone.feature_names}; "
-            "check backbone.diffusion.feature_steps / feature_blocks / feature_norm or re-train"
-        )
+    check_decoder_fits(meta, backbone, g.decoder)
     config_hash = sample_hash(cfg, backbone.weights_hash, g.decoder)
     build_prompts, fresh = None, False
     if cfg.backbone.kind == "diffusion":  # resolved once, stored with the dataset, read by the actors
