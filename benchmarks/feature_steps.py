@@ -78,24 +78,14 @@ def fit_and_score(workdir: str, steps: list[int], seed: int, args: argparse.Name
 
 
 def miou_by_inversion(cfg, decoder, count: int) -> dict:
-    import torch
+    """The decoder's mIoU on `count` held-out real toy faces by inversion: the quality benchmark's own
+    scoring (`quality.decoder_miou_by_inversion`), so the two benchmarks' numbers compare."""
+    from quality import decoder_miou_by_inversion
 
     from factory.backbones import load_backbone
-    from factory.data import toyworld
-    from factory.toy import segmenter
 
     backbone = load_backbone(cfg.backbone)
-    res = backbone.resolution
-    seeds = list(range(EVAL_START, EVAL_START + count))
-    images, masks = toyworld.arrays(seeds, res)
-    prompts = [s.prompt for s in toyworld.render_batch(seeds)]
-    predicted = []
-    with torch.no_grad():
-        for i in range(0, count, 16):
-            features = backbone.invert(images[i:i + 16], prompts[i:i + 16], seeds[i:i + 16])
-            predicted.append(decoder(features, (res, res)).masks.numpy())
-    per_class = segmenter.iou_per_class(np.concatenate(predicted), masks, len(toyworld.CLASSES))
-    return {"miou": segmenter.mean_iou(per_class), "iou": per_class, "noise_levels": backbone.noise_levels}
+    return {**decoder_miou_by_inversion(backbone, decoder, EVAL_START, count), "noise_levels": backbone.noise_levels}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -68,7 +68,7 @@ FILTER_CURVE = (0.1, 0.2, 0.3, 0.5)
 DM_LEVERS = {
     "inversion_timestep=100": ["backbone.diffusion.inversion_timestep=100"],
     "inversion_timestep=300": ["backbone.diffusion.inversion_timestep=300"],
-    "feature_step=-3 (an earlier, noisier step)": ["backbone.diffusion.feature_step=-3"],
+    "feature_steps=[-3] (an earlier, noisier step)": ["backbone.diffusion.feature_steps=[-3]"],
     "attention_maps=false": ["backbone.diffusion.attention_maps=false"],
     "decoder.dim=128": ["decoder.dim=128"],
 }
