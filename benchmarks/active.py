@@ -87,6 +87,10 @@ def label_and_fit(cfg, eval_seeds, reference) -> dict:
             "final_loss": metrics.get("loss")}
 
 
+QUICK = {"repeats": 1, "first": 4, "added": 4, "pool": 32, "eval_images": 32, "steps": 30}
+"""The smoke run's settings (`--quick`, and `quality.py --quick --active`)."""
+
+
 def run(repeats: int = 3, first: int = 16, added: int = 16, pool: int = 500, eval_images: int = 200,
         steps: int = 600, workdir: str | None = None) -> dict:
     """The measurement (see the module doc); returns the report."""
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/active.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.first, args.added, args.pool, args.eval_images, args.steps = 1, 4, 4, 32, 32, 30
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     busy0, t0 = busy_cpu_seconds(), time.perf_counter()
     report = run(args.repeats, args.first, args.added, args.pool, args.eval_images, args.steps, args.workdir)
     report["wall_s"] = round(time.perf_counter() - t0, 1)

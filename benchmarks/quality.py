@@ -1,6 +1,6 @@
 """Label quality: the papers' evaluation protocol in miniature, for both paths, on the toy world.
 
-    python benchmarks/quality.py [--quick] [--diagnose] [--paths gan,dm] [--num-synthetic 5000]
+    python benchmarks/quality.py [--quick] [--diagnose] [--active] [--paths gan,dm] [--num-synthetic 5000]
         [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny N, few steps (CI)")
     p.add_argument("--diagnose", action="store_true", help="add the diagnosis rows (ceiling, curves, levers, KID)")
+    p.add_argument("--active", action="store_true",
+                   help="add active annotation: 16 random + 16 suggested vs 32 random labels (benchmarks/active.py)")
     p.add_argument("--paths", default="gan,dm", help="comma-separated: gan, dm (default both)")
     p.add_argument("--num-synthetic", type=int, help="N synthetic samples per path (default 5000; quick 64)")
     p.add_argument("--eval-images", type=int, help="held-out real toy faces, and shifted ones (default 1000; quick 48)")
@@ -426,6 +428,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                                            limit=args.eval_images)])
                          for path in args.paths}
             report["kid"] = backbone_kid(report, sets, workdir, generated)
+        if args.active:  # which 16 images to label next (issue 20); its own runs, its own report
+            import active
+
+            report["active_annotation"] = active.run(**(active.QUICK if args.quick else {}))
     finally:
         if started_ray:
             import ray
