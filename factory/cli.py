@@ -332,9 +332,10 @@ def _inspect(args: argparse.Namespace) -> int:
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
     dataset = versions.resolve(args.dataset)  # ROOT@latest -> the version LATEST names
     summary = inspect.summarize(dataset, stat_samples=args.samples, checksums=not args.no_verify)
-    if not summary.get("in_progress") and not summary.get("broken_files") and not summary.get("missing_files"):
-        summary["preview"] = inspect.preview(dataset, args.preview or storage.join(dataset, "preview.png"))
-        if args.html:
+    if not summary.get("in_progress"):
+        if not summary.get("broken_files") and not summary.get("missing_files"):  # no samples read otherwise
+            summary["preview"] = inspect.preview(dataset, args.preview or storage.join(dataset, "preview.png"))
+        if args.html:  # the report shows a damaged dataset too: what is missing or broken
             from factory.recipes.report import write_report
 
             summary["report"] = write_report(dataset, summary, args.html)

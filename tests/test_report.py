@@ -21,17 +21,24 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """A two-shard dataset with a decoder metrics.json, one shard's tar deleted, and its report."""
+def pages(tmp_path_factory):
+    """A two-shard dataset with a decoder metrics.json: its report, then the report after one shard's
+    tar was deleted."""
     work = tmp_path_factory.mktemp("report")
     cfg, out = build(work, "parquet,webdataset")
     with open(os.path.join(cfg.generate.decoder, "metrics.json"), "w") as f:
         json.dump({"metrics": {"val_miou": 0.4321, "step": 20}, "val_images": 2,
                    "labeled_set": {"path": "labeled.safetensors", "fingerprint": "f" * 64, "images": 8}}, f)
+    page, damaged = str(work / "report.html"), str(work / "damaged.html")
+    assert main(["inspect", out, "--html", page]) == 0
     os.remove(os.path.join(out, "webdataset", "shard-00001.tar"))
-    page = str(work / "report.html")
-    assert main(["inspect", out, "--html", page]) == 1  # incomplete: a file is missing
-    return page
+    assert main(["inspect", out, "--html", damaged]) == 1  # incomplete: a file is missing
+    return page, damaged
+
+
+@pytest.fixture(scope="module")
+def report(pages):
+    return pages[0]
 
 
 def test_the_page_is_self_contained_with_every_section(report):
@@ -45,10 +52,18 @@ def test_the_page_is_self_contained_with_every_section(report):
     for data in images:
         with Image.open(io.BytesIO(base64.b64decode(data))) as im:
             assert im.width > 100 and im.height > 100
-    assert "webdataset/shard-00001.tar" in text and "INCOMPLETE" in text  # the missing file is shown
     assert "0.4321" in text and "val_miou" in text  # decoder metrics
     assert "scores above 0.25000, calibrated on 10 seeds" in text  # the filter beside its histogram
     assert "0: background" in text and "1: blue" in text  # the legend
+
+
+def test_a_damaged_dataset_gets_a_report_naming_the_damage_without_reading_samples(pages):
+    text = open(pages[1]).read()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in text
+    assert "webdataset/shard-00001.tar" in text and "INCOMPLETE" in text  # the missing file is shown
+    assert "no samples were read" in text and 'alt="preview"' not in text
+    assert "0.4321" in text  # the decoder's metrics still
 
 
 def chromium(*args: str, cwd: str) -> subprocess.CompletedProcess:

@@ -59,9 +59,16 @@ def test_a_good_version_validates(version):
 def test_validation_lists_damage(version):
     root, _ = version
     ds = f"{root}/2026-11-20"
-    with open(f"{ds}/parquet/shard-00001.parquet", "ab") as f:
+    path = f"{ds}/parquet/shard-00001.parquet"
+    with open(path, "rb") as f:
+        original = f.read()
+    with open(path, "ab") as f:
         f.write(b"tampered")
-    with pytest.raises(validate.ValidationError, match="shard-00001.parquet does not match"):
+    with pytest.raises(validate.ValidationError, match=r"shard-00001.parquet has \d+ bytes, its record says \d+"):
+        validate.validate(ds, verify_checksums=False)  # sizes are checked even without checksums
+    with open(path, "wb") as f:  # the same size, its footer magic broken: only the sha256 or a read sees it
+        f.write(original[:-4] + b"XXXX")
+    with pytest.raises(validate.ValidationError, match="shard-00001.parquet does not match its recorded sha256"):
         validate.validate(ds)
     with pytest.raises(validate.ValidationError, match="cannot read its samples: ArrowInvalid"):
         validate.validate(ds, verify_checksums=False)

@@ -135,6 +135,10 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
     labels = manifest["labels"]
     task = manifest["task"]
     colors = preview_lib.palette(max(len(labels), 2))
+    damage = len(summary.get("missing_files", [])) + len(summary.get("broken_files", []))
+    # no samples are read from a dataset whose files do not match their records (see Failures)
+    unread = (f"Not drawn: {damage} file(s) are missing or do not match their completion records, "
+              "so no samples were read (see Failures).") if damage else None
     parts = [f"<h1>{html.escape(manifest['name'])}: {manifest['num_samples']:,} samples</h1>"]
 
     # overview
@@ -148,13 +152,16 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
     ]) + "</section>")
 
     # preview with legend
-    png = preview_lib.draw(read.iter_samples(dataset, limit=preview_samples), labels, task)
-    legend = "".join(
-        f'<span class="item"><span class="swatch" style="background:rgb{preview_lib.legend_color(colors, i, task)}">'
-        f"</span>{i}: {html.escape(name)}</span>" for i, name in enumerate(labels))
-    parts.append('<section id="preview"><h2>Preview</h2><p>Each tile: the image, the image with its labels '
-                 "overlaid (and depth, near is bright, when the dataset has it; keypoints as dots).</p>"
-                 f'<img alt="preview" src="{png_uri(png)}"><p class="legend">{legend}</p></section>')
+    if unread:
+        parts.append(f'<section id="preview"><h2>Preview</h2><p>{html.escape(unread)}</p></section>')
+    else:
+        png = preview_lib.draw(read.iter_samples(dataset, limit=preview_samples), labels, task)
+        legend = "".join(
+            f'<span class="item"><span class="swatch" style="background:rgb{preview_lib.legend_color(colors, i, task)}">'
+            f"</span>{i}: {html.escape(name)}</span>" for i, name in enumerate(labels))
+        parts.append('<section id="preview"><h2>Preview</h2><p>Each tile: the image, the image with its labels '
+                     "overlaid (and depth, near is bright, when the dataset has it; keypoints as dots).</p>"
+                     f'<img alt="preview" src="{png_uri(png)}"><p class="legend">{legend}</p></section>')
 
     # classes
     if "class_pixel_frequency" in summary:
@@ -164,19 +171,22 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
         plot = f'<img alt="keypoint scores" src="{keypoint_bars(summary["keypoint_mean_score"])}">'
         caption = "Mean score per keypoint over the first samples."
     else:
-        plot, caption = "", f"No class or keypoint labels in a {html.escape(task)} dataset."
+        plot, caption = "", unread or f"No class or keypoint labels in a {html.escape(task)} dataset."
     parts.append(f'<section id="classes"><h2>Labels</h2><p>{caption}</p>{plot}</section>')
 
     # uncertainty
-    scores = np.concatenate([t.column("uncertainty").to_numpy() for t in read.shard_tables(dataset, ["uncertainty"])]
-                            or [np.zeros(0)])
     c = manifest.get("calibration")
     threshold = c["threshold"] if c else None
     note = (f"The {c['drop_fraction']:.0%} most uncertain samples were dropped (scores above {c['threshold']:.5f}, "
             f"calibrated on {c['num_scored']:,} seeds): {manifest['num_generated'] - manifest['num_samples']:,} "
             "samples." if c else "Nothing was dropped.")
-    parts.append(f'<section id="uncertainty"><h2>Uncertainty</h2><p>{html.escape(note)}</p>'
-                 f'<img alt="uncertainty histogram" src="{uncertainty_histogram(scores, threshold)}"></section>')
+    if unread:
+        plot = f"<p>{html.escape(unread)}</p>"
+    else:
+        scores = np.concatenate([t.column("uncertainty").to_numpy() for t in read.shard_tables(dataset, ["uncertainty"])]
+                                or [np.zeros(0)])
+        plot = f'<img alt="uncertainty histogram" src="{uncertainty_histogram(scores, threshold)}">'
+    parts.append(f'<section id="uncertainty"><h2>Uncertainty</h2><p>{html.escape(note)}</p>{plot}</section>')
 
     # shards
     records = manifest["shards"]
