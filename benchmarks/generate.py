@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "memory is reported per quarter of the run: flat means it does not grow with samples")
     p.add_argument("overrides", nargs="*", help="config key=value overrides for every measurement")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)  # internal: the bare loop
+    p.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)  # internal: the bare loop alone
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: where the decoder was saved
     args = p.parse_args(argv)
     if args.quick:
@@ -157,6 +158,9 @@ def run_bare(args: argparse.Namespace) -> None:
     for batch in batches:
         decoder(backbone(batch).features, size)
     bare_s = time.perf_counter() - t0
+    if args.loop_only:
+        print(json.dumps({"samples": len(seeds), "seconds": bare_s, "samples_per_s": len(seeds) / bare_s}))
+        return
 
     # The per-seed mode (backbone.batch_invariant=true) on the same seeds: what batching buys.
     per_seed_seeds = seeds[: args.encode_samples]
@@ -186,18 +190,41 @@ def run_bare(args: argparse.Namespace) -> None:
     }))
 
 
-def bare_in_subprocess(args: argparse.Namespace, workdir: str) -> dict:
+def bare_command(args: argparse.Namespace, workdir: str) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--bare", "--workdir", workdir,
            "--samples", str(args.samples), "--shard-size", str(args.shard_size), "--formats", args.formats,
            "--encode-samples", str(args.encode_samples), "--gpus-per-actor", str(args.gpus_per_actor)]
     for flag, value in (("--batch-size", args.batch_size), ("--calibration-samples", args.calibration_samples)):
         if value is not None:
             cmd += [flag, str(value)]
+    return [*cmd, *args.overrides]
+
+
+def bare_in_subprocess(args: argparse.Namespace, workdir: str) -> dict:
     busy, own = busy_cpu_seconds(), children_cpu_seconds()
-    done = subprocess.run([*cmd, *args.overrides], check=True, capture_output=True, text=True)
+    done = subprocess.run(bare_command(args, workdir), check=True, capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["cpu_s_used_by_other_processes"] = other_cpu(busy, own, busy_cpu_seconds(), children_cpu_seconds())
     return result
+
+
+def bare_in_parallel(args: argparse.Namespace, workdir: str, processes: int, one: dict) -> dict:
+    """The machine's own ceiling for N actors: N bare loops (model only, 1 thread each) in N
+    processes at once, as N actors run side by side. Their summed samples/s over one bare loop's is
+    the most any N-actor build could reach here: the cores' shared caches, memory bandwidth and clock
+    are in it, the factory is not."""
+    cmd = bare_command(args, workdir)
+    cmd.insert(2, "--loop-only")
+    running = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    results = []
+    for proc in running:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"bare loop process exited {proc.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    total = sum(r["samples_per_s"] for r in results)
+    return {"processes": processes, "samples_per_s_each": [round(r["samples_per_s"], 2) for r in results],
+            "samples_per_s_total": total, "over_one": total / one["samples_per_s"]}
 
 
 def children_cpu_seconds() -> float:
@@ -430,6 +457,10 @@ def print_report(report: dict) -> None:
           f"{bare['samples_per_s']:>9.1f} {bare['peak_rss_bytes'] / MIB:>20.0f}")
     print(f"{'label_seeds: + encode, 1 thread':<30} {enc['samples']:>7} {enc['seconds']:>7.1f} {'-':>7} "
           f"{enc['samples_per_s']:>9.1f} {'(same process)':>20}")
+    par = bare.get("parallel")
+    if par:
+        print(f"{str(par['processes']) + ' bare loops at once':<30} {par['processes'] * bare['samples']:>7} {'-':>7} {'-':>7} "
+              f"{par['samples_per_s_total']:>9.1f} {'(one process each)':>20}")
     ps = bare["per_seed"]
     print(f"{'per-seed mode (batch_invariant)':<30} {ps['samples']:>7} {ps['seconds']:>7.1f} {'-':>7} "
           f"{ps['samples_per_s']:>9.1f} {'(same process)':>20}")
@@ -483,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
         save_models(cfg)
         print(f"bare loop: {args.samples} seeds ...", flush=True)
         bare = bare_in_subprocess(args, workdir)
+        most = max(actor_counts(args))
+        if most > 1:
+            print(f"bare loops: {most} processes at once ...", flush=True)
+            bare["parallel"] = bare_in_parallel(args, workdir, most, bare)
 
         # 2. Loopback S3, Ray, then one build per actor count.
         server, endpoint = start_s3()
@@ -515,6 +550,12 @@ def main(argv: list[str] | None = None) -> None:
     ratios = {f"full_{b['num_actors']}_actors_over_bare": b["samples_per_s"] / bare["samples_per_s"] for b in builds}
     ratios.update({f"{b['num_actors']}_actors_over_{one['num_actors']}": b["samples_per_s"] / one["samples_per_s"]
                    for b in builds[1:]})
+    parallel = bare.get("parallel")
+    if parallel:  # the machine's ceiling for the most actors, and how much of it the build reached
+        top = max(builds, key=lambda b: b["num_actors"])
+        ratios[f"{parallel['processes']}_bare_processes_over_1"] = parallel["over_one"]
+        ratios[f"{top['num_actors']}_actors_over_{one['num_actors']}_of_ceiling"] = (
+            top["samples_per_s"] / one["samples_per_s"]) / parallel["over_one"]
     goals = {"full_1_actors_over_bare >= 0.90": ratios.get("full_1_actors_over_bare", 0) >= 0.90,
              "2_actors_over_1 >= 1.8": ratios.get("2_actors_over_1", 0) >= 1.8}
     g = cfg.generate
