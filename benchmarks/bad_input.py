@@ -462,22 +462,12 @@ def run_all(work: Path, s3_endpoint: str, bucket: str) -> list[Outcome]:
 
 @contextlib.contextmanager
 def loopback_s3():
-    """A moto S3 server on loopback with one bucket; yields (endpoint, bucket)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+    """A loopback S3 server (benchmarks/machine.py) with one bucket; yields (endpoint, bucket)."""
+    from machine import loopback_s3 as server
 
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", "us-east-1"), ("RAY_AUTH_MODE", "disabled")):
-        os.environ.setdefault(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bad-input")
-    try:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with server("bad-input") as endpoint:
         yield endpoint, "bad-input"
-    finally:
-        server.stop()
 
 
 def main() -> int:

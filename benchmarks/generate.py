@@ -45,10 +45,9 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import asdict
 
-from machine import busy_cpu_seconds, git_revision, write_results  # noqa: E402  (benchmarks/machine.py)
+from machine import FAKE_AWS, busy_cpu_seconds, git_revision, loopback_s3, write_results  # noqa: E402  (benchmarks/machine.py)
 
 CPUS_PER_ACTOR = 1
 RAY_NUM_CPUS = 4
@@ -333,42 +332,6 @@ class ProcessSampler(threading.Thread):
             }
 
 
-class S3Server:
-    """The loopback S3 server (moto) in its own process, so the driver's memory is the driver's alone
-    (the server holds every object it stores; in the driver it would look like driver growth)."""
-
-    def __init__(self) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=2).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the moto S3 server did not start on {self.endpoint}") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
-def start_s3() -> tuple[S3Server, str]:
-    import boto3
-
-    server = S3Server()
-    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    return server, server.endpoint
-
-
 def actor_threads() -> int:
     """torch's thread count inside an actor reserving `CPUS_PER_ACTOR` CPUs, as the pool's get."""
     import ray
@@ -500,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     # Before Ray starts, so its workers inherit them (the loopback server accepts any credentials).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(FAKE_AWS)
     import ray
     import torch
 
@@ -520,31 +483,30 @@ def main(argv: list[str] | None = None) -> None:
             bare["parallel"] = bare_in_parallel(args, workdir, most, bare)
 
         # 2. Loopback S3, Ray, then one build per actor count.
-        server, endpoint = start_s3()
-        init_ray(RayConfig(num_cpus=RAY_NUM_CPUS))
-        import ray.data
+        with loopback_s3(BUCKET) as endpoint:
+            init_ray(RayConfig(num_cpus=RAY_NUM_CPUS))
+            import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        sampler = ProcessSampler(args.sample_interval)
-        sampler.start()
-        try:
-            threads_in_actor = actor_threads()
-            sampler.window_start()
-            time.sleep(max(1.0, 2 * args.sample_interval))
-            idle = sampler.window_end()  # the cluster at rest, before any build
-            builds = []
-            for n in actor_counts(args):
-                print(f"full build: {n} actor(s) ...", flush=True)
-                builds.append(run_build(args, workdir, endpoint, n, sampler))
-            memory_build = None
-            if args.memory_samples:
-                print(f"memory build: {args.memory_samples} seeds, 2 actors ...", flush=True)
-                memory_build = run_build(args, workdir, endpoint, 2, sampler,
-                                         (f"generate.num_samples={args.memory_samples}",))
-        finally:
-            sampler.stop()
-            ray.shutdown()
-            server.stop()
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            sampler = ProcessSampler(args.sample_interval)
+            sampler.start()
+            try:
+                threads_in_actor = actor_threads()
+                sampler.window_start()
+                time.sleep(max(1.0, 2 * args.sample_interval))
+                idle = sampler.window_end()  # the cluster at rest, before any build
+                builds = []
+                for n in actor_counts(args):
+                    print(f"full build: {n} actor(s) ...", flush=True)
+                    builds.append(run_build(args, workdir, endpoint, n, sampler))
+                memory_build = None
+                if args.memory_samples:
+                    print(f"memory build: {args.memory_samples} seeds, 2 actors ...", flush=True)
+                    memory_build = run_build(args, workdir, endpoint, 2, sampler,
+                                             (f"generate.num_samples={args.memory_samples}",))
+            finally:
+                sampler.stop()
+                ray.shutdown()
 
     one = builds[0]
     ratios = {f"full_{b['num_actors']}_actors_over_bare": b["samples_per_s"] / bare["samples_per_s"] for b in builds}
