@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import os
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -103,3 +108,47 @@ def s3_bucket(s3_endpoint, request):
     storage.configure(StorageConfig(endpoint_url=s3_endpoint, region="us-east-1"))
     yield f"s3://{name}"
     storage.configure(StorageConfig())
+
+
+@contextlib.contextmanager
+def chat_endpoint(respond: Callable[[dict], tuple[int, str]]) -> Iterator[tuple[str, list[dict]]]:
+    """A local OpenAI-compatible chat endpoint on loopback (POST .../chat/completions). Each request,
+    kept as {"path", "authorization", "body"}, goes to `respond`, which returns (status, text): with
+    200 the text is the assistant's message, otherwise the error's message (as real servers answer).
+    Yields (base URL without a path, the list of requests so far)."""
+    requests: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            request = {"path": self.path, "authorization": self.headers.get("Authorization"), "body": body}
+            requests.append(request)
+            status, text = respond(request)
+            if status == 200:
+                answer = {"id": f"chatcmpl-{len(requests)}", "object": "chat.completion", "created": 0,
+                          "model": body["model"],
+                          "choices": [{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": text}}],
+                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            else:
+                answer = {"error": {"message": text, "type": "invalid_request_error", "code": "invalid_api_key",
+                                    "param": None}}
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

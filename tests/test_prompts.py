@@ -2,12 +2,10 @@
 prompts written once per dataset by a chat endpoint (a local stand-in server speaking the OpenAI protocol)."""
 
 import dataclasses
-import http.server
 import json
 import os
 import re
 import socket
-import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,7 +82,7 @@ class ChatServer:
     It keeps every request: path, Authorization header and JSON body."""
 
     def __init__(self):
-        self.mode, self.status, self.requests = "good", 200, []
+        self.mode, self.status, self.requests, self.url = "good", 200, [], None
 
     def reply(self, body: dict) -> str:
         user = body["messages"][-1]["content"]
@@ -101,42 +99,20 @@ class ChatServer:
                           "```"])
 
 
+    def respond(self, request: dict) -> tuple[int, str]:
+        if self.status != 200:
+            return self.status, "Incorrect API key provided"
+        return 200, self.reply(request["body"])
+
+
 @pytest.fixture
 def chat():
+    from conftest import chat_endpoint
+
     state = ChatServer()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"),
-                                   "body": body})
-            if state.status != 200:
-                answer = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
-                                    "code": "invalid_api_key", "param": None}}
-            else:
-                answer = {"id": f"chatcmpl-{len(state.requests)}", "object": "chat.completion", "created": 0,
-                          "model": body["model"],
-                          "choices": [{"index": 0, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": state.reply(body)}}],
-                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-            data = json.dumps(answer).encode()
-            self.send_response(state.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with chat_endpoint(state.respond) as (url, requests):
+        state.url, state.requests = f"{url}/v1", requests
+        yield state
 
 
 def test_endpoint_writes_n_prompts_in_batches_with_known_classes(chat, monkeypatch):

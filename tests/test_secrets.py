@@ -3,14 +3,12 @@ loopback S3, a chat endpoint's API key in its environment variable, keys written
 builds run through the CLI (one that succeeds, ones that fail), and every file they wrote plus their
 captured stdout/stderr are scanned for the planted values."""
 
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -48,41 +46,24 @@ def s3_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
     return {f"s3://{bucket}/{k}": s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
+def answer_with_the_key(request: dict) -> tuple[int, str]:
+    """Prompt lines for API_KEY on a /good path; otherwise a refusal that (like real servers) echoes
+    the key it refused."""
+    auth = request["authorization"] or ""
+    if auth == f"Bearer {API_KEY}" and request["path"].startswith("/good"):
+        return 200, "\n".join(json.dumps({"prompt": f"a photo of a face, scene {i}", "classes": ["skin"]})
+                              for i in range(8))
+    return 401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"
+
+
 @pytest.fixture
 def chat():
-    """An OpenAI-compatible endpoint that wants API_KEY, answers prompt lines, and (like real servers)
-    echoes a key it refuses in its error message."""
-    seen = []
+    """The chat endpoint of tests/conftest.py answering `answer_with_the_key`; yields (URL, the
+    requests it got)."""
+    from conftest import chat_endpoint
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            auth = self.headers.get("Authorization", "")
-            seen.append(auth)
-            if auth == f"Bearer {API_KEY}" and self.path.startswith("/good"):
-                lines = [json.dumps({"prompt": f"a photo of a face, scene {i}", "classes": ["skin"]}) for i in range(8)]
-                answer, status = {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
-                                  "choices": [{"index": 0, "finish_reason": "stop",
-                                               "message": {"role": "assistant", "content": "\n".join(lines)}}]}, 200
-            else:
-                answer, status = {"error": {"message": f"Incorrect API key provided: {auth.removeprefix('Bearer ')}",
-                                            "type": "invalid_request_error", "code": "invalid_api_key"}}, 401
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with chat_endpoint(answer_with_the_key) as served:
+        yield served
 
 
 def test_planted_secrets_reach_no_file_and_no_log(tmp_path, s3_endpoint, chat):
@@ -134,7 +115,7 @@ def test_planted_secrets_reach_no_file_and_no_log(tmp_path, s3_endpoint, chat):
             assert run.stderr.strip().splitlines()[-1].startswith("factory: error: ") and "Traceback" not in run.stderr, (
                 name, run.stderr[-2000:])
         durations[name] = round(time.perf_counter() - start, 1)
-    assert f"Bearer {API_KEY}" in chat[1]  # the key was really used
+    assert f"Bearer {API_KEY}" in [r["authorization"] for r in chat[1]]  # the key was really used
     written = {**files_under(work, Path(ray_dir)), **s3_objects(s3_endpoint, bucket)}
     assert any(name.endswith("manifest.json") for name in written) and any("/_stats/" in n for n in written)
     assert any(name.endswith("prompts.jsonl") for name in written)
