@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def init_ray(cfg: RayConfig) -> bool:
     """Join `ray.address` (or, inside a Ray job, the job's cluster), else start a local cluster with
-    `ray.num_cpus` logical CPUs. Returns False if Ray was already initialized in this process (the
+    `ray.num_cpus` logical CPUs (and the dashboard only if `ray.dashboard`). Returns False if Ray was already initialized in this process (the
     caller then leaves it running), True if this call connected."""
     import ray
 
@@ -23,7 +23,7 @@ def init_ray(cfg: RayConfig) -> bool:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
     if address is None:
-        ray.init(num_cpus=cfg.num_cpus, configure_logging=False)
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, configure_logging=False)
     else:
         ray.init(address=address, configure_logging=False)
     log.info("ray: %s", ray.cluster_resources())
