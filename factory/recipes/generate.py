@@ -178,7 +178,10 @@ class ShardBuilder:
 
 def map_on_actors(ds, actor: type, cfg: FactoryConfig, num_items: int, constructor_kwargs: dict):
     """`ds.map_batches(actor)` on the build's actor pool: `generate.num_actors` actors (at most one per
-    item), each with `cpus_per_actor` CPUs and `gpus_per_actor` GPUs, one item per call. Ray restarts
+    item), each with `cpus_per_actor` CPUs and `gpus_per_actor` GPUs, one item per call and one call in
+    flight per actor: an item (a shard) takes seconds, so queueing a second one on a busy actor buys
+    nothing and can leave another actor idle at the end while it waits; the free actor takes the next
+    item in order (the calibration shards, first in the plan, go to different actors). Ray restarts
     a crashed actor and resubmits its work `max_retries` times (Ray Data's default is forever, which
     would loop on a shard that always kills its actor); Ray 2.60 takes those two settings only as
     `ray_remote_args`, whose deprecation warning is silenced here."""
@@ -191,7 +194,7 @@ def map_on_actors(ds, actor: type, cfg: FactoryConfig, num_items: int, construct
             actor,
             fn_constructor_kwargs=constructor_kwargs,
             batch_size=1,
-            compute=ActorPoolStrategy(size=min(g.num_actors, num_items)),
+            compute=ActorPoolStrategy(size=min(g.num_actors, num_items), max_tasks_in_flight_per_actor=1),
             num_cpus=g.cpus_per_actor,
             num_gpus=g.gpus_per_actor,
             max_restarts=g.max_retries,
