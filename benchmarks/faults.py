@@ -53,6 +53,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -295,17 +296,32 @@ def check(output: str, reference: str) -> dict:
 
 
 def cli(bench: Bench, output: str, *overrides: str) -> subprocess.Popen:
+    """`factory generate` into `output` on the bench's cluster, its stderr to a file (a pipe nobody
+    reads while the build runs could fill and stall it)."""
     if output.startswith("s3://"):
         overrides = (f"storage.endpoint_url={bench.proxy.endpoint}", "storage.region=us-east-1", *overrides)
-    return subprocess.Popen([sys.executable, "-m", "factory.cli", "--log-level", "WARNING", "generate", str(bench.config),
-                             f"generate.output={output}", f"ray.address={bench.address}", *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return launch(bench, [sys.executable, "-m", "factory.cli", "--log-level", "WARNING", "generate", str(bench.config),
+                          f"generate.output={output}", f"ray.address={bench.address}", *overrides])
+
+
+def launch(bench: Bench, args: list[str]) -> subprocess.Popen:
+    logs = bench.work / "logs"
+    logs.mkdir(exist_ok=True)
+    log = logs / f"{len(list(logs.iterdir())):04d}.err"
+    with open(log, "w") as err:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=ROOT)
+    process.log = log
+    return process
+
+
+def outcome(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    """(exit code, stderr) of a launched process, once it has exited."""
+    code = process.wait(timeout=timeout)
+    return code, process.log.read_text()
 
 
 def rerun(bench: Bench, output: str) -> tuple[int, str]:
-    p = cli(bench, output)
-    _, err = p.communicate(timeout=600)
-    return p.returncode, err.strip()
+    return outcome(cli(bench, output))
 
 
 def wait_for_shards(driver: subprocess.Popen, output: str, at: int, timeout: float = 300) -> None:
@@ -319,9 +335,9 @@ def wait_for_shards(driver: subprocess.Popen, output: str, at: int, timeout: flo
 
 def finish(bench: Bench, driver: subprocess.Popen, output: str, start: float, **result) -> dict:
     """Wait for the faulted build; re-run it if it failed. The trial's record."""
-    _, err = driver.communicate(timeout=600)
-    code, rerun_code = driver.returncode, None
-    result.update(output=output, build_exit=code, build_error=last_line(err) if code else "")
+    code, err = outcome(driver)
+    rerun_code = None
+    result.update(output=output, build_exit=code, **(driver_error(err) if code else {}))
     if code != 0:
         rerun_code, err = rerun(bench, output)
     return {**result, "rerun_exit": rerun_code, "rerun_error": last_line(err) if rerun_code else "",
@@ -382,9 +398,9 @@ def fault_two_builds(rng: random.Random, bench: Bench, name: str) -> dict:
     time.sleep(rng.uniform(0, 2))
     second = cli(bench, output)
     start = time.perf_counter()
-    results = [p.communicate(timeout=600) + (p.returncode,) for p in (first, second)]
-    codes = [r[2] for r in results]
-    refused = sum(code == 1 and "being built by another build" in r[1] for code, r in zip(codes, results))
+    results = [outcome(p) for p in (first, second)]
+    codes = [code for code, _ in results]
+    refused = sum(code == 1 and "being built by another build" in err for code, err in results)
     ok = sorted(codes) in ([0, 0], [0, 1]) and (codes.count(1) == refused)
     if codes.count(0) == 1:  # the refused one: the dataset is the winner's; a re-run is a no-op
         codes.append(rerun(bench, output)[0])
@@ -467,11 +483,11 @@ def fault_s3_flaky(rng: random.Random, bench: Bench, name: str) -> dict:
     start = time.perf_counter()
     driver = cli(bench, output)
     try:
-        driver.wait(timeout=600)
+        driver.wait(timeout=900)
     finally:
         bench.proxy.faults()  # a re-run, if needed, finds the endpoint healthy
     injected = {k: bench.proxy.counts[k] - before[k] for k in before}
-    return finish(bench, driver, output, start, delay_s=round(bench.proxy.delay_s, 2), **injected)
+    return finish(bench, driver, output, start, delay_s=round(delay_s, 2), **injected)
 
 
 def tmpfs(bench: Bench, name: str, size: int) -> Path | None:
@@ -490,14 +506,23 @@ def remount(where: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True)
 
 
+def driver_error(err: str) -> dict:
+    """The CLI's own error lines in a stderr, told apart from the lines Ray forwards from its workers
+    (`(MapWorker(...) pid=N) ...`, where an actor's logged traceback of a failed shard shows)."""
+    own = [line for line in (re.sub(r"\x1b\[[0-9;]*m", "", raw) for raw in err.splitlines())
+           if line.strip() and not re.match(r"^\(.*?pid=\w+\)", line)]
+    errors = [line for line in own if line.startswith("factory: error:")]
+    return {"error": errors[-1][:400] if errors else "", "error_lines": len(errors),
+            "traceback": any("Traceback" in line for line in own)}
+
+
 def failed_cleanly(bench: Bench, driver: subprocess.Popen, output: str) -> dict:
-    """The faulted build's exit, its last line, whether it named the output, and what it left."""
-    _, err = driver.communicate(timeout=600)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    return {"build_exit": driver.returncode, "build_error": lines[-1][-300:] if lines else "",
-            "error_lines": len(lines), "traceback": "Traceback" in err,
-            "names_path": bool(lines) and output in lines[-1],
-            "manifest_after_fault": storage.exists(storage.join(output, "manifest.json"))}
+    """The faulted build's exit, its one error line (does it name the output?), and what it left."""
+    code, err = outcome(driver)
+    said = driver_error(err)
+    return {"build_exit": code, **said, "names_path": output in said["error"],
+            "manifest_after_fault": storage.exists(storage.join(output, "manifest.json")),
+            "complete_after_fault": manifest_complete(output)}
 
 
 def fault_disk_full(rng: random.Random, bench: Bench, name: str) -> dict:
@@ -574,7 +599,7 @@ def fault_train_killed(rng: random.Random, bench: Bench, name: str) -> dict:
     args = [sys.executable, "-m", "factory.cli", "--log-level", "WARNING", "train", str(t["config"]),
             f"train.run_name={name}", f"ray.address={bench.address}"]
     at = rng.randrange(2, TRAIN_STEPS // TRAIN_EVERY)  # the checkpoint to be killed in (a complete one before it)
-    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    driver = launch(bench, args)
 
     def checkpoints() -> list[Path]:
         return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.is_dir() else []
@@ -721,8 +746,9 @@ def main() -> int:
                         result["recovered"] = (result["identical"] and result["manifest_complete"] and not result["debris"]
                                                and result.get("inspect_caught", True) and result.get("promise_kept", True)
                                                and result.get("build_exit", 0) in (0, 1)
-                                               and not result.get("manifest_after_fault", False)
-                                               and result.get("names_path", True) and not result.get("traceback", False))
+                                               and not result.get("complete_after_fault", False)
+                                               and result.get("names_path", True) and not result.get("traceback", False)
+                                               and result.get("error_lines", 1) == 1)
                     results.append(result)
                 report["faults"][fault] = results
                 ran = [r for r in results if "skipped" not in r]
