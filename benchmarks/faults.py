@@ -506,14 +506,35 @@ def remount(where: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True)
 
 
+RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\t[A-Z]+ \S+\.py:\d+ -- ")
+"""How Ray's own loggers (Ray Data's executor, for one) format a line in the driver's stderr."""
+
+
 def driver_error(err: str) -> dict:
     """The CLI's own error lines in a stderr, told apart from the lines Ray forwards from its workers
-    (`(MapWorker(...) pid=N) ...`, where an actor's logged traceback of a failed shard shows)."""
-    own = [line for line in (re.sub(r"\x1b\[[0-9;]*m", "", raw) for raw in err.splitlines())
-           if line.strip() and not re.match(r"^\(.*?pid=\w+\)", line)]
+    (`(MapWorker(...) pid=N) ...`, where an actor's logged traceback of a failed shard shows) and from
+    Ray's own loggers in the driver (Ray Data logs a failed task with its traceback, outside the CLI's
+    --log-level): a traceback counts against the rule only when it is not one of Ray's log records."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", raw) for raw in err.splitlines()]
+    own, ray_logged, source = [], 0, None
+    for line in lines:
+        if not line.strip() or re.match(r"^\(.*?pid=\w+\)", line):
+            continue
+        if RAY_LOG_LINE.match(line):
+            source = "ray"
+        elif not line.startswith((" ", "Traceback", "During handling")) and not re.match(r"^\w+(\.\w+)*(Error|Exception|Iteration)\b", line):
+            source = None
+        if "Traceback" in line:
+            ray_logged += source == "ray"
+            if source != "ray":
+                own.append(line)
+        elif source != "ray":
+            own.append(line)
     errors = [line for line in own if line.startswith("factory: error:")]
-    return {"error": errors[-1][:400] if errors else "", "error_lines": len(errors),
-            "traceback": any("Traceback" in line for line in own)}
+    at = next((i for i, line in enumerate(own) if "Traceback" in line), None)
+    return {"error": errors[-1][:400] if errors else "", "error_lines": len(errors), "traceback": at is not None,
+            "ray_logged_tracebacks": ray_logged,
+            **({"traceback_excerpt": own[max(at - 2, 0): at + 12]} if at is not None else {})}
 
 
 def failed_cleanly(bench: Bench, driver: subprocess.Popen, output: str) -> dict:
@@ -625,7 +646,7 @@ def fault_train_killed(rng: random.Random, bench: Bench, name: str) -> dict:
     resumed = int(metrics.get("start_step", -1))
     reached = len(seen) * TRAIN_EVERY  # the step of the checkpoint being written when killed
     published = rerun_run.returncode == 0 and (decoder / "model.safetensors").exists() and metrics.get("step") == TRAIN_STEPS
-    return {"killed_in_checkpoint": len(seen), "mid_write": mid_write, "complete_checkpoints_at_kill": complete_at_kill,
+    return {"ray_train_processes_killed": len(victims) - 1, "killed_in_checkpoint": len(seen), "mid_write": mid_write, "complete_checkpoints_at_kill": complete_at_kill,
             "resumed_from_step": resumed, "steps_lost": reached - resumed if resumed >= 0 else None,
             "rerun_exit": rerun_run.returncode, "rerun_error": last_line(rerun_run.stderr) if rerun_run.returncode else "",
             "decoder_published": published, "recovery_s": round(time.perf_counter() - start, 2),
