@@ -2,7 +2,7 @@
 re-run where needed, and compared with an uninterrupted build of the same config.
 
     python benchmarks/faults.py                         # 3 trials of every fault
-    python benchmarks/faults.py --quick                 # 1 trial per fault, 48 samples
+    python benchmarks/faults.py --quick                 # 1 trial per fault, 32 samples
     python benchmarks/faults.py --faults actor-once,s3-down --quick   # CI: tests/test_faults.py
     python benchmarks/faults.py --trials 10 --seed 7
 
@@ -714,7 +714,7 @@ FAULTS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="1 trial per fault, 48 samples (CI)")
+    parser.add_argument("--quick", action="store_true", help="1 trial per fault, 32 samples (CI)")
     parser.add_argument("--faults", default=None,
                         help=f"comma-separated fault ids (default: all; --quick leaves out "
                              f"{', '.join(k for k, f in FAULTS.items() if not f.quick)}): {', '.join(FAULTS)}")
@@ -730,7 +730,7 @@ def main() -> int:
         unknown = [k for k in selected if k not in FAULTS]
         if unknown or not selected:
             parser.error(f"--faults {args.faults}: unknown {', '.join(unknown) or 'empty'}; choose from {', '.join(FAULTS)}")
-    trials, samples = (1, 48) if args.quick else (args.trials, args.samples)
+    trials, samples = (1, 32) if args.quick else (args.trials, args.samples)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import ray
 

@@ -1,4 +1,4 @@
-"""The fault-injection benchmark's CI run: --quick (48 samples, one trial) on a representative pair,
+"""The fault-injection benchmark's CI run: --quick (32 samples, one trial) on a representative pair,
 one process fault (a build actor SIGKILLed from outside) and one storage fault (the S3 endpoint down
 for a few seconds mid-build); every trial recovers: the reference's bytes, no data lost, no
 duplicates, no debris. `python benchmarks/faults.py --quick` runs every fault (several minutes)."""
