@@ -35,6 +35,9 @@ faults (ids for `--faults`):
   seeded checkpoint, the moment its folder appears in the run's storage (so usually while it is being
   copied); the re-run must resume from the last complete checkpoint (never a half-written one) and
   publish the decoder. Reported: the step it resumed from and the steps lost.
+- `train-disk-full`: `train.storage_path` (checkpoints and the published decoder) on a tmpfs holding
+  a seeded 1.5-5 checkpoints: exit 1 with one line naming it, no decoder published; grown, the re-run
+  resumes from the last complete checkpoint and publishes.
 - `node-lost`: a second Ray node (`ray start --address=...` on loopback, 2 CPUs) joins; the build's
   actors are spread over both; its raylet and workers are SIGKILLed at a random moment; the build
   recovers on the head or is re-run.
@@ -605,7 +608,15 @@ def trainer(bench: Bench) -> dict:
                 annotate_by_rule(str(work / "annotations"))
             subprocess.run([sys.executable, "-m", "factory.cli", "--log-level", "WARNING", "annotate", verb, str(config)],
                            check=True, capture_output=True, cwd=ROOT, timeout=600)
-        bench.trainer = {"work": work, "config": config}
+        from factory import config as config_lib
+        from factory.backbones import backbone_identity
+        from factory.decoders import build_decoder
+
+        cfg = config_lib.load_config(str(config))
+        model = build_decoder(cfg.decoder, backbone_identity(cfg.backbone).feature_channels, len(cfg.label_names()))
+        weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        # a checkpoint holds the weights twice (decoder folder, train state) plus Adam's two moments
+        bench.trainer = {"work": work, "config": config, "checkpoint_bytes": 4 * weights + (64 << 10)}
     return bench.trainer
 
 
@@ -652,6 +663,36 @@ def fault_train_killed(rng: random.Random, bench: Bench, name: str) -> dict:
             "decoder_published": published, "recovery_s": round(time.perf_counter() - start, 2),
             # a training fault has no dataset: "recovered" is resumed (not restarted) + published
             "recovered": published and resumed >= TRAIN_EVERY * max(complete_at_kill - 1, 0) and resumed > 0,
+            "missing": 0, "duplicates": 0}
+
+
+def fault_train_disk_full(rng: random.Random, bench: Bench, name: str) -> dict:
+    """`factory train` with `train.storage_path` (its checkpoints and the published decoder) on a tmpfs
+    that holds a seeded 1.5-5 checkpoints: a checkpoint write fails with ENOSPC; the run must fail with
+    exit 1 and one line, publish no decoder; grown, the re-run resumes and publishes."""
+    t = trainer(bench)
+    one = t["checkpoint_bytes"]
+    limit = int(one * rng.uniform(1.5, 5))
+    where = tmpfs(bench, name, limit)
+    if where is None:
+        return {"skipped": "mount -t tmpfs is not permitted here"}
+    decoder = where / "run" / "decoder"
+    args = [sys.executable, "-m", "factory.cli", "--log-level", "WARNING", "train", str(t["config"]),
+            f"train.storage_path={where}", "train.run_name=run", f"ray.address={bench.address}"]
+    code, err = outcome(launch(bench, args))
+    said = driver_error(err)
+    result = {"disk_bytes": limit, "checkpoint_bytes": one, "build_exit": code, **said,
+              "names_path": str(where) in said["error"], "decoder_after_fault": (decoder / "model.safetensors").exists()}
+    remount(where, f"size={one * (TRAIN_STEPS // TRAIN_EVERY + 4) * 2}")
+    start = time.perf_counter()
+    code, err = outcome(launch(bench, args))
+    metrics = json.loads((decoder / "metrics.json").read_text())["metrics"] if (decoder / "metrics.json").exists() else {}
+    published = code == 0 and (decoder / "model.safetensors").exists() and metrics.get("step") == TRAIN_STEPS
+    return {**result, "rerun_exit": code, "rerun_error": last_line(err) if code else "",
+            "resumed_from_step": int(metrics.get("start_step", -1)), "decoder_published": published,
+            "recovery_s": round(time.perf_counter() - start, 2),
+            "recovered": (published and result["build_exit"] == 1 and result["error_lines"] == 1 and result["names_path"]
+                          and not result["traceback"] and not result["decoder_after_fault"]),
             "missing": 0, "duplicates": 0}
 
 
@@ -707,6 +748,7 @@ FAULTS = {
     "disk-full": Fault("output disk full (tmpfs), grown, re-run", fault_disk_full),
     "read-only": Fault("output disk turned read-only mid-build", fault_read_only),
     "train-killed": Fault("decoder training killed mid-checkpoint", fault_train_killed),
+    "train-disk-full": Fault("training checkpoint disk full, grown, re-run", fault_train_disk_full),
     "node-lost": Fault("a Ray worker node lost mid-build", fault_node_lost, quick=False),
 }
 
