@@ -36,13 +36,13 @@ faults (ids for `--faults`):
   copied); the re-run must resume from the last complete checkpoint (never a half-written one) and
   publish the decoder. Reported: the step it resumed from and the steps lost.
 - `train-disk-full`: `train.storage_path` (checkpoints and the published decoder) on a tmpfs holding
-  a seeded 0.3-1.2 checkpoints (Ray Train keeps the last 2): exit 1 with one line naming it, no decoder published; grown, the re-run
-  resumes from the last complete checkpoint and publishes.
-- `node-lost`: a second Ray node (`ray start --address=...` on loopback, 2 CPUs) joins; the build's
-  actors are spread over both; its raylet and workers are SIGKILLed at a random moment; the build
-  recovers on the head or is re-run.
+  a seeded 0.3-1.2 checkpoints (Ray Train keeps the last 2): exit 1 with one line naming it, no
+  decoder published; grown, the re-run resumes from the last complete checkpoint and publishes.
+- `node-lost`: a second Ray node (`ray start --address=...` on loopback, 2 CPUs) joins; Ray spreads
+  the build's actors over both (the trial records how many were on it); its raylet and workers are
+  SIGKILLed at a random moment; the build recovers on the head or is re-run.
 
-`disk-full` and `read-only` need `mount -t tmpfs` (root in a container that allows it); where mount is
+`disk-full`, `read-only` and `train-disk-full` need `mount -t tmpfs` (root in a container that allows it); where mount is
 refused they are reported as skipped. Also printed: the bad-input table's count
 (benchmarks/bad_input.py). Results go to benchmarks/results/faults.json.
 """
@@ -525,7 +525,8 @@ def driver_error(err: str) -> dict:
             continue
         if RAY_LOG_LINE.match(line):
             source = "ray"
-        elif not line.startswith((" ", "Traceback", "During handling")) and not re.match(r"^\w+(\.\w+)*(Error|Exception|Iteration)\b", line):
+        elif (not line.startswith((" ", "Traceback", "During handling"))
+              and not re.match(r"^\w+(\.\w+)*(Error|Exception|Iteration)\b", line)):
             source = None
         if "Traceback" in line:
             ray_logged += source == "ray"
@@ -602,7 +603,8 @@ def trainer(bench: Bench) -> dict:
         config.write_text(f"workdir: {work}\n"
                           "annotate: {num_images: 8}\n"
                           "decoder: {num_heads: 2}\n"
-                          f"train: {{num_workers: 1, steps: {TRAIN_STEPS}, checkpoint_every: {TRAIN_EVERY}, val_images: 2}}\n")
+                          f"train: {{num_workers: 1, steps: {TRAIN_STEPS}, checkpoint_every: {TRAIN_EVERY}, "
+                          "val_images: 2}\n")
         for verb in ("export", "import"):
             if verb == "import":
                 annotate_by_rule(str(work / "annotations"))
@@ -677,8 +679,9 @@ def fault_train_killed(rng: random.Random, bench: Bench, name: str) -> dict:
 
 def fault_train_disk_full(rng: random.Random, bench: Bench, name: str) -> dict:
     """`factory train` with `train.storage_path` (its checkpoints and the published decoder) on a tmpfs
-    that holds a seeded 0.3-1.2 checkpoints (estimated from the decoder's size): a checkpoint write fails with ENOSPC; the run must fail with
-    exit 1 and one line, publish no decoder; grown, the re-run resumes and publishes."""
+    that holds a seeded 0.3-1.2 checkpoints (estimated from the decoder's size): a checkpoint write
+    fails with ENOSPC; the run must fail with exit 1 and one line, publish no decoder; grown, the re-run
+    resumes and publishes."""
     t = trainer(bench)
     one = t["checkpoint_bytes"]
     limit = int(one * rng.uniform(0.3, 1.2))  # Ray Train keeps 2 checkpoints: less than that must fail
@@ -691,11 +694,13 @@ def fault_train_disk_full(rng: random.Random, bench: Bench, name: str) -> dict:
     code, err = outcome(launch(bench, args))
     said = driver_error(err)
     result = {"disk_bytes": limit, "checkpoint_bytes": one, "build_exit": code, **said,
-              "names_path": str(where) in said["error"], "decoder_after_fault": (decoder / "model.safetensors").exists()}
+              "names_path": str(where) in said["error"],
+              "decoder_after_fault": (decoder / "model.safetensors").exists()}
     remount(where, f"size={one * (TRAIN_STEPS // TRAIN_EVERY + 4) * 2}")
     start = time.perf_counter()
     code, err = outcome(launch(bench, args))
-    metrics = json.loads((decoder / "metrics.json").read_text())["metrics"] if (decoder / "metrics.json").exists() else {}
+    found = decoder / "metrics.json"
+    metrics = json.loads(found.read_text())["metrics"] if found.exists() else {}
     published = code == 0 and (decoder / "model.safetensors").exists() and metrics.get("step") == TRAIN_STEPS
     return {**result, "rerun_exit": code, "rerun_error": last_line(err) if code else "",
             "resumed_from_step": int(metrics.get("start_step", -1)), "decoder_published": published,
@@ -705,16 +710,17 @@ def fault_train_disk_full(rng: random.Random, bench: Bench, name: str) -> dict:
 
 
 def fault_node_lost(rng: random.Random, bench: Bench, name: str) -> dict:
-    """A second Ray node joins on loopback; the build's actors spread over both (the head's CPUs are
-    taken by a placeholder while the build starts); the node's raylet and workers are SIGKILLed at a
+    """A second Ray node joins on loopback; Ray's scheduler spreads the build's actors over both (the
+    trial records how many were on the node); the node's raylet and its workers are SIGKILLed at a
     random moment; the build recovers on the head or is re-run."""
     import psutil
 
     output = str(bench.work / name)
     temp = tempfile.mkdtemp(prefix="node-", dir="/tmp")
-    node = subprocess.run(["ray", "start", f"--address={bench.address}", "--num-cpus=2", "--resources={\"faultnode\": 1}",
-                           f"--temp-dir={temp}", "--disable-usage-stats"],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]})
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    node = subprocess.run([ray_cli, "start", f"--address={bench.address}", "--num-cpus=2",
+                           "--resources={\"faultnode\": 1}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                          capture_output=True, text=True, timeout=180)
     if node.returncode != 0:
         return {"skipped": f"ray start failed: {last_line(node.stderr or node.stdout)}"}
     raylets = [p for p in psutil.process_iter(["cmdline"]) if "raylet" in " ".join(p.info["cmdline"] or [])[:200]
@@ -779,7 +785,8 @@ def main() -> int:
         selected = [k.strip() for k in args.faults.split(",") if k.strip()]
         unknown = [k for k in selected if k not in FAULTS]
         if unknown or not selected:
-            parser.error(f"--faults {args.faults}: unknown {', '.join(unknown) or 'empty'}; choose from {', '.join(FAULTS)}")
+            parser.error(f"--faults {args.faults}: unknown {', '.join(unknown) or 'empty'}; "
+                         f"choose from {', '.join(FAULTS)}")
     trials, samples = (1, 32) if args.quick else (args.trials, args.samples)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import ray
