@@ -37,7 +37,9 @@ faults (ids for `--faults`):
   publish the decoder. Reported: the step it resumed from and the steps lost.
 - `train-disk-full`: `train.storage_path` (checkpoints and the published decoder) on a tmpfs holding
   a seeded 0.3-1.2 checkpoints (Ray Train keeps the last 2): exit 1 with one line naming it, no
-  decoder published; grown, the re-run resumes from the last complete checkpoint and publishes.
+  decoder published; grown, the re-run resumes from the last complete checkpoint and publishes (where
+  the full disk cut Ray Train's run history short, the re-run refuses naming it, the trial deletes it
+  as the message says and runs again: recorded as `run_history_cut_short`).
 - `node-lost`: a second Ray node (`ray start --address=...` on loopback, 2 CPUs) joins; Ray spreads
   the build's actors over both (the trial records how many were on it); its raylet and workers are
   SIGKILLed at a random moment; the build recovers on the head or is re-run.
@@ -682,6 +684,8 @@ def fault_train_disk_full(rng: random.Random, bench: Bench, name: str) -> dict:
     that holds a seeded 0.3-1.2 checkpoints (estimated from the decoder's size): a checkpoint write
     fails with ENOSPC; the run must fail with exit 1 and one line, publish no decoder; grown, the re-run
     resumes and publishes."""
+    from factory.recipes.ray_train import RUN_HISTORY
+
     t = trainer(bench)
     one = t["checkpoint_bytes"]
     limit = int(one * rng.uniform(0.3, 1.2))  # Ray Train keeps 2 checkpoints: less than that must fail
@@ -699,6 +703,11 @@ def fault_train_disk_full(rng: random.Random, bench: Bench, name: str) -> dict:
     remount(where, f"size={one * (TRAIN_STEPS // TRAIN_EVERY + 4) * 2}")
     start = time.perf_counter()
     code, err = outcome(launch(bench, args))
+    history = where / "run" / RUN_HISTORY
+    if code == 1 and f"{history} is cut short" in err:  # what the message says to do, an operator's step
+        result["run_history_cut_short"] = True
+        history.unlink()
+        code, err = outcome(launch(bench, args))
     found = decoder / "metrics.json"
     metrics = json.loads(found.read_text())["metrics"] if found.exists() else {}
     published = code == 0 and (decoder / "model.safetensors").exists() and metrics.get("step") == TRAIN_STEPS
