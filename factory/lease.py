@@ -80,8 +80,13 @@ class Lease:
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            self.release()
+        except (OSError, storage.StorageError) as e:
+            if exc_type is None:  # else the build's own error says more; the lease expires (or, its
+                raise storage.StorageError(  # driver gone, is taken over at once on this host)
+                    f"cannot release the lease {self.url}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def acquire(output: str, seconds: float = 60.0) -> Lease:

@@ -113,3 +113,18 @@ def test_generate_into_a_held_output_is_refused_by_the_cli(tmp_path, tiny_cfg, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("factory: error: ") and out in err and "node-2 pid 4242" in err and "\n" not in err
     assert os.listdir(out) == [lease.LEASE_FILE]  # the other build's lease, and nothing of ours
+
+
+def test_a_lease_that_cannot_be_released_never_hides_the_builds_error(tmp_path, monkeypatch):
+    """A disk turned read-only under a build: the build's own error propagates (not the release's
+    OSError, which the CLI would show as a traceback); after a clean build it is one StorageError."""
+    def read_only(url, tag):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(lease, "_delete", read_only)
+    with pytest.raises(storage.StorageError, match="cannot write the manifest"):
+        with lease.acquire(str(tmp_path / "a"), 20):
+            raise storage.StorageError("cannot write the manifest")
+    with pytest.raises(storage.StorageError, match=r"cannot release the lease .*/b/_lease.json: Read-only file system"):
+        with lease.acquire(str(tmp_path / "b"), 20):
+            pass

@@ -53,3 +53,35 @@ def test_a_changed_byte_a_missing_file_and_no_record_are_refused(checkpoint):
     (checkpoint / CHECKPOINT_RECORD).unlink()  # a copy cut short before its record: never loaded
     with pytest.raises(TrainError, match=f"incomplete: no readable {CHECKPOINT_RECORD}"):
         verify_checkpoint(str(checkpoint), "run")
+
+
+def test_a_run_history_cut_short_is_refused_naming_it(tmp_path):
+    """Ray Train writes its run history in place; cut short by a full disk, Ray Train could not start
+    the run at all (a JSONDecodeError traceback): refused with one line naming the file instead."""
+    from types import SimpleNamespace
+
+    from factory.recipes.ray_train import RUN_HISTORY, check_run_history
+
+    run = SimpleNamespace(storage_path=str(tmp_path), run_name="interpreter")
+    check_run_history(run, "train")  # no history yet: a fresh run
+    (tmp_path / "interpreter").mkdir()
+    (tmp_path / "interpreter" / RUN_HISTORY).write_text('{"checkpoint_results": []}')
+    check_run_history(run, "train")
+    (tmp_path / "interpreter" / RUN_HISTORY).write_text('{"checkpoint_res')
+    with pytest.raises(TrainError, match=rf"interpreter/{RUN_HISTORY} is cut short .* or choose a new train.run_name"):
+        check_run_history(run, "train")
+
+
+def test_the_root_cause_of_a_ray_train_failure_is_one_line():
+    from factory.recipes.ray_train import root_cause
+
+    class WorkerGroupError(RuntimeError):
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors:\nTraceback (most recent call last):\n  ...")
+            self.worker_failures = failures
+
+    disk = OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    assert root_cause(WorkerGroupError({0: disk})) == f"OSError: {disk}"
+    wrapped = RuntimeError("Training failed due to controller error:")
+    wrapped.__cause__ = ValueError("Expecting value: line 1 column 1 (char 0)")
+    assert root_cause(wrapped) == "ValueError: Expecting value: line 1 column 1 (char 0)"

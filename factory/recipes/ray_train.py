@@ -53,6 +53,8 @@ def fit_on_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], run:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_run_history(run, section)
+
     if storage.is_local(run.storage_path):
         storage_path, storage_fs = storage.local_path(run.storage_path), None
     else:  # checkpoints on S3 or another fsspec store, through the same endpoint settings
@@ -74,12 +76,48 @@ def fit_on_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], run:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train V2 raises its ControllerError / WorkerGroupError from fit()
+        if not type(e).__module__.startswith("ray."):
+            raise
+        raise TrainError(f"{section} in {run.storage_path}/{run.run_name} failed: {root_cause(e)}") from None
     if result.error is not None:
         raise TrainError(f"{section} failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise TrainError(f"{section} in {run.storage_path}/{run.run_name} produced no checkpoint")
     return result
+
+
+RUN_HISTORY = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of a run's checkpoints, which it writes in place: a full disk or a crash while
+writing leaves it cut short, and Ray Train then fails to start the run at all."""
+
+
+def check_run_history(run: RunSettings, section: str) -> None:
+    """A run's Ray Train history that is not readable JSON is refused with one line naming it."""
+    url = storage.join(run.storage_path, run.run_name, RUN_HISTORY)
+    if not storage.exists(url):
+        return
+    try:
+        json.loads(storage.read_bytes(url))
+    except ValueError:
+        raise TrainError(f"{url} is cut short (written while the disk was full or the run died): delete it to "
+                         f"restart the run from step 0, or choose a new {section}.run_name") from None
+
+
+def root_cause(e: BaseException) -> str:
+    """`Type: message` of the innermost error inside Ray Train's wrappers (a worker's or the
+    controller's failure), on one line."""
+    for _ in range(20):
+        failures = getattr(e, "worker_failures", None)
+        inner = (next(iter(failures.values()), None) if isinstance(failures, dict) and failures else None) \
+            or getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException) or inner is e:
+            break
+        e = inner
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(" ")]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 def restore_state(expected_inputs: str, run: RunSettings, section: str, inputs: str,
