@@ -67,7 +67,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,30 +92,15 @@ def config_text(work: Path, num_samples: int) -> str:
 
 # ---------------------------------------------------------------- loopback S3 and its fault proxy
 
-class MotoServer:
-    """The loopback S3 server (moto) in its own process, with the benchmark's bucket."""
+def s3_server():
+    """The loopback S3 server (benchmarks/machine.py: moto in its own process) with the benchmark's
+    bucket."""
+    import boto3
+    from machine import S3Server
 
-    def __init__(self) -> None:
-        import boto3
-
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=2).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the moto S3 server did not start on {self.endpoint}") from None
-                time.sleep(0.2)
-        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+    server = S3Server()
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    return server
 
 
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -224,7 +208,7 @@ class Bench:
     shards: int
     reference: str
     seed: int
-    s3: MotoServer | None = None
+    s3: object | None = None  # machine.S3Server, started on first use
     proxy: FaultProxy | None = None
     mounts: list[str] = field(default_factory=list)
     trainer: dict | None = None
@@ -232,7 +216,7 @@ class Bench:
     def s3_output(self, name: str) -> str:
         """An output on loopback S3 (started on first use), written through the fault proxy."""
         if self.s3 is None:
-            self.s3 = MotoServer()
+            self.s3 = s3_server()
             self.proxy = FaultProxy(self.s3.endpoint, self.seed)
             storage.configure(StorageConfig(endpoint_url=self.s3.endpoint, region="us-east-1"))  # checks: direct
         return f"s3://{BUCKET}/{name}"
@@ -413,22 +397,29 @@ def fault_two_builds(rng: random.Random, bench: Bench, name: str) -> dict:
             "recovery_s": round(time.perf_counter() - start, 2)}
 
 
-def processes(*titles: str) -> list:
-    """This machine's processes whose command line starts with one of `titles` and, for a Ray actor,
-    names the given class (found the way an operator, or the OOM killer, would: by process title)."""
+def processes(address: str, *titles: str) -> list:
+    """The processes of the Ray cluster at `address` (the children of its raylets, on every node it
+    has) whose command line starts with one of `titles` and, for a Ray actor, names the given class:
+    found the way an operator, or the OOM killer, would, by process title; never another cluster's."""
     import psutil
 
+    raylets = [p for p in psutil.process_iter(["cmdline"])
+               if (p.info["cmdline"] or [""])[0].endswith("raylet") and f"--gcs-address={address}" in p.info["cmdline"]]
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(cmdline.startswith(prefix) and all(part in cmdline for part in rest)
-               for prefix, *rest in (t.split("|") for t in titles)):
-            found.append(proc)
+    for raylet in raylets:
+        for proc in raylet.children(recursive=True):
+            try:
+                cmdline = " ".join(proc.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if any(cmdline.startswith(prefix) and all(part in cmdline for part in rest)
+                   for prefix, *rest in (t.split("|") for t in titles)):
+                found.append(proc)
     return found
 
 
-def build_actors() -> list:
-    return processes("ray::MapWorker|ShardBuilder")
+def build_actors(address: str) -> list:
+    return processes(address, "ray::MapWorker|ShardBuilder")
 
 
 def _kill_actors(rng: random.Random, bench: Bench, name: str, kills: int) -> dict:
@@ -441,10 +432,10 @@ def _kill_actors(rng: random.Random, bench: Bench, name: str, kills: int) -> dic
     for at in moments:
         deadline = time.monotonic() + 300
         while driver.poll() is None and time.monotonic() < deadline:
-            if done_shards(output) >= at and build_actors():
+            if done_shards(output) >= at and build_actors(bench.address):
                 break
             time.sleep(0.05)
-        actors = build_actors()
+        actors = build_actors(bench.address)
         if driver.poll() is not None or not actors:
             break
         victim = actors[rng.randrange(len(actors))]
@@ -648,7 +639,7 @@ def fault_train_killed(rng: random.Random, bench: Bench, name: str) -> dict:
         look()
         time.sleep(0.01)
     finished_first = driver.poll() is not None
-    victims = [driver] + processes("ray::RayTrainWorker", "ray::TrainController")
+    victims = [driver] + processes(bench.address, "ray::RayTrainWorker", "ray::TrainController")
     for proc in victims:
         try:
             proc.send_signal(signal.SIGKILL)
@@ -738,7 +729,7 @@ def fault_node_lost(rng: random.Random, bench: Bench, name: str) -> dict:
     driver = cli(bench, output)
     wait_for_shards(driver, output, at)
     after = done_shards(output)
-    on_node = [p for p in build_actors() if any(r.pid in {a.pid for a in p.parents()} for r in raylets)]
+    on_node = [p for p in build_actors(bench.address) if any(r.pid in {a.pid for a in p.parents()} for r in raylets)]
     start = time.perf_counter()
     victims = [c for r in raylets for c in r.children(recursive=True)] + raylets
     for proc in victims:
