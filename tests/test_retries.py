@@ -104,3 +104,22 @@ def test_the_calibration_pass_computes_no_sample_twice(tiny_cfg, ray_cluster, tm
     kept = pq.read_table(f"{g.output}/parquet").column("uncertainty").to_pylist()
     assert len(kept) == manifest["num_samples"] < 96 and max(kept) <= calibration["threshold"]
     assert not os.path.exists(f"{g.output}/_staging")  # every staged shard was finished
+
+
+def test_a_disk_full_while_publishing_is_a_failed_run_naming_the_file(cfg, monkeypatch):
+    """The disk fills up as the manifest is written: a failed run (GenerateError: exit 1, not a bad
+    input) naming the file, no manifest published; the re-run publishes the same build."""
+    import errno
+
+    real = layout.write_manifest
+
+    def full(output, manifest):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(output, layout.MANIFEST))
+
+    monkeypatch.setattr(layout, "write_manifest", full)
+    with pytest.raises(GenerateError, match=r"manifest\.json: No space left on device; its shards are kept"):
+        generate(cfg)
+    assert not os.path.exists(os.path.join(cfg.generate.output, layout.MANIFEST))
+    monkeypatch.setattr(layout, "write_manifest", real)
+    manifest = generate(cfg)
+    assert manifest["complete"] and manifest["num_generated"] == cfg.generate.num_samples

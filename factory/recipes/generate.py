@@ -357,9 +357,14 @@ def _build(cfg: FactoryConfig, builder: type | None, meta: dict, config_hash: st
         calibration=calibration, config=resolved,
     )
     held.check()  # a build that lost its lease publishes no card and no manifest
-    if manifest["complete"]:
-        publish_card(cfg, manifest, command)
-    layout.write_manifest(g.output, manifest)
+    try:
+        if manifest["complete"]:
+            publish_card(cfg, manifest, command)
+        layout.write_manifest(g.output, manifest)
+    except (OSError, storage.StorageError) as e:  # e.g. the disk filled up or turned read-only: a failed run
+        reason = (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror
+                  else str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise GenerateError(f"publishing {g.output} failed: {reason}; its shards are kept, re-run to publish it") from None
     if not manifest["complete"]:
         names = ", ".join(f"{f['name']} ({f['error']})" for f in manifest["failed"][:5])
         raise GenerateError(f"{len(manifest['failed'])} of {len(plan)} shards failed: {names}; re-run to retry them")
