@@ -5,9 +5,10 @@
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
 factory keeps every sample (generate.drop_uncertain=0) so filtering can be measured afterwards. A
-third path, `dm-sd3`, is the DM path on the shipped toy diffusion transformer instead of the toy UNet
-(`backbone.weights=pkg://toy_sd3`, an MM-DiT trained on the toy world, `configs/toy_sd3.yaml`),
-everything else the DM path's; it is not in the default `--paths`:
+third path, `dm-sd3`, is the DM path on a toy diffusion transformer instead of the toy UNet
+(`--sd3-weights`, default `factory-work-toy/toy_sd3`: the MM-DiT that `factory pretrain
+configs/toy_sd3.yaml` trains on the toy world), everything else the DM path's; it is not in the
+default `--paths`:
 
 1. decoder quality: DM paths, the perception decoder's mIoU on 200 held-out real toy faces through
    inversion, against their ground truth. GAN path, whose decoder only sees generated images (no
@@ -68,8 +69,9 @@ VAL_START = 4_000_000
 SHIFT_START = 6_000_000
 FILTER_CURVE = (0.1, 0.2, 0.3, 0.5)
 """--diagnose's filtering curve (the default run drops 10% only); 0% is the plain synthetic run."""
-PATHS = {"gan": [], "dm": [], "dm-sd3": ["backbone.weights=pkg://toy_sd3"]}
-"""--paths: each path's settings on top of the demo's (GAN or DM); a "dm*" path is a DM path."""
+PATHS = {"gan": [], "dm": [], "dm-sd3": []}
+"""--paths: each path's settings on top of the demo's (GAN or DM); a "dm*" path is a DM path
+(dm-sd3's weights come from --sd3-weights)."""
 DM_LEVERS = {
     "inversion_timestep=100": ["backbone.diffusion.inversion_timestep=100"],
     "inversion_timestep=300": ["backbone.diffusion.inversion_timestep=300"],
@@ -99,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, help="held-out real toy faces, and shifted ones (default 1000; quick 48)")
     p.add_argument("--val-images", type=int, help="real toy faces that select each run's step (default 200; quick 16)")
     p.add_argument("--segmenter-steps", type=int, help="steps per downstream fit (default 2400; quick 36)")
+    p.add_argument("--sd3-weights", default="factory-work-toy/toy_sd3",
+                   help="the SD3 pipeline folder of the dm-sd3 path (default: what configs/toy_sd3.yaml pretrains)")
     p.add_argument("--workdir", help="where the runs go (default: a temporary folder, removed after)")
     p.add_argument("--out", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)
@@ -123,7 +127,8 @@ def path_config(path: str, workdir: str, args: argparse.Namespace, settings: lis
     settings, then `settings`."""
     from factory.toy.demo import demo_config
 
-    return demo_config(os.path.join(workdir, path), [*path_overrides(args), *PATHS[path], *settings],
+    weights = [f"backbone.weights={args.sd3_weights}"] if path == "dm-sd3" else []
+    return demo_config(os.path.join(workdir, path), [*path_overrides(args), *PATHS[path], *weights, *settings],
                        diffusion=is_dm(path))
 
 
