@@ -246,3 +246,30 @@ def test_cli_publishes_weights_load_backbone_serves(kind, tmp_path, ray_cluster,
         assert_same(load_file(output / name), load_file(os.path.join(cfg.pretrain.vae_from, name)))  # published unchanged
         out = backbone([0, 1], ["a photo of a red box", "a photo of a blue box"])
         assert out.images.shape == (2, 16, 16, 3) and out.features[0].shape[-2:] == (4, 4)
+
+
+def test_sd3_and_vae_reuse_settings_fail_early_naming_the_value(tmp_path):
+    from factory.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pretrain.family must be 'sd' or 'sd3', got 'flux'"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.family=flux")
+    with pytest.raises(ConfigError, match=r"pretrain.vae_steps=5 but pretrain.vae_from=.* set pretrain.vae_steps to 0"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.vae_steps=5")
+    with pytest.raises(ConfigError, match=r"pretrain.family=sd3 .* set pretrain.vae_from"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.vae_from=null")
+    with pytest.raises(ConfigError, match=r"pretrain.vae_from=pkg://nope: no such shipped weights"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.vae_from=pkg://nope")
+    with pytest.raises(ConfigError, match=r"pretrain.dit_patch must be >= 1, got 0"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.dit_patch=0")
+
+
+def test_sd_family_with_a_reused_vae_trains_the_unet_only(folders, tmp_path):
+    from factory.recipes.pretrain_diffusion import frozen_vae
+
+    cfg = tiny_cfg(tmp_path, "diffusion", "pretrain.vae_from=pkg://toy_diffusion", "pretrain.vae_steps=0")
+    data = load_image_folder(folders["diffusion"], resolution_of(cfg))
+    recipe, metrics = fit(cfg, data, torch.device("cpu"))
+    assert recipe.total_steps == 2 and set(metrics) >= {"loss_unet"} and "loss_vae" not in metrics
+    shipped = frozen_vae(cfg.pretrain.vae_from)
+    assert_same(shipped.state_dict(), recipe.pipe.vae.state_dict())
+    assert recipe.scaling_factor == shipped.config.scaling_factor == recipe.pipe.vae.config.scaling_factor
