@@ -1,12 +1,16 @@
 """Label quality: the papers' evaluation protocol in miniature, for both paths, on the toy world.
 
-    python benchmarks/quality.py [--quick] [--diagnose] [--active] [--paths gan,dm] [--num-synthetic 5000]
+    python benchmarks/quality.py [--quick] [--diagnose] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
         [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
-factory keeps every sample (generate.drop_uncertain=0) so filtering can be measured afterwards:
+factory keeps every sample (generate.drop_uncertain=0) so filtering can be measured afterwards. A
+third path, `dm-sd3`, is the DM path on a toy diffusion transformer instead of the toy UNet
+(`--sd3-weights`, default `factory-work-toy/toy_sd3`: the MM-DiT that `factory pretrain
+configs/toy_sd3.yaml` trains on the toy world), everything else the DM path's; it is not in the
+default `--paths`:
 
-1. decoder quality: DM path, the perception decoder's mIoU on 200 held-out real toy faces through
+1. decoder quality: DM paths, the perception decoder's mIoU on 200 held-out real toy faces through
    inversion, against their ground truth. GAN path, whose decoder only sees generated images (no
    GAN inversion here): its agreement (mIoU) with the stand-in annotator on 200 generated images.
 2. downstream: a small U-Net (`factory.toy.segmenter`, the same settings for every run) trained
@@ -65,6 +69,9 @@ VAL_START = 4_000_000
 SHIFT_START = 6_000_000
 FILTER_CURVE = (0.1, 0.2, 0.3, 0.5)
 """--diagnose's filtering curve (the default run drops 10% only); 0% is the plain synthetic run."""
+PATHS = {"gan": [], "dm": [], "dm-sd3": []}
+"""--paths: each path's settings on top of the demo's (GAN or DM); a "dm*" path is a DM path
+(dm-sd3's weights come from --sd3-weights)."""
 DM_LEVERS = {
     "inversion_timestep=100": ["backbone.diffusion.inversion_timestep=100"],
     "inversion_timestep=300": ["backbone.diffusion.inversion_timestep=300"],
@@ -89,11 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diagnose", action="store_true", help="add the diagnosis rows (ceiling, curves, levers, KID)")
     p.add_argument("--active", action="store_true",
                    help="add active annotation: 16 random + 16 suggested vs 32 random labels (benchmarks/active.py)")
-    p.add_argument("--paths", default="gan,dm", help="comma-separated: gan, dm (default both)")
+    p.add_argument("--paths", default="gan,dm", help="comma-separated: gan, dm, dm-sd3 (default gan,dm)")
     p.add_argument("--num-synthetic", type=int, help="N synthetic samples per path (default 5000; quick 64)")
     p.add_argument("--eval-images", type=int, help="held-out real toy faces, and shifted ones (default 1000; quick 48)")
     p.add_argument("--val-images", type=int, help="real toy faces that select each run's step (default 200; quick 16)")
     p.add_argument("--segmenter-steps", type=int, help="steps per downstream fit (default 2400; quick 36)")
+    p.add_argument("--sd3-weights", default="factory-work-toy/toy_sd3",
+                   help="the SD3 pipeline folder of the dm-sd3 path (default: what configs/toy_sd3.yaml pretrains)")
     p.add_argument("--workdir", help="where the runs go (default: a temporary folder, removed after)")
     p.add_argument("--out", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)
@@ -103,10 +112,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.val_images = args.val_images or (16 if quick else 200)
     args.segmenter_steps = args.segmenter_steps or (36 if quick else 2400)
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
-    bad = [s for s in args.paths if s not in ("gan", "dm")]
+    bad = [s for s in args.paths if s not in PATHS]
     if bad:
-        p.error(f"--paths: unknown {bad}; choose from gan, dm")
+        p.error(f"--paths: unknown {bad}; choose from {', '.join(PATHS)}")
     return args
+
+
+def is_dm(path: str) -> bool:
+    return path != "gan"
+
+
+def path_config(path: str, workdir: str, args: argparse.Namespace, settings: list[str] = ()):
+    """The demo's config of `path` (GAN or DM) in workdir/path, with the benchmark's and the path's
+    settings, then `settings`."""
+    from factory.toy.demo import demo_config
+
+    weights = [f"backbone.weights={args.sd3_weights}"] if path == "dm-sd3" else []
+    return demo_config(os.path.join(workdir, path), [*path_overrides(args), *PATHS[path], *weights, *settings],
+                       diffusion=is_dm(path))
 
 
 def path_overrides(args: argparse.Namespace) -> list[str]:
@@ -153,10 +176,10 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
     from factory.dataset.read import iter_samples
     from factory.recipes.generate import generate
     from factory.recipes.train import train
-    from factory.toy.demo import demo_config, prepare_labels
+    from factory.toy.demo import prepare_labels
 
     started = time.perf_counter()
-    cfg = demo_config(os.path.join(workdir, path), path_overrides(args), diffusion=path == "dm")
+    cfg = path_config(path, workdir, args)
     num_classes = len(toyworld.CLASSES)
     prepare_labels(cfg)
     train_metrics = train(cfg)
@@ -169,7 +192,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
 
     # 1. Decoder quality.
     k = min(200, len(images))
-    if path == "dm":
+    if is_dm(path):
         from factory.backbones import load_backbone
         from factory.decoders.files import load_decoder
 
@@ -205,7 +228,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
                             for name, (x, y) in runs.items()}
     if args.diagnose:
         result["decoder_curves"] = decoder_curves(path, args, workdir, sets)
-        if path == "dm":
+        if path == "dm":  # the levers are the toy UNet's
             result["dm_levers"] = dm_levers(args, workdir)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
@@ -250,7 +273,7 @@ def _probe(path: str, cfg, count: int):
     def fitted(model) -> FittedDecoder:
         return FittedDecoder(model.eval(), cfg.decoder, cfg.label_names(), list(backbone.feature_channels), "", [])
 
-    if path == "dm":
+    if is_dm(path):
         return lambda model: decoder_miou_by_inversion(backbone, fitted(model), EVAL_START, count)["miou"]
     seeds = list(range(cfg.generate.start_seed, cfg.generate.start_seed + count))
     out = [backbone(seeds[i:i + 50]) for i in range(0, count, 50)]
@@ -282,18 +305,15 @@ def fit_decoder(cfg, report=None):
 
 def decoder_curves(path: str, args: argparse.Namespace, workdir: str, sets: dict) -> dict:
     """Held-out decoder quality against training steps, for two batch sizes per step."""
-    from factory.toy.demo import demo_config
-
-    base = demo_config(os.path.join(workdir, path), path_overrides(args), diffusion=path == "dm")
+    base = path_config(path, workdir, args)
     steps = base.train.steps * (1 if args.quick else 4)
     every = max(1, steps // 8)
-    variants = ({"pixels_64": "train.batch_pixels=64", "pixels_256": "train.batch_pixels=256"} if path == "gan"
+    variants = ({"pixels_64": "train.batch_pixels=64", "pixels_256": "train.batch_pixels=256"} if not is_dm(path)
                 else {"images_4": "train.batch_images=4", "images_8": "train.batch_images=8"})
     probe = _probe(path, base, 16 if args.quick else 200)
     curves = {}
     for name, setting in variants.items():
-        cfg = demo_config(os.path.join(workdir, path), [*path_overrides(args), setting, f"train.steps={steps}",
-                                                        f"train.checkpoint_every={every}"], diffusion=path == "dm")
+        cfg = path_config(path, workdir, args, [setting, f"train.steps={steps}", f"train.checkpoint_every={every}"])
         points = []
 
         def report(metrics, model, optimizer, step, points=points):

@@ -1,6 +1,6 @@
-"""Training a backbone itself (`factory pretrain`): the Ray-free loop for both kinds (it learns,
-it is deterministic, a resumed run equals an uninterrupted one), the image folder's errors, and the
-CLI on a local Ray cluster publishing weights that `load_backbone` serves."""
+"""Training a backbone itself (`factory pretrain`): the Ray-free loop for both kinds and the SD3
+family (it learns, it is deterministic, a resumed run equals an uninterrupted one), the image folder's
+errors, and the CLI on a local Ray cluster publishing weights that `load_backbone` serves."""
 
 import io
 import json
@@ -22,6 +22,10 @@ TINY = {
                   "pretrain.r1_every=2"],  # R1 on steps 0 and 2
     "diffusion": ["backbone.kind=diffusion", "decoder.kind=perception", "backbone.diffusion.resolution=16",
                   "pretrain.vae_steps=2", "pretrain.steps=2"],
+    # the SD3 family: a 2-block MM-DiT on the shipped toy SD pipeline's frozen VAE (8 px latents, 4x4 tokens)
+    "sd3": ["backbone.kind=diffusion", "decoder.kind=perception", "backbone.diffusion.resolution=16",
+            "pretrain.family=sd3", "pretrain.vae_from=pkg://toy_diffusion", "pretrain.vae_steps=0", "pretrain.steps=4",
+            "pretrain.dit_layers=2", "pretrain.dit_heads=2", "pretrain.dit_head_dim=8"],
 }
 
 
@@ -59,7 +63,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain-images")
-    return {"stylegan2": write_images(root / "plain"), "diffusion": write_images(root / "labeled", prompts=True)}
+    labeled = write_images(root / "labeled", prompts=True)
+    return {"stylegan2": write_images(root / "plain"), "diffusion": labeled, "sd3": labeled}
 
 
 def snapshot(recipe) -> dict:
@@ -72,7 +77,7 @@ def snapshot(recipe) -> dict:
 
 def weights(recipe) -> dict[str, torch.Tensor]:
     state = recipe.state_dict()
-    parts = ("generator", "discriminator", "ema") if "ema" in state else ("vae", "unet")
+    parts = ("generator", "discriminator", "ema") if "ema" in state else ("transformer",) if "transformer" in state else ("vae", "unet")
     return {f"{part}.{k}": v.detach().clone() for part in parts for k, v in state[part].items()}
 
 
@@ -85,30 +90,38 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 # --- the loop, without Ray ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["stylegan2", "diffusion"])
+@pytest.mark.parametrize("kind", ["stylegan2", "diffusion", "sd3"])
 def test_fit_learns_and_is_deterministic(kind, folders, tmp_path):
     cfg = tiny_cfg(tmp_path, kind)
     data = load_image_folder(folders[kind], resolution_of(cfg))
     assert data.images.shape == (8, 16, 16, 3) and data.images.dtype == np.uint8
-    if kind == "diffusion":
+    if kind != "stylegan2":
         assert data.prompts[0] == "a photo of a blue box" and data.prompts[-1] == ""
     initial = weights(build_recipe(cfg, data, torch.device("cpu")))
     reports = []
     recipe, metrics = fit(cfg, data, torch.device("cpu"), report=lambda m, *_: reports.append(m))
     assert [r["step"] for r in reports] == [recipe.total_steps]
-    expected = {"loss_g", "loss_d", "r1"} if kind == "stylegan2" else {"loss_vae", "kl", "loss_unet"}
+    expected = {"stylegan2": {"loss_g", "loss_d", "r1"}, "diffusion": {"loss_vae", "kl", "loss_unet"},
+                "sd3": {"loss_flow"}}[kind]
     assert expected <= metrics.keys() and all(math.isfinite(metrics[k]) for k in expected), metrics
     trained = weights(recipe)
     changed = [k for k in trained if not torch.equal(trained[k], initial[k])]
     assert len(changed) > len(trained) // 2, f"only {len(changed)} of {len(trained)} tensors changed"
     if kind == "diffusion":  # the VAE is frozen with its latents' scale before the UNet trains
         assert recipe.scaling_factor > 0 and recipe.pipe.vae.config.scaling_factor == recipe.scaling_factor
+    if kind == "sd3":  # the reused VAE is the shipped one, untouched, with its scale
+        from factory.recipes.pretrain_diffusion import frozen_vae
+
+        shipped = frozen_vae(cfg.pretrain.vae_from)
+        assert_same(shipped.state_dict(), recipe.pipe.vae.state_dict())
+        assert recipe.pipe.vae.config.scaling_factor == shipped.config.scaling_factor
+        assert type(recipe.pipe).__name__ == "StableDiffusion3Pipeline" and recipe.pipe.transformer.config.num_layers == 2
     again, metrics_again = fit(cfg, data, torch.device("cpu"))
     assert_same(trained, weights(again))
     assert metrics_again == metrics
 
 
-@pytest.mark.parametrize("kind, stops", [("stylegan2", [2]), ("diffusion", [1, 3])])  # diffusion: in each phase
+@pytest.mark.parametrize("kind, stops", [("stylegan2", [2]), ("diffusion", [1, 3]), ("sd3", [2])])  # diffusion: in each phase
 def test_resumed_fit_equals_uninterrupted(kind, stops, folders, tmp_path):
     cfg = tiny_cfg(tmp_path, kind, "pretrain.checkpoint_every=1")
     data = load_image_folder(folders[kind], resolution_of(cfg))
@@ -186,12 +199,12 @@ def test_cli_names_a_bad_image_folder(tmp_path, ray_cluster, capsys):
 
 @pytest.mark.slow  # 30-60 s each on 2 shared cores (Ray Train workers start)
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["stylegan2", "diffusion"])
+@pytest.mark.parametrize("kind", ["stylegan2", "diffusion", "sd3"])
 def test_cli_publishes_weights_load_backbone_serves(kind, tmp_path, ray_cluster, capsys):
     from factory.backbones import load_backbone
     from factory.cli import main
 
-    write_images(tmp_path / "images", prompts=kind == "diffusion")
+    write_images(tmp_path / "images", prompts=kind != "stylegan2")
     # two workers for the GAN, whose gradients are averaged by hand; one for diffusion (DDP), to save time
     num_workers = 2 if kind == "stylegan2" else 1
     config = _config_file(tmp_path, kind, num_workers)
@@ -204,7 +217,7 @@ def test_cli_publishes_weights_load_backbone_serves(kind, tmp_path, ray_cluster,
     cfg = tiny_cfg(tmp_path, kind, f"backbone.weights={output}")
     data = load_image_folder(str(tmp_path / "images"), resolution_of(cfg))
     assert record["command"].startswith(f"factory pretrain {config} ")
-    assert record["seed"] == 0 and record["kind"] == kind and record["num_workers"] == num_workers
+    assert record["seed"] == 0 and record["kind"] == cfg.backbone.kind and record["num_workers"] == num_workers
     assert record["steps"] == 4 and record["resumed_from_step"] == 0
     assert record["images"] == {"folder": str(tmp_path / "images"), "num_images": 8, "content_hash": data.content_hash}
     assert all(math.isfinite(v) for v in record["final_losses"].values()) and record["final_losses"]
@@ -221,3 +234,42 @@ def test_cli_publishes_weights_load_backbone_serves(kind, tmp_path, ray_cluster,
     else:
         assert (output / "model_index.json").is_file() and (output / "vae" / "config.json").is_file()
         assert json.loads((output / "vae" / "config.json").read_text())["scaling_factor"] != 0.18215
+    if kind == "sd3":  # the family is what the folder says; the reused VAE is recorded by its hash
+        from factory.recipes.pretrain import vae_hash
+
+        index = json.loads((output / "model_index.json").read_text())
+        assert index["_class_name"] == "StableDiffusion3Pipeline" and index["transformer"][1] == "SD3Transformer2DModel"
+        assert record["family"] == "sd3" and record["vae_from"]["vae_hash"] == vae_hash(cfg.pretrain.vae_from)
+        from safetensors.torch import load_file
+
+        name = os.path.join("vae", "diffusion_pytorch_model.safetensors")
+        assert_same(load_file(output / name), load_file(os.path.join(cfg.pretrain.vae_from, name)))  # published unchanged
+        out = backbone([0, 1], ["a photo of a red box", "a photo of a blue box"])
+        assert out.images.shape == (2, 16, 16, 3) and out.features[0].shape[-2:] == (4, 4)
+
+
+def test_sd3_and_vae_reuse_settings_fail_early_naming_the_value(tmp_path):
+    from factory.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pretrain.family must be 'sd' or 'sd3', got 'flux'"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.family=flux")
+    with pytest.raises(ConfigError, match=r"pretrain.vae_steps=5 but pretrain.vae_from=.* set pretrain.vae_steps to 0"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.vae_steps=5")
+    with pytest.raises(ConfigError, match=r"pretrain.family=sd3 .* set pretrain.vae_from"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.vae_from=null")
+    with pytest.raises(ConfigError, match=r"pretrain.vae_from=pkg://nope: no such shipped weights"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.vae_from=pkg://nope")
+    with pytest.raises(ConfigError, match=r"pretrain.dit_patch must be >= 1, got 0"):
+        tiny_cfg(tmp_path, "sd3", "pretrain.dit_patch=0")
+
+
+def test_sd_family_with_a_reused_vae_trains_the_unet_only(folders, tmp_path):
+    from factory.recipes.pretrain_diffusion import frozen_vae
+
+    cfg = tiny_cfg(tmp_path, "diffusion", "pretrain.vae_from=pkg://toy_diffusion", "pretrain.vae_steps=0")
+    data = load_image_folder(folders["diffusion"], resolution_of(cfg))
+    recipe, metrics = fit(cfg, data, torch.device("cpu"))
+    assert recipe.total_steps == 2 and set(metrics) >= {"loss_unet"} and "loss_vae" not in metrics
+    shipped = frozen_vae(cfg.pretrain.vae_from)
+    assert_same(shipped.state_dict(), recipe.pipe.vae.state_dict())
+    assert recipe.scaling_factor == shipped.config.scaling_factor == recipe.pipe.vae.config.scaling_factor

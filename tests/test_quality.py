@@ -48,3 +48,23 @@ def test_kid_is_near_zero_between_draws_of_one_distribution_and_grows_with_a_shi
     assert abs(same) < 0.05 < moved
     assert quality.kid(a, b + 1.0) > moved  # further apart, larger
     assert quality.kid(a, b) == same  # seeded subsets
+
+
+def test_the_transformer_path_is_the_dm_path_on_an_sd3_folder(tmp_path, capsys):
+    import quality
+
+    from factory.config import SHIPPED_DIR
+
+    args = quality.parse_args(["--paths", "dm,dm-sd3", "--sd3-weights", str(tmp_path / "sd3")])
+    assert args.paths == ["dm", "dm-sd3"] and quality.is_dm("dm-sd3") and not quality.is_dm("gan")
+    dm, sd3 = (quality.path_config(p, str(tmp_path), args) for p in args.paths)
+    assert dm.backbone.weights == os.path.join(SHIPPED_DIR, "toy_diffusion")
+    assert sd3.backbone.weights == str(tmp_path / "sd3")
+    assert sd3.train.labeled.startswith(str(tmp_path / "dm-sd3"))  # its own runs, beside the DM path's
+    # everything else is the DM path's: decoder, sampler, decoder training, samples
+    assert dm.decoder == sd3.decoder and dm.backbone.diffusion == sd3.backbone.diffusion
+    assert (dm.train.steps, dm.train.batch_images, dm.generate.num_samples) == (
+        sd3.train.steps, sd3.train.batch_images, sd3.generate.num_samples)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--paths", "dm,sd3"])
+    assert "unknown ['sd3']" in capsys.readouterr().err

@@ -126,7 +126,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 PATH_KEYS = ("backbone.weights", "annotate.latents", "annotate.candidates", "labels.dir", "prompts.source", "annotate.dir", "train.labeled",
-             "train.storage_path", "generate.decoder", "generate.output", "nightly.root", "pretrain.images", "pretrain.output", "pretrain.storage_path")
+             "train.storage_path", "generate.decoder", "generate.output", "nightly.root", "pretrain.images", "pretrain.output", "pretrain.storage_path",
+             "pretrain.vae_from")
 
 
 SHIPPED = "pkg://"
@@ -134,12 +135,12 @@ SHIPPED = "pkg://"
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 
 
-def shipped_path(value: str) -> str:
-    """The local path of `pkg://NAME`; ConfigError naming what is shipped if NAME is not."""
+def shipped_path(value: str, key: str = "backbone.weights") -> str:
+    """The local path of `pkg://NAME`; ConfigError naming `key` and what is shipped if NAME is not."""
     path = os.path.join(SHIPPED_DIR, value[len(SHIPPED):])
     if not value[len(SHIPPED):] or not os.path.exists(path):
         have = sorted(n for n in os.listdir(SHIPPED_DIR) if not n.endswith(".json")) if os.path.isdir(SHIPPED_DIR) else []
-        raise ConfigError(f"backbone.weights={value}: no such shipped weights (shipped: {have})")
+        raise ConfigError(f"{key}={value}: no such shipped weights (shipped: {have})")
     return path
 
 
@@ -151,8 +152,8 @@ def absolute_paths(cfg: FactoryConfig) -> FactoryConfig:
         value = getattr(getattr(cfg, section), name)
         if value is not None and "://" in value:
             no_credentials(key, value)  # `s3://KEY:SECRET@bucket` would reach the manifest and the logs
-        if key == "backbone.weights" and value is not None and value.startswith(SHIPPED):
-            cfg.backbone.weights = shipped_path(value)
+        if key in ("backbone.weights", "pretrain.vae_from") and value is not None and value.startswith(SHIPPED):
+            setattr(getattr(cfg, section), name, shipped_path(value, key))
             continue
         if key == "backbone.weights" and value is not None and not os.path.exists(value):
             continue  # maybe a hub id ("org/model"); loading names it if it is neither

@@ -299,12 +299,43 @@ class PretrainConfig:
     prompt_dropout: float = 0.1
     """diffusion: probability of training on the empty prompt instead of the image's, so
     classifier-free guidance has an unconditional model to push away from."""
+    family: str = "sd"
+    """diffusion: the pipeline family trained (its tiny architecture, `backbone.init_seed`'s weights):
+    "sd", a StableDiffusionPipeline (VAE, then a UNet learning the scheduler's DDPM prediction), or
+    "sd3", a StableDiffusion3Pipeline (an MM-DiT `SD3Transformer2DModel` learning flow matching,
+    frozen seeded CLIP x2 + T5 text encoders; needs `vae_from`). Loading the result reads the family
+    from its model_index.json, as for any pipeline folder."""
+    vae_from: str | None = None
+    """diffusion: a pipeline folder (or `pkg://NAME`) whose trained VAE is reused, frozen with its
+    `scaling_factor`: no VAE phase (`vae_steps` must be 0), only the denoiser trains."""
+    dit_layers: int = 4
+    """sd3: joint transformer blocks of the MM-DiT."""
+    dit_heads: int = 4
+    """sd3: attention heads per block; the hidden width is dit_heads x dit_head_dim."""
+    dit_head_dim: int = 16
+    """sd3: channels per attention head."""
+    dit_patch: int = 2
+    """sd3: latent pixels per image token side (the latent side must be a multiple of it)."""
+    flow_shift: float = 1.0
+    """sd3: the `shift` of the pipeline's FlowMatchEulerDiscreteScheduler (training sigmas and
+    sampling schedule: sigma' = shift sigma / (1 + (shift - 1) sigma)); SD3 uses 3.0 at 1024 px,
+    small latent grids want less."""
 
     def __post_init__(self) -> None:
         at_least("pretrain", self, 1, ("steps", "batch_size", "checkpoint_every", "num_workers", "r1_every"))
         at_least("pretrain", self, 0, ("vae_steps", "max_failures", "r1_gamma", "kl_weight"))
         positive("pretrain", self, ("lr", "cpus_per_worker", "ema_half_life"))
         within("pretrain.prompt_dropout", self.prompt_dropout, 0.0, 1.0, open_high=True)
+        at_least("pretrain", self, 1, ("dit_layers", "dit_heads", "dit_head_dim", "dit_patch"))
+        positive("pretrain", self, ("flow_shift",))
+        if self.family not in ("sd", "sd3"):
+            raise ConfigError(f"pretrain.family must be 'sd' or 'sd3', got {self.family!r}")
+        if self.vae_from is not None and self.vae_steps:
+            raise ConfigError(f"pretrain.vae_steps={self.vae_steps} but pretrain.vae_from={self.vae_from} reuses a "
+                              "trained VAE: set pretrain.vae_steps to 0")
+        if self.family == "sd3" and self.vae_from is None:
+            raise ConfigError("pretrain.family=sd3 trains the transformer only: set pretrain.vae_from to a pipeline "
+                              "folder whose VAE it reuses (e.g. pkg://toy_diffusion)")
         if self.output is not None and "://" in self.output:
             raise ConfigError(f"pretrain.output must be a local path (backbones load local weights), got {self.output}")
 

@@ -1,8 +1,10 @@
 """Train a backbone itself on any folder of images, on Ray Train (`factory pretrain`).
 
 `backbone.kind` picks what is trained, starting from the seeded random weights of the embedded
-default (`backbone.init_seed`): a StyleGAN2 against a discriminator (`pretrain_gan.py`) or the tiny
-Stable Diffusion pipeline, VAE then prompt-conditioned UNet (`pretrain_diffusion.py`). This module is
+default (`backbone.init_seed`): a StyleGAN2 against a discriminator (`pretrain_gan.py`), the tiny
+Stable Diffusion pipeline, VAE then prompt-conditioned UNet (`pretrain_diffusion.py`), or with
+`pretrain.family: sd3` an SD3 pipeline whose MM-DiT learns flow matching on a reused VAE's latents
+(`pretrain_flow.py`). This module is
 the harness both share: the loop, the Ray Train worker, checkpoints and publishing.
 
 Each worker runs the same Ray-free loop (`fit`): one step's draws are a function of (seed, rank,
@@ -32,7 +34,9 @@ from factory import __version__, storage
 from factory import config as config_lib
 from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder, load_image_folder
+from factory.fingerprint import files_hash
 from factory.recipes.pretrain_diffusion import PIPELINE_DIR, DiffusionRecipe
+from factory.recipes.pretrain_flow import FlowRecipe
 from factory.recipes.pretrain_gan import GAN_FILE, GanRecipe
 from factory.recipes.ray_train import (
     STATE_FILE,
@@ -72,11 +76,12 @@ class _Losses:
 
 
 def build_recipe(cfg: FactoryConfig, data: ImageFolder, device: torch.device, world_size: int = 1,
-                 wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> GanRecipe | DiffusionRecipe:
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> GanRecipe | DiffusionRecipe | FlowRecipe:
     if cfg.backbone.kind == "stylegan2":
         return GanRecipe(cfg, data, device, world_size)
     if cfg.backbone.kind == "diffusion":
-        return DiffusionRecipe(cfg, data, device, wrap)
+        recipe = FlowRecipe if cfg.pretrain.family == "sd3" else DiffusionRecipe
+        return recipe(cfg, data, device, wrap)
     raise ValueError(f"backbone.kind must be 'stylegan2' or 'diffusion', got {cfg.backbone.kind!r}")
 
 
@@ -90,9 +95,9 @@ def fit(
     rank: int = 0,
     world_size: int = 1,
     restore: Callable[[], dict | None] | None = None,
-    report: Callable[[dict, GanRecipe | DiffusionRecipe, int], None] | None = None,
+    report: Callable[[dict, GanRecipe | DiffusionRecipe | FlowRecipe, int], None] | None = None,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
-) -> tuple[GanRecipe | DiffusionRecipe, dict[str, float]]:
+) -> tuple[GanRecipe | DiffusionRecipe | FlowRecipe, dict[str, float]]:
     """The training loop of one worker, free of Ray so it can be tested directly. `restore()` returns
     a saved state (or None); `report(metrics, recipe, step)` is called every `checkpoint_every` steps
     and at the end."""
@@ -125,11 +130,28 @@ def inputs_hash(cfg: FactoryConfig, data: ImageFolder) -> str:
     """What a checkpoint was trained on; resuming onto different inputs is refused."""
     p, b = cfg.pretrain, cfg.backbone
     arch = asdict(b.stylegan2) if b.kind == "stylegan2" else {"resolution": b.diffusion.resolution}
-    return config_lib.stable_hash({
+    inputs = {
         "images": data.content_hash, "kind": b.kind, "init_seed": b.init_seed, "arch": arch,
         "pretrain": [p.batch_size, p.lr, p.seed, p.num_workers, p.flip, p.r1_gamma, p.r1_every,
                      p.ema_half_life, p.vae_steps, p.kl_weight, p.prompt_dropout],
-    })
+    }
+    if b.kind == "diffusion" and (p.family != "sd" or p.vae_from is not None):  # older runs' hashes unchanged
+        inputs["family"] = p.family
+        inputs["vae_from"] = vae_hash(p.vae_from)
+        if p.family == "sd3":
+            inputs["dit"] = [p.dit_layers, p.dit_heads, p.dit_head_dim, p.dit_patch, p.flow_shift]
+    return config_lib.stable_hash(inputs)
+
+
+def vae_hash(folder: str | None) -> str | None:
+    """Content hash of the VAE a run reuses (`pretrain.vae_from`), as pipeline folders are hashed."""
+    if folder is None:
+        return None
+    vae = os.path.join(folder, "vae")
+    if not os.path.isdir(vae):
+        raise config_lib.ConfigError(f"pretrain.vae_from={folder}: no vae/ folder there (not a diffusers pipeline folder)")
+    return files_hash(folder, [os.path.relpath(os.path.join(r, n), folder) for r, _, names in os.walk(vae)
+                               for n in names if not n.startswith(".")])
 
 
 def _worker(loop_config: dict) -> None:
@@ -211,6 +233,8 @@ def pretrain(cfg: FactoryConfig, command: str | None = None) -> dict:
         "steps": int(metrics.get("step", 0)),
         "resumed_from_step": int(metrics.get("start_step", 0)),
         "vae_steps": p.vae_steps if cfg.backbone.kind == "diffusion" else None,
+        **({"family": p.family, "vae_from": {"folder": p.vae_from, "vae_hash": vae_hash(p.vae_from)}}
+           if cfg.backbone.kind == "diffusion" and (p.family != "sd" or p.vae_from is not None) else {}),
         "num_workers": p.num_workers,
         "images": {"folder": p.images, "num_images": len(data.files), "content_hash": data.content_hash},
         "final_losses": {k: v for k, v in metrics.items() if k not in ("step", "start_step")},

@@ -3,7 +3,9 @@ first its VAE as a KL autoencoder (L1 reconstruction + `kl_weight` x KL) for `va
 VAE's `scaling_factor` is set to 1 / std of its latents and frozen, and the UNet learns DDPM's epsilon
 (or the scheduler's prediction type) on the VAE's latents, at the training timesteps and betas of
 the pipeline's scheduler config, conditioned on the frozen seeded CLIP text encoder's embedding of
-each image's prompt, dropped to "" with probability `prompt_dropout` for classifier-free guidance."""
+each image's prompt, dropped to "" with probability `prompt_dropout` for classifier-free guidance.
+With `pretrain.vae_from`, a trained VAE (with its `scaling_factor`) is reused frozen and only the UNet
+trains."""
 
 from __future__ import annotations
 
@@ -22,6 +24,20 @@ from factory.fingerprint import files_hash
 from factory.recipes.ray_train import TrainError
 
 PIPELINE_DIR = "pipeline"
+
+
+def frozen_vae(folder: str):
+    """The VAE of the pipeline folder `folder` (`pretrain.vae_from`), frozen, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    path = os.path.join(folder, "vae")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise TrainError(f"pretrain.vae_from={folder}: no vae/config.json there (not a diffusers pipeline folder)")
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"pretrain.vae_from={folder}: cannot load its VAE: {str(e).strip().splitlines()[0]}") from None
+    return vae.eval().requires_grad_(False)
 
 
 class _VAELoss(torch.nn.Module):
@@ -66,12 +82,23 @@ class DiffusionRecipe:
             raise TrainError(f"backbone.diffusion.resolution={resolution} must be a multiple of {factor} "
                              "for the tiny pipeline")
         pipe.unet.register_to_config(sample_size=resolution // pipe.vae_scale_factor)
+        if p.vae_from is not None:
+            vae = frozen_vae(p.vae_from)
+            shape = ("latent_channels", "block_out_channels")
+            if [list(np.atleast_1d(vae.config[k])) for k in shape] != [list(np.atleast_1d(pipe.vae.config[k])) for k in shape]:
+                raise TrainError(f"pretrain.vae_from={p.vae_from}: its VAE's latent channels or levels differ from "
+                                 "the tiny pipeline's")
+            pipe.register_modules(vae=vae)
         pipe.vae.register_to_config(sample_size=resolution)
         self.images = torch.from_numpy(np.array(data.images))  # a writable copy (Ray hands read-only arrays)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.vae_loss = wrap(_VAELoss(pipe.vae.train()).to(device))
+        if p.vae_from is None:
+            self.vae_loss = wrap(_VAELoss(pipe.vae.train()).to(device))
+            self.opt_vae = torch.optim.Adam(pipe.vae.parameters(), lr=p.lr)
+        else:  # reused frozen: no VAE phase
+            pipe.vae.to(device)
+            self.opt_vae = None
         self.unet_loss = wrap(_UNetLoss(pipe.unet.train()).to(device))
-        self.opt_vae = torch.optim.Adam(pipe.vae.parameters(), lr=p.lr)
         self.opt_unet = torch.optim.Adam(pipe.unet.parameters(), lr=p.lr)
         text_encoder = pipe.text_encoder.to(device).eval().requires_grad_(False)
         unique = sorted(set(data.prompts) | {""})
@@ -81,7 +108,7 @@ class DiffusionRecipe:
             self.embeddings = text_encoder(ids.to(device))[0]
         self.prompt_index = torch.tensor([unique.index(t) for t in data.prompts])
         self.empty_index = unique.index("")
-        self.scaling_factor: float | None = None
+        self.scaling_factor: float | None = pipe.vae.config.scaling_factor if p.vae_from is not None else None
         self.total_steps = p.vae_steps + p.steps
 
     def train_step(self, step: int, gen: torch.Generator) -> dict[str, float]:
@@ -139,13 +166,14 @@ class DiffusionRecipe:
 
     def state_dict(self) -> dict:
         return {"vae": self.pipe.vae.state_dict(), "unet": self.pipe.unet.state_dict(),
-                "opt_vae": self.opt_vae.state_dict(), "opt_unet": self.opt_unet.state_dict(),
+                "opt_vae": self.opt_vae.state_dict() if self.opt_vae else None, "opt_unet": self.opt_unet.state_dict(),
                 "scaling_factor": self.scaling_factor}
 
     def load_state_dict(self, state: dict) -> None:
         self.pipe.vae.load_state_dict(state["vae"])
         self.pipe.unet.load_state_dict(state["unet"])
-        self.opt_vae.load_state_dict(state["opt_vae"])
+        if self.opt_vae is not None:
+            self.opt_vae.load_state_dict(state["opt_vae"])
         self.opt_unet.load_state_dict(state["opt_unet"])
         if state["scaling_factor"] is not None:
             self.scaling_factor = float(state["scaling_factor"])
