@@ -100,11 +100,13 @@ def component_files(folder: str) -> list[str]:
         raise PipelineError(f"backbone.weights: {folder} has no model_index.json (not a diffusers pipeline folder)")
     with open(index) as f:
         components = [k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list)]
-    files = ["model_index.json"]
-    for component in components:
-        for root, _, names in os.walk(os.path.join(folder, component)):
-            files += [os.path.relpath(os.path.join(root, n), folder) for n in names if not n.startswith(".")]
-    return files
+    return ["model_index.json"] + [f for component in components for f in files_of(folder, component)]
+
+
+def files_of(folder: str, component: str) -> list[str]:
+    """The files of one component folder of a pipeline (paths relative to `folder`), hidden ones skipped."""
+    return [os.path.relpath(os.path.join(root, n), folder)
+            for root, _, names in os.walk(os.path.join(folder, component)) for n in names if not n.startswith(".")]
 
 
 def folder_hash(folder: str) -> str:

@@ -32,6 +32,7 @@ import torch
 
 from factory import __version__, storage
 from factory import config as config_lib
+from factory.backbones.diffusion import files_of
 from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder, load_image_folder
 from factory.fingerprint import files_hash
@@ -150,8 +151,7 @@ def vae_hash(folder: str | None) -> str | None:
     vae = os.path.join(folder, "vae")
     if not os.path.isdir(vae):
         raise config_lib.ConfigError(f"pretrain.vae_from={folder}: no vae/ folder there (not a diffusers pipeline folder)")
-    return files_hash(folder, [os.path.relpath(os.path.join(r, n), folder) for r, _, names in os.walk(vae)
-                               for n in names if not n.startswith(".")])
+    return files_hash(folder, files_of(folder, "vae"))
 
 
 def _worker(loop_config: dict) -> None:
