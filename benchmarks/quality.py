@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = args.workdir or tempfile.mkdtemp(prefix="quality-")
     busy0, t0 = busy_cpu_seconds(), time.perf_counter()
-    started_ray = init_ray(RayConfig(num_cpus=4))
+    started_ray = init_ray(RayConfig(num_cpus=4), training=True)
     try:
         from factory.toy.demo import DM_LABELED_SEEDS
 

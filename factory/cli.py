@@ -301,14 +301,14 @@ def _run(args: argparse.Namespace) -> int:
         from factory.recipes.train import train
         from factory.runtime import init_ray
 
-        init_ray(cfg.ray)
+        init_ray(cfg.ray, training=True)
         metrics = train(cfg)
         print(f"decoder written to {cfg.generate.decoder}  {_metrics(metrics)}")
     elif args.verb == "pretrain":
         from factory.recipes.pretrain import pretrain
         from factory.runtime import init_ray
 
-        init_ray(cfg.ray)
+        init_ray(cfg.ray, training=True)
         record = pretrain(cfg, command=shlex.join(["factory", "pretrain", args.config, *args.overrides]))
         print(f"{cfg.backbone.kind} written to {cfg.pretrain.output} after {record['steps']} steps  "
               f"{_metrics(record['final_losses'])}")

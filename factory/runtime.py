@@ -12,10 +12,12 @@ from factory.config import RayConfig
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: RayConfig) -> bool:
+def init_ray(cfg: RayConfig, training: bool = False) -> bool:
     """Join `ray.address` (or, inside a Ray job, the job's cluster), else start a local cluster with
-    `ray.num_cpus` logical CPUs (and the dashboard only if `ray.dashboard`). Returns False if Ray was already initialized in this process (the
-    caller then leaves it running), True if this call connected."""
+    `ray.num_cpus` logical CPUs and the dashboard if `ray.dashboard` says so (None: only when the
+    caller fits on Ray Train, `training`: its controller needs the State API the dashboard serves).
+    Returns False if Ray was already initialized in this process (the caller then leaves it running),
+    True if this call connected."""
     import ray
 
     if ray.is_initialized():
@@ -23,7 +25,8 @@ def init_ray(cfg: RayConfig) -> bool:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
     if address is None:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, configure_logging=False)
+        dashboard = training if cfg.dashboard is None else cfg.dashboard
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=dashboard, configure_logging=False)
     else:
         ray.init(address=address, configure_logging=False)
     log.info("ray: %s", ray.cluster_resources())
@@ -31,11 +34,12 @@ def init_ray(cfg: RayConfig) -> bool:
 
 
 @contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
-    """Ray for the duration of a job: connected on entry, shut down on exit if this job connected."""
+def ray_session(cfg: RayConfig, training: bool = False) -> Iterator[None]:
+    """Ray for the duration of a job: connected on entry, shut down on exit if this job connected
+    (`training` as for `init_ray`)."""
     import ray
 
-    started = init_ray(cfg)
+    started = init_ray(cfg, training)
     try:
         yield
     finally:

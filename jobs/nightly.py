@@ -37,7 +37,7 @@ def decoder_run(cfg: config_lib.FactoryConfig) -> str:
 def main(cfg: config_lib.FactoryConfig, date: datetime.date) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
     storage.configure(cfg.storage)
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, training=True):
         return build(cfg, date)
 
 

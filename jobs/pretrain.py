@@ -15,7 +15,7 @@ log = logging.getLogger("jobs.pretrain")
 
 def main(cfg: config_lib.FactoryConfig) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, training=True):
         record = pretrain(cfg)  # records this process's command line
     log.info("%s backbone at %s: %s", cfg.backbone.kind, cfg.pretrain.output, record["final_losses"])
     return record

@@ -15,7 +15,7 @@ log = logging.getLogger("jobs.train_decoder")
 
 def main(cfg: config_lib.FactoryConfig) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, training=True):
         metrics = train(cfg)
     log.info("decoder at %s: %s", cfg.generate.decoder, metrics)
     return metrics

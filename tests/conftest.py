@@ -76,7 +76,7 @@ def ray_cluster():
     from factory.config import RayConfig
     from factory.runtime import init_ray
 
-    init_ray(RayConfig(num_cpus=4))
+    init_ray(RayConfig(num_cpus=4), training=True)
     yield ray
     ray.shutdown()
 

@@ -24,10 +24,13 @@ class RayConfig:
     num_cpus: int | None = 4
     """Logical CPUs of a local cluster. More than the physical cores lets fractional actors and
     Ray Train's controller share a 2-core machine without deadlock. Ignored when joining a cluster."""
-    dashboard: bool = False
-    """Start Ray's dashboard (http://127.0.0.1:8265) with a local cluster. Off by default: its 11
-    processes hold about 0.9 GB and slow the cluster's start by seconds on a small machine, for a page
-    a local build rarely needs. Ignored when joining a cluster (its head decides)."""
+    dashboard: bool | None = None
+    """Start Ray's dashboard (http://127.0.0.1:8265) with a local cluster. None (default): only for
+    the commands that fit on Ray Train (`train`, `pretrain`, `demo`, the train/pretrain/nightly jobs),
+    whose controller watches itself through the State API the dashboard serves (without it Ray Train
+    cannot clean up after a dead controller and warns every few seconds); off for builds, where its
+    11 processes would hold about 0.9 GB and slow the cluster's start by seconds on a small machine.
+    Ignored when joining a cluster (its head decides)."""
 
 
 @dataclass

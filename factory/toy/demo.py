@@ -66,7 +66,7 @@ def demo_config(workdir: str, overrides: list[str] | tuple[str, ...] = (), diffu
 def run_demo(cfg: FactoryConfig) -> dict:
     """Run every stage of the path `cfg.backbone.kind` names; returns the dataset summary (also
     printed by the CLI)."""
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, training=True)
     # 1-3. Labeled examples.
     prepare_labels(cfg)
     # 4. Fit the decoder on Ray Train.
