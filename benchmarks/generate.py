@@ -1,4 +1,4 @@
-"""Dataset generation: the bare model loop vs the full Ray Data build writing to S3.
+"""Dataset generation: the bare model loop vs the full Ray Data build writing to S3 (or a folder).
 
 Three measurements in one run, on the same models (the config's backbone and an untrained, seeded
 decoder saved the way `factory train` publishes one; throughput does not depend on training) and the
@@ -11,7 +11,8 @@ same seeds (`generate.start_seed` on):
    row building) on the first `--encode-samples` seeds, to split model time from encode time.
 2. full build: `factory.recipes.generate.generate(cfg)` (the calibration pass staging the first
    shards, Ray Data actor pools, encoding on threads beside the model, shard writers, upload) into a
-   loopback S3 server (moto's server, in its own process) on a local Ray cluster
+   loopback S3 server (moto's server, in its own process; `--storage local`: a local folder, the
+   embedded default's storage, without the server's CPU on the same cores) on a local Ray cluster
    started by `factory.runtime.init_ray` with 4 logical CPUs, once with 1 actor and once with 2
    (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the whole `generate()` call, the
    calibration pass included (it makes the first shards' samples, which the build then finishes
@@ -26,7 +27,7 @@ same seeds (`generate.start_seed` on):
    overstate the total.
 
     python benchmarks/generate.py [--samples 4000] [--shard-size 500] [--batch-size 16]
-        [--formats parquet,webdataset] [--out benchmarks/results/generate.json] [--quick] [key=value ...]
+        [--formats parquet,webdataset] [--storage s3|local] [--out benchmarks/results/generate.json] [--quick] [key=value ...]
 
 Trailing `key=value` arguments override the config for every measurement (e.g. decoder.num_heads=3).
 `--quick` runs tiny numbers to check that the script works (under a minute).
@@ -35,6 +36,7 @@ Trailing `key=value` arguments override the config for every measurement (e.g. d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formats", default="parquet", help="comma-separated: parquet, webdataset")
     p.add_argument("--encode-samples", type=int, default=1000, help="seeds for the label_seeds (encode) pass")
     p.add_argument("--sample-interval", type=float, default=0.25, help="seconds between memory samples")
+    p.add_argument("--storage", choices=("s3", "local"), default="s3",
+                   help="where the builds write: loopback S3 (moto's server, its own process, on the same cores) "
+                        "or a local folder (the embedded default's storage)")
     p.add_argument("--out", default="benchmarks/results/generate.json")
     p.add_argument("--quick", action="store_true", help="tiny numbers: check that the script runs")
     p.add_argument("--actors", default="1,2", help="actor counts to build with, compared with the first")
@@ -371,13 +376,17 @@ def shard_summary(manifest: dict) -> dict:
     }
 
 
-def run_build(args: argparse.Namespace, workdir: str, endpoint: str, num_actors: int,
+def run_build(args: argparse.Namespace, workdir: str, endpoint: str | None, num_actors: int,
               sampler: ProcessSampler, extra: tuple[str, ...] = (), tag: str = "") -> dict:
+    """One build into a fresh output: loopback S3 at `endpoint`, or (None) a folder in `workdir`."""
     from factory.recipes.generate import generate
 
-    output = f"s3://{BUCKET}/generate-{num_actors}-actors{'-' + tag if tag else ''}"
-    cfg = load(args, workdir, (f"generate.num_actors={num_actors}", f"generate.output={output}",
-                               f"storage.endpoint_url={endpoint}", "storage.region=us-east-1", *extra))
+    name = f"generate-{num_actors}-actors{'-' + tag if tag else ''}"
+    if endpoint is None:
+        output, storage = os.path.join(workdir, name), ()
+    else:
+        output, storage = f"s3://{BUCKET}/{name}", (f"storage.endpoint_url={endpoint}", "storage.region=us-east-1")
+    cfg = load(args, workdir, (f"generate.num_actors={num_actors}", f"generate.output={output}", *storage, *extra))
     sampler.window_start()
     busy = busy_cpu_seconds()
     t0 = time.perf_counter()
@@ -416,7 +425,7 @@ def print_report(report: dict) -> None:
     bare, builds, s = report["bare_loop"], report["builds"], report["settings"]
     print(f"generate: {s['samples']} seeds, {s['resolution']}px, shards of {s['shard_size']}, batch {s['batch_size']}, "
           f"formats {','.join(s['formats'])}, {s['decoder_heads']} heads, "
-          f"calibration {s['calibration_samples']} seeds; "
+          f"calibration {s['calibration_samples']} seeds, into {s['storage']}; "
           f"{report['cpu_count']} CPUs, torch {report['torch']}, ray {report['ray']}")
     print(f"{'run':<30} {'samples':>7} {'wall s':>7} {'calib s':>7} {'samples/s':>9} {'peak RSS MiB':>20}")
     enc = bare["label_seeds"]
@@ -486,8 +495,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"bare loops: {most} processes at once ...", flush=True)
             bare["parallel"] = bare_in_parallel(args, workdir, most, bare)
 
-        # 2. Loopback S3, Ray, then one build per actor count.
-        with loopback_s3(BUCKET) as endpoint:
+        # 2. Loopback S3 (or a local folder), Ray, then one build per actor count.
+        with loopback_s3(BUCKET) if args.storage == "s3" else contextlib.nullcontext() as endpoint:
             init_ray(RayConfig(num_cpus=RAY_NUM_CPUS))
             import ray.data
 
@@ -545,7 +554,8 @@ def main(argv: list[str] | None = None) -> None:
             "actor_counts": actor_counts(args), "gpus_per_actor": args.gpus_per_actor, "ray_num_cpus": RAY_NUM_CPUS, "actor_torch_threads": threads_in_actor,
             "bare_torch_threads": bare["threads"], "encode_samples": args.encode_samples, "quick": args.quick,
             "overrides": list(args.overrides), "resolution": bare["resolution"],
-            "decoder_heads": cfg.decoder.num_heads, "storage": "moto server on 127.0.0.1 (its own process)",
+            "decoder_heads": cfg.decoder.num_heads, "storage": ("moto server on 127.0.0.1 (its own process)" if args.storage == "s3"
+                                                              else "a local folder"),
             "ray_data_progress_bars": False, "memory_sample_interval_s": args.sample_interval,
             "backbone": asdict(cfg.backbone), "decoder": asdict(cfg.decoder), "labels": asdict(cfg.labels),
         },
