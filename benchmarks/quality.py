@@ -11,8 +11,10 @@ configs/toy_sd3.yaml` trains on the toy world), everything else the DM path's; i
 default `--paths`:
 
 1. decoder quality: DM paths, the perception decoder's mIoU on 200 held-out real toy faces through
-   inversion, against their ground truth. GAN path, whose decoder only sees generated images (no
-   GAN inversion here): its agreement (mIoU) with the stand-in annotator on 200 generated images.
+   inversion, against their ground truth. GAN path, whose decoder is fitted on generated images:
+   its agreement (mIoU) with the stand-in annotator on 200 generated images, and its mIoU against
+   ground truth on `--projection-images` real (and shifted) faces projected into the generator's W+
+   (`backbone.invert`, `backbone.inversion_steps` Adam steps per batch of 16).
 2. downstream: a small U-Net (`factory.toy.segmenter`, the same settings for every run) trained
    (a) on the 16 real labeled toy faces only (the DM demo's; toy-world ground truth; one run, the
        same for both paths),
@@ -101,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, help="held-out real toy faces, and shifted ones (default 1000; quick 48)")
     p.add_argument("--val-images", type=int, help="real toy faces that select each run's step (default 200; quick 16)")
     p.add_argument("--segmenter-steps", type=int, help="steps per downstream fit (default 2400; quick 36)")
+    p.add_argument("--projection-images", type=int,
+                   help="GAN path: real and shifted faces projected into W+ to score its decoder against "
+                        "their ground truth (default 64; quick 8; 0: none)")
     p.add_argument("--sd3-weights", default="factory-work-toy/toy_sd3",
                    help="the SD3 pipeline folder of the dm-sd3 path (default: what configs/toy_sd3.yaml pretrains)")
     p.add_argument("--workdir", help="where the runs go (default: a temporary folder, removed after)")
@@ -111,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eval_images = args.eval_images or (48 if quick else 1000)
     args.val_images = args.val_images or (16 if quick else 200)
     args.segmenter_steps = args.segmenter_steps or (36 if quick else 2400)
+    if args.projection_images is None:
+        args.projection_images = 8 if quick else 64
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
     bad = [s for s in args.paths if s not in PATHS]
     if bad:
@@ -138,7 +145,7 @@ def path_overrides(args: argparse.Namespace) -> list[str]:
     settings = [f"generate.num_samples={n}", f"generate.shard_size={shard}", "generate.drop_uncertain=0.0",
                 f"generate.calibration_samples={min(n, 100)}", "ray.num_cpus=4"]
     if args.quick:
-        settings += ["train.steps=30", "train.checkpoint_every=30"]
+        settings += ["train.steps=30", "train.checkpoint_every=30", "backbone.inversion_steps=20"]
     return settings
 
 
@@ -207,6 +214,17 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
     else:
         result["decoder"] = {"what": f"decoder vs stand-in annotator, {k} generated",
                              **annotator_agreement(masks[:k], images[:k], num_classes)}
+        n = args.projection_images
+        if n:  # real faces projected into W+ (`backbone.invert`), labeled by the decoder, against truth
+            from factory.backbones import load_backbone
+            from factory.decoders.files import load_decoder
+
+            backbone, decoder = load_backbone(cfg.backbone), load_decoder(cfg.generate.decoder)
+            result["decoder_projected"] = {"what": f"decoder vs truth, {n} real faces (projection)",
+                                           **decoder_miou_by_inversion(backbone, decoder, EVAL_START, n, prompted=False)}
+            result["decoder_projected_shifted"] = {
+                "what": f"decoder vs truth, {n} shifted faces (projection)",
+                **decoder_miou_by_inversion(backbone, decoder, SHIFT_START, n, shift(), prompted=False)}
 
     # 2. Downstream: real only, synthetic only, both.  3. Synthetic without the most uncertain.
     real_images, real_masks = real
@@ -234,7 +252,11 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
     return result
 
 
-def decoder_miou_by_inversion(backbone, decoder, start: int, count: int, world_shift=None) -> dict:
+def decoder_miou_by_inversion(backbone, decoder, start: int, count: int, world_shift=None,
+                              prompted: bool = True) -> dict:
+    """The decoder's mIoU against ground truth on `count` real toy faces from seed `start`, each
+    inverted into the backbone's features (DM: with its prompt; GAN, `prompted=False`: projected
+    into W+)."""
     import torch
 
     from factory.data import toyworld
@@ -243,11 +265,11 @@ def decoder_miou_by_inversion(backbone, decoder, start: int, count: int, world_s
     res = backbone.resolution
     seeds = list(range(start, start + count))
     images, masks = toyworld.arrays(seeds, res, shift=world_shift)
-    prompts = [s.prompt for s in toyworld.render_batch(seeds, shift=world_shift)]
+    prompts = [s.prompt for s in toyworld.render_batch(seeds, shift=world_shift)] if prompted else [None] * count
     predicted = []
     with torch.no_grad():
         for i in range(0, count, 16):
-            features = backbone.invert(images[i:i + 16], prompts[i:i + 16], seeds[i:i + 16])
+            features = backbone.invert(images[i:i + 16], prompts[i:i + 16] if prompted else None, seeds[i:i + 16])
             predicted.append(decoder(features, (res, res)).masks.numpy())
     per_class = segmenter.iou_per_class(np.concatenate(predicted), masks, len(toyworld.CLASSES))
     return {"miou": segmenter.mean_iou(per_class), "iou": per_class}
@@ -385,7 +407,8 @@ def print_table(report: dict) -> None:
     print(f"{'':5} {'chance (class frequencies)':46} {chance['miou']:6.3f} {'':6} {'':5}  " + _row(chance["iou"]))
     _print_run("", "downstream: 16 real labeled faces only", report["real_16"])
     for path, r in report["paths"].items():
-        for key in ("decoder", "decoder_shifted", "decoder_vs_annotator"):
+        for key in ("decoder", "decoder_shifted", "decoder_vs_annotator", "decoder_projected",
+                    "decoder_projected_shifted"):
             if key in r:
                 print(f"{path:5} {r[key]['what'][:46]:46} {r[key]['miou']:6.3f} {'':6} {'':5}  " + _row(r[key]["iou"]))
         for name, run in r["downstream"].items():

@@ -1,6 +1,6 @@
 """StyleGAN2 as a backbone: a generator from a weights file in any supported format (or seeded random
 weights) sampled at a fixed truncation, noise mode and class rule, so a sample is a function of its
-seed; every conv layer's output is a feature."""
+seed; every conv layer's output is a feature. Real images are inverted by projection into W+."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from factory import fingerprint, storage
 from factory.backbones.contract import BackboneIdentity, BackboneOutput, to_uint8
+from factory.backbones.gan_inversion import project
 from factory.backbones.stylegan2 import StyleGAN2Generator, feature_info
 from factory.backbones.stylegan2_formats import identity_hash, load_generator, weights_info
 from factory.config import ConfigError, StyleGAN2Config
@@ -125,6 +127,26 @@ class StyleGAN2Backbone:
                 image, feats = self.generator.synthesize(given, noise=noise, rgb_taps=self.rgb_taps)
             parts.append((given, image, feats))
         return self._output(parts, seeds)
+
+
+    def invert(self, images: np.ndarray | torch.Tensor, prompts: Sequence[str] | None = None,
+               seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Real images [B, H, W, 3] uint8 -> the features the generator draws them with: each image
+        projected into W+ (`gan_inversion.project`, `backbone.inversion_steps` at
+        `backbone.inversion_lr`), then synthesised once more with the taps on. `seeds` give each
+        image its layer noise by `backbone.noise`, as for a generated sample (default 0, 1, ...);
+        the images are one batch, so a projection is a function of its image, seed and batch."""
+        if prompts is not None and any(prompts):
+            raise ValueError("a StyleGAN2 backbone takes no prompts (backbone.kind is 'stylegan2')")
+        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(images)} images for {len(seeds)} seeds")
+        with torch.inference_mode(False):
+            _, noise, _ = self.generator.inputs(seeds, self.cfg.noise, classes_for(self.cfg, seeds))
+            fit = project(self.generator, images, noise, self.cfg.inversion_steps, self.cfg.inversion_lr)
+            with torch.no_grad():
+                _, feats = self.generator.synthesize(fit.w_plus, noise=noise, rgb_taps=self.rgb_taps)
+        return [feats[name] for name in self.feature_names]
 
 
 def stylegan2_identity(cfg: BackboneConfig, generator: StyleGAN2Generator | None = None) -> BackboneIdentity:

@@ -223,6 +223,14 @@ class SynthesisNetwork(nn.Module):
         self.reduced_dtype: torch.dtype | None = None
         """float16/bfloat16 for the checkpoint's `num_fp16_res` blocks; None runs them in float32."""
 
+    def _per_layer(self, w: Tensor) -> list[Tensor]:
+        count = sum(len(b.layer_names) for b in self.blocks()) + 1
+        if w.dim() == 2:
+            return [w] * count
+        if w.dim() != 3 or w.shape[1] != count:
+            raise ValueError(f"w must be [B, w_dim] or W+ [B, {count}, w_dim], got {tuple(w.shape)}")
+        return list(w.unbind(1))
+
     def blocks(self) -> list[SynthesisBlock]:
         return [getattr(self, f"b{res}") for res in self.resolutions]
 
@@ -231,18 +239,23 @@ class SynthesisNetwork(nn.Module):
 
     def forward(self, w: Tensor, noise: list[Tensor | None], rgb_taps: bool = False
                 ) -> tuple[Tensor, dict[str, Tensor]]:
+        """w: [B, w_dim] for every layer, or W+ [B, num_ws, w_dim], one per conv layer in order, each
+        block's toRGB taking the w after its convs (the official broadcast's indexing)."""
+        ws = self._per_layer(w)
         feats: dict[str, Tensor] = {}
         x = img = None
         noise_iter = iter(noise)
+        k = 0
         for block in self.blocks():
             dtype = self.reduced_dtype if block.reduced and self.reduced_dtype is not None else torch.float32
             if x is None:
                 x = block.const.unsqueeze(0).expand(w.shape[0], -1, -1, -1)
             x = x.to(dtype)
             for name in block.layer_names:
-                x = getattr(block, name)(x, w, next(noise_iter))
+                x = getattr(block, name)(x, ws[k], next(noise_iter))
                 feats[f"b{block.resolution}.{name}"] = x.float()
-            y = block.torgb(x, w).float()
+                k += 1
+            y = block.torgb(x, ws[k]).float()
             img = y if img is None else upsample2d(img) + y
             if rgb_taps:
                 feats[f"b{block.resolution}.rgb"] = img

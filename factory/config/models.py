@@ -197,6 +197,12 @@ class BackboneConfig:
     """stylegan2: precision of the checkpoint's float16 blocks (`num_fp16_res`) on CUDA: "float32"
     (exact), "float16" (as the official network runs them), "bfloat16". On a CPU every block runs
     in float32. (A diffusion backbone uses `backbone.diffusion.dtype`.)"""
+    inversion_steps: int = 300
+    """stylegan2: Adam steps that project a real image into W+ (`invert`: labeling real photos with a
+    Style Interpreter, scoring it against their ground truth). Each step is a forward and backward
+    pass of the synthesis network over the batch."""
+    inversion_lr: float = 0.05
+    """stylegan2: the projection's learning rate (cosine-decayed to zero over `inversion_steps`)."""
     stylegan2: StyleGAN2Config = field(default_factory=lambda: StyleGAN2Config(channel_max=8))
     """Architecture of the random-weight generator; with `weights` set, the file's stored
     architecture is used instead."""
@@ -208,6 +214,8 @@ class BackboneConfig:
             raise ConfigError(f"backbone.kind must be 'stylegan2' or 'diffusion', got {self.kind!r}")
         within("backbone.psi", self.psi, 0.0, 2.0)
         one_of("backbone.noise", self.noise, GAN_NOISE)
+        at_least("backbone", self, 1, ("inversion_steps",))
+        positive("backbone", self, ("inversion_lr",))
         one_of("backbone.dtype", self.dtype, GAN_DTYPES)
         bad = [c for c in self.classes if isinstance(c, bool) or not isinstance(c, int) or c < 0]
         if bad:
