@@ -1,6 +1,8 @@
 """GAN inversion: real images projected into the generator's W+ (`backbones.gan_inversion`), so a Style
 Interpreter can label real photos. Tiny shipped generator, a few images, no Ray."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,8 @@ from factory.backbones.gan_inversion import project
 from factory.backbones.stylegan2 import StyleGAN2Generator, num_ws
 from factory.config import ConfigError, StyleGAN2Config, load_config
 from factory.data import toyworld
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +73,26 @@ def test_invert_gives_the_features_a_decoder_reads(backbone):
 def test_bad_inversion_settings_are_refused_by_name(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config(None, [override])
+
+
+def test_readme_walk_labels_real_photos_with_a_published_interpreter(tmp_path):
+    """The README's snippet: a decoder published as `factory train` publishes it labels real images
+    through `backbone.invert`."""
+    from PIL import Image
+
+    from conftest import save_untrained_decoder
+    from factory.decoders.files import load_decoder
+
+    real, _ = toyworld.arrays([1_000_000, 1_000_001], 32)
+    files = []
+    for i, image in enumerate(real):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).resize((48, 48)).save(files[-1])  # another size: resized back to the backbone's
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                      [f"workdir={tmp_path}", "backbone.inversion_steps=5"])
+    save_untrained_decoder(cfg)
+    backbone, decoder = load_backbone(cfg.backbone), load_decoder(cfg.generate.decoder)
+    photos = np.stack([np.asarray(Image.open(f).convert("RGB").resize((backbone.resolution,) * 2)) for f in files])
+    features = backbone.invert(photos, None, seeds=[0, 1])
+    masks = decoder(features, photos.shape[1:3]).masks
+    assert masks.shape == (2, 32, 32) and int(masks.max()) < len(cfg.label_names())
