@@ -128,7 +128,6 @@ class StyleGAN2Backbone:
             parts.append((given, image, feats))
         return self._output(parts, seeds)
 
-
     def invert(self, images: np.ndarray | torch.Tensor, prompts: Sequence[str] | None = None,
                seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Real images [B, H, W, 3] uint8 -> the features the generator draws them with: each image
