@@ -265,11 +265,11 @@ def decoder_miou_by_inversion(backbone, decoder, start: int, count: int, world_s
     res = backbone.resolution
     seeds = list(range(start, start + count))
     images, masks = toyworld.arrays(seeds, res, shift=world_shift)
-    prompts = [s.prompt for s in toyworld.render_batch(seeds, shift=world_shift)] if prompted else [None] * count
+    prompts = [s.prompt for s in toyworld.render_batch(seeds, shift=world_shift)] if prompted else None
     predicted = []
     with torch.no_grad():
         for i in range(0, count, 16):
-            features = backbone.invert(images[i:i + 16], prompts[i:i + 16] if prompted else None, seeds[i:i + 16])
+            features = backbone.invert(images[i:i + 16], prompts and prompts[i:i + 16], seeds[i:i + 16])
             predicted.append(decoder(features, (res, res)).masks.numpy())
     per_class = segmenter.iou_per_class(np.concatenate(predicted), masks, len(toyworld.CLASSES))
     return {"miou": segmenter.mean_iou(per_class), "iou": per_class}

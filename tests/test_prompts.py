@@ -98,7 +98,6 @@ class ChatServer:
         return "\n".join(["```json", *lines, "", lines[0], '{"prompt": "a unicorn", "classes": ["unicorn"]}',
                           "```"])
 
-
     def respond(self, request: dict) -> tuple[int, str]:
         if self.status != 200:
             return self.status, "Incorrect API key provided"

@@ -218,13 +218,14 @@ class SynthesisNetwork(nn.Module):
     def __init__(self, cfg: StyleGAN2Config) -> None:
         super().__init__()
         self.resolutions = cfg.block_resolutions
+        self.num_ws = num_ws(cfg)
         for res in self.resolutions:
             setattr(self, f"b{res}", SynthesisBlock(cfg, res))
         self.reduced_dtype: torch.dtype | None = None
         """float16/bfloat16 for the checkpoint's `num_fp16_res` blocks; None runs them in float32."""
 
     def _per_layer(self, w: Tensor) -> list[Tensor]:
-        count = sum(len(b.layer_names) for b in self.blocks()) + 1
+        count = self.num_ws
         if w.dim() == 2:
             return [w] * count
         if w.dim() != 3 or w.shape[1] != count:
