@@ -35,18 +35,22 @@ def family_of(folder):
         return json.load(f)["_class_name"]
 
 
-def test_taps_features_attention_and_inversion(folder, monkeypatch):
+def bare_images(folder, seeds):
+    """The user's pipeline, untouched, on PROMPTS: uint8 [B, H, W, 3] as the backbone returns them."""
     from diffusers import DiffusionPipeline
 
+    bare = DiffusionPipeline.from_pretrained(folder)
+    bare.set_progress_bar_config(disable=True)
+    images = bare(prompt=PROMPTS, num_inference_steps=2, guidance_scale=7.5, height=64, width=64, output_type="pt",
+                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def test_taps_features_attention_and_inversion(folder, monkeypatch):
     backbone = load_backbone(family_cfg(folder))
     assert type(backbone.pipe).__name__ == family_of(folder) and backbone.family.pipeline_class == family_of(folder)
     out = backbone([1, 2], PROMPTS)
-
-    bare = DiffusionPipeline.from_pretrained(folder)  # the user's pipeline, untouched
-    bare.set_progress_bar_config(disable=True)
-    images = bare(prompt=PROMPTS, num_inference_steps=2, guidance_scale=7.5, height=64, width=64, output_type="pt",
-                  generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
-    assert torch.equal(out.images, (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    assert torch.equal(out.images, bare_images(folder, [1, 2]))
 
     transformer = backbone.family.tokens
     sides = [16] if transformer else [32, 16]
@@ -66,6 +70,28 @@ def test_taps_features_attention_and_inversion(folder, monkeypatch):
     assert [tuple(f.shape) for f in features] == [tuple(f.shape) for f in out.features]
     assert all(torch.equal(a, b) for a, b in zip(features, backbone.invert(real, PROMPTS, [0, 1])))
     assert backbone_identity(family_cfg(folder)) == backbone.identity
+
+
+@pytest.mark.parametrize("family, changes, side", [
+    ("flux", {"guidance_embeds": False}, 16),  # FLUX.1-schnell: no embedded guidance
+    ("sd3", {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}, 16),  # SD3.5 Medium's MMDiT-X blocks
+    ("sd3", {"qk_norm": "rms_norm", "patch_size": 1, "pos_embed_max_size": 32}, 32),  # patch 1: a 32 x 32 grid
+])
+def test_other_transformer_shapes_tap_bit_identically(family, changes, side, tmp_path):
+    """Transformers shaped unlike the tiny defaults: the same taps, the bare pipeline's images."""
+    from factory.backbones.tiny_families import build_tiny
+
+    pipe = build_tiny(family, seed=0)
+    torch.manual_seed(1)
+    pipe.transformer = type(pipe.transformer)(**{**dict(pipe.transformer.config), **changes}).eval()
+    folder = str(tmp_path / "pipeline")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    backbone = load_backbone(family_cfg(folder))
+    out = backbone([1, 2], PROMPTS)
+    assert torch.equal(out.images, bare_images(folder, [1, 2]))
+    assert [tuple(f.shape) for f in out.features] == [(2, backbone.feature_channels[0], side, side)]
+    features = backbone.invert(out.images.numpy(), PROMPTS, [0, 1])
+    assert [f.shape for f in features] == [f.shape for f in out.features]
 
 
 def test_several_steps_in_bfloat16_keep_the_identity(folder):
