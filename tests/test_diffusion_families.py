@@ -35,11 +35,12 @@ def family_of(folder):
         return json.load(f)["_class_name"]
 
 
-def bare_images(folder, seeds):
-    """The user's pipeline, untouched, on PROMPTS: uint8 [B, H, W, 3] as the backbone returns them."""
+def bare_images(folder, seeds, **components):
+    """The user's pipeline, untouched (`components` passed to from_pretrained), on PROMPTS: uint8
+    [B, H, W, 3] as the backbone returns them."""
     from diffusers import DiffusionPipeline
 
-    bare = DiffusionPipeline.from_pretrained(folder)
+    bare = DiffusionPipeline.from_pretrained(folder, **components)
     bare.set_progress_bar_config(disable=True)
     images = bare(prompt=PROMPTS, num_inference_steps=2, guidance_scale=7.5, height=64, width=64, output_type="pt",
                   generator=[torch.Generator().manual_seed(s) for s in seeds]).images
@@ -92,6 +93,23 @@ def test_other_transformer_shapes_tap_bit_identically(family, changes, side, tmp
     assert [tuple(f.shape) for f in out.features] == [(2, backbone.feature_channels[0], side, side)]
     features = backbone.invert(out.images.numpy(), PROMPTS, [0, 1])
     assert [f.shape for f in features] == [f.shape for f in out.features]
+
+
+def test_sd3_saved_without_its_t5_loads(tmp_path):
+    """SD3 runs without T5 (its embeddings are then zeros); a folder saved that way lists the
+    component as null, and loads as diffusers loads it: with the component passed as None."""
+    from factory.backbones.tiny_families import build_tiny
+
+    pipe = build_tiny("sd3", seed=0)
+    pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
+    folder = str(tmp_path / "pipeline")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    assert json.loads(open(f"{folder}/model_index.json").read())["text_encoder_3"] == [None, None]
+    backbone = load_backbone(family_cfg(folder))
+    assert backbone.pipe.text_encoder_3 is None
+    out = backbone([1, 2], PROMPTS)
+    assert torch.equal(out.images, bare_images(folder, [1, 2], text_encoder_3=None, tokenizer_3=None))
+    assert [f.shape for f in backbone.invert(out.images.numpy(), PROMPTS, [0, 1])] == [f.shape for f in out.features]
 
 
 def test_several_steps_in_bfloat16_keep_the_identity(folder):

@@ -64,11 +64,16 @@ def load_pipeline(weights: str | None, init_seed: int, dtype: torch.dtype):
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     folder = pipeline_folder(weights)
     try:
-        name = read_model_index(folder)["_class_name"]
+        index = read_model_index(folder)
+        name = index["_class_name"]
         family_for(name)
     except FamilyError as e:
         raise PipelineError(str(e)) from None
-    extra = {"safety_checker": None, "requires_safety_checker": False} if name == "StableDiffusionPipeline" else {}
+    # Components the folder was saved without (`[null, null]`, e.g. SD3 without its T5) are passed as
+    # None, which is how diffusers loads them; from_pretrained alone asks for them.
+    extra = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
+    if name == "StableDiffusionPipeline":
+        extra.update(safety_checker=None, requires_safety_checker=False)
     try:
         return getattr(diffusers, name).from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError, EnvironmentError, KeyError, TypeError) as e:
