@@ -73,24 +73,29 @@ def test_taps_features_attention_and_inversion(folder, monkeypatch):
     assert backbone_identity(family_cfg(folder)) == backbone.identity
 
 
-@pytest.mark.parametrize("family, changes, side", [
-    ("flux", {"guidance_embeds": False}, 16),  # FLUX.1-schnell: no embedded guidance
-    ("sd3", {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}, 16),  # SD3.5 Medium's MMDiT-X blocks
-    ("sd3", {"qk_norm": "rms_norm", "patch_size": 1, "pos_embed_max_size": 32}, 32),  # patch 1: a 32 x 32 grid
+@pytest.mark.parametrize("family, changes, scheduler, sides", [
+    ("flux", {"guidance_embeds": False}, {}, [16]),  # FLUX.1-schnell: no embedded guidance
+    ("sd3", {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}, {}, [16]),  # SD3.5 Medium's MMDiT-X blocks
+    ("sd3", {"qk_norm": "rms_norm", "patch_size": 1, "pos_embed_max_size": 32}, {}, [32]),  # a 32 x 32 grid
+    ("sd", {"use_linear_projection": True, "upcast_attention": True, "attention_head_dim": (4, 8)},  # SD 2.x
+     {"prediction_type": "v_prediction"}, [32, 16]),
 ])
-def test_other_transformer_shapes_tap_bit_identically(family, changes, side, tmp_path):
-    """Transformers shaped unlike the tiny defaults: the same taps, the bare pipeline's images."""
+def test_other_denoiser_shapes_tap_bit_identically(family, changes, scheduler, sides, tmp_path):
+    """Denoisers shaped unlike the tiny defaults: the same taps, the bare pipeline's images."""
     from factory.backbones.tiny_families import build_tiny
 
     pipe = build_tiny(family, seed=0)
+    role = "unet" if family == "sd" else "transformer"
+    denoiser = getattr(pipe, role)
     torch.manual_seed(1)
-    pipe.transformer = type(pipe.transformer)(**{**dict(pipe.transformer.config), **changes}).eval()
+    pipe.register_modules(**{role: type(denoiser)(**{**dict(denoiser.config), **changes}).eval()})
+    pipe.register_modules(scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config, **scheduler))
     folder = str(tmp_path / "pipeline")
     pipe.save_pretrained(folder, safe_serialization=True)
     backbone = load_backbone(family_cfg(folder))
     out = backbone([1, 2], PROMPTS)
     assert torch.equal(out.images, bare_images(folder, [1, 2]))
-    assert [tuple(f.shape) for f in out.features] == [(2, backbone.feature_channels[0], side, side)]
+    assert [tuple(f.shape) for f in out.features] == [(2, c, s, s) for c, s in zip(backbone.feature_channels, sides)]
     features = backbone.invert(out.images.numpy(), PROMPTS, [0, 1])
     assert [f.shape for f in features] == [f.shape for f in out.features]
 
