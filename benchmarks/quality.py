@@ -6,7 +6,7 @@
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
 factory keeps every sample (generate.drop_uncertain=0) so filtering can be measured afterwards. A
 third path, `dm-sd3`, is the DM path on a toy diffusion transformer instead of the toy UNet
-(`--sd3-weights`, default `factory-work-toy/toy_sd3`: the MM-DiT that `factory pretrain
+(`--sd3-weights`, default the shipped `pkg://toy_sd3`: the MM-DiT that `factory pretrain
 configs/toy_sd3.yaml` trains on the toy world), everything else the DM path's; it is not in the
 default `--paths`:
 
@@ -106,8 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--projection-images", type=int,
                    help="GAN path: real and shifted faces projected into W+ to score its decoder against "
                         "their ground truth (default 64; quick 8; 0: none)")
-    p.add_argument("--sd3-weights", default="factory-work-toy/toy_sd3",
-                   help="the SD3 pipeline folder of the dm-sd3 path (default: what configs/toy_sd3.yaml pretrains)")
+    p.add_argument("--sd3-weights", default="pkg://toy_sd3",
+                   help="the SD3 pipeline folder of the dm-sd3 path (default: the shipped one, which "
+                        "configs/toy_sd3.yaml pretrains)")
     p.add_argument("--workdir", help="where the runs go (default: a temporary folder, removed after)")
     p.add_argument("--out", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)

@@ -42,18 +42,29 @@ def test_shipped_gan_matches_its_record_and_generates_faces_deterministically(ga
     assert faces_found(a.numpy()) > 0.8  # the same generator with random weights: 0.16
 
 
-def test_shipped_diffusion_matches_its_record_and_generates_faces_deterministically():
+@pytest.mark.parametrize("name, config, min_faces", [
+    ("toy_diffusion", "configs/toy_dm.yaml", 0.6),  # 0.78 here; the same pipeline with random weights: 0.31
+    ("toy_sd3", "configs/toy_sd3.yaml", 0.6),  # 0.94 here; its transformer's seeded random init: 0.16
+])
+def test_shipped_diffusion_matches_its_record_and_generates_faces_deterministically(name, config, min_faces):
     cfg = load_config(None, ["backbone.kind=diffusion", "decoder.kind=perception",
-                             "backbone.weights=pkg://toy_diffusion", "backbone.diffusion.resolution=32",
+                             f"backbone.weights=pkg://{name}", "backbone.diffusion.resolution=32",
                              "backbone.diffusion.guidance_scale=3.0"])
     backbone = load_backbone(cfg.backbone)
-    record = json.load(open(os.path.join(SHIPPED_DIR, "toy_diffusion", "pretrain.json")))
+    record = json.load(open(os.path.join(SHIPPED_DIR, name, "pretrain.json")))
     assert record["weights_hash"] == backbone.weights_hash
-    assert record["command"].startswith("factory pretrain configs/toy_dm.yaml") and record["seed"] == 0
+    assert record["command"].startswith(f"factory pretrain {config}") and record["seed"] == 0
     seeds, prompts = list(range(32)), [toyworld.render(s).prompt for s in range(32)]
     a, b = backbone(seeds, prompts).images, backbone(seeds, prompts).images
     assert np.array_equal(a.numpy(), b.numpy()) and not np.array_equal(a[0].numpy(), a[1].numpy())
-    assert faces_found(a.numpy()) > 0.6  # 0.78 here; the same pipeline with random weights: 0.31
+    assert faces_found(a.numpy()) > min_faces
+
+
+def test_shipped_weights_stay_within_their_budget():
+    """Everything in factory/weights/ ships inside the wheel: 20 MB at most, all of it together."""
+    sizes = {os.path.relpath(os.path.join(d, f), SHIPPED_DIR): os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(SHIPPED_DIR) for f in files}
+    assert sum(sizes.values()) <= 20 * 10**6, sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_shipped_annotator_segments_held_out_toy_faces():
