@@ -5,7 +5,8 @@ decoder saved the way `factory train` publishes one; throughput does not depend 
 same seeds (`generate.start_seed` on):
 
 1. bare loop: `backbone(seeds)` then `decoder(features, (res, res))` in batches of
-   `generate.batch_size`, in a fresh subprocess with torch on 1 thread (what one actor with
+   `generate.batch_size` (a diffusion backbone, `backbone.kind=diffusion decoder.kind=perception`,
+   gets each seed's prompt as the build gives it), in a fresh subprocess with torch on 1 thread (what one actor with
    `cpus_per_actor=1` gets: Ray sets OMP_NUM_THREADS to the actor's CPUs, checked by a probe actor).
    No Ray, no encoding, no writing. Then `label_seeds` (the same forward passes plus PNG encoding and
    row building) on the first `--encode-samples` seeds, to split model time from encode time.
@@ -144,24 +145,32 @@ def run_bare(args: argparse.Namespace) -> None:
     if device == "cpu":
         torch.set_num_threads(CPUS_PER_ACTOR)
     from factory.backbones import load_backbone
+    from factory.data import prompts
     from factory.decoders.files import load_decoder
-    from factory.recipes.labeling import label_seeds
+    from factory.recipes.labeling import label_seeds, prompts_for
 
     cfg = load(args, args.workdir)
     g = cfg.generate
     t0 = time.perf_counter()
     backbone, decoder = load_backbone(cfg.backbone, device), load_decoder(g.decoder, device)
     load_s = time.perf_counter() - t0
+    texts = None  # a diffusion build's prompts, each seed given its prompt as the build gives it
+    if cfg.backbone.kind == "diffusion":
+        texts = [p.text for p in prompts.resolve(cfg.prompts, cfg.labels.classes, args.workdir)[0]]
     size = (backbone.resolution, backbone.resolution)
+
+    def forward(batch: list[int]) -> None:
+        decoder(backbone(batch, prompts_for(batch, texts, g.start_seed)).features, size)
+
     seeds = list(range(g.start_seed, g.start_seed + g.num_samples))
     batches = [seeds[i : i + g.batch_size] for i in range(0, len(seeds), g.batch_size)]
-    decoder(backbone(batches[0]).features, size)  # warm-up: first-call allocations and kernel choices
+    forward(batches[0])  # warm-up: first-call allocations and kernel choices
     rss_loaded = current_rss()
 
     started = time.time()  # wall clock: the parallel loops' common window is read from these
     t0 = time.perf_counter()
     for batch in batches:
-        decoder(backbone(batch).features, size)
+        forward(batch)
     bare_s = time.perf_counter() - t0
     if args.loop_only:
         print(json.dumps({"samples": len(seeds), "seconds": bare_s, "samples_per_s": len(seeds) / bare_s,
@@ -173,14 +182,14 @@ def run_bare(args: argparse.Namespace) -> None:
     backbone.batch_invariant = True
     t0 = time.perf_counter()
     for i in range(0, len(per_seed_seeds), g.batch_size):
-        decoder(backbone(per_seed_seeds[i : i + g.batch_size]).features, size)
+        forward(per_seed_seeds[i : i + g.batch_size])
     per_seed_s = time.perf_counter() - t0
     backbone.batch_invariant = False
 
     encode_seeds = seeds[: args.encode_samples]
     t0 = time.perf_counter()
     for i in range(0, len(encode_seeds), g.batch_size):
-        label_seeds(backbone, decoder, encode_seeds[i : i + g.batch_size], 0, cfg, "bench")
+        label_seeds(backbone, decoder, encode_seeds[i : i + g.batch_size], 0, cfg, "bench", texts)
     encode_s = time.perf_counter() - t0
     print(json.dumps({
         "threads": torch.get_num_threads(),
