@@ -4,10 +4,11 @@ Three measurements in one run, on the same models (the config's backbone and an 
 decoder saved the way `factory train` publishes one; throughput does not depend on training) and the
 same seeds (`generate.start_seed` on):
 
-1. bare loop: `backbone(seeds)` then `decoder(features, (res, res))` in batches of
-   `generate.batch_size` (a diffusion backbone, `backbone.kind=diffusion decoder.kind=perception`,
-   gets each seed's prompt as the build gives it), in a fresh subprocess with torch on 1 thread (what one actor with
-   `cpus_per_actor=1` gets: Ray sets OMP_NUM_THREADS to the actor's CPUs, checked by a probe actor).
+1. bare loop: `backbone(seeds)` then `decoder(features, (res, res))` under `torch.inference_mode`
+   (as the build runs them) in batches of `generate.batch_size` (a diffusion backbone,
+   `backbone.kind=diffusion decoder.kind=perception`, gets each seed's prompt as the build gives
+   it), in a fresh subprocess with torch on 1 thread (what one actor with `cpus_per_actor=1` gets:
+   Ray sets OMP_NUM_THREADS to the actor's CPUs, checked by a probe actor).
    No Ray, no encoding, no writing. Then `label_seeds` (the same forward passes plus PNG encoding and
    row building) on the first `--encode-samples` seeds, to split model time from encode time.
 2. full build: `factory.recipes.generate.generate(cfg)` (the calibration pass staging the first
@@ -159,8 +160,9 @@ def run_bare(args: argparse.Namespace) -> None:
         texts = [p.text for p in prompts.resolve(cfg.prompts, cfg.labels.classes, args.workdir)[0]]
     size = (backbone.resolution, backbone.resolution)
 
-    def forward(batch: list[int]) -> None:
-        decoder(backbone(batch, prompts_for(batch, texts, g.start_seed)).features, size)
+    def forward(batch: list[int]) -> None:  # under inference_mode, as the build's forward passes run
+        with torch.inference_mode():
+            decoder(backbone(batch, prompts_for(batch, texts, g.start_seed)).features, size)
 
     seeds = list(range(g.start_seed, g.start_seed + g.num_samples))
     batches = [seeds[i : i + g.batch_size] for i in range(0, len(seeds), g.batch_size)]
