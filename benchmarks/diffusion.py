@@ -291,6 +291,12 @@ class Phases:
     def run(self, phase: str, seeds: list[int]):
         import torch
 
+        with torch.inference_mode():  # every phase alike: the build's forward passes run under it
+            return self._run(phase, seeds)
+
+    def _run(self, phase: str, seeds: list[int]):
+        import torch
+
         if phase == "bare":
             return self.pipe(
                 prompt=self.prompts(seeds), num_inference_steps=self.steps, guidance_scale=self.guidance,
