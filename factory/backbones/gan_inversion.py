@@ -4,11 +4,12 @@ fitted on generated images can label real photos and be scored against their gro
 The method is the optimisation-based projection of Image2StyleGAN (Abdal et al., 2019) in the
 extended latent space W+ (one w per synthesis layer), started from the generator's average w as
 StyleGAN2's own projector starts: Adam on W+ against a pixel loss at full and half resolution, with
-a small pull towards w_avg, the learning rate cosine-decayed to zero. (W+ can redraw an image closely
-with latents the mapping network never produces, so a decoder may read such features less well than
-those of the generator's own samples: the quality benchmark measures it.) The per-layer noise is fixed during the fit (the backbone's noise rule
-applied to the given seeds), so a projection is a function of (weights, image, seed, settings, batch)
-and runs the same on every call; nothing is decoded by any other model.
+a small pull towards w_avg, the learning rate cosine-decayed to zero. (W+ can redraw an image
+closely with latents the mapping network never produces, so a decoder may read such features less
+well than those of the generator's own samples: the quality benchmark measures it.) The per-layer
+noise is fixed during the fit (the backbone's noise rule applied to the given seeds), so a
+projection is a function of (weights, image, seed, settings, batch) and runs the same on every call;
+nothing is decoded by any other model.
 """
 
 from __future__ import annotations
