@@ -15,11 +15,19 @@ same seeds (`generate.start_seed` on):
    shards, Ray Data actor pools, encoding on threads beside the model, shard writers, upload) into a
    loopback S3 server (moto's server, in its own process; `--storage local`: a local folder, the
    embedded default's storage, without the server's CPU on the same cores) on a local Ray cluster
-   started by `factory.runtime.init_ray` with 4 logical CPUs, once with 1 actor and once with 2
-   (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the whole `generate()` call, the
-   calibration pass included (it makes the first shards' samples, which the build then finishes
-   instead of computing again). samples/s counts generated seeds (kept + dropped), as the bare loop
-   does. Goals (issue 17): full build with 1 actor >= 0.90 of the bare loop, 2 actors >= 1.8 of 1.
+   started by `factory.runtime.init_ray` with 4 logical CPUs, once
+   with each actor count (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the whole
+   `generate()` call, the calibration pass included (it makes the first shards' samples, which the
+   build then finishes instead of computing again). samples/s counts generated seeds (kept +
+   dropped), as the bare loop does. Beside it, per actor, "in shards": samples per second of the
+   time the actor spent making shards (without the pool's start-up, the driver's preparation and
+   the final publish).
+   Rounds: this machine's speed drifts by 15-20% between consecutive runs of the same loop, so a
+   round is (the bare loop alone in a fresh process, then one build per actor count), one after the
+   other; `--repeats` rounds run, each round's ratios pair a build with the bare loop run just
+   before it, and the result is the median of each ratio over the rounds.
+   Goals (issue 17), on the medians: full build with 1 actor >= 0.90 of the bare loop, 2 actors
+   >= 1.8 of 1.
 3. memory: the bare subprocess's peak RSS (ru_maxrss); during each build, a background thread samples
    (every `--sample-interval` s) the RSS and CPU time of this driver process (which also hosts the S3
    server and its in-memory objects) and of every descendant process, grouped by process title: the
@@ -29,7 +37,8 @@ same seeds (`generate.start_seed` on):
    overstate the total.
 
     python benchmarks/generate.py [--samples 4000] [--shard-size 500] [--batch-size 16]
-        [--formats parquet,webdataset] [--storage s3|local] [--out benchmarks/results/generate.json] [--quick] [key=value ...]
+        [--formats parquet,webdataset] [--storage s3|local] [--repeats 3] [--out benchmarks/results/generate.json]
+        [--quick] [key=value ...]
 
 Trailing `key=value` arguments override the config for every measurement (e.g. decoder.num_heads=3).
 `--quick` runs tiny numbers to check that the script works (under a minute).
@@ -74,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/generate.json")
     p.add_argument("--quick", action="store_true", help="tiny numbers: check that the script runs")
     p.add_argument("--actors", default="1,2", help="actor counts to build with, compared with the first")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of (bare loop, one build per actor count), one after the other: each round's "
+                        "ratios are paired, and the medians over rounds are the result")
     p.add_argument("--gpus-per-actor", type=float, default=0.0,
                    help="on a GPU machine: 1 gives each actor a GPU (e.g. --actors 1,8 on 8 GPUs)")
     p.add_argument("--memory-samples", type=int, default=0,
@@ -88,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.samples, args.shard_size, args.encode_samples = 48, 16, 16
         args.batch_size = args.batch_size or 8
         args.calibration_samples = args.calibration_samples or 16
+        args.repeats = 1
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
 
 
@@ -223,6 +238,14 @@ def bare_in_subprocess(args: argparse.Namespace, workdir: str) -> dict:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["cpu_s_used_by_other_processes"] = other_cpu(busy, own, busy_cpu_seconds(), children_cpu_seconds())
     return result
+
+
+def bare_loop_only(args: argparse.Namespace, workdir: str) -> dict:
+    """The bare loop alone (no per-seed or encode passes) in a fresh process: one round's reference."""
+    cmd = bare_command(args, workdir)
+    cmd.insert(2, "--loop-only")
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bare_in_parallel(args: argparse.Namespace, workdir: str, processes: int, one: dict) -> dict:
@@ -408,6 +431,7 @@ def run_build(args: argparse.Namespace, workdir: str, endpoint: str | None, num_
     calibration_s = manifest["calibration"]["seconds"] if manifest["calibration"] else 0.0
     generated = manifest["num_generated"]
     summary = shard_summary(manifest)
+    busy_s = summary["sum_total_s"] + summary["sum_finish_staged_s"]
     return {
         "num_actors": num_actors,
         "output": output,
@@ -420,7 +444,11 @@ def run_build(args: argparse.Namespace, workdir: str, endpoint: str | None, num_
         "calibration_samples": manifest["calibration"]["num_scored"] if manifest["calibration"] else 0,
         "samples_per_s": generated / wall,
         # the share of the build's wall time the actors spent making shards (staged ones included)
-        "actor_busy_fraction": round((summary["sum_total_s"] + summary["sum_finish_staged_s"]) / (num_actors * wall), 4),
+        "actor_busy_fraction": round(busy_s / (num_actors * wall), 4),
+        # samples per second of one actor's shard-making time: the per-sample cost without start-up
+        "in_shards_samples_per_actor_s": generated / busy_s,
+        # wall time no actor spent in a shard, per actor: pool start-up, driver preparation, the card
+        "outside_shards_s": round(wall - busy_s / num_actors, 3),
         "shard_timings": summary,
         "memory_and_cpu": memory,
         "machine_busy_cpu_s": None if busy is None else round(busy_end - busy, 2),
@@ -428,6 +456,20 @@ def run_build(args: argparse.Namespace, workdir: str, endpoint: str | None, num_
         "cpu_s_used_by_other_processes": None if busy is None else round(
             max(0.0, busy_end - busy - sum(memory["cpu_s"].values())), 2),
     }
+
+
+def round_ratios(loop: dict, builds: list[dict]) -> dict[str, float]:
+    """One round's paired ratios: each build against the bare loop run just before it (whole build,
+    and inside shards: samples per second of actor time spent making shards, i.e. without start-up,
+    calibration bookkeeping and publishing), and each actor count against the first."""
+    one, out = builds[0], {}
+    for b in builds:
+        n = b["num_actors"]
+        out[f"full_{n}_actors_over_bare"] = b["samples_per_s"] / loop["samples_per_s"]
+        out[f"in_shards_{n}_actors_over_bare"] = b["in_shards_samples_per_actor_s"] / loop["samples_per_s"]
+    for b in builds[1:]:
+        out[f"{b['num_actors']}_actors_over_{one['num_actors']}"] = b["samples_per_s"] / one["samples_per_s"]
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -451,21 +493,25 @@ def print_report(report: dict) -> None:
     ps = bare["per_seed"]
     print(f"{'per-seed mode (batch_invariant)':<30} {ps['samples']:>7} {ps['seconds']:>7.1f} {'-':>7} "
           f"{ps['samples_per_s']:>9.1f} {'(same process)':>20}")
-    for b in builds:
-        peaks = b["memory_and_cpu"]["peak_rss_bytes"]
-        mem = f"{peaks['total'] / MIB:.0f} ({peaks['pool_actors'] / MIB:.0f} actors)"
-        print(f"{'full build, ' + str(b['num_actors']) + ' actor' + 's' * (b['num_actors'] > 1):<30} "
-              f"{b['samples']:>7} {b['wall_s']:>7.1f} {b['calibration_s']:>7.1f} "
-              f"{b['samples_per_s']:>9.1f} {mem:>20}")
+    for rnd in report["rounds"]:
+        print(f"{'round ' + str(rnd['round']) + ': bare loop':<30} {s['samples']:>7} {rnd['bare_seconds']:>7.1f} {'-':>7} "
+              f"{rnd['bare_samples_per_s']:>9.1f} {'-':>20}")
+        for b in rnd["builds"]:
+            peaks = b["memory_and_cpu"]["peak_rss_bytes"]
+            mem = f"{peaks['total'] / MIB:.0f} ({peaks['pool_actors'] / MIB:.0f} actors)"
+            print(f"{'round ' + str(rnd['round']) + ': full build, ' + str(b['num_actors']) + ' actor' + 's' * (b['num_actors'] > 1):<30} "
+                  f"{b['samples']:>7} {b['wall_s']:>7.1f} {b['calibration_s']:>7.1f} "
+                  f"{b['samples_per_s']:>9.1f} {mem:>20}")
+        print("  ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in rnd["ratios"].items()))
     r = report["ratios"]
-    print("ratios (samples/s): " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
-    print("goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["goals_met"].items()))
+    print(f"median over {len(report['rounds'])} round(s): " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+    print("goals (medians): " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["goals_met"].items()))
     for b in builds:
         t, cpu = b["shard_timings"], b["memory_and_cpu"]["cpu_s"]
-        print(f"{b['num_actors']} actor(s): per-shard sums model {t['sum_model_s']:.1f} s, waiting for encoding "
+        print(f"round {b['round']}, {b['num_actors']} actor(s): per-shard sums model {t['sum_model_s']:.1f} s, waiting for encoding "
               f"{t['sum_encode_wait_s']:.1f} s, write {t['sum_write_s']:.1f} s, publish {t['sum_publish_s']:.1f} s, "
               f"finishing staged {t['sum_finish_staged_s']:.1f} s; model {100 * t['model_fraction']:.0f}% of shard "
-              f"time; actors busy {100 * b['actor_busy_fraction']:.0f}% of the build; CPU-s: pool actors "
+              f"time; outside shards {b['outside_shards_s']:.1f} s per actor; CPU-s: pool actors "
               f"{cpu['pool_actors']:.1f}, driver {cpu['driver']:.1f}, S3 server {cpu['s3_server']:.1f}, rest of Ray {cpu['ray_other']:.1f}, other "
               f"processes {b['cpu_s_used_by_other_processes']}")
     m = report.get("memory_build")
@@ -523,10 +569,16 @@ def main(argv: list[str] | None = None) -> None:
                 # cluster's first dataset, which would otherwise fall on the first measured build only.
                 run_build(args, workdir, endpoint, 1, sampler, ("generate.num_samples=16", "generate.shard_size=16",
                                                                 "generate.calibration_samples=16"), "warm-up")
-                builds = []
-                for n in actor_counts(args):
-                    print(f"full build: {n} actor(s) ...", flush=True)
-                    builds.append(run_build(args, workdir, endpoint, n, sampler))
+                rounds = []
+                for r in range(1, args.repeats + 1):
+                    print(f"round {r} of {args.repeats}: bare loop ...", flush=True)
+                    loop = bare_loop_only(args, workdir)
+                    builds = []
+                    for n in actor_counts(args):
+                        print(f"round {r} of {args.repeats}: full build, {n} actor(s) ...", flush=True)
+                        builds.append({"round": r, **run_build(args, workdir, endpoint, n, sampler, tag=f"round{r}")})
+                    rounds.append({"round": r, "bare_samples_per_s": loop["samples_per_s"], "bare_seconds": loop["seconds"],
+                                   "builds": builds, "ratios": round_ratios(loop, builds)})
                 memory_build = None
                 if args.memory_samples:
                     print(f"memory build: {args.memory_samples} seeds, 2 actors ...", flush=True)
@@ -536,18 +588,14 @@ def main(argv: list[str] | None = None) -> None:
                 sampler.stop()
                 ray.shutdown()
 
-    one = builds[0]
-    ratios = {f"full_{b['num_actors']}_actors_over_bare": b["samples_per_s"] / bare["samples_per_s"] for b in builds}
-    ratios.update({f"{b['num_actors']}_actors_over_{one['num_actors']}": b["samples_per_s"] / one["samples_per_s"]
-                   for b in builds[1:]})
+    ratios = {key: statistics.median(r["ratios"][key] for r in rounds) for key in rounds[0]["ratios"]}
     parallel = bare.get("parallel")
-    if parallel:  # the machine's ceiling for the most actors, and how much of it the build reached
-        top = max(builds, key=lambda b: b["num_actors"])
+    if parallel:  # the machine's ceiling for the most actors, and how much of it the builds reached
+        top, first = max(actor_counts(args)), actor_counts(args)[0]
         ratios[f"{parallel['processes']}_bare_processes_over_1"] = parallel["over_one"]
-        ratios[f"{top['num_actors']}_actors_over_{one['num_actors']}_of_ceiling"] = (
-            top["samples_per_s"] / one["samples_per_s"]) / parallel["over_one"]
-    goals = {"full_1_actors_over_bare >= 0.90": ratios.get("full_1_actors_over_bare", 0) >= 0.90,
-             "2_actors_over_1 >= 1.8": ratios.get("2_actors_over_1", 0) >= 1.8}
+        ratios[f"{top}_actors_over_{first}_of_ceiling"] = ratios[f"{top}_actors_over_{first}"] / parallel["over_one"]
+    targets = {"full_1_actors_over_bare": 0.90, "2_actors_over_1": 1.8}  # issue 17's, where measured
+    goals = {f"{key} >= {target}": ratios[key] >= target for key, target in targets.items() if key in ratios}
     g = cfg.generate
     report = {
         "benchmark": "generate",
@@ -562,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
             "samples": g.num_samples, "shard_size": g.shard_size, "batch_size": g.batch_size,
             "formats": list(g.formats), "calibration_samples": g.calibration_samples,
             "drop_uncertain": g.drop_uncertain, "start_seed": g.start_seed, "cpus_per_actor": g.cpus_per_actor,
-            "actor_counts": actor_counts(args), "gpus_per_actor": args.gpus_per_actor, "ray_num_cpus": RAY_NUM_CPUS, "actor_torch_threads": threads_in_actor,
+            "actor_counts": actor_counts(args), "repeats": args.repeats, "gpus_per_actor": args.gpus_per_actor, "ray_num_cpus": RAY_NUM_CPUS, "actor_torch_threads": threads_in_actor,
             "bare_torch_threads": bare["threads"], "encode_samples": args.encode_samples, "quick": args.quick,
             "overrides": list(args.overrides), "resolution": bare["resolution"],
             "decoder_heads": cfg.decoder.num_heads, "storage": ("moto server on 127.0.0.1 (its own process)" if args.storage == "s3"
@@ -572,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "bare_loop": bare,
         "ray_idle": idle,
-        "builds": builds,
+        "rounds": rounds,
+        "builds": [b for r in rounds for b in r["builds"]],
         "memory_build": memory_build,
         "ratios": ratios,
         "goals_met": goals,

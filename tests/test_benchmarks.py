@@ -49,3 +49,22 @@ def test_realistic_diffusion_benchmark_smoke_runs_the_flux_sized_code(tmp_path):
     assert s["parameters"]["transformer"] > 0 and s["parameters"]["text_encoder_2"] > 0
     assert report["checks"]["max_abs_diff_bare_vs_backbone_images"] == 0
     assert all(report["phases"][p]["samples_per_s"] > 0 for p in ("bare", "backbone", "backbone_decoder", "labeled"))
+
+
+@pytest.mark.slow
+def test_generate_benchmark_quick_run_pairs_builds_with_bare_loops_on_the_diffusion_path(tmp_path):
+    """`generate.py --quick` with the diffusion path's overrides: the bare loop (each seed given its
+    build prompt), the build on a local Ray cluster of its own, a round's ratios paired and reported."""
+    out = tmp_path / "generate.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "generate.py"), "--quick", "--storage", "local",
+                    "--actors", "1", "--out", str(out), "backbone.kind=diffusion", "decoder.kind=perception",
+                    "backbone.weights=pkg://toy_diffusion", "backbone.diffusion.resolution=32"],
+                   check=True, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    report = json.loads(out.read_text())
+    assert report["settings"]["backbone"]["kind"] == "diffusion" and report["settings"]["repeats"] == 1
+    (only,) = report["rounds"]
+    (build,) = only["builds"]
+    assert build["samples"] == report["bare_loop"]["samples"] == 48 and build["bytes"] > 0
+    assert only["ratios"]["full_1_actors_over_bare"] == pytest.approx(build["samples_per_s"] / only["bare_samples_per_s"])
+    assert 0 < build["outside_shards_s"] < build["wall_s"]
+    assert report["ratios"] == only["ratios"] and list(report["goals_met"]) == ["full_1_actors_over_bare >= 0.9"]
