@@ -15,13 +15,12 @@ same seeds (`generate.start_seed` on):
    shards, Ray Data actor pools, encoding on threads beside the model, shard writers, upload) into a
    loopback S3 server (moto's server, in its own process; `--storage local`: a local folder, the
    embedded default's storage, without the server's CPU on the same cores) on a local Ray cluster
-   started by `factory.runtime.init_ray` with 4 logical CPUs, once
-   with each actor count (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the whole
-   `generate()` call, the calibration pass included (it makes the first shards' samples, which the
-   build then finishes instead of computing again). samples/s counts generated seeds (kept +
-   dropped), as the bare loop does. Beside it, per actor, "in shards": samples per second of the
-   time the actor spent making shards (without the pool's start-up, the driver's preparation and
-   the final publish).
+   started by `factory.runtime.init_ray` with 4 logical CPUs, once with each actor count
+   (`cpus_per_actor=1`), each into a fresh prefix. Wall time is the whole `generate()` call, the
+   calibration pass included (it makes the first shards' samples, which the build then finishes
+   instead of computing again). samples/s counts generated seeds (kept + dropped), as the bare loop
+   does. Beside it, per actor, "in shards": samples per second of the time the actor spent making
+   shards (without the pool's start-up, the driver's preparation and the final publish).
    Rounds: this machine's speed drifts by 15-20% between consecutive runs of the same loop, so a
    round is (the bare loop alone in a fresh process, then one build per actor count), one after the
    other; `--repeats` rounds run, each round's ratios pair a build with the bare loop run just

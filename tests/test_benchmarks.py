@@ -1,5 +1,6 @@
-"""The prepared GPU benchmark runs: CI has no GPU, so its `--smoke` mode (toy sizes, any device) is
-run here, so the script a GPU session runs once is known to work end to end."""
+"""The benchmarks run: CI has no GPU, so the prepared GPU benchmarks' `--smoke` modes (toy sizes, any
+device) run here, so the scripts a GPU session runs once are known to work end to end; the codec
+comparison and the generate benchmark (`--quick`) run too."""
 
 import json
 import os
