@@ -221,8 +221,9 @@ def run_bare(args: argparse.Namespace) -> None:
     }))
 
 
-def bare_command(args: argparse.Namespace, workdir: str) -> list[str]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--bare", "--workdir", workdir,
+def bare_command(args: argparse.Namespace, workdir: str, loop_only: bool = False) -> list[str]:
+    """The command of a bare-loop subprocess; `loop_only`: the loop alone, no per-seed or encode passes."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--bare", *(["--loop-only"] if loop_only else []), "--workdir", workdir,
            "--samples", str(args.samples), "--shard-size", str(args.shard_size), "--formats", args.formats,
            "--encode-samples", str(args.encode_samples), "--gpus-per-actor", str(args.gpus_per_actor)]
     for flag, value in (("--batch-size", args.batch_size), ("--calibration-samples", args.calibration_samples)):
@@ -241,9 +242,7 @@ def bare_in_subprocess(args: argparse.Namespace, workdir: str) -> dict:
 
 def bare_loop_only(args: argparse.Namespace, workdir: str) -> dict:
     """The bare loop alone (no per-seed or encode passes) in a fresh process: one round's reference."""
-    cmd = bare_command(args, workdir)
-    cmd.insert(2, "--loop-only")
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(bare_command(args, workdir, loop_only=True), check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -253,8 +252,7 @@ def bare_in_parallel(args: argparse.Namespace, workdir: str, processes: int, one
     loop's start to the last one's end, against one bare loop's samples/s. The most an N-actor build
     could reach here with nothing else running: the cores' shared caches, memory bandwidth and clock
     are in it, the factory's own work (Ray, the driver, encoding, storage) is not."""
-    cmd = bare_command(args, workdir)
-    cmd.insert(2, "--loop-only")
+    cmd = bare_command(args, workdir, loop_only=True)
     running = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     results = []
     for proc in running:
