@@ -22,9 +22,11 @@ same seeds (`generate.start_seed` on):
    does. Beside it, per actor, "in shards": samples per second of the time the actor spent making
    shards (without the pool's start-up, the driver's preparation and the final publish).
    Rounds: this machine's speed drifts by 15-20% between consecutive runs of the same loop, so a
-   round is (the bare loop alone in a fresh process, then one build per actor count), one after the
-   other; `--repeats` rounds run, each round's ratios pair a build with the bare loop run just
-   before it, and the result is the median of each ratio over the rounds.
+   round is (the bare loop alone in a fresh process; with more than one actor count, the machine's
+   ceiling for the most actors N: N bare loops in N processes at once; then one build per actor
+   count), one after the other; `--repeats` rounds run, each round's ratios pair a build with the
+   bare loop and the ceiling run just before it, and the result is the median of each ratio over
+   the rounds.
    Goals (issue 17), on the medians: full build with 1 actor >= 0.90 of the bare loop, 2 actors
    >= 1.8 of 1.
 3. memory: the bare subprocess's peak RSS (ru_maxrss); during each build, a background thread samples
@@ -62,6 +64,7 @@ from dataclasses import asdict
 from machine import FAKE_AWS, busy_cpu_seconds, git_revision, loopback_s3, write_results  # noqa: E402  (benchmarks/machine.py)
 
 CPUS_PER_ACTOR = 1
+VARIANTS = ("channels_last", "compile")  # the backbone's opt-in speed-ups (`Backbone.accelerate`)
 RAY_NUM_CPUS = 4
 BUCKET = "bench"
 MIB = 2**20
@@ -90,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-samples", type=int, default=0,
                    help="after the timed builds, one build of this many seeds (2 actors) whose driver and actor "
                         "memory is reported per quarter of the run: flat means it does not grow with samples")
+    p.add_argument("--variants", default="",
+                   help="comma-separated opt-in speed-ups to time in the bare process against the eager loop on "
+                        "the same --encode-samples seeds: channels_last, compile (generate.channels_last / "
+                        "generate.compile; compile's first batch, which compiles, is reported apart)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides for every measurement")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)  # internal: the bare loop
     p.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)  # internal: the bare loop alone
@@ -102,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats = 1
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     return args
 
 
@@ -174,9 +185,11 @@ def run_bare(args: argparse.Namespace) -> None:
         texts = [p.text for p in prompts.resolve(cfg.prompts, cfg.labels.classes, args.workdir)[0]]
     size = (backbone.resolution, backbone.resolution)
 
-    def forward(batch: list[int]) -> None:  # under inference_mode, as the build's forward passes run
+    def forward(batch: list[int], model=backbone):  # under inference_mode, as the build's forward passes run
         with torch.inference_mode():
-            decoder(backbone(batch, prompts_for(batch, texts, g.start_seed)).features, size)
+            out = model(batch, prompts_for(batch, texts, g.start_seed))
+            decoder(out.features, size)
+            return out.images
 
     seeds = list(range(g.start_seed, g.start_seed + g.num_samples))
     batches = [seeds[i : i + g.batch_size] for i in range(0, len(seeds), g.batch_size)]
@@ -207,6 +220,27 @@ def run_bare(args: argparse.Namespace) -> None:
     for i in range(0, len(encode_seeds), g.batch_size):
         label_seeds(backbone, decoder, encode_seeds[i : i + g.batch_size], 0, cfg, "bench", texts)
     encode_s = time.perf_counter() - t0
+
+    # Opt-in speed-ups, each on a fresh backbone, against the eager loop timed just before it.
+    variants = {}
+    variant_batches = [b for b in batches if b[0] in set(encode_seeds)]
+    for flag in args.variants:
+        accelerated = load_backbone(cfg.backbone, device)
+        accelerated.accelerate(**{flag: True})
+        t0 = time.perf_counter()
+        images = forward(batches[0], accelerated)  # compiles, for compile
+        first_s = time.perf_counter() - t0
+        diff = int((images.int() - forward(batches[0]).int()).abs().max())
+        timed = {}
+        for name, model in (("eager", backbone), (flag, accelerated)):
+            t0 = time.perf_counter()
+            for batch in variant_batches:
+                forward(batch, model)
+            timed[name] = sum(len(b) for b in variant_batches) / (time.perf_counter() - t0)
+        variants[flag] = {"first_batch_s": round(first_s, 3), "samples_per_s": timed[flag],
+                          "eager_samples_per_s": timed["eager"], "over_eager": timed[flag] / timed["eager"],
+                          "max_abs_image_diff_vs_eager": diff}
+        del accelerated
     print(json.dumps({
         "threads": torch.get_num_threads(),
         "resolution": backbone.resolution,
@@ -217,6 +251,7 @@ def run_bare(args: argparse.Namespace) -> None:
                      "batched_over_per_seed": (len(seeds) / bare_s) / (len(per_seed_seeds) / per_seed_s)},
         "label_seeds": {"samples": len(encode_seeds), "seconds": encode_s,
                         "samples_per_s": len(encode_seeds) / encode_s},
+        "variants": variants,
         "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss(),
     }))
 
@@ -226,6 +261,8 @@ def bare_command(args: argparse.Namespace, workdir: str, loop_only: bool = False
     cmd = [sys.executable, os.path.abspath(__file__), "--bare", *(["--loop-only"] if loop_only else []), "--workdir", workdir,
            "--samples", str(args.samples), "--shard-size", str(args.shard_size), "--formats", args.formats,
            "--encode-samples", str(args.encode_samples), "--gpus-per-actor", str(args.gpus_per_actor)]
+    if args.variants and not loop_only:
+        cmd += ["--variants", ",".join(args.variants)]
     for flag, value in (("--batch-size", args.batch_size), ("--calibration-samples", args.calibration_samples)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -455,10 +492,12 @@ def run_build(args: argparse.Namespace, workdir: str, endpoint: str | None, num_
     }
 
 
-def round_ratios(loop: dict, builds: list[dict]) -> dict[str, float]:
+def round_ratios(loop: dict, builds: list[dict], ceiling: dict | None = None) -> dict[str, float]:
     """One round's paired ratios: each build against the bare loop run just before it (whole build,
     and inside shards: samples per second of actor time spent making shards, i.e. without start-up,
-    calibration bookkeeping and publishing), and each actor count against the first."""
+    calibration bookkeeping and publishing), each actor count against the first, and, with the
+    round's `ceiling` (N bare loops at once, `bare_in_parallel`), what N loops reached over one and
+    the share of that the N-actor build reached."""
     one, out = builds[0], {}
     for b in builds:
         n = b["num_actors"]
@@ -466,6 +505,11 @@ def round_ratios(loop: dict, builds: list[dict]) -> dict[str, float]:
         out[f"in_shards_{n}_actors_over_bare"] = b["in_shards_samples_per_actor_s"] / loop["samples_per_s"]
     for b in builds[1:]:
         out[f"{b['num_actors']}_actors_over_{one['num_actors']}"] = b["samples_per_s"] / one["samples_per_s"]
+    top = next((b for b in builds if ceiling and b["num_actors"] == ceiling["processes"] and b is not one), None)
+    if top is not None:
+        out[f"{ceiling['processes']}_bare_processes_over_1"] = ceiling["over_one"]
+        scaling = out[f"{top['num_actors']}_actors_over_{one['num_actors']}"]
+        out[f"{top['num_actors']}_actors_over_{one['num_actors']}_of_ceiling"] = scaling / ceiling["over_one"]
     return out
 
 
@@ -483,16 +527,17 @@ def print_report(report: dict) -> None:
           f"{bare['samples_per_s']:>9.1f} {bare['peak_rss_bytes'] / MIB:>20.0f}")
     print(f"{'label_seeds: + encode, 1 thread':<30} {enc['samples']:>7} {enc['seconds']:>7.1f} {'-':>7} "
           f"{enc['samples_per_s']:>9.1f} {'(same process)':>20}")
-    par = bare.get("parallel")
-    if par:
-        print(f"{str(par['processes']) + ' bare loops at once':<30} {par['processes'] * bare['samples']:>7} {'-':>7} {'-':>7} "
-              f"{par['samples_per_s_total']:>9.1f} {'(one process each)':>20}")
     ps = bare["per_seed"]
     print(f"{'per-seed mode (batch_invariant)':<30} {ps['samples']:>7} {ps['seconds']:>7.1f} {'-':>7} "
           f"{ps['samples_per_s']:>9.1f} {'(same process)':>20}")
     for rnd in report["rounds"]:
         print(f"{'round ' + str(rnd['round']) + ': bare loop':<30} {s['samples']:>7} {rnd['bare_seconds']:>7.1f} {'-':>7} "
               f"{rnd['bare_samples_per_s']:>9.1f} {'-':>20}")
+        par = rnd["parallel"]
+        if par:
+            print(f"{'round ' + str(rnd['round']) + ': ' + str(par['processes']) + ' bare loops at once':<30} "
+                  f"{par['processes'] * s['samples']:>7} {par['window_s']:>7.1f} {'-':>7} "
+                  f"{par['samples_per_s_total']:>9.1f} {'(one process each)':>20}")
         for b in rnd["builds"]:
             peaks = b["memory_and_cpu"]["peak_rss_bytes"]
             mem = f"{peaks['total'] / MIB:.0f} ({peaks['pool_actors'] / MIB:.0f} actors)"
@@ -517,6 +562,10 @@ def print_report(report: dict) -> None:
               "quarter of the run: " + "; ".join(
                   f"driver {q['driver_peak_rss_bytes'] / MIB:.0f}, largest actor {q['largest_actor_peak_rss_bytes'] / MIB:.0f}"
                   for q in m["memory_and_cpu"]["by_quarter_of_the_run"]))
+    for flag, v in bare["variants"].items():
+        print(f"variant {flag} (bare loop, {enc['samples']} seeds): {v['samples_per_s']:.1f} samples/s against "
+              f"{v['eager_samples_per_s']:.1f} eager just before ({v['over_eager']:.2f}x); first batch "
+              f"{v['first_batch_s']:.1f} s; images differ from eager by at most {v['max_abs_image_diff_vs_eager']}")
     print(f"bare loop: other processes used {bare['cpu_s_used_by_other_processes']} CPU-s while it ran")
     print("peak RSS: bare = the bare subprocess's ru_maxrss; builds = sampled sum over the driver, the S3 "
           "server and all Ray processes, shared pages counted per process; (actors) = the pools' actors")
@@ -545,9 +594,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bare loop: {args.samples} seeds ...", flush=True)
         bare = bare_in_subprocess(args, workdir)
         most = max(actor_counts(args))
-        if most > 1:
-            print(f"bare loops: {most} processes at once ...", flush=True)
-            bare["parallel"] = bare_in_parallel(args, workdir, most, bare)
 
         # 2. Loopback S3 (or a local folder), Ray, then one build per actor count.
         with loopback_s3(BUCKET) if args.storage == "s3" else contextlib.nullcontext() as endpoint:
@@ -570,12 +616,16 @@ def main(argv: list[str] | None = None) -> None:
                 for r in range(1, args.repeats + 1):
                     print(f"round {r} of {args.repeats}: bare loop ...", flush=True)
                     loop = bare_loop_only(args, workdir)
+                    ceiling = None
+                    if most > 1:
+                        print(f"round {r} of {args.repeats}: {most} bare loops at once ...", flush=True)
+                        ceiling = bare_in_parallel(args, workdir, most, loop)
                     builds = []
                     for n in actor_counts(args):
                         print(f"round {r} of {args.repeats}: full build, {n} actor(s) ...", flush=True)
                         builds.append({"round": r, **run_build(args, workdir, endpoint, n, sampler, tag=f"round{r}")})
                     rounds.append({"round": r, "bare_samples_per_s": loop["samples_per_s"], "bare_seconds": loop["seconds"],
-                                   "builds": builds, "ratios": round_ratios(loop, builds)})
+                                   "parallel": ceiling, "builds": builds, "ratios": round_ratios(loop, builds, ceiling)})
                 memory_build = None
                 if args.memory_samples:
                     print(f"memory build: {args.memory_samples} seeds, 2 actors ...", flush=True)
@@ -586,11 +636,6 @@ def main(argv: list[str] | None = None) -> None:
                 ray.shutdown()
 
     ratios = {key: statistics.median(r["ratios"][key] for r in rounds) for key in rounds[0]["ratios"]}
-    parallel = bare.get("parallel")
-    if parallel:  # the machine's ceiling for the most actors, and how much of it the builds reached
-        top, first = max(actor_counts(args)), actor_counts(args)[0]
-        ratios[f"{parallel['processes']}_bare_processes_over_1"] = parallel["over_one"]
-        ratios[f"{top}_actors_over_{first}_of_ceiling"] = ratios[f"{top}_actors_over_{first}"] / parallel["over_one"]
     targets = {"full_1_actors_over_bare": 0.90, "2_actors_over_1": 1.8}  # issue 17's, where measured
     goals = {f"{key} >= {target}": ratios[key] >= target for key, target in targets.items() if key in ratios}
     g = cfg.generate

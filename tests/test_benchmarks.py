@@ -55,10 +55,12 @@ def test_realistic_diffusion_benchmark_smoke_runs_the_flux_sized_code(tmp_path):
 @pytest.mark.slow
 def test_generate_benchmark_quick_run_pairs_builds_with_bare_loops_on_the_diffusion_path(tmp_path):
     """`generate.py --quick` with the diffusion path's overrides: the bare loop (each seed given its
-    build prompt), the build on a local Ray cluster of its own, a round's ratios paired and reported."""
+    build prompt), the build on a local Ray cluster of its own, a round's ratios paired and reported,
+    and an opt-in speed-up (`--variants`) timed against the eager loop."""
     out = tmp_path / "generate.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "generate.py"), "--quick", "--storage", "local",
-                    "--actors", "1", "--out", str(out), "backbone.kind=diffusion", "decoder.kind=perception",
+                    "--actors", "1", "--variants", "channels_last", "--out", str(out),
+                    "backbone.kind=diffusion", "decoder.kind=perception",
                     "backbone.weights=pkg://toy_diffusion", "backbone.diffusion.resolution=32"],
                    check=True, capture_output=True, text=True, timeout=600, cwd=ROOT)
     report = json.loads(out.read_text())
@@ -69,3 +71,28 @@ def test_generate_benchmark_quick_run_pairs_builds_with_bare_loops_on_the_diffus
     assert only["ratios"]["full_1_actors_over_bare"] == pytest.approx(build["samples_per_s"] / only["bare_samples_per_s"])
     assert 0 < build["outside_shards_s"] < build["wall_s"]
     assert report["ratios"] == only["ratios"] and list(report["goals_met"]) == ["full_1_actors_over_bare >= 0.9"]
+    (variant,) = report["bare_loop"]["variants"].values()  # timed against the eager loop on the same seeds
+    assert list(report["bare_loop"]["variants"]) == ["channels_last"]
+    assert variant["samples_per_s"] > 0 and variant["over_eager"] == pytest.approx(
+        variant["samples_per_s"] / variant["eager_samples_per_s"])
+    assert variant["max_abs_image_diff_vs_eager"] <= 255
+
+
+def test_generate_benchmark_pairs_each_round_with_its_own_ceiling():
+    """A round's ceiling (N bare loops at once, run in that round) is reported beside the N-actor
+    build's scaling, and the share of the ceiling it reached is the quotient of the two."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from generate import round_ratios
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    loop = {"samples_per_s": 100.0}
+    builds = [{"num_actors": 1, "samples_per_s": 95.0, "in_shards_samples_per_actor_s": 105.0},
+              {"num_actors": 2, "samples_per_s": 152.0, "in_shards_samples_per_actor_s": 90.0}]
+    ratios = round_ratios(loop, builds, {"processes": 2, "over_one": 1.9})
+    assert ratios["full_1_actors_over_bare"] == pytest.approx(0.95)
+    assert ratios["2_actors_over_1"] == pytest.approx(152 / 95)
+    assert ratios["2_bare_processes_over_1"] == 1.9
+    assert ratios["2_actors_over_1_of_ceiling"] == pytest.approx(152 / 95 / 1.9)
+    assert "2_actors_over_1_of_ceiling" not in round_ratios(loop, builds)  # no ceiling measured
+    assert "2_actors_over_1_of_ceiling" not in round_ratios(loop, builds[1:], {"processes": 2, "over_one": 1.9})

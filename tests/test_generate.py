@@ -57,6 +57,22 @@ def test_sample_hash_tracks_what_the_bytes_depend_on(tiny_cfg, models):
     assert h != sample_hash(tiny_cfg, backbone.weights_hash, tiny_cfg.generate.decoder)
 
 
+def test_speed_ups_that_may_change_float_bits_are_part_of_the_sample_hash(tiny_cfg, models):
+    """`generate.compile` and `generate.channels_last` can change a sample's last bits on a GPU, so an
+    output built with one is not resumed without it; off, they leave the hash as it always was."""
+    backbone, _ = models
+    hashes = set()
+    for flags in [(), ("compile",), ("channels_last",), ("compile", "channels_last")]:
+        for flag in ("compile", "channels_last"):
+            setattr(tiny_cfg.generate, flag, flag in flags)
+        hashes.add(sample_hash(tiny_cfg, backbone.weights_hash, tiny_cfg.generate.decoder))
+    assert len(hashes) == 4
+    tiny_cfg.generate.compile = tiny_cfg.generate.channels_last = False
+    off = sample_hash(tiny_cfg, backbone.weights_hash, tiny_cfg.generate.decoder)
+    tiny_cfg.generate.encode_threads += 1  # how samples are encoded in parallel does not change bytes
+    assert sample_hash(tiny_cfg, backbone.weights_hash, tiny_cfg.generate.decoder) == off
+
+
 def test_a_failing_shard_is_retried_then_reported_not_dropped(tiny_cfg, models, monkeypatch):
     import json
 

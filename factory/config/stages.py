@@ -173,10 +173,12 @@ class GenerateConfig:
     encode_threads: int = 2
     """Threads per actor that encode and write samples while the model computes the next batch."""
     compile: bool = False
-    """`torch.compile` the backbone's network in each actor (worth it on GPUs for long builds; the
-    first batch then takes the compile time). Measured in benchmarks/gpu.py."""
+    """`torch.compile` the backbone's network in each actor (the first batch then takes the compile
+    time). Part of the samples' identity, as it may change their last float bits: an output built
+    with it is resumed only with it. Measured in benchmarks/generate.py --variants and benchmarks/gpu.py."""
     channels_last: bool = False
-    """Run the backbone's convolutions in channels-last memory format (faster convs on recent GPUs)."""
+    """Run the backbone's convolutions in channels-last memory format (faster convs on recent GPUs).
+    Part of the samples' identity, like `compile`."""
 
     def __post_init__(self) -> None:
         at_least("generate", self, 1, ("num_samples", "shard_size", "batch_size", "num_actors", "calibration_samples"))

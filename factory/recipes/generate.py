@@ -56,6 +56,8 @@ def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str
                 else {"psi": b.psi, "rgb_taps": b.rgb_taps, "noise": b.noise, "classes": list(b.classes),
                       "dtype": b.dtype})
     settings["batch_invariant"] = b.batch_invariant
+    g = cfg.generate  # speed-ups that may change the last float bits (kernels, fusion), keyed only when on
+    settings.update({flag: True for flag in ("compile", "channels_last") if getattr(g, flag)})
     return config_lib.stable_hash({"backbone": backbone_hash, **settings, "decoder": decoder_sha,
                                    "depth_scale": cfg.labels.depth_scale})
 
