@@ -38,7 +38,8 @@ thousands of epochs of one and a few of the other.
   Ray) run 4x the demo's steps, scored at every checkpoint on what the decoder quality row scores
   (GAN: 64 and 256 pixels per head per step; DM: 4 and 8 images per step);
 - DM levers: the decoder refitted with one setting changed each (inversion timestep, tapped step,
-  cross-attention maps off, decoder width), scored by inversion;
+  cross-attention maps off, decoder width, the image feature off, the training budget), scored by
+  inversion; `--levers` runs these rows alone (minutes: no generation, no downstream runs);
 - backbone quality: KID (kernel inception distance, Binkowski et al. 2018: unbiased MMD^2 with the
   kernel (x.y / d + 1)^3, mean over subsets of 100) between each backbone's images and real toy
   faces, in the feature space of a fixed network: the shipped stand-in annotator's encoder, every
@@ -80,6 +81,10 @@ DM_LEVERS = {
     "feature_steps=[-3] (an earlier, noisier step)": ["backbone.diffusion.feature_steps=[-3]"],
     "attention_maps=false": ["backbone.diffusion.attention_maps=false"],
     "decoder.dim=128": ["decoder.dim=128"],
+    "image_features=false (the UNet's maps only)": ["backbone.diffusion.image_features=false"],
+    "image_features=false, train.steps=400 (the demo before issue 18's levers)":
+        ["backbone.diffusion.image_features=false", "train.steps=400"],
+    "train.steps=400": ["train.steps=400"],
 }
 """--diagnose: the DM decoder refitted with one setting changed each, against the demo's."""
 
@@ -96,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny N, few steps (CI)")
     p.add_argument("--diagnose", action="store_true", help="add the diagnosis rows (ceiling, curves, levers, KID)")
+    p.add_argument("--levers", action="store_true",
+                   help="only the DM levers: the DM decoder refitted with one setting changed each, scored by "
+                        "inversion on 200 held-out real faces and 200 shifted ones (16 with --quick)")
     p.add_argument("--active", action="store_true",
                    help="add active annotation: 16 random + 16 suggested vs 32 random labels (benchmarks/active.py)")
     p.add_argument("--paths", default="gan,dm", help="comma-separated: gan, dm, dm-sd3 (default gan,dm)")
@@ -360,11 +368,12 @@ def dm_levers(args: argparse.Namespace, workdir: str) -> dict:
     for name, settings in {"demo settings": [], **DM_LEVERS}.items():
         cfg = demo_config(os.path.join(workdir, "dm"), [*path_overrides(args), *settings], diffusion=True)
         model, metrics = fit_decoder(cfg)
-        score = _probe("dm", cfg, count)(model)
         backbone = load_backbone(cfg.backbone)
         decoder = FittedDecoder(model, cfg.decoder, cfg.label_names(), list(backbone.feature_channels), "", [])
+        real = decoder_miou_by_inversion(backbone, decoder, EVAL_START, count)
         shifted = decoder_miou_by_inversion(backbone, decoder, SHIFT_START, count, shift())["miou"]
-        rows[name] = {"settings": settings, "miou": score, "shifted_miou": shifted, "val_miou": metrics.get("val_miou")}
+        rows[name] = {"settings": settings, "miou": real["miou"], "iou": real["iou"], "shifted_miou": shifted,
+                      "val_miou": metrics.get("val_miou")}
     return rows
 
 
@@ -423,6 +432,13 @@ def print_table(report: dict) -> None:
         print(f"{'':5} {'KID to held-out real faces: ' + name:46} {value:8.4f}")
 
 
+def print_levers(report: dict) -> None:
+    print("\nthe DM decoder refitted with one setting changed each, mIoU by inversion on real and shifted faces")
+    print(f"{'setting':70} {'mIoU':>6} {'shift':>6}  " + " ".join(f"{c[:5]:>5}" for c in report["classes"]))
+    for name, row in report["dm_levers"].items():
+        print(f"{name[:70]:70} {row['miou']:6.3f} {row['shifted_miou']:6.3f}  " + _row(row["iou"]))
+
+
 def _print_run(path: str, label: str, run: dict) -> None:
     print(f"{path:5} {label[:46]:46} {run['miou']:6.3f} {run['shifted_miou']:6.3f} {run['selected_step']:5d}  "
           + _row(run["iou"]))
@@ -456,6 +472,13 @@ def main(argv: list[str] | None = None) -> dict:
             "shifted": toyworld.arrays(range(SHIFT_START, SHIFT_START + args.eval_images), resolution, shift=shift()),
         }
         num_classes = len(toyworld.CLASSES)
+        if args.levers:  # the DM decoder's levers alone
+            from factory.toy.demo import demo_config, prepare_labels
+
+            prepare_labels(demo_config(os.path.join(workdir, "dm"), path_overrides(args), diffusion=True))
+            report = {"benchmark": "quality", "quick": args.quick, "levers": True, "classes": toyworld.CLASSES,
+                      "dm_levers": dm_levers(args, workdir)}
+            return finish(report, args, busy0, t0)
         chance = segmenter.chance_iou(sets["held_out"][1], num_classes)
         report = {
             "benchmark": "quality", "quick": args.quick, "diagnose": args.diagnose, "classes": toyworld.CLASSES,
@@ -483,13 +506,23 @@ def main(argv: list[str] | None = None) -> dict:
             ray.shutdown()
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    return finish(report, args, busy0, t0)
+
+
+def finish(report: dict, args: argparse.Namespace, busy0, t0: float) -> dict:
+    """Wall time and machine facts into the report, the table printed, the JSON written."""
+    import torch
+
     wall = time.perf_counter() - t0
     report["wall_seconds"] = round(wall, 1)
     report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
     busy1 = busy_cpu_seconds()
     if busy0 is not None and busy1 is not None:
         report["machine_busy_cpu_seconds"] = round(busy1 - busy0, 1)
-    print_table(report)
+    if report.get("levers"):
+        print_levers(report)
+    else:
+        print_table(report)
     print(f"\n{wall:.0f} s; results in {args.out}")
     write_results(report, args.out)
     return report

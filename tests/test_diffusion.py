@@ -54,6 +54,26 @@ def test_features_are_grouped_by_resolution_with_attention_maps(backbone, pipeli
     assert torch.equal(plain([5, 6], PROMPTS[:2]).images, out.images)  # taps never change the images
 
 
+def test_image_features_give_the_decoder_the_pixels_it_labels(backbone, pipeline_dir):
+    """`image_features`: the image itself at full resolution after the denoiser's maps, the same in
+    generation (the sample's own uint8 pixels) and in inversion (the real image), named in the
+    identity so a decoder fitted without it is refused."""
+    from factory.backbones import backbone_identity
+
+    cfg = diffusion_cfg(f"backbone.weights={pipeline_dir}", "backbone.diffusion.image_features=true")
+    with_image = load_backbone(cfg)
+    assert with_image.feature_names == [*backbone.feature_names, "rgb64"] == backbone_identity(cfg).feature_names
+    assert with_image.feature_channels == [*backbone.feature_channels, 3]
+    out, plain = with_image([5, 6], PROMPTS[:2]), backbone([5, 6], PROMPTS[:2])
+    assert torch.equal(out.images, plain.images)
+    assert all(torch.equal(a, b) for a, b in zip(out.features, plain.features))  # the maps are untouched
+    rgb = out.features[-1]
+    assert rgb.shape == (2, 3, 64, 64) and torch.equal(rgb, out.images.permute(0, 3, 1, 2).float() / 127.5 - 1)
+    inverted = with_image.invert(out.images.numpy(), PROMPTS[:2], [0, 1])
+    assert torch.equal(inverted[-1], rgb)  # the same feature for a real image as for a generated one
+    assert all(torch.equal(a, b) for a, b in zip(inverted[:-1], backbone.invert(out.images.numpy(), PROMPTS[:2], [0, 1])))
+
+
 def test_taps_leave_the_images_of_the_bare_pipeline_unchanged(backbone, pipeline_dir):
     from diffusers import StableDiffusionPipeline
 

@@ -68,3 +68,17 @@ def test_the_transformer_path_is_the_dm_path_on_an_sd3_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         quality.parse_args(["--paths", "dm,sd3"])
     assert "unknown ['sd3']" in capsys.readouterr().err
+
+
+def test_levers_mode_refits_the_dm_decoder_once_per_setting(tmp_path, ray_cluster, monkeypatch):
+    """`--levers`: the DM decoder at the demo's settings and with each lever, scored by inversion on
+    real and shifted faces, without generating or training downstream models."""
+    import quality
+
+    monkeypatch.setattr(quality, "DM_LEVERS", {"image off": ["backbone.diffusion.image_features=false"]})
+    report = quality.main(["--quick", "--levers", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "q.json")])
+    assert report["levers"] and "paths" not in report and list(report["dm_levers"]) == ["demo settings", "image off"]
+    chance = 1 / len(report["classes"])
+    for row in report["dm_levers"].values():
+        assert chance < row["miou"] < 1 and 0 < row["shifted_miou"] < 1 and len(row["iou"]) == len(report["classes"])
+    assert report["dm_levers"]["image off"]["settings"] == ["backbone.diffusion.image_features=false"]

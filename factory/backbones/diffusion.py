@@ -167,7 +167,10 @@ def identity(cfg: BackboneConfig) -> BackboneIdentity:
     steps = sorted(s % d.steps for s in d.feature_steps)
     suffix = "@" + ",".join(map(str, steps)) if steps != [d.steps - 1] else ""
     suffix += "+robust" if normalised(family, d) else ""
-    return BackboneIdentity(weights_hash, d.resolution, [n + suffix for n in names], [c * len(steps) for c in channels])
+    names, channels = [n + suffix for n in names], [c * len(steps) for c in channels]
+    if d.image_features:
+        names, channels = [*names, f"rgb{d.resolution}"], [*channels, 3]
+    return BackboneIdentity(weights_hash, d.resolution, names, channels)
 
 
 class DiffusionBackbone:
@@ -258,6 +261,8 @@ class DiffusionBackbone:
         )
         features = self.tap.finish()
         images = (out.images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        if self.cfg.image_features:  # the sample's own pixels, as `invert` gives a real image's
+            features.append(pixels(images).to(self.device))
         return images, features
 
     @torch.no_grad()
@@ -266,7 +271,7 @@ class DiffusionBackbone:
         encode (the posterior mean), noise seeded by `seeds` to each tapped step's noise level, one
         denoiser pass per level conditioned on `prompts`."""
         pipe, family = self.pipe, self.family
-        x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = pixels(torch.as_tensor(np.asarray(images)))
         latents = family.encode_images(pipe, x.to(self.device, pipe.vae.dtype))
         latents = latents.to(getattr(pipe, family.denoiser_name).dtype)
         noise = torch.stack([
@@ -276,7 +281,15 @@ class DiffusionBackbone:
         self.tap.start(len(seeds), False, range(len(self.noise_levels)))
         for level in self.noise_levels:
             family.denoise_noised(pipe, latents, noise, level, cond)
-        return self.tap.finish()
+        features = self.tap.finish()
+        if self.cfg.image_features:
+            features.append(x.to(self.device))
+        return features
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] float32 in [-1, 1] (what the VAE encodes, and the image feature)."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def check_prompt_lengths(weights: str | None, texts: list[str], source: str) -> None:

@@ -135,6 +135,9 @@ class DiffusionConfig:
     max_prompt_tokens: int = 8
     """Attention tokens kept as features (after CLIP's start token); the full text length (77, or
     hundreds of T5 tokens) costs memory and rarely helps."""
+    image_features: bool = False
+    """Also give the decoder the image itself at full resolution (RGB in [-1, 1]: the sample's own
+    pixels when generating, the real image when inverting), beside the denoiser's coarser maps."""
 
     def __post_init__(self) -> None:
         one_of("backbone.diffusion.scheduler", self.scheduler, SCHEDULERS)

@@ -44,9 +44,10 @@ GAN_SETTINGS = (
 DM_SETTINGS = (
     "name=demo-dm", "backbone.kind=diffusion", "backbone.weights=pkg://toy_diffusion",
     "backbone.diffusion.resolution=32", "backbone.diffusion.guidance_scale=3.0", "backbone.batch_invariant=false",
+    "backbone.diffusion.image_features=true",
     "decoder.kind=perception", "decoder.tasks=[segmentation,depth]", "decoder.num_heads=5",
     f"labels.classes={_CLASSES}", "labels.dir=${workdir}/labeled", "train.labeled=${workdir}/labeled.safetensors",
-    "train.steps=400", "train.val_images=4", "train.batch_images=4",
+    "train.steps=1200", "train.val_images=4", "train.batch_images=4",
     "prompts.template=a photo of a face with {hair} hair on a {backdrop} background",
     "prompts.attributes={hair: [black, brown, blond, red, grey, blue], backdrop: [white, blue, green, yellow, red, dark]}",
     "generate.num_samples=500", "generate.shard_size=250", "generate.calibration_samples=100",
