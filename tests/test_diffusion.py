@@ -1,6 +1,8 @@
 """The diffusion backbone on a tiny pipeline built from configs: the user's loading path, feature taps
 through hooks and attention processors, inversion without a VAE decode, schedulers, bad weights."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,11 @@ def test_image_features_give_the_decoder_the_pixels_it_labels(backbone, pipeline
     inverted = with_image.invert(out.images.numpy(), PROMPTS[:2], [0, 1])
     assert torch.equal(inverted[-1], rgb)  # the same feature for a real image as for a generated one
     assert all(torch.equal(a, b) for a, b in zip(inverted[:-1], backbone.invert(out.images.numpy(), PROMPTS[:2], [0, 1])))
+    from factory.recipes.generate import GenerateError, check_decoder_fits
+
+    fitted_without = {"backbone_hash": backbone.weights_hash, "feature_names": json.dumps(backbone.feature_names)}
+    with pytest.raises(GenerateError, match="image_features"):  # a decoder fitted without it is refused
+        check_decoder_fits(fitted_without, backbone_identity(cfg), "decoder-dir")
 
 
 def test_taps_leave_the_images_of_the_bare_pipeline_unchanged(backbone, pipeline_dir):

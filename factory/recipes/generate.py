@@ -52,7 +52,9 @@ def sample_hash(cfg: FactoryConfig, backbone_hash: str, decoder_dir: str) -> str
     with storage.local_copy(decoder_dir, [MODEL_FILE]) as local:
         decoder_sha = safetensors_fingerprint(f"{local}/{MODEL_FILE}")
     b = cfg.backbone
-    settings = ({"diffusion": asdict(b.diffusion)} if b.kind == "diffusion"
+    # image_features is not keyed: the decoder's feature names fix it, and the decoder is in the hash
+    settings = ({"diffusion": {k: v for k, v in asdict(b.diffusion).items() if k != "image_features"}}
+                if b.kind == "diffusion"
                 else {"psi": b.psi, "rgb_taps": b.rgb_taps, "noise": b.noise, "classes": list(b.classes),
                       "dtype": b.dtype})
     settings["batch_invariant"] = b.batch_invariant
@@ -91,7 +93,7 @@ def check_decoder_fits(meta: dict[str, str], backbone: BackboneIdentity, url: st
     if fitted_on and fitted_on != backbone.feature_names:
         raise GenerateError(
             f"decoder {url} was fitted on features {fitted_on}, the config taps {backbone.feature_names}; "
-            "check backbone.diffusion.feature_steps / feature_blocks / feature_norm or re-train"
+            "check backbone.diffusion.feature_steps / feature_blocks / feature_norm / image_features or re-train"
         )
 
 
