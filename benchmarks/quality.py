@@ -1,6 +1,6 @@
 """Label quality: the papers' evaluation protocol in miniature, for both paths, on the toy world.
 
-    python benchmarks/quality.py [--quick] [--diagnose] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
+    python benchmarks/quality.py [--quick] [--diagnose] [--levers] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
         [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
