@@ -191,8 +191,11 @@ def run_bare(args: argparse.Namespace) -> None:
             decoder(out.features, size)
             return out.images
 
+    def in_batches(items: list[int]) -> list[list[int]]:  # consecutive blocks of the build's batch size
+        return [items[i : i + g.batch_size] for i in range(0, len(items), g.batch_size)]
+
     seeds = list(range(g.start_seed, g.start_seed + g.num_samples))
-    batches = [seeds[i : i + g.batch_size] for i in range(0, len(seeds), g.batch_size)]
+    batches = in_batches(seeds)
     forward(batches[0])  # warm-up: first-call allocations and kernel choices
     rss_loaded = current_rss()
 
@@ -210,20 +213,20 @@ def run_bare(args: argparse.Namespace) -> None:
     per_seed_seeds = seeds[: args.encode_samples]
     backbone.batch_invariant = True
     t0 = time.perf_counter()
-    for i in range(0, len(per_seed_seeds), g.batch_size):
-        forward(per_seed_seeds[i : i + g.batch_size])
+    for batch in in_batches(per_seed_seeds):
+        forward(batch)
     per_seed_s = time.perf_counter() - t0
     backbone.batch_invariant = False
 
     encode_seeds = seeds[: args.encode_samples]
     t0 = time.perf_counter()
-    for i in range(0, len(encode_seeds), g.batch_size):
-        label_seeds(backbone, decoder, encode_seeds[i : i + g.batch_size], 0, cfg, "bench", texts)
+    for batch in in_batches(encode_seeds):
+        label_seeds(backbone, decoder, batch, 0, cfg, "bench", texts)
     encode_s = time.perf_counter() - t0
 
     # Opt-in speed-ups, each on a fresh backbone, against the eager loop timed just before it.
     variants = {}
-    variant_batches = [b for b in batches if b[0] in set(encode_seeds)]
+    variant_batches = in_batches(encode_seeds)  # the encode pass's seeds and batches
     for flag in args.variants:
         accelerated = load_backbone(cfg.backbone, device)
         accelerated.accelerate(**{flag: True})

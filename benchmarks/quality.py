@@ -460,10 +460,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = args.workdir or tempfile.mkdtemp(prefix="quality-")
     busy0, t0 = busy_cpu_seconds(), time.perf_counter()
-    started_ray = init_ray(RayConfig(num_cpus=4), training=True)
+    started_ray = False if args.levers else init_ray(RayConfig(num_cpus=4), training=True)  # levers fit without Ray
     try:
         from factory.toy.demo import DM_LABELED_SEEDS
 
+        if args.levers:  # the DM decoder's levers alone: no downstream sets, no generation
+            from factory.toy.demo import demo_config, prepare_labels
+
+            prepare_labels(demo_config(os.path.join(workdir, "dm"), path_overrides(args), diffusion=True))
+            report = {"benchmark": "quality", "quick": args.quick, "levers": True, "classes": toyworld.CLASSES,
+                      "dm_levers": dm_levers(args, workdir)}
+            return finish(report, args, busy0, t0)
         resolution = 32  # both shipped backbones
         real = toyworld.arrays(DM_LABELED_SEEDS, resolution)
         sets = {
@@ -472,13 +479,6 @@ def main(argv: list[str] | None = None) -> dict:
             "shifted": toyworld.arrays(range(SHIFT_START, SHIFT_START + args.eval_images), resolution, shift=shift()),
         }
         num_classes = len(toyworld.CLASSES)
-        if args.levers:  # the DM decoder's levers alone
-            from factory.toy.demo import demo_config, prepare_labels
-
-            prepare_labels(demo_config(os.path.join(workdir, "dm"), path_overrides(args), diffusion=True))
-            report = {"benchmark": "quality", "quick": args.quick, "levers": True, "classes": toyworld.CLASSES,
-                      "dm_levers": dm_levers(args, workdir)}
-            return finish(report, args, busy0, t0)
         chance = segmenter.chance_iou(sets["held_out"][1], num_classes)
         report = {
             "benchmark": "quality", "quick": args.quick, "diagnose": args.diagnose, "classes": toyworld.CLASSES,

@@ -59,7 +59,7 @@ def test_sample_hash_tracks_what_the_bytes_depend_on(tiny_cfg, models):
 
 def test_speed_ups_that_may_change_float_bits_are_part_of_the_sample_hash(tiny_cfg, models):
     """`generate.compile` and `generate.channels_last` can change a sample's last bits on a GPU, so an
-    output built with one is not resumed without it; off, they leave the hash as it always was."""
+    output built with one is not resumed without it; how many threads encode does not count."""
     backbone, _ = models
     hashes = set()
     for flags in [(), ("compile",), ("channels_last",), ("compile", "channels_last")]:
