@@ -38,7 +38,8 @@ thousands of epochs of one and a few of the other.
   Ray) run 4x the demo's steps, scored at every checkpoint on what the decoder quality row scores
   (GAN: 64 and 256 pixels per head per step; DM: 4 and 8 images per step);
 - DM levers: the decoder refitted with one setting changed each (inversion timestep, tapped step,
-  cross-attention maps off, decoder width, the image feature off, the training budget), scored by
+  cross-attention maps off, decoder width, the image feature off, the training budget, mirrored
+  training faces, more inversion noise draws), scored by
   inversion; `--levers` runs these rows alone (minutes: no generation, no downstream runs);
 - backbone quality: KID (kernel inception distance, Binkowski et al. 2018: unbiased MMD^2 with the
   kernel (x.y / d + 1)^3, mean over subsets of 100) between each backbone's images and real toy
@@ -85,6 +86,8 @@ DM_LEVERS = {
     "image_features=false, train.steps=400 (the demo before issue 18's levers)":
         ["backbone.diffusion.image_features=false", "train.steps=400"],
     "train.steps=400": ["train.steps=400"],
+    "train.flip=true (the training faces mirrored too)": ["train.flip=true"],
+    "train.inversion_draws=2 (two noise draws per training face)": ["train.inversion_draws=2"],
 }
 """--diagnose: the DM decoder refitted with one setting changed each, against the demo's."""
 

@@ -93,3 +93,53 @@ def test_decoder_learns_masks_and_depth_from_inverted_real_images(tmp_path):
     # constant's 0.55 comes from the wall, most of the image, while it misses every face)
     assert metrics["val_depth_abs_rel"] < constant["val_depth_abs_rel"] / 3, (metrics, constant)
     assert metrics["val_depth_delta1"] > 0.4, (metrics, constant)
+
+
+def test_flip_and_noise_draws_add_training_views_and_leave_the_originals_as_they_were(tmp_path):
+    """train.flip mirrors every training image (inverted on its own), train.inversion_draws adds noise
+    draws; the validation images stay single and unmirrored, and an image's first view keeps the
+    features it had without either, so fits without them are unchanged."""
+    from factory.backbones import load_backbone
+    from factory.config import load_config
+    from factory.data import toyworld
+    from factory.data.annotations import LabeledSet
+    from factory.data.labeled_photos import import_folder, views
+    from factory.recipes.objectives import PerceptionObjective
+    from factory.recipes.train import TrainError, check_training_set, inputs_hash
+
+    toyworld.write_folder(str(tmp_path / "labeled"), 5)
+    labeled = import_folder(str(tmp_path / "labeled"), ["segmentation"], toyworld.CLASSES, [], 32, 1000.0)
+    base = ["backbone.kind=diffusion", "decoder.kind=perception", "decoder.tasks=[segmentation]",
+            "backbone.diffusion.steps=4", "backbone.diffusion.resolution=32", "backbone.diffusion.image_features=true",
+            f"labels.classes={toyworld.CLASSES}", "train.val_images=2"]
+    plain_cfg = load_config(overrides=base)
+    cfg = load_config(overrides=[*base, "train.flip=true", "train.inversion_draws=2"])
+    backbone = load_backbone(cfg.backbone)
+    plain = PerceptionObjective(plain_cfg, labeled, backbone, torch.device("cpu"))
+    more = PerceptionObjective(cfg, labeled, backbone, torch.device("cpu"))
+    assert (plain.train_index, plain.val_index) == ([0, 1, 2], [3, 4])
+    assert more.val_index == [3, 4] and len(more.train_index) == 3 * 4  # 3 images x (2 mirrorings x 2 draws)
+    assert len(more.features[0]) == 5 + 9
+    for a, b in zip(plain.features, more.features):
+        assert torch.equal(a, b[:5])  # every image's first view unchanged
+    mirrored = more.labeled.files.index(labeled.files[1] + " (mirrored)")
+    assert torch.equal(more.labeled.masks[mirrored], labeled.masks[1].flip(1))
+    assert torch.equal(more.features[-1][mirrored], views(labeled, [(1, True)]).images[0].permute(2, 0, 1).float()
+                       .div(127.5).sub(1))  # the image feature: the mirrored photo itself
+    assert not torch.equal(more.features[0][mirrored].flip(-1), plain.features[0][1])  # inverted on its own
+    draws = [k for k, f in enumerate(more.labeled.files) if f == labeled.files[1]]
+    assert len(draws) == 2 and not torch.equal(more.features[0][draws[0]], more.features[0][draws[1]])
+    assert inputs_hash(cfg, str(_saved(labeled, tmp_path))) != inputs_hash(plain_cfg, str(_saved(labeled, tmp_path)))
+
+    gan = load_config(overrides=["train.flip=true"])  # the GAN path: its labeled set is of generated images
+    with pytest.raises(TrainError, match="train.flip=True"):
+        check_training_set(gan, object.__new__(LabeledSet), "")
+
+
+def _saved(labeled, tmp_path):
+    from factory.data.labeled_photos import save_real_labeled_set
+
+    path = tmp_path / "labeled.safetensors"
+    if not path.exists():
+        save_real_labeled_set(str(path), labeled)
+    return path

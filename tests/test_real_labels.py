@@ -5,11 +5,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from factory.data import toyworld
 from factory.data.annotations import AnnotationError
-from factory.data.labeled_photos import import_folder, load_real_labeled_set, save_real_labeled_set
+from factory.data.labeled_photos import (
+    import_folder,
+    load_real_labeled_set,
+    save_real_labeled_set,
+)
 
 TASKS = ["segmentation", "depth", "instances"]
 
@@ -87,3 +92,36 @@ def test_labels_import_needs_the_diffusion_path_and_a_folder(tmp_path):
     configs = os.path.join(os.path.dirname(__file__), "..", "configs")
     assert main(["labels", "import", os.path.join(configs, "demo.yaml"), f"workdir={tmp_path}"]) == 2
     assert main(["labels", "import", os.path.join(configs, "diffusion.yaml"), f"workdir={tmp_path}"]) == 2
+
+
+def test_mirror_partners_swap_left_and_right_words_only():
+    from factory.data.labeled_photos import mirror_partners
+
+    names = ["left_eye", "right_eye", "nose", "mouth-left", "mouth-right", "Left Hand", "Right Hand", "leftover",
+             "left_ear"]
+    assert mirror_partners(names) == [1, 0, 2, 4, 3, 6, 5, 7, 8]  # no right_ear: left_ear stays itself
+
+
+def test_mirrored_views_mirror_every_label_and_keep_them_consistent(folder):
+    from factory.data.labeled_photos import views
+
+    s = import_folder(folder, TASKS + ["keypoints"], toyworld.CLASSES, toyworld.KEYPOINTS, 32, 1000.0)
+    v = views(s, [(2, False), (2, True), (0, True)])
+    assert (v.images[0] == s.images[2]).all() and (v.images[1] == s.images[2].flip(1)).all()
+    for field in ("masks", "depth", "instance_map"):
+        assert (getattr(v, field)[1] == getattr(s, field)[2].flip(1)).all()
+        assert (getattr(v, field)[2] == getattr(s, field)[0].flip(1)).all()
+    assert v.instance_classes == [s.instance_classes[i] for i in (2, 2, 0)] and v.prompts[1] == s.prompts[2]
+    assert v.files[1] == s.files[2] + " (mirrored)"
+    left, right = toyworld.KEYPOINTS.index("left_eye"), toyworld.KEYPOINTS.index("right_eye")
+    kp, back = v.keypoints[1], s.keypoints[2]
+    assert torch.equal(kp[left, :2], torch.stack([31 - back[right, 0], back[right, 1]]))  # width 32
+    assert torch.equal(kp[left, 2], back[right, 2])
+    # the mirrored mask under each mirrored visible keypoint has the keypoint's class as often as before
+    def hits(labeled, row):
+        pts = labeled.keypoints[row]
+        on = [int(labeled.masks[row][round(float(y)), round(float(x))]) == toyworld.KEYPOINT_CLASSES[k]
+              for k, (x, y, vis) in enumerate(pts) if vis > 0 and 0 <= x <= 31 and 0 <= y <= 31]
+        return sum(on), len(on)
+
+    assert hits(v, 1) == hits(s, 2) and hits(v, 2) == hits(s, 0)

@@ -113,6 +113,13 @@ class TrainConfig:
     """Sample pixels uniformly over classes first, so small parts are seen as often as background."""
     val_images: int = 4
     """Labeled images held out for validation (the last ones by seed); 0 disables validation."""
+    flip: bool = False
+    """perception: also train on every training image mirrored left to right, inverted on its own
+    (twice the labeled images; the validation images stay as they are). Only where no class tells left
+    from right; keypoints whose names differ by the word "left"/"right" swap with their partner."""
+    inversion_draws: int = 1
+    """perception: noise draws each training image is inverted under, each a different noisy view of
+    it as generation's fresh noise per seed gives (features in memory x draws; validation uses one)."""
     checkpoint_every: int = 100
     """Steps between checkpoints (and validation reports)."""
     seed: int = 0
@@ -121,7 +128,8 @@ class TrainConfig:
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
 
     def __post_init__(self) -> None:
-        at_least("train", self, 1, ("num_workers", "steps", "batch_pixels", "batch_images", "checkpoint_every"))
+        at_least("train", self, 1, ("num_workers", "steps", "batch_pixels", "batch_images", "checkpoint_every",
+                                    "inversion_draws"))
         at_least("train", self, 0, ("val_images",))
         positive("train", self, ("lr", "cpus_per_worker"))
         one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,51 @@ class RealLabeledSet:
     @property
     def task(self) -> str:
         return "+".join(self.tasks)
+
+
+def mirror_partners(names: list[str]) -> list[int]:
+    """For each keypoint name, the index of its left-right partner in a mirrored image: the name with
+    the word "left" and "right" swapped ("left_eye" <-> "right_eye", "mouth-left" <-> "mouth-right",
+    case kept); a name without the word, or whose partner is absent, maps to itself."""
+    def swapped(name: str) -> str:
+        words = re.split(r"([^A-Za-z0-9]+)", name)
+        table = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+        return "".join(table.get(w, w) for w in words)
+
+    index = {n: i for i, n in enumerate(names)}
+    return [index.get(swapped(n), i) for i, n in enumerate(names)]
+
+
+def views(labeled: RealLabeledSet, rows: list[tuple[int, bool]]) -> RealLabeledSet:
+    """The set of `rows` (index, mirrored): each the labeled image `index`, mirrored left to right
+    with all its labels when `mirrored` (keypoints to x' = width - 1 - x, left and right partners
+    swapped by `mirror_partners`). Training's augmentation (`train.flip`); a mirrored row is a new
+    labeled image, valid only where no class tells left from right."""
+    pick = torch.tensor([i for i, _ in rows], dtype=torch.long)
+    flip = torch.tensor([m for _, m in rows], dtype=torch.bool)
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t = t[pick]
+        return torch.where(flip.view(-1, *[1] * (t.dim() - 1)), t.flip(2), t)  # [N, H, W, ...]: W is dim 2
+
+    keypoints = None
+    if labeled.keypoints is not None:
+        keypoints = labeled.keypoints[pick].clone()
+        width = labeled.images.shape[2]
+        mirrored = keypoints[:, mirror_partners(labeled.keypoint_names)].clone()
+        mirrored[..., 0] = width - 1 - mirrored[..., 0]
+        keypoints = torch.where(flip.view(-1, 1, 1), mirrored, keypoints)
+    return RealLabeledSet(
+        tasks=list(labeled.tasks), classes=list(labeled.classes), keypoint_names=list(labeled.keypoint_names),
+        files=[labeled.files[i] + (" (mirrored)" if m else "") for i, m in rows],
+        prompts=[labeled.prompts[i] for i, _ in rows],
+        images=take(labeled.images), masks=take(labeled.masks), depth=take(labeled.depth),
+        instance_map=take(labeled.instance_map),
+        instance_classes=[list(labeled.instance_classes[i]) for i, _ in rows] if labeled.instance_classes else [],
+        keypoints=keypoints,
+    )
 
 
 def _crop_transform(w: int, h: int, size: int):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from factory.config import FactoryConfig
 from factory.data.annotations import LabeledSet, pixels_sha256
-from factory.data.labeled_photos import RealLabeledSet
+from factory.data.labeled_photos import RealLabeledSet, views
 from factory.decoders import build_decoder, unwrap
 from factory.decoders.interpreter import gather_pixel_features
 from factory.decoders.keypoints import decode_heatmaps, gaussian_heatmaps
@@ -192,17 +192,24 @@ class PerceptionObjective:
     """The perception decoder on inverted real images (whole-image batches, all tasks at once)."""
 
     def __init__(self, cfg: FactoryConfig, labeled: RealLabeledSet, backbone, device: torch.device) -> None:
-        self.cfg, self.labeled, self.device = cfg, labeled, device
-        n = len(labeled.files)
-        seeds = [cfg.train.seed * 1_000_003 + i for i in range(n)]  # the inversion noise of each image
-        parts = [backbone.invert(labeled.images[i : i + 8].numpy(), labeled.prompts[i : i + 8], seeds[i : i + 8])
-                 for i in range(0, n, 8)]
-        self.features = [torch.cat(group) for group in zip(*parts)]
-        n_val = cfg.train.val_images
-        self.train_index = list(range(n - n_val)) if n_val else list(range(n))
-        self.val_index = list(range(n - n_val, n)) if n_val else []
-        if not self.train_index:
+        self.cfg, self.device = cfg, device
+        n, n_val = len(labeled.files), cfg.train.val_images
+        if n_val >= n:
             raise TrainError(f"train.val_images={n_val} leaves no labeled image for training (have {n})")
+        # Every labeled image once as it is (the last n_val validate), then the training images'
+        # extra views: mirrored (train.flip) and further noise draws (train.inversion_draws).
+        extra = [(i, mirrored, draw) for mirrored in ((False, True) if cfg.train.flip else (False,))
+                 for draw in range(cfg.train.inversion_draws) for i in range(n - n_val) if mirrored or draw]
+        rows = [(i, False, 0) for i in range(n)] + extra
+        self.labeled = labeled = views(labeled, [(i, mirrored) for i, mirrored, _ in rows])
+        # The inversion noise of each row: an image's first draw keeps the seed it always had.
+        seeds = [cfg.train.seed * 1_000_003 + i + n * (2 * draw + mirrored) for i, mirrored, draw in rows]
+        starts = [*range(0, n, 8), *range(n, len(rows), 8)]  # the originals in the batches they always had
+        parts = [backbone.invert(labeled.images[i : j].numpy(), labeled.prompts[i : j], seeds[i : j])
+                 for i, j in zip(starts, [*starts[1:], len(rows)])]
+        self.features = [torch.cat(group) for group in zip(*parts)]
+        self.train_index = [k for k, (i, _, _) in enumerate(rows) if i < n - n_val]
+        self.val_index = list(range(n - n_val, n))
         self.size = tuple(labeled.images.shape[1:3])
         tasks = cfg.decoder.tasks
         self.masks = labeled.masks.long().to(device) if "segmentation" in tasks else None

@@ -47,12 +47,15 @@ def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
     """What a checkpoint was fitted on; resuming onto different inputs is refused."""
     labeled_sha = safetensors_fingerprint(labeled_path)
     t = cfg.train
+    views = {"flip": True} if t.flip else {}  # keyed only when on: earlier checkpoints keep their hash
+    views.update({"inversion_draws": t.inversion_draws} if t.inversion_draws != 1 else {})
     return config_lib.stable_hash(
         {
             "labeled": labeled_sha,
             "backbone": asdict(cfg.backbone),
             "decoder": asdict(cfg.decoder),
-            "train": [t.batch_pixels, t.batch_images, t.lr, t.lr_schedule, t.class_balanced, t.val_images, t.seed],
+            "train": [t.batch_pixels, t.batch_images, t.lr, t.lr_schedule, t.class_balanced, t.val_images, t.seed,
+                      *([views] if views else [])],
         }
     )
 
@@ -77,6 +80,13 @@ def check_training_set(cfg: FactoryConfig, labeled: LabeledSet | RealLabeledSet,
                 f"{cfg.labels.classes} ({cfg.labels.keypoints}); re-run `factory labels import`"
             )
     else:
+        augmented = [f"train.{k}={v}" for k, v in (("flip", cfg.train.flip), ("inversion_draws", cfg.train.inversion_draws))
+                     if v != {"flip": False, "inversion_draws": 1}[k]]
+        if augmented:
+            raise TrainError(
+                f"{', '.join(augmented)}: augments the perception decoder's inverted real images (diffusion "
+                "path); the Style Interpreter learns from generated images' own pixels, set it back"
+            )
         expected = cfg.label_names()
         if labeled.task != cfg.decoder.task or labeled.label_names != expected:
             raise TrainError(
