@@ -11,6 +11,9 @@ from factory.config import RayConfig
 
 log = logging.getLogger(__name__)
 
+TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's wait for a fit's workers to start (`ray.train_start_timeout_s`)."""
+
 
 def init_ray(cfg: RayConfig, training: bool = False) -> bool:
     """Join `ray.address` (or, inside a Ray job, the job's cluster), else start a local cluster with
@@ -20,9 +23,11 @@ def init_ray(cfg: RayConfig, training: bool = False) -> bool:
     True if this call connected."""
     import ray
 
+    # Ray Train reads these from the driver's environment when a fit starts and passes them on.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault(TRAIN_START_TIMEOUT_ENV, f"{cfg.train_start_timeout_s:g}")
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
     if address is None:
         dashboard = training if cfg.dashboard is None else cfg.dashboard

@@ -35,3 +35,31 @@ def test_the_dashboard_starts_where_ray_train_needs_it(ray_init, dashboard, trai
 def test_joining_a_cluster_leaves_the_dashboard_to_its_head(ray_init):
     init_ray(RayConfig(address="ray://head:10001", dashboard=True), training=True)
     assert ray_init == [{"address": "ray://head:10001", "configure_logging": False}]
+
+
+def test_ray_train_waits_for_its_workers_as_long_as_the_config_says(ray_init, monkeypatch):
+    """Ray Train's default (60 s) was too short once on a busy 2-core machine; the driver's environment
+    carries the config's wait to the fit, and a variable the user set wins."""
+    import os
+
+    from factory.runtime import TRAIN_START_TIMEOUT_ENV
+
+    monkeypatch.delenv(TRAIN_START_TIMEOUT_ENV, raising=False)
+    init_ray(RayConfig(num_cpus=2), training=True)
+    assert os.environ[TRAIN_START_TIMEOUT_ENV] == "300"
+    monkeypatch.setenv(TRAIN_START_TIMEOUT_ENV, "45")
+    init_ray(RayConfig(num_cpus=2, train_start_timeout_s=600), training=True)
+    assert os.environ[TRAIN_START_TIMEOUT_ENV] == "45"
+    monkeypatch.delenv(TRAIN_START_TIMEOUT_ENV)
+    init_ray(RayConfig(num_cpus=2, train_start_timeout_s=90.5), training=True)
+    assert os.environ[TRAIN_START_TIMEOUT_ENV] == "90.5"
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    assert TRAIN_START_TIMEOUT_ENV in ENV_VARS_TO_PROPAGATE  # Ray Train passes it to its controller
+
+
+def test_a_bad_train_start_timeout_is_refused_naming_it():
+    from factory.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ray.train_start_timeout_s"):
+        RayConfig(train_start_timeout_s=0)

@@ -31,6 +31,14 @@ class RayConfig:
     cannot clean up after a dead controller and warns every few seconds); off for builds, where its
     11 processes would hold about 0.9 GB and slow the cluster's start by seconds on a small machine.
     Ignored when joining a cluster (its head decides)."""
+    train_start_timeout_s: float = 300.0
+    """Seconds Ray Train waits for a fit's workers to be placed and started before it fails the
+    attempt (Ray's own default is 60 s, which a busy small machine or a cluster scaling up for the
+    workers can exceed). A cluster short of the resources is still refused at once. An environment
+    variable RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S that is already set wins."""
+
+    def __post_init__(self) -> None:
+        positive("ray", self, ("train_start_timeout_s",))
 
 
 @dataclass
