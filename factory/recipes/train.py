@@ -47,8 +47,7 @@ def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
     """What a checkpoint was fitted on; resuming onto different inputs is refused."""
     labeled_sha = safetensors_fingerprint(labeled_path)
     t = cfg.train
-    views = {"flip": True} if t.flip else {}  # keyed only when on: earlier checkpoints keep their hash
-    views.update({"inversion_draws": t.inversion_draws} if t.inversion_draws != 1 else {})
+    views = extra_views(t)  # keyed only when on: earlier checkpoints keep their hash
     return config_lib.stable_hash(
         {
             "labeled": labeled_sha,
@@ -58,6 +57,13 @@ def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
                       *([views] if views else [])],
         }
     )
+
+
+def extra_views(t) -> dict:
+    """The settings of `train` that add views of the labeled photos (`flip`, `inversion_draws`),
+    those that are on only."""
+    on = {"flip": True} if t.flip else {}
+    return on | ({"inversion_draws": t.inversion_draws} if t.inversion_draws != 1 else {})
 
 
 def load_training_set(cfg: FactoryConfig) -> LabeledSet | RealLabeledSet:
@@ -80,11 +86,10 @@ def check_training_set(cfg: FactoryConfig, labeled: LabeledSet | RealLabeledSet,
                 f"{cfg.labels.classes} ({cfg.labels.keypoints}); re-run `factory labels import`"
             )
     else:
-        augmented = [f"train.{k}={v}" for k, v in (("flip", cfg.train.flip), ("inversion_draws", cfg.train.inversion_draws))
-                     if v != {"flip": False, "inversion_draws": 1}[k]]
+        augmented = extra_views(cfg.train)
         if augmented:
             raise TrainError(
-                f"{', '.join(augmented)}: augments the perception decoder's inverted real images (diffusion "
+                f"{', '.join(f'train.{k}={v}' for k, v in augmented.items())}: augments the perception decoder's inverted real images (diffusion "
                 "path); the Style Interpreter learns from generated images' own pixels, set it back"
             )
         expected = cfg.label_names()
