@@ -1,6 +1,6 @@
 """Label quality: the papers' evaluation protocol in miniature, for both paths, on the toy world.
 
-    python benchmarks/quality.py [--quick] [--diagnose] [--levers] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
+    python benchmarks/quality.py [--quick] [--diagnose] [--levers] [--autoencoders W,...] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
         [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
@@ -45,7 +45,12 @@ thousands of epochs of one and a few of the other.
   kernel (x.y / d + 1)^3, mean over subsets of 100) between each backbone's images and real toy
   faces, in the feature space of a fixed network: the shipped stand-in annotator's encoder, every
   level average-pooled (`segmenter.embed`), which knows toy faces as Inception knows photos. Two
-  disjoint sets of real faces give the noise floor.
+  disjoint sets of real faces give the noise floor;
+- the DM paths' autoencoder ceiling: the validation faces encoded by the backbone's VAE and decoded
+  again, scored by the stand-in annotator against their ground truth (beside its score on the
+  originals), by PSNR, and by KID: every generated image leaves through that decoder, so what it
+  blurs away here no sampler or decoder brings back; `--autoencoders W1,W2,...` runs this row alone
+  for the named pipeline folders (or `pkg://` names), side by side (a minute: no Ray, no fits).
 
 Chance is the mIoU of guessing each pixel's class by the held-out set's class frequencies (per class
 p / (2 - p)). Seeds: the backbones trained on toy scenes 0-3,999, the annotator on 2,000,000 on, the
@@ -107,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levers", action="store_true",
                    help="only the DM levers: the DM decoder refitted with one setting changed each, scored by "
                         "inversion on 200 held-out real faces and 200 shifted ones (16 with --quick)")
+    p.add_argument("--autoencoders",
+                   help="only the autoencoder ceiling, for these comma-separated diffusion pipeline folders or "
+                        "pkg:// names: the validation faces through each VAE and back, scored by the stand-in "
+                        "annotator, PSNR and KID")
     p.add_argument("--active", action="store_true",
                    help="add active annotation: 16 random + 16 suggested vs 32 random labels (benchmarks/active.py)")
     p.add_argument("--paths", default="gan,dm", help="comma-separated: gan, dm, dm-sd3 (default gan,dm)")
@@ -395,19 +404,79 @@ def kid(x: np.ndarray, y: np.ndarray, subset: int = 100, subsets: int = 50, seed
     return float(np.mean(values))
 
 
-def backbone_kid(report: dict, sets: dict, workdir: str, images_by_path: dict) -> dict:
-    """KID of each path's generated images, and of a second set of real faces (the floor), to the
-    held-out real faces, in the stand-in annotator's feature space."""
+def backbone_kid(sets: dict, images_by_name: dict) -> dict:
+    """KID of each named image set (each path's generated images, a DM path's autoencoder
+    reconstructions), and of a second set of real faces (the floor), to the held-out real faces, in
+    the stand-in annotator's feature space."""
     from factory.toy import segmenter
     from factory.toy.annotator import SHIPPED_ANNOTATOR
 
     annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
     real = segmenter.embed(annotator, sets["held_out"][0])
-    rows = {"real (validation faces)": kid(segmenter.embed(annotator, sets["val"][0]), real),
-            "real, shifted world": kid(segmenter.embed(annotator, sets["shifted"][0]), real)}
-    for path, images in images_by_path.items():
-        rows[f"{path} backbone"] = kid(segmenter.embed(annotator, images), real)
+    rows = {"real (validation faces)": kid(segmenter.embed(annotator, sets["val"][0]), real)}
+    if "shifted" in sets:
+        rows["real, shifted world"] = kid(segmenter.embed(annotator, sets["shifted"][0]), real)
+    for name, images in images_by_name.items():
+        rows[name] = kid(segmenter.embed(annotator, images), real)
     return rows
+
+
+def autoencoder_ceiling(backbone, sets: dict) -> tuple[dict, np.ndarray]:
+    """What a diffusion backbone's autoencoder alone does to real faces: the validation faces encoded
+    (posterior mean) and decoded again; the stand-in annotator's mIoU against their ground truth on the
+    originals and on the reconstructions, and PSNR. Every image the path generates comes out of this
+    decoder, so parts it blurs away here no sampler or label brings back: the images' ceiling before
+    the denoiser adds its own errors. Returns the row and the reconstructions (for their KID)."""
+    import torch
+
+    from factory.backbones.diffusion import pixels
+    from factory.data import toyworld
+    from factory.toy import segmenter
+    from factory.toy.annotator import SHIPPED_ANNOTATOR
+
+    images, masks = sets["val"]
+    vae = backbone.pipe.vae
+    x = pixels(torch.from_numpy(images))
+    with torch.no_grad():
+        y = torch.cat([vae.decode(vae.encode(x[i:i + 50].to(vae.device, vae.dtype)).latent_dist.mean).sample.float().cpu()
+                       for i in range(0, len(x), 50)]).clamp(-1, 1)
+    reconstructed = y.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
+    k = len(toyworld.CLASSES)
+    scores = {name: segmenter.iou_per_class(segmenter.predict(annotator, im), masks, k)
+              for name, im in (("originals", images), ("reconstructed", reconstructed))}
+    mse = float(((y - x) ** 2).mean())
+    return {"what": f"{len(images)} validation faces through the autoencoder and back",
+            "annotator_miou_originals": segmenter.mean_iou(scores["originals"]),
+            "annotator_miou_reconstructed": segmenter.mean_iou(scores["reconstructed"]),
+            "iou_reconstructed": scores["reconstructed"], "psnr_db": round(10 * np.log10(4 / mse), 2)}, reconstructed
+
+
+def autoencoders(args: argparse.Namespace, workdir: str) -> dict:
+    """`--autoencoders`: `autoencoder_ceiling` and the reconstructions' KID for each named pipeline,
+    beside the KID of the validation faces themselves (the floor)."""
+    from factory.backbones import load_backbone
+    from factory.data import toyworld
+
+    sets = {"val": toyworld.arrays(range(VAL_START, VAL_START + args.val_images), 32),
+            "held_out": toyworld.arrays(range(EVAL_START, EVAL_START + args.eval_images), 32)}
+    rows, images = {}, {}
+    for weights in [w.strip() for w in args.autoencoders.split(",") if w.strip()]:
+        backbone = load_backbone(path_config("dm", workdir, args, [f"backbone.weights={weights}"]).backbone)
+        rows[weights], images[weights] = autoencoder_ceiling(backbone, sets)
+    kids = backbone_kid(sets, images)
+    for weights, row in rows.items():
+        row["kid"] = kids[weights]
+    return {"floor_kid": kids["real (validation faces)"], "pipelines": rows}
+
+
+def print_autoencoders(report: dict) -> None:
+    a = report["autoencoders"]
+    print(f"\nreal faces through each pipeline's autoencoder and back (KID floor {a['floor_kid']:.4f})")
+    print(f"{'pipeline':40} {'annot.':>6} {'PSNR':>5} {'KID':>7}  " + " ".join(f"{c[:5]:>5}" for c in report["classes"]))
+    for weights, row in a["pipelines"].items():
+        print(f"{weights[-40:]:40} {row['annotator_miou_reconstructed']:6.3f} {row['psnr_db']:5.1f} {row['kid']:7.4f}  "
+              + _row(row["iou_reconstructed"]) + f"  (originals {row['annotator_miou_originals']:.3f})")
 
 
 def print_table(report: dict) -> None:
@@ -426,6 +495,11 @@ def print_table(report: dict) -> None:
                 print(f"{path:5} {r[key]['what'][:46]:46} {r[key]['miou']:6.3f} {'':6} {'':5}  " + _row(r[key]["iou"]))
         for name, run in r["downstream"].items():
             _print_run("", f"downstream: {name} ({run['train_images']})", run)
+        if "autoencoder" in r:
+            a = r["autoencoder"]
+            print(f"{path:5} {'annotator on faces through the autoencoder':46} {a['annotator_miou_reconstructed']:6.3f} "
+                  f"{'':6} {'':5}  " + _row(a["iou_reconstructed"]) + f"  (originals {a['annotator_miou_originals']:.3f}, "
+                  f"PSNR {a['psnr_db']:.1f} dB)")
         for name, curve in r.get("decoder_curves", {}).items():
             points = " ".join(f"{p['step']}:{p['probe_miou']:.3f}" for p in curve)
             print(f"{path:5} decoder curve {name} (step:mIoU) {points}")
@@ -463,9 +537,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = args.workdir or tempfile.mkdtemp(prefix="quality-")
     busy0, t0 = busy_cpu_seconds(), time.perf_counter()
-    started_ray = False if args.levers else init_ray(RayConfig(num_cpus=4), training=True)  # levers fit without Ray
+    alone = args.levers or args.autoencoders  # modes that fit without Ray
+    started_ray = False if alone else init_ray(RayConfig(num_cpus=4), training=True)
     try:
         from factory.toy.demo import DM_LABELED_SEEDS
+
+        if args.autoencoders:  # the autoencoder ceiling alone, per pipeline folder
+            report = {"benchmark": "quality", "quick": args.quick, "classes": toyworld.CLASSES,
+                      "autoencoders": autoencoders(args, workdir)}
+            return finish(report, args, busy0, t0)
 
         if args.levers:  # the DM decoder's levers alone: no downstream sets, no generation
             from factory.toy.demo import demo_config, prepare_labels
@@ -492,12 +572,16 @@ def main(argv: list[str] | None = None) -> dict:
             "paths": {path: run_path(path, args, workdir, real, sets) for path in args.paths},
         }
         if args.diagnose:
+            from factory.backbones import load_backbone
             from factory.dataset.read import iter_samples
 
-            generated = {path: np.stack([s["image"] for s in iter_samples(os.path.join(workdir, path, "dataset"),
-                                                                           limit=args.eval_images)])
-                         for path in args.paths}
-            report["kid"] = backbone_kid(report, sets, workdir, generated)
+            images = {f"{path} backbone": np.stack([s["image"] for s in iter_samples(
+                os.path.join(workdir, path, "dataset"), limit=args.eval_images)]) for path in args.paths}
+            for path in filter(is_dm, args.paths):  # the images' ceiling set by the autoencoder alone
+                backbone = load_backbone(path_config(path, workdir, args).backbone)
+                report["paths"][path]["autoencoder"], reconstructed = autoencoder_ceiling(backbone, sets)
+                images[f"{path} autoencoder (validation faces reconstructed)"] = reconstructed
+            report["kid"] = backbone_kid(sets, images)
         if args.active:  # which 16 images to label next (issue 20); its own runs, its own report
             import active
 
@@ -524,6 +608,8 @@ def finish(report: dict, args: argparse.Namespace, busy0, t0: float) -> dict:
         report["machine_busy_cpu_seconds"] = round(busy1 - busy0, 1)
     if report.get("levers"):
         print_levers(report)
+    elif "autoencoders" in report:
+        print_autoencoders(report)
     else:
         print_table(report)
     print(f"\n{wall:.0f} s; results in {args.out}")

@@ -82,3 +82,37 @@ def test_levers_mode_refits_the_dm_decoder_once_per_setting(tmp_path, ray_cluste
     for row in report["dm_levers"].values():
         assert chance < row["miou"] < 1 and 0 < row["shifted_miou"] < 1 and len(row["iou"]) == len(report["classes"])
     assert report["dm_levers"]["image off"]["settings"] == ["backbone.diffusion.image_features=false"]
+
+
+def test_autoencoder_ceiling_scores_real_faces_before_and_after_the_dm_backbones_autoencoder(tmp_path):
+    """`--diagnose`'s images-ceiling row: the stand-in annotator on validation faces and on the same
+    faces through the shipped toy pipeline's VAE; a blurring autoencoder loses parts, never gains them."""
+    import numpy as np
+    import quality
+
+    from factory.backbones import load_backbone
+    from factory.data import toyworld
+
+    args = quality.parse_args(["--quick"])
+    backbone = load_backbone(quality.path_config("dm", str(tmp_path), args).backbone)
+    faces = toyworld.arrays(range(quality.VAL_START, quality.VAL_START + 24), 32)
+    row, reconstructed = quality.autoencoder_ceiling(backbone, {"val": faces})
+    assert reconstructed.shape == faces[0].shape and reconstructed.dtype == np.uint8
+    assert not np.array_equal(reconstructed, faces[0])  # it went through the autoencoder
+    assert 0.5 < row["annotator_miou_originals"] <= 1  # the annotator knows real toy faces
+    assert 0 < row["annotator_miou_reconstructed"] < row["annotator_miou_originals"]
+    assert 15 < row["psnr_db"] < 60 and len(row["iou_reconstructed"]) == len(toyworld.CLASSES)
+    rows = quality.backbone_kid({"held_out": faces, "val": faces, "shifted": faces}, {"reconstructed": reconstructed})
+    assert rows["real (validation faces)"] < 0.001 < rows["reconstructed"]  # the faces themselves: no distance
+
+
+def test_autoencoders_mode_scores_each_named_pipeline_without_ray(tmp_path):
+    import quality
+
+    out = tmp_path / "ae.json"
+    report = quality.main(["--quick", "--autoencoders", "pkg://toy_diffusion", "--workdir", str(tmp_path / "w"),
+                           "--out", str(out)])
+    assert "paths" not in report and list(report["autoencoders"]["pipelines"]) == ["pkg://toy_diffusion"]
+    row = report["autoencoders"]["pipelines"]["pkg://toy_diffusion"]
+    assert row["annotator_miou_reconstructed"] < row["annotator_miou_originals"] and row["psnr_db"] > 15
+    assert row["kid"] > report["autoencoders"]["floor_kid"]
