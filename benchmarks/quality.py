@@ -452,14 +452,23 @@ def autoencoder_ceiling(backbone, sets: dict) -> tuple[dict, np.ndarray]:
             "iou_reconstructed": scores["reconstructed"], "psnr_db": round(10 * np.log10(4 / mse), 2)}, reconstructed
 
 
+def face_sets(args: argparse.Namespace, shifted: bool = True, resolution: int = 32) -> dict:
+    """The real faces every score reads: held-out, validation and (unless `shifted=False`) shifted."""
+    from factory.data import toyworld
+
+    sets = {"held_out": toyworld.arrays(range(EVAL_START, EVAL_START + args.eval_images), resolution),
+            "val": toyworld.arrays(range(VAL_START, VAL_START + args.val_images), resolution)}
+    if shifted:
+        sets["shifted"] = toyworld.arrays(range(SHIFT_START, SHIFT_START + args.eval_images), resolution, shift=shift())
+    return sets
+
+
 def autoencoders(args: argparse.Namespace, workdir: str) -> dict:
     """`--autoencoders`: `autoencoder_ceiling` and the reconstructions' KID for each named pipeline,
     beside the KID of the validation faces themselves (the floor)."""
     from factory.backbones import load_backbone
-    from factory.data import toyworld
 
-    sets = {"val": toyworld.arrays(range(VAL_START, VAL_START + args.val_images), 32),
-            "held_out": toyworld.arrays(range(EVAL_START, EVAL_START + args.eval_images), 32)}
+    sets = face_sets(args, shifted=False)
     rows, images = {}, {}
     for weights in [w.strip() for w in args.autoencoders.split(",") if w.strip()]:
         backbone = load_backbone(path_config("dm", workdir, args, [f"backbone.weights={weights}"]).backbone)
@@ -556,11 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
             return finish(report, args, busy0, t0)
         resolution = 32  # both shipped backbones
         real = toyworld.arrays(DM_LABELED_SEEDS, resolution)
-        sets = {
-            "held_out": toyworld.arrays(range(EVAL_START, EVAL_START + args.eval_images), resolution),
-            "val": toyworld.arrays(range(VAL_START, VAL_START + args.val_images), resolution),
-            "shifted": toyworld.arrays(range(SHIFT_START, SHIFT_START + args.eval_images), resolution, shift=shift()),
-        }
+        sets = face_sets(args, resolution=resolution)
         num_classes = len(toyworld.CLASSES)
         chance = segmenter.chance_iou(sets["held_out"][1], num_classes)
         report = {
