@@ -1,6 +1,6 @@
 """Label quality: the papers' evaluation protocol in miniature, for both paths, on the toy world.
 
-    python benchmarks/quality.py [--quick] [--diagnose] [--levers] [--autoencoders W,...] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
+    python benchmarks/quality.py [--quick] [--diagnose] [--levers] [--autoencoders W,... [--kid-images 200]] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
         [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
@@ -50,7 +50,9 @@ thousands of epochs of one and a few of the other.
   again, scored by the stand-in annotator against their ground truth (beside its score on the
   originals), by PSNR, and by KID: every generated image leaves through that decoder, so what it
   blurs away here no sampler or decoder brings back; `--autoencoders W1,W2,...` runs this row alone
-  for the named pipeline folders (or `pkg://` names), side by side (a minute: no Ray, no fits).
+  for the named pipeline folders (or `pkg://` names), side by side, with the KID of `--kid-images`
+  images each one generates as the DM path's build samples them (a minute or two per pipeline: no
+  Ray, no fits).
 
 Chance is the mIoU of guessing each pixel's class by the held-out set's class frequencies (per class
 p / (2 - p)). Seeds: the backbones trained on toy scenes 0-3,999, the annotator on 2,000,000 on, the
@@ -115,7 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autoencoders",
                    help="only the autoencoder ceiling, for these comma-separated diffusion pipeline folders or "
                         "pkg:// names: the validation faces through each VAE and back, scored by the stand-in "
-                        "annotator, PSNR and KID")
+                        "annotator, PSNR and KID; and the KID of --kid-images images each pipeline generates")
+    p.add_argument("--kid-images", type=int,
+                   help="--autoencoders: images generated per pipeline for their KID (default 200; quick 32)")
     p.add_argument("--active", action="store_true",
                    help="add active annotation: 16 random + 16 suggested vs 32 random labels (benchmarks/active.py)")
     p.add_argument("--paths", default="gan,dm", help="comma-separated: gan, dm, dm-sd3 (default gan,dm)")
@@ -137,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eval_images = args.eval_images or (48 if quick else 1000)
     args.val_images = args.val_images or (16 if quick else 200)
     args.segmenter_steps = args.segmenter_steps or (36 if quick else 2400)
+    args.kid_images = args.kid_images or (32 if quick else 200)
     if args.projection_images is None:
         args.projection_images = 8 if quick else 64
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
@@ -471,20 +476,42 @@ def autoencoders(args: argparse.Namespace, workdir: str) -> dict:
     sets = face_sets(args, shifted=False)
     rows, images = {}, {}
     for weights in [w.strip() for w in args.autoencoders.split(",") if w.strip()]:
-        backbone = load_backbone(path_config("dm", workdir, args, [f"backbone.weights={weights}"]).backbone)
+        cfg = path_config("dm", workdir, args, [f"backbone.weights={weights}"])
+        backbone = load_backbone(cfg.backbone)
         rows[weights], images[weights] = autoencoder_ceiling(backbone, sets)
+        images[f"{weights} generated"] = generated_images(backbone, cfg, args.kid_images)
     kids = backbone_kid(sets, images)
     for weights, row in rows.items():
-        row["kid"] = kids[weights]
-    return {"floor_kid": kids["real (validation faces)"], "pipelines": rows}
+        row["kid"], row["kid_generated"] = kids[weights], kids[f"{weights} generated"]
+    return {"floor_kid": kids["real (validation faces)"], "generated_images": args.kid_images, "pipelines": rows}
+
+
+def generated_images(backbone, cfg, count: int) -> np.ndarray:
+    """`count` images as the DM path's build samples them: the demo's sampler and prompts, seeds from
+    `generate.start_seed`, batches of `generate.batch_size`."""
+    import torch
+
+    from factory.data import prompts
+    from factory.recipes.labeling import prompts_for
+
+    found, _ = prompts.resolve(cfg.prompts, cfg.label_names(), cfg.generate.output)
+    texts = [p.text for p in found]
+    seeds = list(range(cfg.generate.start_seed, cfg.generate.start_seed + count))
+    step = cfg.generate.batch_size
+    with torch.inference_mode():
+        return np.concatenate([backbone(seeds[i:i + step], prompts_for(seeds[i:i + step], texts, seeds[0])).images.numpy()
+                               for i in range(0, count, step)])
 
 
 def print_autoencoders(report: dict) -> None:
     a = report["autoencoders"]
     print(f"\nreal faces through each pipeline's autoencoder and back (KID floor {a['floor_kid']:.4f})")
-    print(f"{'pipeline':40} {'annot.':>6} {'PSNR':>5} {'KID':>7}  " + " ".join(f"{c[:5]:>5}" for c in report["classes"]))
+    print(f"(KID gen.: {a['generated_images']} images each pipeline generates with the demo's sampler)")
+    print(f"{'pipeline':40} {'annot.':>6} {'PSNR':>5} {'KID':>7} {'gen.':>7}  "
+          + " ".join(f"{c[:5]:>5}" for c in report["classes"]))
     for weights, row in a["pipelines"].items():
-        print(f"{weights[-40:]:40} {row['annotator_miou_reconstructed']:6.3f} {row['psnr_db']:5.1f} {row['kid']:7.4f}  "
+        print(f"{weights[-40:]:40} {row['annotator_miou_reconstructed']:6.3f} {row['psnr_db']:5.1f} {row['kid']:7.4f} "
+              f"{row['kid_generated']:7.4f}  "
               + _row(row["iou_reconstructed"]) + f"  (originals {row['annotator_miou_originals']:.3f})")
 
 

@@ -273,3 +273,40 @@ def test_sd_family_with_a_reused_vae_trains_the_unet_only(folders, tmp_path):
     shipped = frozen_vae(cfg.pretrain.vae_from)
     assert_same(shipped.state_dict(), recipe.pipe.vae.state_dict())
     assert recipe.scaling_factor == shipped.config.scaling_factor == recipe.pipe.vae.config.scaling_factor
+
+
+@pytest.mark.parametrize("kind, stops", [("diffusion", [1, 3]), ("sd3", [2])])
+def test_denoiser_ema_is_what_is_published_and_resumes_exactly(kind, stops, folders, tmp_path):
+    """`pretrain.denoiser_ema`: the published UNet / transformer is the moving average, not the last
+    weights; a resumed run (diffusion: in the VAE's phase and in the UNet's) ends with the same
+    average; and the setting is part of what a checkpoint may resume from."""
+    from safetensors.torch import load_file
+
+    from factory.recipes.pretrain import inputs_hash
+
+    cfg = tiny_cfg(tmp_path, kind, "pretrain.denoiser_ema=true", "pretrain.checkpoint_every=1",
+                   "pretrain.steps=4", "pretrain.ema_half_life=4")
+    data = load_image_folder(folders[kind], resolution_of(cfg))
+    saved = {}
+
+    def keep(metrics, recipe, step):
+        saved[step] = {"recipe": snapshot(recipe), "step": step,
+                       "losses": {k: v for k, v in metrics.items() if k not in ("step", "start_step")}}
+
+    straight, _ = fit(cfg, data, torch.device("cpu"), report=keep)
+    denoiser = "unet" if kind == "diffusion" else "transformer"
+    average, last = straight.state_dict()[f"ema_{denoiser}"], straight.state_dict()[denoiser]
+    assert average.keys() == last.keys()
+    assert any(not torch.equal(average[k], last[k]) for k in average)  # an average, not the last step
+    straight.export(str(tmp_path / "out"))
+    published = load_file(str(tmp_path / "out" / "pipeline" / denoiser / "diffusion_pytorch_model.safetensors"))
+    assert_same(published, {k: v for k, v in average.items()})
+    assert getattr(straight.pipe, denoiser) is not straight.ema  # the trained weights train on after an export
+    for stop in stops:
+        resumed, _ = fit(cfg, data, torch.device("cpu"), restore=lambda: saved[stop])
+        assert_same(average, resumed.state_dict()[f"ema_{denoiser}"])
+    without = tiny_cfg(tmp_path, kind, "pretrain.checkpoint_every=1", "pretrain.steps=4", "pretrain.ema_half_life=4")
+    assert inputs_hash(cfg, data) != inputs_hash(without, data)
+    plain, _ = fit(without, data, torch.device("cpu"))
+    assert plain.state_dict()[f"ema_{denoiser}"] is None and plain.ema is None
+    assert_same(last, plain.state_dict()[denoiser])  # the average never feeds back into training

@@ -110,6 +110,7 @@ def test_autoencoder_ceiling_scores_real_faces_before_and_after_the_dm_backbones
 
 
 def test_autoencoders_mode_scores_each_named_pipeline_without_ray(tmp_path):
+    import numpy as np
     import quality
 
     out = tmp_path / "ae.json"
@@ -119,3 +120,6 @@ def test_autoencoders_mode_scores_each_named_pipeline_without_ray(tmp_path):
     row = report["autoencoders"]["pipelines"]["pkg://toy_diffusion"]
     assert row["annotator_miou_reconstructed"] < row["annotator_miou_originals"] and row["psnr_db"] > 15
     assert abs(report["autoencoders"]["floor_kid"]) < 0.01 and row["kid"] < 0.05  # a face-keeping autoencoder
+    # and what each pipeline generates, sampled as the DM path's build samples (32 images in --quick)
+    assert report["autoencoders"]["generated_images"] == 32 and np.isfinite(row["kid_generated"])
+    assert row["kid_generated"] < 0.05  # face-like images (noise or grey images are far outside this)

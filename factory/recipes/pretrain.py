@@ -82,7 +82,7 @@ def build_recipe(cfg: FactoryConfig, data: ImageFolder, device: torch.device, wo
         return GanRecipe(cfg, data, device, world_size)
     if cfg.backbone.kind == "diffusion":
         recipe = FlowRecipe if cfg.pretrain.family == "sd3" else DiffusionRecipe
-        return recipe(cfg, data, device, wrap)
+        return recipe(cfg, data, device, wrap, world_size)
     raise ValueError(f"backbone.kind must be 'stylegan2' or 'diffusion', got {cfg.backbone.kind!r}")
 
 
@@ -141,6 +141,8 @@ def inputs_hash(cfg: FactoryConfig, data: ImageFolder) -> str:
         inputs["vae_from"] = vae_hash(p.vae_from)
         if p.family == "sd3":
             inputs["dit"] = [p.dit_layers, p.dit_heads, p.dit_head_dim, p.dit_patch, p.flow_shift]
+    if b.kind == "diffusion" and p.denoiser_ema:  # what is published, and the state a checkpoint holds
+        inputs["denoiser_ema"] = True
     return config_lib.stable_hash(inputs)
 
 

@@ -21,6 +21,7 @@ from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder
 from factory.data.images import to_float
 from factory.fingerprint import files_hash
+from factory.recipes.ema import ema_copy, ema_update
 from factory.recipes.ray_train import TrainError
 
 PIPELINE_DIR = "pipeline"
@@ -67,7 +68,7 @@ class DiffusionRecipe:
     """Steps 0 .. vae_steps-1 train the VAE, the rest the UNet on the frozen VAE's latents."""
 
     def __init__(self, cfg: FactoryConfig, data: ImageFolder, device: torch.device,
-                 wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module], world_size: int = 1) -> None:
         from diffusers import DDPMScheduler
 
         from factory.backbones.tiny_diffusion import build_tiny_pipeline  # imports diffusers + transformers
@@ -100,6 +101,8 @@ class DiffusionRecipe:
             self.opt_vae = None
         self.unet_loss = wrap(_UNetLoss(pipe.unet.train()).to(device))
         self.opt_unet = torch.optim.Adam(pipe.unet.parameters(), lr=p.lr)
+        self.ema = ema_copy(pipe.unet) if p.denoiser_ema else None  # what is published, with denoiser_ema
+        self.batch = p.batch_size * world_size
         text_encoder = pipe.text_encoder.to(device).eval().requires_grad_(False)
         unique = sorted(set(data.prompts) | {""})
         with torch.no_grad():
@@ -149,6 +152,8 @@ class DiffusionRecipe:
         self.opt_unet.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_unet.step()
+        if self.ema is not None:
+            ema_update(self.ema, self.pipe.unet, (step - p.vae_steps + 1) * self.batch, self.batch, p.ema_half_life)
         return {"loss_unet": loss.item()}
 
     @torch.no_grad()
@@ -167,7 +172,7 @@ class DiffusionRecipe:
     def state_dict(self) -> dict:
         return {"vae": self.pipe.vae.state_dict(), "unet": self.pipe.unet.state_dict(),
                 "opt_vae": self.opt_vae.state_dict() if self.opt_vae else None, "opt_unet": self.opt_unet.state_dict(),
-                "scaling_factor": self.scaling_factor}
+                "scaling_factor": self.scaling_factor, "ema_unet": self.ema.state_dict() if self.ema else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.pipe.vae.load_state_dict(state["vae"])
@@ -175,6 +180,8 @@ class DiffusionRecipe:
         if self.opt_vae is not None:
             self.opt_vae.load_state_dict(state["opt_vae"])
         self.opt_unet.load_state_dict(state["opt_unet"])
+        if self.ema is not None:  # a checkpoint without one has a different inputs hash: never resumed here
+            self.ema.load_state_dict(state["ema_unet"])
         if state["scaling_factor"] is not None:
             self.scaling_factor = float(state["scaling_factor"])
             self.pipe.vae.eval().requires_grad_(False).register_to_config(scaling_factor=self.scaling_factor)
@@ -184,6 +191,18 @@ class DiffusionRecipe:
         hash, computed as a pipeline folder's is (what `load_backbone` reports for it)."""
         if self.scaling_factor is None:  # a checkpoint during the VAE's steps: scale it, keep training it
             self.pipe.vae.register_to_config(scaling_factor=self._latent_scale())
-        self.pipe.save_pretrained(os.path.join(directory, PIPELINE_DIR), safe_serialization=True)
         folder = os.path.join(directory, PIPELINE_DIR)
+        save_pipeline(self.pipe, folder, "unet", self.ema)
         return files_hash(folder, component_files(folder))
+
+
+def save_pipeline(pipe, folder: str, denoiser: str, ema: torch.nn.Module | None) -> None:
+    """`save_pretrained` (safetensors) with the EMA copy, when there is one, in place of the trained
+    `denoiser` component ("unet" or "transformer")."""
+    trained = getattr(pipe, denoiser)
+    if ema is not None:
+        pipe.register_modules(**{denoiser: ema})
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        pipe.register_modules(**{denoiser: trained})

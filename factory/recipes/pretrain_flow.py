@@ -25,7 +25,8 @@ from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder
 from factory.data.images import to_float
 from factory.fingerprint import files_hash
-from factory.recipes.pretrain_diffusion import PIPELINE_DIR, frozen_vae
+from factory.recipes.ema import ema_copy, ema_update
+from factory.recipes.pretrain_diffusion import PIPELINE_DIR, frozen_vae, save_pipeline
 from factory.recipes.ray_train import TrainError
 
 
@@ -60,7 +61,7 @@ class FlowRecipe:
     """Every step trains the transformer; the VAE and the text encoders stay frozen."""
 
     def __init__(self, cfg: FactoryConfig, data: ImageFolder, device: torch.device,
-                 wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module], world_size: int = 1) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from factory.backbones.tiny_families import build_tiny_sd3  # imports diffusers + transformers
@@ -86,6 +87,8 @@ class FlowRecipe:
         self.train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         self.loss = wrap(_FlowLoss(pipe.transformer.train()).to(device))
         self.opt = torch.optim.Adam(pipe.transformer.parameters(), lr=p.lr)
+        self.ema = ema_copy(pipe.transformer) if p.denoiser_ema else None  # what is published, with denoiser_ema
+        self.batch = p.batch_size * world_size
         self.mean, self.std = self._posteriors(np.array(data.images))
         unique = sorted(set(data.prompts) | {""})
         with torch.no_grad():
@@ -125,18 +128,23 @@ class FlowRecipe:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.ema is not None:
+            ema_update(self.ema, self.pipe.transformer, (step + 1) * self.batch, self.batch, p.ema_half_life)
         return {"loss_flow": loss.item()}
 
     def state_dict(self) -> dict:
-        return {"transformer": self.pipe.transformer.state_dict(), "opt": self.opt.state_dict()}
+        return {"transformer": self.pipe.transformer.state_dict(), "opt": self.opt.state_dict(),
+                "ema_transformer": self.ema.state_dict() if self.ema else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.pipe.transformer.load_state_dict(state["transformer"])
         self.opt.load_state_dict(state["opt"])
+        if self.ema is not None:  # a checkpoint without one has a different inputs hash: never resumed here
+            self.ema.load_state_dict(state["ema_transformer"])
 
     def export(self, directory: str) -> str:
         """The whole pipeline (`save_pretrained`, safetensors) under `PIPELINE_DIR`; returns its content
         hash, computed as a pipeline folder's is (what `load_backbone` reports for it)."""
         folder = os.path.join(directory, PIPELINE_DIR)
-        self.pipe.save_pretrained(folder, safe_serialization=True)
+        save_pipeline(self.pipe, folder, "transformer", self.ema)
         return files_hash(folder, component_files(folder))

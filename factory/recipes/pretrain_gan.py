@@ -20,6 +20,7 @@ from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder
 from factory.data.images import to_float
 from factory.fingerprint import state_hash
+from factory.recipes.ema import ema_copy, ema_update
 
 GAN_FILE = "generator.safetensors"
 
@@ -47,7 +48,7 @@ class GanRecipe:
         self.images = torch.from_numpy(np.array(data.images))  # a writable copy (Ray hands read-only arrays)
         self.generator = StyleGAN2Generator(arch, seed=cfg.backbone.init_seed).to(device).train()
         self.discriminator = StyleGAN2Discriminator(arch, seed=cfg.backbone.init_seed + 1).to(device).train()
-        self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        self.ema = ema_copy(self.generator)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=p.lr, betas=(0.0, 0.99), eps=1e-8)
         c = p.r1_every / (p.r1_every + 1)  # lazy regularization (paper, Sec. 3.1)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=p.lr * c, betas=(0.0, 0.99**c), eps=1e-8)
@@ -104,13 +105,7 @@ class GanRecipe:
 
         # 3. EMA generator (stylegan2-ada's schedule: a half-life in images, ramped up early on).
         batch = p.batch_size * self.world_size
-        half_life = min(p.ema_half_life, (step + 1) * batch * 0.05)
-        beta = 0.5 ** (batch / max(half_life, 1e-8))
-        with torch.no_grad():
-            for e, g in zip(self.ema.parameters(), G.parameters()):
-                e.copy_(g.lerp(e, beta))
-            for e, g in zip(self.ema.buffers(), G.buffers()):
-                e.copy_(g)
+        ema_update(self.ema, G, (step + 1) * batch, batch, p.ema_half_life)
         return losses
 
     def state_dict(self) -> dict:
