@@ -303,7 +303,7 @@ def test_denoiser_ema_is_what_is_published_and_resumes_exactly(kind, stops, fold
     assert_same(published, {k: v for k, v in average.items()})
     assert getattr(straight.pipe, denoiser) is not straight.ema  # the trained weights train on after an export
     for stop in stops:
-        resumed, _ = fit(cfg, data, torch.device("cpu"), restore=lambda: saved[stop])
+        resumed, _ = fit(cfg, data, torch.device("cpu"), restore=lambda stop=stop: saved[stop])
         assert_same(average, resumed.state_dict()[f"ema_{denoiser}"])
     without = tiny_cfg(tmp_path, kind, "pretrain.checkpoint_every=1", "pretrain.steps=4", "pretrain.ema_half_life=4")
     assert inputs_hash(cfg, data) != inputs_hash(without, data)
