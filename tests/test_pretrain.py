@@ -227,10 +227,16 @@ def test_cli_publishes_weights_load_backbone_serves(kind, tmp_path, ray_cluster,
         assert backbone.resolution == 16
         out = backbone([0, 1])
         assert out.images.shape == (2, 16, 16, 3)
-        # the same run_name resumes: two more steps continue from the published four
-        assert main([*args, "pretrain.steps=6"]) == 0
+        # the same run_name resumes: two more steps, decaying the rate, continue from the published four
+        assert main([*args, "pretrain.steps=6", "pretrain.lr_decay_steps=2"]) == 0
         record = json.loads(record_file.read_text())
         assert record["steps"] == 6 and record["resumed_from_step"] == 4
+        capsys.readouterr()
+        # its last checkpoint decayed: continuing it at a constant rate is refused, the published weights kept
+        published = output.read_bytes()
+        assert main([*args, "pretrain.steps=8"]) != 0
+        assert "trained with a decay over steps 4-6" in capsys.readouterr().err
+        assert output.read_bytes() == published
     else:
         assert (output / "model_index.json").is_file() and (output / "vae" / "config.json").is_file()
         assert json.loads((output / "vae" / "config.json").read_text())["scaling_factor"] != 0.18215
@@ -310,3 +316,60 @@ def test_denoiser_ema_is_what_is_published_and_resumes_exactly(kind, stops, fold
     plain, _ = fit(without, data, torch.device("cpu"))
     assert plain.state_dict()[f"ema_{denoiser}"] is None and plain.ema is None
     assert_same(last, plain.state_dict()[denoiser])  # the average never feeds back into training
+
+
+@pytest.mark.parametrize("kind", ["stylegan2", "diffusion", "sd3"])
+def test_lr_decay_extends_a_finished_run_and_refuses_a_different_schedule(kind, folders, tmp_path):
+    """`pretrain.lr_decay_steps`: the last steps decay the rate linearly to zero (diffusion: the
+    denoiser's); a finished constant-rate run, given more steps with a decay over them, resumes and
+    ends exactly where a decaying run from scratch ends; a checkpoint whose steps had other rates is
+    refused, naming both schedules."""
+    from factory.config import ConfigError
+    from factory.recipes.ray_train import TrainError
+
+    steps = int(tiny_cfg(tmp_path, kind).pretrain.steps)
+    constant = tiny_cfg(tmp_path, kind, "pretrain.checkpoint_every=1")
+    decaying = tiny_cfg(tmp_path, kind, "pretrain.checkpoint_every=1", f"pretrain.steps={steps + 2}",
+                        "pretrain.lr_decay_steps=2")
+    data = load_image_folder(folders[kind], resolution_of(constant))
+    saved = {}
+
+    def keep(into):
+        def report(metrics, recipe, step):
+            into[step] = {"recipe": snapshot(recipe), "step": step, "inputs_hash": "",
+                          "lr_decay": list(recipe.lr_decay) if recipe.lr_decay else None,
+                          "losses": {k: v for k, v in metrics.items() if k not in ("step", "start_step")}}
+        return report
+
+    first, _ = fit(constant, data, torch.device("cpu"), report=keep(saved))
+    end = first.total_steps
+    assert first.lr_decay is None
+    straight_saved = {}
+    straight, _ = fit(decaying, data, torch.device("cpu"), report=keep(straight_saved))
+    assert straight.lr_decay == (end, end + 2)
+    extended, metrics = fit(decaying, data, torch.device("cpu"), restore=lambda: saved[end])
+    assert metrics["start_step"] == end and metrics["step"] == end + 2
+    assert_same(weights(straight), weights(extended))
+    # the last step trained at half the rate (2 decay steps: 1, then 1/2), every optimizer of the run
+    base = decaying.pretrain.lr
+    optimizers = {"stylegan2": lambda r: [(r.opt_g, base), (r.opt_d, base * 2 / 3)],  # r1_every=2: D's lr x 2/3
+                  "diffusion": lambda r: [(r.opt_unet, base)], "sd3": lambda r: [(r.opt, base)]}[kind](straight)
+    for optimizer, lr in optimizers:
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr / 2] * len(optimizer.param_groups))
+    if kind == "diffusion":  # the VAE's steps keep the full rate
+        assert [g["lr"] for g in straight.opt_vae.param_groups] == [base] * len(straight.opt_vae.param_groups)
+    longer, _ = fit(tiny_cfg(tmp_path, kind, f"pretrain.steps={steps + 2}"), data, torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(longer).values(), weights(straight).values()))
+
+    # a checkpoint inside the decay, continued at a constant rate or another decay: refused
+    with pytest.raises(TrainError, match=rf"step {end + 1} was trained with a decay over steps {end}-{end + 2}.*"
+                                         r"asks for a constant rate.*pretrain.lr_decay_steps"):
+        fit(tiny_cfg(tmp_path, kind, f"pretrain.steps={steps + 2}"), data, torch.device("cpu"),
+            restore=lambda: straight_saved[end + 1])
+    with pytest.raises(TrainError, match=rf"asks for a decay over steps {end - 1}-{end + 2}"):
+        fit(tiny_cfg(tmp_path, kind, f"pretrain.steps={steps + 2}", "pretrain.lr_decay_steps=3"), data,
+            torch.device("cpu"), restore=lambda: straight_saved[end + 1])
+    with pytest.raises(ConfigError, match=rf"pretrain.lr_decay_steps={steps + 1} is more than pretrain.steps={steps}"):
+        tiny_cfg(tmp_path, kind, f"pretrain.lr_decay_steps={steps + 1}")
+    with pytest.raises(ConfigError, match=r"pretrain.lr_decay_steps must be >= 0, got -1"):
+        tiny_cfg(tmp_path, kind, "pretrain.lr_decay_steps=-1")

@@ -320,6 +320,13 @@ class PretrainConfig:
     models are usually released. A constant learning rate leaves the last weights noisy: on the toy
     pipeline two checkpoints 1,000 steps apart generated images at KID 0.016 and 0.008. Off by default
     so earlier configs train what they trained; a checkpoint resumes only with the same setting."""
+    lr_decay_steps: int = 0
+    """The run's last this many steps decay the learning rate linearly to zero (the denoiser's steps
+    for diffusion, the VAE's keep `lr`; both networks' for stylegan2); 0 keeps it constant. The steps
+    before the decay train exactly as a constant-rate run, so a finished run is continued with a decay
+    by raising `steps` and setting this to the added steps: it resumes from its last checkpoint. A
+    checkpoint resumes only where its steps would have had the same rates (else refused, naming
+    both schedules). On the toy pipeline: see README, Training your own backbone."""
     vae_steps: int = 1000
     """diffusion: steps training the VAE alone (L1 reconstruction + kl_weight x KL) before the UNet."""
     kl_weight: float = 1e-5
@@ -354,6 +361,10 @@ class PretrainConfig:
         at_least("pretrain", self, 0, ("vae_steps", "max_failures", "r1_gamma", "kl_weight"))
         positive("pretrain", self, ("lr", "cpus_per_worker", "ema_half_life"))
         within("pretrain.prompt_dropout", self.prompt_dropout, 0.0, 1.0, open_high=True)
+        at_least("pretrain", self, 0, ("lr_decay_steps",))
+        if self.lr_decay_steps > self.steps:
+            raise ConfigError(f"pretrain.lr_decay_steps={self.lr_decay_steps} is more than pretrain.steps={self.steps}: "
+                              "the decay runs over the last steps of the run (the denoiser's, for diffusion)")
         at_least("pretrain", self, 1, ("dit_layers", "dit_heads", "dit_head_dim", "dit_patch"))
         positive("pretrain", self, ("flow_shift",))
         if self.family not in ("sd", "sd3"):

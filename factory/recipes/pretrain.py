@@ -36,6 +36,7 @@ from factory.backbones.diffusion import files_of
 from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder, load_image_folder
 from factory.fingerprint import files_hash
+from factory.recipes import lr_decay
 from factory.recipes.pretrain_diffusion import PIPELINE_DIR, DiffusionRecipe
 from factory.recipes.pretrain_flow import FlowRecipe
 from factory.recipes.pretrain_gan import GAN_FILE, GanRecipe
@@ -107,6 +108,7 @@ def fit(
     step = start_step = int(state["step"]) if state else 0
     last: dict[str, float] = dict(state["losses"]) if state else {}
     if state:
+        lr_decay.check_resume(state.get("lr_decay"), recipe.lr_decay, step)
         recipe.load_state_dict(state["recipe"])
     losses, metrics, pending = _Losses(), {}, False
     while True:
@@ -179,7 +181,8 @@ def _worker(loop_config: dict) -> None:
         def write(d: str) -> None:
             weights_hash = recipe.export(d)
             losses = {k: v for k, v in metrics.items() if k not in ("step", "start_step")}
-            torch.save({"recipe": recipe.state_dict(), "step": step, "losses": losses, "inputs_hash": expected},
+            torch.save({"recipe": recipe.state_dict(), "step": step, "losses": losses, "inputs_hash": expected,
+                        "lr_decay": list(recipe.lr_decay) if recipe.lr_decay else None},
                        os.path.join(d, STATE_FILE))
             with open(os.path.join(d, RECORD_FILE), "w") as f:
                 json.dump({"weights_hash": weights_hash}, f)

@@ -21,6 +21,7 @@ from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder
 from factory.data.images import to_float
 from factory.fingerprint import files_hash
+from factory.recipes import lr_decay
 from factory.recipes.ema import ema_copy, ema_update
 from factory.recipes.ray_train import TrainError
 
@@ -113,6 +114,7 @@ class DiffusionRecipe:
         self.empty_index = unique.index("")
         self.scaling_factor: float | None = pipe.vae.config.scaling_factor if p.vae_from is not None else None
         self.total_steps = p.vae_steps + p.steps
+        self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps)  # the UNet's last steps
 
     def train_step(self, step: int, gen: torch.Generator) -> dict[str, float]:
         p = self.p
@@ -149,6 +151,7 @@ class DiffusionRecipe:
         else:
             target = latents  # "sample"
         loss = self.unet_loss(noisy, t, context, target)
+        lr_decay.apply([(self.opt_unet, p.lr)], step, self.lr_decay)
         self.opt_unet.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_unet.step()

@@ -25,6 +25,7 @@ from factory.config import FactoryConfig
 from factory.data.image_folder import ImageFolder
 from factory.data.images import to_float
 from factory.fingerprint import files_hash
+from factory.recipes import lr_decay
 from factory.recipes.ema import ema_copy, ema_update
 from factory.recipes.pretrain_diffusion import PIPELINE_DIR, frozen_vae, save_pipeline
 from factory.recipes.ray_train import TrainError
@@ -98,6 +99,7 @@ class FlowRecipe:
         self.prompt_index = torch.tensor([unique.index(t) for t in data.prompts])
         self.empty_index = unique.index("")
         self.total_steps = p.steps
+        self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps)
 
     @torch.no_grad()
     def _posteriors(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +127,7 @@ class FlowRecipe:
         text = torch.where(drop, self.empty_index, self.prompt_index[idx]).to(self.device)
         noisy = (1.0 - sigma) * latents + sigma * noise
         loss = self.loss(noisy, timestep, self.embeds[text], self.pooled[text], noise - latents)
+        lr_decay.apply([(self.opt, p.lr)], step, self.lr_decay)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
