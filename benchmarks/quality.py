@@ -22,7 +22,10 @@ default `--paths`:
    (c) on both (the 16 real ones repeated to make up about a quarter of the images),
    each scored on `--eval-images` held-out real toy faces and on as many faces of a *shifted* toy
    world (SHIFT: smaller faces, stronger roll, harsher light): IoU per class and mean.
-3. filtering: (b) again without the 10% most uncertain samples (by their stored uncertainty).
+3. filtering: (b) again without the 10% most uncertain samples (by their stored uncertainty), and
+   what the filter drops: each sample's label against the stand-in annotator's on its image, for the
+   dropped, the kept and the worst-agreeing 10%, with the rank correlation of uncertainty and
+   agreement (`filter_check`), so a filter that does not pay says why.
 
 One rule for every downstream run (the papers' protocol): train for `--segmenter-steps` (cosine
 learning rate) and keep the step whose mIoU on `--val-images` real toy faces is best, scored every
@@ -204,6 +207,42 @@ def annotator_agreement(decoder_masks: np.ndarray, images: np.ndarray, num_class
     return {"miou": segmenter.mean_iou(per_class), "iou": per_class}
 
 
+def per_sample_miou(a: np.ndarray, b: np.ndarray, num_classes: int) -> np.ndarray:
+    """mIoU of each pair of masks a[i], b[i] ([N, H, W] class ids), over the classes in either."""
+    inter, union = np.zeros((len(a), num_classes)), np.zeros((len(a), num_classes))
+    for c in range(num_classes):
+        x, y = a == c, b == c
+        inter[:, c], union[:, c] = (x & y).sum((1, 2)), (x | y).sum((1, 2))
+    present = union > 0
+    return np.where(present, inter / np.maximum(union, 1), 0.0).sum(1) / present.sum(1)
+
+
+def filter_check(masks: np.ndarray, images: np.ndarray, scores: np.ndarray, num_classes: int,
+                 fraction: float = 0.1) -> dict:
+    """What uncertainty filtering drops, and why it does or does not pay: each synthetic sample's
+    label scored against the stand-in annotator's on its image (per-sample mIoU; the annotator as
+    truth's proxy, 0.81 on real faces), for the `fraction` most uncertain samples (what the filter
+    drops), the rest, and the `fraction` the annotator disagrees with most (what a perfect filter
+    would drop); Spearman's rho between uncertainty and agreement (a score that finds bad labels is
+    strongly negative); and the share of face (non-background) pixels in dropped and kept samples."""
+    from scipy.stats import spearmanr
+
+    from factory.toy import segmenter
+    from factory.toy.annotator import SHIPPED_ANNOTATOR
+
+    annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
+    agreement = per_sample_miou(masks, segmenter.predict(annotator, images), num_classes)
+    k = max(1, round(fraction * len(scores)))
+    dropped, worst = np.zeros(len(scores), bool), np.zeros(len(scores), bool)
+    dropped[np.argsort(-scores, kind="stable")[:k]] = True
+    worst[np.argsort(agreement, kind="stable")[:k]] = True
+    face = (masks != 0).mean((1, 2))
+    return {"fraction": fraction, "agreement_dropped": float(agreement[dropped].mean()),
+            "agreement_kept": float(agreement[~dropped].mean()), "agreement_worst": float(agreement[worst].mean()),
+            "spearman_uncertainty_agreement": float(spearmanr(scores, agreement).statistic),
+            "face_share_dropped": float(face[dropped].mean()), "face_share_kept": float(face[~dropped].mean())}
+
+
 def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict) -> dict:
     from factory.data import toyworld
     from factory.dataset.read import iter_samples
@@ -251,6 +290,8 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
             result["decoder_projected_shifted"] = {
                 "what": f"decoder vs truth, {n} shifted faces (projection)",
                 **decoder_miou_by_inversion(backbone, decoder, SHIFT_START, n, shift(), prompted=False)}
+
+    result["filter_check"] = filter_check(masks, images, scores, num_classes)
 
     # 2. Downstream: real only, synthetic only, both.  3. Synthetic without the most uncertain.
     real_images, real_masks = real
@@ -531,6 +572,12 @@ def print_table(report: dict) -> None:
                 print(f"{path:5} {r[key]['what'][:46]:46} {r[key]['miou']:6.3f} {'':6} {'':5}  " + _row(r[key]["iou"]))
         for name, run in r["downstream"].items():
             _print_run("", f"downstream: {name} ({run['train_images']})", run)
+        f = r["filter_check"]
+        print(f"{path:5} what filtering drops ({f['fraction']:.0%} most uncertain): labels agree with the annotator "
+              f"{f['agreement_dropped']:.3f} (kept {f['agreement_kept']:.3f}; the {f['fraction']:.0%} it disagrees with "
+              f"most: {f['agreement_worst']:.3f}); Spearman rho uncertainty-agreement "
+              f"{f['spearman_uncertainty_agreement']:+.2f}; face pixels {f['face_share_dropped']:.0%} dropped, "
+              f"{f['face_share_kept']:.0%} kept")
         if "autoencoder" in r:
             a = r["autoencoder"]
             print(f"{path:5} {'annotator on faces through the autoencoder':46} {a['annotator_miou_reconstructed']:6.3f} "

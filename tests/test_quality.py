@@ -28,6 +28,10 @@ def test_quick_quality_benchmark_beats_chance_on_both_paths(tmp_path, ray_cluste
         runs = r["downstream"]
         assert set(runs) == {"synthetic", "both", "synthetic_filtered_10"}
         assert runs["synthetic_filtered_10"]["train_images"] < runs["synthetic"]["train_images"]
+        f = r["filter_check"]  # what the filter drops, scored against the annotator
+        assert all(0 <= f[k] <= 1 for k in ("agreement_dropped", "agreement_kept", "agreement_worst"))
+        assert f["agreement_worst"] <= min(f["agreement_dropped"], f["agreement_kept"])
+        assert -1 <= f["spearman_uncertainty_agreement"] <= 1
         for name, run in runs.items():
             assert run["miou"] > chance, (path, name, run)
             assert run["shifted_miou"] > 0, (path, name, run)  # every arm is scored on the shifted world too
@@ -123,3 +127,32 @@ def test_autoencoders_mode_scores_each_named_pipeline_without_ray(tmp_path):
     # and what each pipeline generates, sampled as the DM path's build samples (32 images in --quick)
     assert report["autoencoders"]["generated_images"] == 32 and np.isfinite(row["kid_generated"])
     assert row["kid_generated"] < 0.05  # face-like images (noise or grey images are far outside this)
+
+
+def test_filter_check_scores_what_the_filter_drops_against_the_annotator():
+    """`filter_check`: per-sample agreement of each label with the annotator's; a score that ranks
+    the wrong labels first correlates negatively with agreement and drops them; one that does not,
+    does not."""
+    import numpy as np
+    import quality
+
+    from factory.data import toyworld
+    from factory.toy import segmenter
+    from factory.toy.annotator import SHIPPED_ANNOTATOR
+
+    a = np.zeros((2, 4, 4), np.uint8)
+    b = a.copy()
+    a[0, :2], b[0, :1] = 1, 1  # class 1: IoU 1/2; background: 8/12 -> mean 7/12
+    assert quality.per_sample_miou(a, b, 3) == pytest.approx([7 / 12, 1.0])
+
+    images, _ = toyworld.arrays(range(5_000_000, 5_000_040), 32)
+    annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
+    masks = segmenter.predict(annotator, images).copy()
+    masks[:10] = 0  # 10 labels wiped to background: the bad ones
+    n = len(toyworld.CLASSES)
+    knowing = quality.filter_check(masks, images, np.r_[np.ones(10), np.zeros(30)], n, fraction=0.25)
+    assert knowing["agreement_dropped"] < 0.2 and knowing["agreement_kept"] > 0.9
+    assert knowing["agreement_worst"] == pytest.approx(knowing["agreement_dropped"])
+    assert knowing["spearman_uncertainty_agreement"] < -0.5 and knowing["face_share_dropped"] == 0
+    blind = quality.filter_check(masks, images, np.r_[np.zeros(10), np.linspace(1, 2, 30)], n, fraction=0.25)
+    assert blind["agreement_dropped"] > 0.9 and blind["spearman_uncertainty_agreement"] > 0.5
