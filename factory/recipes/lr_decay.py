@@ -14,13 +14,14 @@ from factory.recipes.ray_train import TrainError
 
 
 def window(total_steps: int, decay_steps: int) -> tuple[int, int] | None:
-    """(first decaying step, last step + 1), or None for a constant rate."""
+    """(start, end) = (total_steps - decay_steps, total_steps): steps start .. end-1 train at
+    (end - step) / decay_steps of the rate (`factor`); None for a constant rate."""
     return (total_steps - decay_steps, total_steps) if decay_steps else None
 
 
 def factor(step: int, decay: tuple[int, int] | None) -> float:
-    """The share of the base learning rate at `step`: 1 before the window, then (end - step) / length,
-    so the last step trains at 1/length of it."""
+    """The share of the base learning rate at `step`: 1 before the window, then (end - step) / length
+    (1 at its first step, 1/length at the run's last)."""
     if decay is None or step < decay[0]:
         return 1.0
     return (decay[1] - step) / (decay[1] - decay[0])

@@ -55,6 +55,7 @@ class GanRecipe:
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=p.lr * c, betas=(0.0, 0.99**c), eps=1e-8)
         self.total_steps = p.steps
         self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps)
+        self.base_lrs = [(self.opt_g, p.lr), (self.opt_d, p.lr * c)]
 
     def _fake(self, z: torch.Tensor, noise: list[torch.Tensor], track_w_avg: bool = False) -> torch.Tensor:
         w = self.generator.mapping(z, update_w_avg=track_w_avg)
@@ -67,7 +68,7 @@ class GanRecipe:
 
     def train_step(self, step: int, gen: torch.Generator) -> dict[str, float]:
         p, G, D = self.p, self.generator, self.discriminator
-        lr_decay.apply([(self.opt_g, p.lr), (self.opt_d, p.lr * p.r1_every / (p.r1_every + 1))], step, self.lr_decay)
+        lr_decay.apply(self.base_lrs, step, self.lr_decay)
         idx = torch.randint(len(self.images), (p.batch_size,), generator=gen)
         flip = torch.rand(p.batch_size, generator=gen) < 0.5
         real = self.images[idx]
