@@ -197,41 +197,42 @@ def downstream(train_images, train_masks, sets: dict, num_classes: int, steps: i
     return result
 
 
-def annotator_agreement(decoder_masks: np.ndarray, images: np.ndarray, num_classes: int) -> dict:
-    """mIoU between a decoder's masks and the stand-in annotator's on the same generated images."""
+def annotator_labels(images: np.ndarray) -> np.ndarray:
+    """The stand-in annotator's masks for generated images (its 0.81 mIoU on real faces makes it the
+    proxy for the truth that generated images lack)."""
     from factory.toy import segmenter
     from factory.toy.annotator import SHIPPED_ANNOTATOR
 
     annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
-    per_class = segmenter.iou_per_class(decoder_masks, segmenter.predict(annotator, images), num_classes)
+    return segmenter.predict(annotator, images)
+
+
+def annotator_agreement(decoder_masks: np.ndarray, annotated: np.ndarray, num_classes: int) -> dict:
+    """mIoU between a decoder's masks and the stand-in annotator's (`annotated`) on the same images."""
+    from factory.toy import segmenter
+
+    per_class = segmenter.iou_per_class(decoder_masks, annotated, num_classes)
     return {"miou": segmenter.mean_iou(per_class), "iou": per_class}
 
 
 def per_sample_miou(a: np.ndarray, b: np.ndarray, num_classes: int) -> np.ndarray:
     """mIoU of each pair of masks a[i], b[i] ([N, H, W] class ids), over the classes in either."""
-    inter, union = np.zeros((len(a), num_classes)), np.zeros((len(a), num_classes))
-    for c in range(num_classes):
-        x, y = a == c, b == c
-        inter[:, c], union[:, c] = (x & y).sum((1, 2)), (x | y).sum((1, 2))
-    present = union > 0
-    return np.where(present, inter / np.maximum(union, 1), 0.0).sum(1) / present.sum(1)
+    from factory.toy import segmenter
+
+    return np.array([segmenter.mean_iou(segmenter.iou_per_class(x, y, num_classes)) for x, y in zip(a, b)])
 
 
-def filter_check(masks: np.ndarray, images: np.ndarray, scores: np.ndarray, num_classes: int,
+def filter_check(masks: np.ndarray, annotated: np.ndarray, scores: np.ndarray, num_classes: int,
                  fraction: float = 0.1) -> dict:
     """What uncertainty filtering drops, and why it does or does not pay: each synthetic sample's
-    label scored against the stand-in annotator's on its image (per-sample mIoU; the annotator as
-    truth's proxy, 0.81 on real faces), for the `fraction` most uncertain samples (what the filter
+    label scored against the stand-in annotator's on its image (`annotated`; per-sample mIoU), for
+    the `fraction` most uncertain samples (what the filter
     drops), the rest, and the `fraction` the annotator disagrees with most (what a perfect filter
     would drop); Spearman's rho between uncertainty and agreement (a score that finds bad labels is
     strongly negative); and the share of face (non-background) pixels in dropped and kept samples."""
     from scipy.stats import spearmanr
 
-    from factory.toy import segmenter
-    from factory.toy.annotator import SHIPPED_ANNOTATOR
-
-    annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
-    agreement = per_sample_miou(masks, segmenter.predict(annotator, images), num_classes)
+    agreement = per_sample_miou(masks, annotated, num_classes)
     k = max(1, round(fraction * len(scores)))
     dropped, worst = np.zeros(len(scores), bool), np.zeros(len(scores), bool)
     dropped[np.argsort(-scores, kind="stable")[:k]] = True
@@ -260,6 +261,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
     images = np.stack([s["image"] for s in samples])
     masks = np.stack([s["mask"] for s in samples])
     scores = np.array([s["uncertainty"] for s in samples], np.float32)
+    annotated = annotator_labels(images)  # for the agreement rows, the filter check and the ceiling
     result: dict = {"num_synthetic": len(samples), "train_metrics": train_metrics}
 
     # 1. Decoder quality.
@@ -275,10 +277,10 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
                                      **decoder_miou_by_inversion(backbone, decoder, SHIFT_START, k, shift())}
         if args.diagnose:
             result["decoder_vs_annotator"] = {"what": f"decoder vs stand-in annotator, {k} generated",
-                                              **annotator_agreement(masks[:k], images[:k], num_classes)}
+                                              **annotator_agreement(masks[:k], annotated[:k], num_classes)}
     else:
         result["decoder"] = {"what": f"decoder vs stand-in annotator, {k} generated",
-                             **annotator_agreement(masks[:k], images[:k], num_classes)}
+                             **annotator_agreement(masks[:k], annotated[:k], num_classes)}
         n = args.projection_images
         if n:  # real faces projected into W+ (`backbone.invert`), labeled by the decoder, against truth
             from factory.backbones import load_backbone
@@ -291,7 +293,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
                 "what": f"decoder vs truth, {n} shifted faces (projection)",
                 **decoder_miou_by_inversion(backbone, decoder, SHIFT_START, n, shift(), prompted=False)}
 
-    result["filter_check"] = filter_check(masks, images, scores, num_classes)
+    result["filter_check"] = filter_check(masks, annotated, scores, num_classes)
 
     # 2. Downstream: real only, synthetic only, both.  3. Synthetic without the most uncertain.
     real_images, real_masks = real
@@ -304,11 +306,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
         keep = scores <= np.quantile(scores, 1 - fraction)
         runs[f"synthetic_filtered_{round(fraction * 100)}"] = (images[keep], masks[keep])
     if args.diagnose:  # the ceiling: the same images, labeled by the stand-in annotator
-        from factory.toy import segmenter
-        from factory.toy.annotator import SHIPPED_ANNOTATOR
-
-        annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
-        runs["synthetic_annotator_labels"] = (images, segmenter.predict(annotator, images))
+        runs["synthetic_annotator_labels"] = (images, annotated)
     result["downstream"] = {name: downstream(x, y, sets, num_classes, args.segmenter_steps)
                             for name, (x, y) in runs.items()}
     if args.diagnose:

@@ -337,7 +337,7 @@ def test_lr_decay_extends_a_finished_run_and_refuses_a_different_schedule(kind, 
     def keep(into):
         def report(metrics, recipe, step):
             into[step] = {"recipe": snapshot(recipe), "step": step, "inputs_hash": "",
-                          "lr_decay": list(recipe.lr_decay) if recipe.lr_decay else None,
+                          "lr_decay": recipe.lr_decay,
                           "losses": {k: v for k, v in metrics.items() if k not in ("step", "start_step")}}
         return report
 

@@ -147,12 +147,13 @@ def test_filter_check_scores_what_the_filter_drops_against_the_annotator():
 
     images, _ = toyworld.arrays(range(5_000_000, 5_000_040), 32)
     annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
-    masks = segmenter.predict(annotator, images).copy()
+    annotated = segmenter.predict(annotator, images)
+    masks = annotated.copy()
     masks[:10] = 0  # 10 labels wiped to background: the bad ones
     n = len(toyworld.CLASSES)
-    knowing = quality.filter_check(masks, images, np.r_[np.ones(10), np.zeros(30)], n, fraction=0.25)
+    knowing = quality.filter_check(masks, annotated, np.r_[np.ones(10), np.zeros(30)], n, fraction=0.25)
     assert knowing["agreement_dropped"] < 0.2 and knowing["agreement_kept"] > 0.9
     assert knowing["agreement_worst"] == pytest.approx(knowing["agreement_dropped"])
     assert knowing["spearman_uncertainty_agreement"] < -0.5 and knowing["face_share_dropped"] == 0
-    blind = quality.filter_check(masks, images, np.r_[np.zeros(10), np.linspace(1, 2, 30)], n, fraction=0.25)
+    blind = quality.filter_check(masks, annotated, np.r_[np.zeros(10), np.linspace(1, 2, 30)], n, fraction=0.25)
     assert blind["agreement_dropped"] > 0.9 and blind["spearman_uncertainty_agreement"] > 0.5

@@ -38,19 +38,18 @@ def apply(optimizers: list[tuple[torch.optim.Optimizer, float]], step: int, deca
             group["lr"] = base * scale
 
 
-def check_resume(saved: list[int] | None, decay: tuple[int, int] | None, step: int) -> None:
+def check_resume(saved: tuple[int, int] | None, decay: tuple[int, int] | None, step: int) -> None:
     """Refuse to continue a checkpoint at `step` trained under the window `saved` (None: constant)
     with the window `decay`, unless both gave every one of its steps the same rate."""
-    saved_window = tuple(saved) if saved is not None else None
-    if saved_window == decay:
+    if saved == decay:
         return
-    first = min(w[0] for w in (saved_window, decay) if w is not None)
+    first = min(w[0] for w in (saved, decay) if w is not None)
     if step > first:
         def say(w: tuple[int, int] | None) -> str:
             return "a constant rate" if w is None else f"a decay over steps {w[0]}-{w[1]}"
 
         raise TrainError(
-            f"the checkpoint at step {step} was trained with {say(saved_window)}, this config asks for "
+            f"the checkpoint at step {step} was trained with {say(saved)}, this config asks for "
             f"{say(decay)} (pretrain.steps, pretrain.lr_decay_steps): its steps from {first} on would differ; "
             "choose a new pretrain.run_name or the schedule it was trained with"
         )

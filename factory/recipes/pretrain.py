@@ -182,7 +182,7 @@ def _worker(loop_config: dict) -> None:
             weights_hash = recipe.export(d)
             losses = {k: v for k, v in metrics.items() if k not in ("step", "start_step")}
             torch.save({"recipe": recipe.state_dict(), "step": step, "losses": losses, "inputs_hash": expected,
-                        "lr_decay": list(recipe.lr_decay) if recipe.lr_decay else None},
+                        "lr_decay": recipe.lr_decay},
                        os.path.join(d, STATE_FILE))
             with open(os.path.join(d, RECORD_FILE), "w") as f:
                 json.dump({"weights_hash": weights_hash}, f)
