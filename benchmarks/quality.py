@@ -1,6 +1,6 @@
 """Label quality: the papers' evaluation protocol in miniature, for both paths, on the toy world.
 
-    python benchmarks/quality.py [--quick] [--diagnose] [--levers] [--autoencoders W,... [--kid-images 200]] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
+    python benchmarks/quality.py [--quick] [--diagnose] [--levers] [--gan-levers] [--autoencoders W,... [--kid-images 200]] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
         [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
@@ -44,6 +44,12 @@ thousands of epochs of one and a few of the other.
   cross-attention maps off, decoder width, the image feature off, the training budget, mirrored
   training faces, more inversion noise draws), scored by
   inversion; `--levers` runs these rows alone (minutes: no generation, no downstream runs);
+- GAN levers (`--gan-levers`, alone, without Ray): the Style Interpreter at the demo's settings,
+  fitted on three times the labels, replaced by DatasetDM's perception decoder on the same features
+  and labels, and fitted on the 16 real labeled faces projected into W+ with their true masks; each
+  decoder labels the same `--num-synthetic` generated images, scored by its agreement with the
+  stand-in annotator, its labels' class shares and the downstream run, beside the 16 real labels
+  alone, the annotator's own labels of those images (the ceiling) and their KID;
 - backbone quality: KID (kernel inception distance, Binkowski et al. 2018: unbiased MMD^2 with the
   kernel (x.y / d + 1)^3, mean over subsets of 100) between each backbone's images and real toy
   faces, in the feature space of a fixed network: the shipped stand-in annotator's encoder, every
@@ -91,7 +97,7 @@ DM_LEVERS = {
     "inversion_timestep=300": ["backbone.diffusion.inversion_timestep=300"],
     "feature_steps=[-3] (an earlier, noisier step)": ["backbone.diffusion.feature_steps=[-3]"],
     "attention_maps=false": ["backbone.diffusion.attention_maps=false"],
-    "decoder.dim=128": ["decoder.dim=128"],
+    "decoder.dim=64 (the built-in width; the demo fuses at 128)": ["decoder.dim=64"],
     "image_features=false (the UNet's maps only)": ["backbone.diffusion.image_features=false"],
     "image_features=false, train.steps=400 (the demo before issue 18's levers)":
         ["backbone.diffusion.image_features=false", "train.steps=400"],
@@ -100,6 +106,12 @@ DM_LEVERS = {
     "train.inversion_draws=2 (two noise draws per training face)": ["train.inversion_draws=2"],
 }
 """--diagnose: the DM decoder refitted with one setting changed each, against the demo's."""
+GAN_LEVERS = {
+    "annotate.num_images=48 (three times the labels)": ["annotate.num_images=48"],
+}
+"""--gan-levers: the Style Interpreter refitted with one product setting changed each, against the
+demo's; two rows built by hand join them (the perception decoder on the same features, and the
+interpreter fitted on real labeled faces projected into W+)."""
 
 
 def shift():
@@ -117,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levers", action="store_true",
                    help="only the DM levers: the DM decoder refitted with one setting changed each, scored by "
                         "inversion on 200 held-out real faces and 200 shifted ones (16 with --quick)")
+    p.add_argument("--gan-levers", action="store_true",
+                   help="only the GAN levers: the Style Interpreter at the demo's settings, with more labels, "
+                        "replaced by the perception decoder, and fitted on real faces projected into W+; each "
+                        "labels --num-synthetic generated images, scored against the stand-in annotator and "
+                        "downstream, beside the 16 real labels and the annotator's labels of the same images")
     p.add_argument("--autoencoders",
                    help="only the autoencoder ceiling, for these comma-separated diffusion pipeline folders or "
                         "pkg:// names: the validation faces through each VAE and back, scored by the stand-in "
@@ -433,6 +450,138 @@ def dm_levers(args: argparse.Namespace, workdir: str) -> dict:
     return rows
 
 
+def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
+    """Where the GAN path's labels lose to the 16 real ones: decoders fitted several ways, each
+    labeling the same generated images (seeds from generate.start_seed, the build's batches),
+    scored against the stand-in annotator on the first 200 and by the benchmark's downstream run."""
+    import torch
+
+    from factory.backbones import load_backbone
+    from factory.config import DecoderConfig
+    from factory.data import toyworld
+    from factory.decoders import build_decoder
+    from factory.recipes.objectives import prepare_data
+    from factory.recipes.train import load_training_set
+    from factory.toy.demo import DM_LABELED_SEEDS, prepare_labels
+
+    num_classes = len(toyworld.CLASSES)
+    sets = face_sets(args)
+    demo = path_config("gan", workdir, args)
+    prepare_labels(demo)
+    backbone = load_backbone(demo.backbone)
+    channels, size = list(backbone.feature_channels), (backbone.resolution, backbone.resolution)
+
+    def fitted(model, decoder_cfg):
+        from factory.decoders import FittedDecoder
+
+        return FittedDecoder(model.eval(), decoder_cfg, list(toyworld.CLASSES), channels, "", [])
+
+    decoders = {"demo settings (16 annotated generated images)": fitted(fit_decoder(demo)[0], demo.decoder)}
+    for i, (name, settings) in enumerate(GAN_LEVERS.items()):
+        cfg = path_config("gan", os.path.join(workdir, f"gan-lever-{i}"), args, settings)
+        prepare_labels(cfg)
+        decoders[name] = fitted(fit_decoder(cfg)[0], cfg.decoder)
+    data = prepare_data(demo, load_training_set(demo), backbone, torch.device("cpu"))  # the demo's 16
+    perception = DecoderConfig(kind="perception", tasks=["segmentation"], num_heads=demo.decoder.num_heads)
+    model = build_decoder(perception, channels, num_classes)
+    decoders["perception decoder (DatasetDM's) on the same features and labels"] = fitted(
+        fit_by_hand(model, perception_step(data.features, data.targets, data.train_index, demo), demo.train),
+        perception)
+    real_images, real_masks = toyworld.arrays(DM_LABELED_SEEDS, size[0])
+    with torch.no_grad():
+        projected = backbone.invert(real_images, None, list(range(len(real_images))))
+    truth = torch.from_numpy(real_masks).long()
+    n_train = len(real_images) - demo.train.val_images
+    model = build_decoder(demo.decoder, channels, num_classes)
+    decoders["interpreter fitted on the 16 real labeled faces projected into W+"] = fitted(
+        fit_by_hand(model, interpreter_step(projected, truth, list(range(n_train)), demo), demo.train), demo.decoder)
+
+    seeds = list(range(demo.generate.start_seed, demo.generate.start_seed + args.num_synthetic))
+    batch = demo.generate.batch_size
+    images, labels = [], {name: [] for name in decoders}
+    with torch.inference_mode():
+        for i in range(0, len(seeds), batch):
+            out = backbone(seeds[i:i + batch])
+            images.append(out.images.numpy())
+            for name, decoder in decoders.items():
+                labels[name].append(decoder(out.features, size).masks.numpy())
+    images = np.concatenate(images)
+    annotated = annotator_labels(images)
+    k = min(200, len(images))
+
+    def shares(masks: np.ndarray) -> list[float]:
+        return (np.bincount(masks.ravel(), minlength=num_classes) / masks.size).tolist()
+
+    rows = {}
+    for name, parts in labels.items():
+        masks = np.concatenate(parts)
+        rows[name] = {"agreement": annotator_agreement(masks[:k], annotated[:k], num_classes),
+                      "label_shares": shares(masks),
+                      "downstream": downstream(images, masks, sets, num_classes, args.segmenter_steps)}
+    rows["the same images labeled by the stand-in annotator (the ceiling)"] = {
+        "label_shares": shares(annotated), "downstream": downstream(images, annotated, sets, num_classes,
+                                                                   args.segmenter_steps)}
+    rows["16 real labeled faces only"] = {"label_shares": shares(real_masks),
+                                          "downstream": downstream(real_images, real_masks, sets, num_classes,
+                                                                   args.segmenter_steps)}
+    return {"num_synthetic": len(images), "eval_images": args.eval_images, "segmenter_steps": args.segmenter_steps,
+            "true_shares_held_out": shares(sets["held_out"][1]), "rows": rows,
+            "kid_generated": backbone_kid(sets, {"GAN generated images": images[:max(args.kid_images, 2)]})}
+
+
+def interpreter_step(features: list, targets, train_index: list[int], cfg):
+    """One training step's loss of the Style Interpreter on given features and masks (the product's
+    class-balanced pixel sampling and pixel loss)."""
+    from factory.recipes.objectives import PixelSampler, TrainingData, loss_on_pixels
+
+    data = TrainingData(features, targets, targets, None, train_index, [], tuple(targets.shape[1:]))
+    sampler = PixelSampler(targets, train_index, cfg.train.class_balanced)
+    return lambda model, gen: loss_on_pixels(model, data, sampler, cfg, gen)
+
+
+def perception_step(features: list, targets, train_index: list[int], cfg):
+    """One training step's loss of the perception decoder on given features and masks (the product's
+    loss: `train.batch_images` whole images, `train.class_balanced` weights, each head its bootstrap
+    half)."""
+    import torch
+
+    from factory.decoders.perception import Targets, perception_loss
+    from factory.recipes.objectives import bootstrap_half, class_weights
+
+    weights = class_weights(targets[train_index], len(cfg.labels.classes)) if cfg.train.class_balanced else None
+    size = tuple(targets.shape[1:])
+
+    def step(model, gen):
+        pick = [train_index[int(i)] for i in torch.randint(len(train_index), (cfg.train.batch_images,), generator=gen)]
+        halves = torch.stack([torch.stack([bootstrap_half(cfg.decoder.init_seed, h, i, size) for i in pick])
+                              for h in range(cfg.decoder.num_heads)])
+        return perception_loss(model, [f[pick] for f in features],
+                               Targets(masks=targets[pick], depth=None, heatmaps=None, instances=None,
+                                       class_weights=weights), halves)[0]
+
+    return step
+
+
+def fit_by_hand(model, loss, t):
+    """The product's optimiser and learning-rate schedule (`train.lr`, `train.lr_schedule`,
+    `train.steps`, a step's draws from `step_generator`) for a decoder the config cannot name."""
+    import torch
+
+    from factory.recipes.ray_train import step_generator
+    from factory.recipes.train import learning_rate
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
+    for step in range(t.steps):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(t, step)
+        value = loss(model, step_generator(t.seed, 0, step))
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+    return model.eval()
+
+
 def kid(x: np.ndarray, y: np.ndarray, subset: int = 100, subsets: int = 50, seed: int = 0) -> float:
     """Kernel inception distance between feature sets [N, D] and [M, D]: the unbiased MMD^2 with the
     polynomial kernel (x.y / D + 1)^3, averaged over random subsets of `subset` rows each."""
@@ -597,6 +746,22 @@ def print_levers(report: dict) -> None:
         print(f"{name[:70]:70} {row['miou']:6.3f} {row['shifted_miou']:6.3f}  " + _row(row["iou"]))
 
 
+def print_gan_levers(report: dict) -> None:
+    g, eye = report["gan_levers"], report["classes"].index("eye")
+    print(f"\nthe GAN path's decoders, each labeling the same {g['num_synthetic']} generated images: agreement with "
+          f"the stand-in annotator (first 200), the labels' eye share, and the downstream run on {g['eval_images']} "
+          f"held-out real faces (and shifted ones); true eye share {g['true_shares_held_out'][eye]:.4f}")
+    print(f"{'decoder':70} {'agree':>6} {'eyes':>6} {'mIoU':>6} {'shift':>6}  "
+          + " ".join(f"{c[:5]:>5}" for c in report["classes"]))
+    for name, row in g["rows"].items():
+        agree = f"{row['agreement']['miou']:6.3f}" if "agreement" in row else f"{'':6}"
+        d = row["downstream"]
+        print(f"{name[:70]:70} {agree} {row['label_shares'][eye]:6.4f} {d['miou']:6.3f} {d['shifted_miou']:6.3f}  "
+              + _row(d["iou"]))
+    for name, value in g["kid_generated"].items():
+        print(f"KID to held-out real faces: {name}: {value:.4f}")
+
+
 def _print_run(path: str, label: str, run: dict) -> None:
     print(f"{path:5} {label[:46]:46} {run['miou']:6.3f} {run['shifted_miou']:6.3f} {run['selected_step']:5d}  "
           + _row(run["iou"]))
@@ -618,7 +783,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = args.workdir or tempfile.mkdtemp(prefix="quality-")
     busy0, t0 = busy_cpu_seconds(), time.perf_counter()
-    alone = args.levers or args.autoencoders  # modes that fit without Ray
+    alone = args.levers or args.gan_levers or args.autoencoders  # modes that fit without Ray
     started_ray = False if alone else init_ray(RayConfig(num_cpus=4), training=True)
     try:
         from factory.toy.demo import DM_LABELED_SEEDS
@@ -626,6 +791,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.autoencoders:  # the autoencoder ceiling alone, per pipeline folder
             report = {"benchmark": "quality", "quick": args.quick, "classes": toyworld.CLASSES,
                       "autoencoders": autoencoders(args, workdir)}
+            return finish(report, args, busy0, t0)
+
+        if args.gan_levers:  # where the GAN path's labels lose: decoders fitted several ways, one image set
+            report = {"benchmark": "quality", "quick": args.quick, "classes": toyworld.CLASSES,
+                      "gan_levers": gan_levers(args, workdir)}
             return finish(report, args, busy0, t0)
 
         if args.levers:  # the DM decoder's levers alone: no downstream sets, no generation
@@ -685,6 +855,8 @@ def finish(report: dict, args: argparse.Namespace, busy0, t0: float) -> dict:
         report["machine_busy_cpu_seconds"] = round(busy1 - busy0, 1)
     if report.get("levers"):
         print_levers(report)
+    elif "gan_levers" in report:
+        print_gan_levers(report)
     elif "autoencoders" in report:
         print_autoencoders(report)
     else:

@@ -88,6 +88,34 @@ def test_levers_mode_refits_the_dm_decoder_once_per_setting(tmp_path, ray_cluste
     assert report["dm_levers"]["image off"]["settings"] == ["backbone.diffusion.image_features=false"]
 
 
+@pytest.mark.slow
+def test_gan_levers_mode_scores_each_decoder_on_the_same_generated_images(tmp_path, monkeypatch):
+    """`--gan-levers`: the interpreter at the demo's settings and with each lever, the perception
+    decoder on the same features, the interpreter fitted on projected real faces; each labels the same
+    generated images, scored against the annotator and downstream, beside the ceiling and 16 real."""
+    import quality
+
+    monkeypatch.setattr(quality, "GAN_LEVERS", {"more labels": ["annotate.num_images=20"]})
+    report = quality.main(["--quick", "--gan-levers", "--num-synthetic", "32", "--eval-images", "8",
+                           "--val-images", "4", "--segmenter-steps", "2", "--workdir", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "q.json")])
+    g = report["gan_levers"]
+    decoders = ["demo settings (16 annotated generated images)", "more labels",
+                "perception decoder (DatasetDM's) on the same features and labels",
+                "interpreter fitted on the 16 real labeled faces projected into W+"]
+    comparators = ["the same images labeled by the stand-in annotator (the ceiling)", "16 real labeled faces only"]
+    assert "paths" not in report and list(g["rows"]) == decoders + comparators and g["num_synthetic"] == 32
+    chance = 1 / len(report["classes"])
+    for name in decoders:  # every decoder labels faces, not noise, even after 30 steps
+        assert chance < g["rows"][name]["agreement"]["miou"] <= 1, name
+    for row in g["rows"].values():
+        assert abs(sum(row["label_shares"]) - 1) < 1e-6 and 0 <= row["downstream"]["miou"] <= 1
+        assert row["downstream"]["train_images"] == (16 if row is g["rows"]["16 real labeled faces only"] else 32)
+    # the decoders differ: the perception decoder's labels are not the interpreter's
+    assert g["rows"][decoders[2]]["label_shares"] != g["rows"][decoders[0]]["label_shares"]
+    assert set(g["kid_generated"]) == {"real (validation faces)", "real, shifted world", "GAN generated images"}
+
+
 def test_autoencoder_ceiling_scores_real_faces_before_and_after_the_dm_backbones_autoencoder(tmp_path):
     """`--diagnose`'s images-ceiling row: the stand-in annotator on validation faces and on the same
     faces through the shipped toy pipeline's VAE; a blurring autoencoder loses parts, never gains them."""

@@ -214,10 +214,8 @@ class PerceptionObjective:
         tasks = cfg.decoder.tasks
         self.masks = labeled.masks.long().to(device) if "segmentation" in tasks else None
         self.class_weights = None
-        if self.masks is not None and cfg.train.class_balanced:  # rare classes count as much as common ones
-            counts = torch.bincount(self.masks[self.train_index].flatten(), minlength=len(labeled.classes)).float()
-            weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
-            self.class_weights = (weights / weights[counts > 0].mean()).to(device)
+        if self.masks is not None and cfg.train.class_balanced:
+            self.class_weights = class_weights(self.masks[self.train_index], len(labeled.classes))
         self.depth = labeled.depth.to(device) if "depth" in tasks else None
         self.heatmaps = (gaussian_heatmaps(labeled.keypoints, self.size, cfg.decoder.heatmap_sigma).to(device)
                          if "keypoints" in tasks else None)
@@ -281,6 +279,14 @@ class PerceptionObjective:
             err = (p.keypoints[..., :2].cpu() - truth[..., :2]).norm(dim=-1)[visible]
             metrics["val_keypoint_error_px"] = float(err.mean()) if err.numel() else float("nan")
         return metrics
+
+
+def class_weights(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights of the semantic cross-entropy, so rare classes count as much as
+    common ones: mean 1 over the classes present, 0 for the absent."""
+    counts = torch.bincount(masks.flatten(), minlength=num_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+    return weights / weights[counts > 0].mean()
 
 
 def bootstrap_half(seed: int, head: int, image: int, size: tuple[int, int]) -> torch.Tensor:

@@ -45,7 +45,7 @@ DM_SETTINGS = (
     "name=demo-dm", "backbone.kind=diffusion", "backbone.weights=pkg://toy_diffusion",
     "backbone.diffusion.resolution=32", "backbone.diffusion.guidance_scale=3.0", "backbone.batch_invariant=false",
     "backbone.diffusion.image_features=true",
-    "decoder.kind=perception", "decoder.tasks=[segmentation,depth]", "decoder.num_heads=5",
+    "decoder.kind=perception", "decoder.tasks=[segmentation,depth]", "decoder.num_heads=5", "decoder.dim=128",
     f"labels.classes={_CLASSES}", "labels.dir=${workdir}/labeled", "train.labeled=${workdir}/labeled.safetensors",
     "train.steps=1200", "train.val_images=4", "train.batch_images=4",
     "prompts.template=a photo of a face with {hair} hair on a {backdrop} background",
