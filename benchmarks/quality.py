@@ -524,9 +524,10 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     rows["16 real labeled faces only"] = {"label_shares": shares(real_masks),
                                           "downstream": downstream(real_images, real_masks, sets, num_classes,
                                                                    args.segmenter_steps)}
+    kid_images = images[:max(args.kid_images, 2)]
     return {"num_synthetic": len(images), "eval_images": args.eval_images, "segmenter_steps": args.segmenter_steps,
-            "true_shares_held_out": shares(sets["held_out"][1]), "rows": rows,
-            "kid_generated": backbone_kid(sets, {"GAN generated images": images[:max(args.kid_images, 2)]})}
+            "true_shares_held_out": shares(sets["held_out"][1]), "rows": rows, "kid_images": len(kid_images),
+            "kid_generated": backbone_kid(sets, {"GAN generated images": kid_images})}
 
 
 def interpreter_step(features: list, targets, train_index: list[int], cfg):
@@ -759,7 +760,7 @@ def print_gan_levers(report: dict) -> None:
         print(f"{name[:70]:70} {agree} {row['label_shares'][eye]:6.4f} {d['miou']:6.3f} {d['shifted_miou']:6.3f}  "
               + _row(d["iou"]))
     for name, value in g["kid_generated"].items():
-        print(f"KID to held-out real faces: {name}: {value:.4f}")
+        print(f"KID to held-out real faces: {name}: {value:.4f}" + (f" ({g['kid_images']})" if "GAN" in name else ""))
 
 
 def _print_run(path: str, label: str, run: dict) -> None:

@@ -114,6 +114,7 @@ def test_gan_levers_mode_scores_each_decoder_on_the_same_generated_images(tmp_pa
     # the decoders differ: the perception decoder's labels are not the interpreter's
     assert g["rows"][decoders[2]]["label_shares"] != g["rows"][decoders[0]]["label_shares"]
     assert set(g["kid_generated"]) == {"real (validation faces)", "real, shifted world", "GAN generated images"}
+    assert g["kid_images"] == 32  # --kid-images' quick default, from the same generated images
 
 
 def test_autoencoder_ceiling_scores_real_faces_before_and_after_the_dm_backbones_autoencoder(tmp_path):
