@@ -78,6 +78,7 @@ import shutil
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -367,15 +368,14 @@ def _probe(path: str, cfg, count: int):
     generate.start_seed); DM: mIoU against truth on `count` real faces by inversion."""
     from factory.backbones import load_backbone
     from factory.data import toyworld
-    from factory.decoders import FittedDecoder
     from factory.toy import segmenter
     from factory.toy.annotator import SHIPPED_ANNOTATOR
 
     backbone = load_backbone(cfg.backbone)
     res = backbone.resolution
 
-    def fitted(model) -> FittedDecoder:
-        return FittedDecoder(model.eval(), cfg.decoder, cfg.label_names(), list(backbone.feature_channels), "", [])
+    def fitted(model):
+        return bare_decoder(model, cfg.decoder, cfg.label_names(), backbone.feature_channels)
 
     if is_dm(path):
         return lambda model: decoder_miou_by_inversion(backbone, fitted(model), EVAL_START, count)["miou"]
@@ -395,6 +395,13 @@ def _probe(path: str, cfg, count: int):
         return segmenter.mean_iou(segmenter.iou_per_class(pred, truth, len(toyworld.CLASSES)))
 
     return agreement
+
+
+def bare_decoder(model, decoder_cfg, label_names: list[str], channels: list[int]):
+    """A model fitted here, called as the build calls a published decoder (`FittedDecoder`)."""
+    from factory.decoders import FittedDecoder
+
+    return FittedDecoder(model.eval(), decoder_cfg, list(label_names), list(channels), "", [])
 
 
 def fit_decoder(cfg, report=None):
@@ -433,7 +440,6 @@ def dm_levers(args: argparse.Namespace, workdir: str) -> dict:
     """The DM decoder refitted (demo steps, without Ray) with one setting changed each, scored by
     inversion on the decoder-quality row's real faces (and the shifted ones)."""
     from factory.backbones import load_backbone
-    from factory.decoders import FittedDecoder
     from factory.toy.demo import demo_config
 
     count = 16 if args.quick else 200
@@ -442,7 +448,7 @@ def dm_levers(args: argparse.Namespace, workdir: str) -> dict:
         cfg = demo_config(os.path.join(workdir, "dm"), [*path_overrides(args), *settings], diffusion=True)
         model, metrics = fit_decoder(cfg)
         backbone = load_backbone(cfg.backbone)
-        decoder = FittedDecoder(model, cfg.decoder, cfg.label_names(), list(backbone.feature_channels), "", [])
+        decoder = bare_decoder(model, cfg.decoder, cfg.label_names(), backbone.feature_channels)
         real = decoder_miou_by_inversion(backbone, decoder, EVAL_START, count)
         shifted = decoder_miou_by_inversion(backbone, decoder, SHIFT_START, count, shift())["miou"]
         rows[name] = {"settings": settings, "miou": real["miou"], "iou": real["iou"], "shifted_miou": shifted,
@@ -461,7 +467,7 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     from factory.data import toyworld
     from factory.decoders import build_decoder
     from factory.recipes.objectives import prepare_data
-    from factory.recipes.train import load_training_set
+    from factory.recipes.train import fit_objective, load_training_set
     from factory.toy.demo import DM_LABELED_SEEDS, prepare_labels
 
     num_classes = len(toyworld.CLASSES)
@@ -472,9 +478,7 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     channels, size = list(backbone.feature_channels), (backbone.resolution, backbone.resolution)
 
     def fitted(model, decoder_cfg):
-        from factory.decoders import FittedDecoder
-
-        return FittedDecoder(model.eval(), decoder_cfg, list(toyworld.CLASSES), channels, "", [])
+        return bare_decoder(model, decoder_cfg, toyworld.CLASSES, channels)
 
     decoders = {"demo settings (16 annotated generated images)": fitted(fit_decoder(demo)[0], demo.decoder)}
     for i, (name, settings) in enumerate(GAN_LEVERS.items()):
@@ -485,7 +489,7 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     perception = DecoderConfig(kind="perception", tasks=["segmentation"], num_heads=demo.decoder.num_heads)
     model = build_decoder(perception, channels, num_classes)
     decoders["perception decoder (DatasetDM's) on the same features and labels"] = fitted(
-        fit_by_hand(model, perception_step(data.features, data.targets, data.train_index, demo), demo.train),
+        fit_objective(demo.train, perception_objective(data.features, data.targets, data.train_index, demo), model)[0],
         perception)
     real_images, real_masks = toyworld.arrays(DM_LABELED_SEEDS, size[0])
     with torch.no_grad():
@@ -494,7 +498,8 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     n_train = len(real_images) - demo.train.val_images
     model = build_decoder(demo.decoder, channels, num_classes)
     decoders["interpreter fitted on the 16 real labeled faces projected into W+"] = fitted(
-        fit_by_hand(model, interpreter_step(projected, truth, list(range(n_train)), demo), demo.train), demo.decoder)
+        fit_objective(demo.train, interpreter_objective(projected, truth, list(range(n_train)), demo), model)[0],
+        demo.decoder)
 
     seeds = list(range(demo.generate.start_seed, demo.generate.start_seed + args.num_synthetic))
     batch = demo.generate.batch_size
@@ -530,20 +535,21 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
             "kid_generated": backbone_kid(sets, {"GAN generated images": kid_images})}
 
 
-def interpreter_step(features: list, targets, train_index: list[int], cfg):
-    """One training step's loss of the Style Interpreter on given features and masks (the product's
-    class-balanced pixel sampling and pixel loss)."""
+def interpreter_objective(features: list, targets, train_index: list[int], cfg):
+    """An objective for `fit_objective`: the Style Interpreter's loss on given features and masks
+    (the product's class-balanced pixel sampling and pixel loss), no validation images."""
     from factory.recipes.objectives import PixelSampler, TrainingData, loss_on_pixels
 
     data = TrainingData(features, targets, targets, None, train_index, [], tuple(targets.shape[1:]))
     sampler = PixelSampler(targets, train_index, cfg.train.class_balanced)
-    return lambda model, gen: loss_on_pixels(model, data, sampler, cfg, gen)
+    return SimpleNamespace(loss=lambda model, gen: loss_on_pixels(model, data, sampler, cfg, gen),
+                           evaluate=lambda model: {})
 
 
-def perception_step(features: list, targets, train_index: list[int], cfg):
-    """One training step's loss of the perception decoder on given features and masks (the product's
-    loss: `train.batch_images` whole images, `train.class_balanced` weights, each head its bootstrap
-    half)."""
+def perception_objective(features: list, targets, train_index: list[int], cfg):
+    """An objective for `fit_objective`: the perception decoder's loss on given features and masks
+    (the product's loss: `train.batch_images` whole images, `train.class_balanced` weights, each head
+    its bootstrap half), no validation images."""
     import torch
 
     from factory.decoders.perception import Targets, perception_loss
@@ -560,27 +566,7 @@ def perception_step(features: list, targets, train_index: list[int], cfg):
                                Targets(masks=targets[pick], depth=None, heatmaps=None, instances=None,
                                        class_weights=weights), halves)[0]
 
-    return step
-
-
-def fit_by_hand(model, loss, t):
-    """The product's optimiser and learning-rate schedule (`train.lr`, `train.lr_schedule`,
-    `train.steps`, a step's draws from `step_generator`) for a decoder the config cannot name."""
-    import torch
-
-    from factory.recipes.ray_train import step_generator
-    from factory.recipes.train import learning_rate
-
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
-    for step in range(t.steps):
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(t, step)
-        value = loss(model, step_generator(t.seed, 0, step))
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-    return model.eval()
+    return SimpleNamespace(loss=step, evaluate=lambda model: {})
 
 
 def kid(x: np.ndarray, y: np.ndarray, subset: int = 100, subsets: int = 50, seed: int = 0) -> float:

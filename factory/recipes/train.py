@@ -22,7 +22,7 @@ import torch
 from factory import config as config_lib
 from factory import storage
 from factory.backbones import backbone_identity, load_backbone
-from factory.config import FactoryConfig
+from factory.config import FactoryConfig, TrainConfig
 from factory.data.annotations import LabeledSet, load_labeled_set
 from factory.data.labeled_photos import RealLabeledSet, load_real_labeled_set
 from factory.decoders import unwrap
@@ -124,23 +124,36 @@ def fit(
     objective = objective_for(cfg, labeled, backbone, device)
     model = wrap(objective.build(backbone.feature_channels).to(device))
     del backbone  # the objective holds the features it needs
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    return fit_objective(cfg.train, objective, model, rank, restore, report)
+
+
+def fit_objective(
+    t: TrainConfig,
+    objective,
+    model: torch.nn.Module,
+    rank: int = 0,
+    restore: Callable[[torch.nn.Module, torch.optim.Optimizer], int] | None = None,
+    report: Callable[[dict, torch.nn.Module, torch.optim.Optimizer, int], None] | None = None,
+) -> tuple[torch.nn.Module, dict[str, float]]:
+    """`fit`'s loop for any objective (its `loss(model, generator)` and `evaluate(model)`) and model:
+    Adam at `train.lr` under `train.lr_schedule`, each step's draws from (seed, rank, step)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
     step = start_step = restore(model, optimizer) if restore else 0
     metrics: dict[str, float] = {}
     loss_sum, loss_count = 0.0, 0
     while True:
-        if step == cfg.train.steps or (step and step % cfg.train.checkpoint_every == 0 and loss_count):
+        if step == t.steps or (step and step % t.checkpoint_every == 0 and loss_count):
             metrics = {"step": step, "start_step": start_step, "loss": loss_sum / max(loss_count, 1)}
             metrics.update(objective.evaluate(model))
             if report:
                 report(metrics, model, optimizer, step)
             loss_sum, loss_count = 0.0, 0
-        if step >= cfg.train.steps:
+        if step >= t.steps:
             break
         unwrap(model).train()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg.train, step)
-        loss = objective.loss(model, step_generator(cfg.train.seed, rank, step))
+            group["lr"] = learning_rate(t, step)
+        loss = objective.loss(model, step_generator(t.seed, rank, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
