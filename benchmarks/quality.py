@@ -1,14 +1,15 @@
 """Label quality: the papers' evaluation protocol in miniature, for both paths, on the toy world.
 
     python benchmarks/quality.py [--quick] [--diagnose] [--levers] [--gan-levers] [--autoencoders W,... [--kid-images 200]] [--active] [--paths gan,dm,dm-sd3] [--num-synthetic 5000]
-        [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
+        [--gan-weights W] [--eval-images 1000] [--val-images 200] [--out benchmarks/results/quality.json]
 
 Both paths run as `factory demo` runs them, on the shipped toy backbones (32 px), except that the
 factory keeps every sample (generate.drop_uncertain=0) so filtering can be measured afterwards. A
 third path, `dm-sd3`, is the DM path on a toy diffusion transformer instead of the toy UNet
 (`--sd3-weights`, default the shipped `pkg://toy_sd3`: the MM-DiT that `factory pretrain
 configs/toy_sd3.yaml` trains on the toy world), everything else the DM path's; it is not in the
-default `--paths`:
+default `--paths`. `--gan-weights` puts another StyleGAN2 under the GAN path (default the shipped
+`pkg://toy_stylegan2.safetensors`), so a candidate generator is measured before it ships:
 
 1. decoder quality: DM paths, the perception decoder's mIoU on 200 held-out real toy faces through
    inversion, against their ground truth. GAN path, whose decoder is fitted on generated images:
@@ -92,7 +93,7 @@ FILTER_CURVE = (0.1, 0.2, 0.3, 0.5)
 """--diagnose's filtering curve (the default run drops 10% only); 0% is the plain synthetic run."""
 PATHS = {"gan": [], "dm": [], "dm-sd3": []}
 """--paths: each path's settings on top of the demo's (GAN or DM); a "dm*" path is a DM path
-(dm-sd3's weights come from --sd3-weights)."""
+(the GAN path's weights come from --gan-weights, dm-sd3's from --sd3-weights)."""
 DM_LEVERS = {
     "inversion_timestep=100": ["backbone.diffusion.inversion_timestep=100"],
     "inversion_timestep=300": ["backbone.diffusion.inversion_timestep=300"],
@@ -154,6 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sd3-weights", default="pkg://toy_sd3",
                    help="the SD3 pipeline folder of the dm-sd3 path (default: the shipped one, which "
                         "configs/toy_sd3.yaml pretrains)")
+    p.add_argument("--gan-weights", default="pkg://toy_stylegan2.safetensors",
+                   help="the StyleGAN2 of the GAN path, its --gan-levers and its KID (default: the shipped one, "
+                        "which configs/toy_gan.yaml pretrains): a candidate generator measured before it ships")
     p.add_argument("--workdir", help="where the runs go (default: a temporary folder, removed after)")
     p.add_argument("--out", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)
@@ -181,7 +185,8 @@ def path_config(path: str, workdir: str, args: argparse.Namespace, settings: lis
     settings, then `settings`."""
     from factory.toy.demo import demo_config
 
-    weights = [f"backbone.weights={args.sd3_weights}"] if path == "dm-sd3" else []
+    weights = {"gan": args.gan_weights, "dm-sd3": args.sd3_weights}.get(path)
+    weights = [f"backbone.weights={weights}"] if weights else []
     return demo_config(os.path.join(workdir, path), [*path_overrides(args), *PATHS[path], *weights, *settings],
                        diffusion=is_dm(path))
 

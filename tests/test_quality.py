@@ -74,6 +74,21 @@ def test_the_transformer_path_is_the_dm_path_on_an_sd3_folder(tmp_path, capsys):
     assert "unknown ['sd3']" in capsys.readouterr().err
 
 
+def test_the_gan_path_takes_a_candidate_generator(tmp_path):
+    import quality
+
+    from factory.config import SHIPPED_DIR
+
+    shipped = quality.path_config("gan", str(tmp_path), quality.parse_args([]))
+    assert shipped.backbone.weights == os.path.join(SHIPPED_DIR, "toy_stylegan2.safetensors")
+    candidate = tmp_path / "candidate.safetensors"
+    cfg = quality.path_config("gan", str(tmp_path), quality.parse_args(["--gan-weights", str(candidate)]))
+    assert cfg.backbone.weights == str(candidate)
+    assert cfg.decoder == shipped.decoder and cfg.train == shipped.train  # everything else the demo's
+    dm = quality.path_config("dm", str(tmp_path), quality.parse_args(["--gan-weights", str(candidate)]))
+    assert dm.backbone.weights == os.path.join(SHIPPED_DIR, "toy_diffusion")
+
+
 def test_levers_mode_refits_the_dm_decoder_once_per_setting(tmp_path, ray_cluster, monkeypatch):
     """`--levers`: the DM decoder at the demo's settings and with each lever, scored by inversion on
     real and shifted faces, without generating or training downstream models."""
