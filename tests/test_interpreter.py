@@ -11,6 +11,7 @@ from torch import nn
 from factory.decoders.interpreter import (
     SegmentationPrediction,
     StyleInterpreter,
+    feature_stats,
     gather_pixel_features,
     predict_keypoints,
     predict_segmentation,
@@ -72,6 +73,36 @@ def test_project_then_upsample_equals_naive(taps, size, band_elements):
     assert fast.shape == naive.shape == (3, 2, 4, *size)
     assert naive.abs().max() > 1.0  # a real signal, not a vanishing one
     assert (fast - naive).abs().max() < 1e-4
+
+
+def test_standardized_inputs_fold_into_the_first_layer():
+    """With feature statistics set, the project-then-upsample path (statistics folded into the first
+    layer) equals the per-pixel MLP on standardised pixel vectors, and differs from the raw model."""
+    model, features = make_model(), make_features()
+    raw = model.forward_maps(features, SIZE)
+    gen = torch.Generator().manual_seed(7)
+    mean, std = torch.randn(model.in_features, generator=gen), torch.rand(model.in_features, generator=gen) + 0.2
+    model.standardize(mean, std)
+    with torch.no_grad():
+        naive, fast = model.forward_maps_naive(features, SIZE), model.forward_maps(features, SIZE)
+        pixels = upsample_concat(features, SIZE)[1, :, 5, 7]
+        by_hand = StyleInterpreter.forward(make_model(), ((pixels - mean) / std)[None])
+    assert (fast - naive).abs().max() < 1e-4 and (fast - raw).abs().max() > 0.1
+    torch.testing.assert_close(naive[:, 1, :, 5, 7], by_hand[:, 0])
+
+
+def test_feature_stats_are_per_channel_over_the_chosen_images():
+    features = [torch.randn(4, 3, 5, 5) * torch.tensor([1.0, 10.0, 0.1])[None, :, None, None] + 2, torch.ones(4, 2, 2, 2)]
+    mean, std = feature_stats(features, [0, 2])
+    picked = features[0][[0, 2]].transpose(0, 1).flatten(1)
+    torch.testing.assert_close(mean[:3], picked.mean(1))
+    torch.testing.assert_close(std[:3], picked.std(1, unbiased=False))
+    assert mean[3:].tolist() == [1.0, 1.0] and std[3:].tolist() == [1.0, 1.0]  # constant: shifted, not scaled
+    model = StyleInterpreter([3, 2], 2, num_heads=2)
+    with pytest.raises(ValueError, match=r"std > 0"):
+        model.standardize(mean, torch.zeros(5))
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        model.standardize(mean[:4], std[:4])
 
 
 def test_naive_reference_is_the_per_pixel_mlp():
@@ -265,3 +296,33 @@ def test_predict_keypoints_on_a_real_model():
     pred = predict_keypoints(model, features, SIZE)
     assert pred.keypoints.shape == (2, 2, 3) and pred.pixel_uncertainty.shape == (2, *SIZE)
     assert pred.score.shape == (2,) and (pred.score > 0).all()
+
+
+def test_a_decoder_saved_before_standardisation_loads_as_the_identity(tmp_path):
+    """Decoder files written before the interpreter standardised its inputs lack the two statistics
+    buffers (and `decoder.standardize` in their config): they load with mean 0 and std 1, which is
+    what they were fitted with; any other missing tensor is still an error."""
+    import json
+    from dataclasses import asdict
+
+    from factory.config import DecoderConfig
+    from factory.decoders.files import MODEL_FILE, load_decoder, save_decoder
+
+    model = make_model()
+    cfg = DecoderConfig(num_heads=3, hidden=[8, 6])
+    save_decoder(str(tmp_path), model, cfg, ["a", "b", "c", "d"], [c for c, _ in TAPS], "hash", "")
+    path = tmp_path / MODEL_FILE
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v for k, v in load_file(path).items() if not k.startswith("feature_")}
+    old = {k: v for k, v in asdict(cfg).items() if k != "standardize"}
+    save_file(tensors, path, metadata={**metadata, "decoder": json.dumps(old)})
+    loaded = load_decoder(str(tmp_path)).model
+    assert loaded.feature_mean.eq(0).all() and loaded.feature_std.eq(1).all()
+    features = make_features()
+    torch.testing.assert_close(loaded.forward_maps(features, SIZE), model.forward_maps(features, SIZE))
+    save_file({k: v for k, v in tensors.items() if k != "linears.0.bias"}, path, metadata=metadata)
+    with pytest.raises(ValueError, match="linears.0.bias"):
+        load_decoder(str(tmp_path))

@@ -69,10 +69,35 @@ def test_interpreter_learns_the_annotators_rule(tmp_path):
     annotate_by_rule(cfg.annotate.dir)
     annotate.import_labels(cfg)
     reports = []
-    _, metrics = fit(cfg, load_labeled_set(cfg.train.labeled), torch.device("cpu"),
-                     report=lambda m, *_: reports.append(m))
+    model, metrics = fit(cfg, load_labeled_set(cfg.train.labeled), torch.device("cpu"),
+                         report=lambda m, *_: reports.append(m))
     assert [r["step"] for r in reports] == [400]
     assert metrics["val_miou"] >= 0.9, metrics
+    assert not torch.equal(model.feature_std, torch.ones_like(model.feature_std))  # decoder.standardize
+
+
+def test_standardize_false_feeds_raw_features(tmp_path):
+    """decoder.standardize=false: the interpreter's input statistics stay the identity; true (the
+    default): they are the training images' (`feature_stats`), fixed before the first step."""
+    from factory.backbones import load_backbone
+    from factory.decoders.interpreter import feature_stats
+    from factory.recipes.objectives import InterpreterObjective
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "annotate.num_images=8", "train.val_images=2"])
+    annotate.export_images(cfg)
+    annotate_by_rule(cfg.annotate.dir)
+    annotate.import_labels(cfg)
+    backbone = load_backbone(cfg.backbone)
+    objective = InterpreterObjective(cfg, load_labeled_set(cfg.train.labeled), backbone, torch.device("cpu"))
+    model = objective.build(backbone.feature_channels)
+    mean, std = feature_stats(objective.data.features, objective.data.train_index)
+    assert objective.data.train_index == list(range(6))
+    torch.testing.assert_close(model.feature_mean, mean)
+    torch.testing.assert_close(model.feature_std, std)
+    raw = load_config(None, [f"workdir={tmp_path}", "annotate.num_images=8", "train.val_images=2", "decoder.standardize=false"])
+    model = InterpreterObjective(raw, load_labeled_set(raw.train.labeled), backbone, torch.device("cpu")).build(
+        backbone.feature_channels)
+    assert model.feature_mean.eq(0).all() and model.feature_std.eq(1).all()
 
 
 def _coco_keypoints(directory, names, rule):

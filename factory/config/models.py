@@ -244,6 +244,10 @@ class DecoderConfig:
     the uncertainty score."""
     hidden: list[int] | None = None
     """interpreter: hidden widths; None means the paper's (128, 32), or (256, 128) with >= 32 outputs."""
+    standardize: bool = True
+    """interpreter: shift and scale each feature channel by its mean and standard deviation over the
+    labeled training images before the heads (fixed before training, stored with the decoder), so
+    maps of very different scales count alike; false feeds the raw features, as the paper's release."""
     dim: int = 64
     """perception: channels of the fused features and the instance queries (the paper uses 256)."""
     num_queries: int = 16

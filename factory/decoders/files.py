@@ -25,6 +25,9 @@ from factory.decoders import FittedDecoder, build_decoder, unwrap
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 FORMAT = "factory.decoder"
+UNSTANDARDIZED = ("feature_mean", "feature_std")
+"""Style Interpreter buffers a decoder saved before input standardisation lacks; they load as the
+identity (mean 0, std 1), which is what that decoder was fitted with."""
 
 
 def save_decoder(
@@ -73,6 +76,7 @@ def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDe
     keypoint_names = json.loads(metadata.get("keypoint_names", "[]"))
     model = build_decoder(cfg, in_channels, len(labels), len(keypoint_names))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in UNSTANDARDIZED]  # saved before standardisation: identity
     if missing or unexpected:
         raise ValueError(f"{path} does not match decoder {cfg.kind}: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")

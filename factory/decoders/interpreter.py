@@ -1,8 +1,10 @@
 """The Style Interpreter: DatasetGAN's ensemble of pixel MLPs, as one batched module.
 
 A pixel's feature is the concatenation of every backbone feature map, bilinearly upsampled
-(align_corners=False) to the image size. Each head is Linear-ReLU-BatchNorm1d (per hidden width)
-then Linear. All heads' weights live in shared tensors ([E, in, out]) so the ensemble runs as
+(align_corners=False) to the image size, each channel shifted and scaled by its mean and standard
+deviation over the labeled training images (`feature_stats`, fixed before training and stored with
+the decoder; identity until set). Each head is Linear-ReLU-BatchNorm1d (per hidden width) then
+Linear. All heads' weights live in shared tensors ([E, in, out]) so the ensemble runs as
 batched matmuls, never as a loop over models.
 
 Inference uses project-then-upsample (`factory.decoders.projection`): the first layer and bilinear
@@ -107,6 +109,19 @@ def gather_pixel_features(
     return torch.cat(parts, dim=1)
 
 
+def feature_stats(features: Sequence[torch.Tensor], index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation [D] of every channel of maps [N, C_j, h_j, w_j] over images
+    `index` and their positions (at each map's own resolution), concatenated in map order: what
+    `StyleInterpreter.standardize` takes. A constant channel gets std 1 (it is only shifted)."""
+    means, stds = [], []
+    for f in features:
+        x = f[list(index)].double().transpose(0, 1).flatten(1)  # [C_j, N * h_j * w_j]
+        means.append(x.mean(1))
+        std = x.std(1, unbiased=False)
+        stds.append(torch.where(std > 1e-6 * x.abs().amax(1).clamp_min(1e-12), std, torch.ones_like(std)))
+    return torch.cat(means).float(), torch.cat(stds).float()
+
+
 class StyleInterpreter(nn.Module):
     """An ensemble of `num_heads` pixel MLPs over `sum(in_channels)`-dim pixel features."""
 
@@ -133,6 +148,24 @@ class StyleInterpreter(nn.Module):
             HeadsLinear(num_heads, a, b, generator) for a, b in zip(widths[:-1], widths[1:])
         )
         self.norms = nn.ModuleList(HeadsBatchNorm(num_heads, c, generator) for c in hidden)
+        self.register_buffer("feature_mean", torch.zeros(self.in_features))
+        self.register_buffer("feature_std", torch.ones(self.in_features))
+
+    def standardize(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Shift and scale every input channel by `mean` and `std` ([D] each, `feature_stats`) from now
+        on; set once, before training (the statistics are part of the model and its file)."""
+        if mean.shape != (self.in_features,) or std.shape != (self.in_features,) or bool((std <= 0).any()):
+            raise ValueError(f"standardize needs mean and std of shape [{self.in_features}] with std > 0, got "
+                             f"{tuple(mean.shape)} and {tuple(std.shape)}")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    def _first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer with the input standardisation folded in: weight [E, D, hidden], bias [E, hidden]."""
+        first = self.linears[0]
+        weight = first.weight / self.feature_std[None, :, None]
+        bias = first.bias - torch.einsum("d,edo->eo", self.feature_mean, weight)
+        return weight, bias
 
     @property
     def in_features(self) -> int:
@@ -144,7 +177,7 @@ class StyleInterpreter(nn.Module):
             raise ValueError(
                 f"expected [N, {self.in_features}] or [{self.num_heads}, N, {self.in_features}], got {tuple(x.shape)}"
             )
-        x = x.to(self.linears[0].weight.dtype)
+        x = (x.to(self.linears[0].weight.dtype) - self.feature_mean) / self.feature_std
         for linear, norm in zip(self.linears, self.norms):
             x = norm(F.relu(linear(x)))
         return self.linears[-1](x)
@@ -186,12 +219,11 @@ class StyleInterpreter(nn.Module):
         """
         self._check_maps(features, "forward_maps")
         out_h, out_w = size
-        first = self.linears[0]
+        weight, bias = self._first_layer()
         batch, heads, width = features[0].shape[0], self.num_heads, self.hidden[0]
-        projected = ProjectedFeatures(features, first.weight, first.bias, self.in_channels, size)
+        projected = ProjectedFeatures(features, weight, bias, self.in_channels, size)
         layers = self._folded_layers()
-        out = torch.empty(heads, batch, self.num_outputs, out_h, out_w, dtype=first.weight.dtype,
-                          device=first.weight.device)
+        out = torch.empty(heads, batch, self.num_outputs, out_h, out_w, dtype=weight.dtype, device=weight.device)
         rows = max(1, band_elements // (batch * heads * width * out_w))
         for r0 in range(0, out_h, rows):
             r1 = min(out_h, r0 + rows)

@@ -24,7 +24,7 @@ from factory.config import FactoryConfig
 from factory.data.annotations import LabeledSet, pixels_sha256
 from factory.data.labeled_photos import RealLabeledSet, views
 from factory.decoders import build_decoder, unwrap
-from factory.decoders.interpreter import gather_pixel_features
+from factory.decoders.interpreter import feature_stats, gather_pixel_features
 from factory.decoders.keypoints import decode_heatmaps, gaussian_heatmaps
 from factory.decoders.perception import Targets, perception_loss, predict
 from factory.recipes.ray_train import TrainError
@@ -179,7 +179,10 @@ class InterpreterObjective:
         self.num_labels = len(labeled.label_names)
 
     def build(self, in_channels: list[int]) -> torch.nn.Module:
-        return build_decoder(self.cfg.decoder, in_channels, self.num_labels)
+        model = build_decoder(self.cfg.decoder, in_channels, self.num_labels)
+        if self.cfg.decoder.standardize:
+            model.standardize(*feature_stats(self.data.features, self.data.train_index))
+        return model
 
     def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
         return loss_on_pixels(model, self.data, self.sampler, self.cfg, gen)
