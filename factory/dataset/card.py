@@ -173,7 +173,7 @@ def provenance_section(manifest: dict, p: dict) -> list[str]:
     rows += [("decoder", f"{d['kind']} at `{d['url']}`"), ("decoder weights sha256", f"`{d['sha256']}`")]
     if d.get("metrics"):
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d["metrics"].items())
-        rows.append(("decoder validation", shown))
+        rows.append(("decoder metrics", shown))  # the last step's; val_* where labels were held back
     if labeled:
         rows.append(("labeled set", f"`{labeled['path']}`, fingerprint `{labeled['fingerprint']}`"
                      + (f", {labeled['images']} images" if labeled.get("images") else "")))

@@ -9,7 +9,8 @@ disk or as a mail attachment with no server and no network. Sections, each with 
     uncertainty   histogram of the kept samples' scores with the filter threshold
     shards        per-shard counts and timings, as a table and a plot
     failures      failed shards and files the manifest lists that are missing
-    decoder       the decoder's validation metrics (metrics.json beside it, from `factory train`)
+    decoder       the decoder's metrics: its last step's, validation where labels were held back
+                  (metrics.json beside it, from `factory train`)
 
 Plots are drawn with matplotlib on its Agg canvas (no display, no global pyplot state).
 """
@@ -218,7 +219,7 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
         body = table(rows, ("metric", "value"))
     else:
         body = "<p>Not available: the decoder's metrics.json cannot be read from here.</p>"
-    parts.append(f'<section id="decoder"><h2>Decoder validation</h2>{body}</section>')
+    parts.append(f'<section id="decoder"><h2>Decoder metrics</h2>{body}</section>')
 
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(manifest['name'])}: factory dataset report</title><style>{_STYLE}</style></head>"
