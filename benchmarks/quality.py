@@ -471,8 +471,7 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     from factory.config import DecoderConfig
     from factory.data import toyworld
     from factory.decoders import build_decoder
-    from factory.decoders.interpreter import feature_stats
-    from factory.recipes.objectives import prepare_data
+    from factory.recipes.objectives import build_interpreter, prepare_data
     from factory.recipes.train import fit_objective, load_training_set
     from factory.toy.demo import DM_LABELED_SEEDS, prepare_labels
 
@@ -502,9 +501,7 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
         projected = backbone.invert(real_images, None, list(range(len(real_images))))
     truth = torch.from_numpy(real_masks).long()
     n_train = len(real_images) - demo.train.val_images
-    model = build_decoder(demo.decoder, channels, num_classes)
-    if demo.decoder.standardize:  # as the product's interpreter objective does, on these features
-        model.standardize(*feature_stats(projected, range(n_train)))
+    model = build_interpreter(demo.decoder, channels, num_classes, projected, list(range(n_train)))
     decoders["interpreter fitted on the 16 real labeled faces projected into W+"] = fitted(
         fit_objective(demo.train, interpreter_objective(projected, truth, list(range(n_train)), demo), model)[0],
         demo.decoder)

@@ -301,7 +301,8 @@ def test_predict_keypoints_on_a_real_model():
 def test_a_decoder_saved_before_standardisation_loads_as_the_identity(tmp_path):
     """Decoder files written before the interpreter standardised its inputs lack the two statistics
     buffers (and `decoder.standardize` in their config): they load with mean 0 and std 1, which is
-    what they were fitted with; any other missing tensor is still an error."""
+    what they were fitted with; any other missing tensor, or the statistics missing from a file whose
+    config has `standardize`, is still an error."""
     import json
     from dataclasses import asdict
 
@@ -325,4 +326,7 @@ def test_a_decoder_saved_before_standardisation_loads_as_the_identity(tmp_path):
     torch.testing.assert_close(loaded.forward_maps(features, SIZE), model.forward_maps(features, SIZE))
     save_file({k: v for k, v in tensors.items() if k != "linears.0.bias"}, path, metadata=metadata)
     with pytest.raises(ValueError, match="linears.0.bias"):
+        load_decoder(str(tmp_path))
+    save_file(tensors, path, metadata=metadata)  # a standardised decoder's file without its statistics
+    with pytest.raises(ValueError, match="feature_mean"):
         load_decoder(str(tmp_path))

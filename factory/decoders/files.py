@@ -26,8 +26,8 @@ MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 FORMAT = "factory.decoder"
 UNSTANDARDIZED = ("feature_mean", "feature_std")
-"""Style Interpreter buffers a decoder saved before input standardisation lacks; they load as the
-identity (mean 0, std 1), which is what that decoder was fitted with."""
+"""Style Interpreter buffers a decoder saved before input standardisation (its config has no
+`standardize`) lacks; they load as the identity (mean 0, std 1), which is what it was fitted with."""
 
 
 def save_decoder(
@@ -76,7 +76,8 @@ def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDe
     keypoint_names = json.loads(metadata.get("keypoint_names", "[]"))
     model = build_decoder(cfg, in_channels, len(labels), len(keypoint_names))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in UNSTANDARDIZED]  # saved before standardisation: identity
+    if "standardize" not in json.loads(metadata["decoder"]):  # saved before standardisation: identity
+        missing = [k for k in missing if k not in UNSTANDARDIZED]
     if missing or unexpected:
         raise ValueError(f"{path} does not match decoder {cfg.kind}: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")

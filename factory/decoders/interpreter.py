@@ -120,9 +120,13 @@ def feature_stats(features: Sequence[torch.Tensor], index: Sequence[int]) -> tup
     means, stds = [], []
     for f in features:
         count = len(index) * f.shape[-2] * f.shape[-1]
-        mean = sum(f[i].double().sum((1, 2)) for i in index) / count
-        var = sum((f[i].double() - mean[:, None, None]).square().sum((1, 2)) for i in index) / count
-        peak = torch.stack([f[i].abs().amax((1, 2)) for i in index]).amax(0).double()
+        sums, peaks = [], []
+        for i in index:  # pass 1: sums and the largest magnitude
+            x = f[i].double()
+            sums.append(x.sum((1, 2)))
+            peaks.append(x.abs().amax((1, 2)))
+        mean, peak = torch.stack(sums).sum(0) / count, torch.stack(peaks).amax(0)
+        var = sum((f[i].double() - mean[:, None, None]).square().sum((1, 2)) for i in index) / count  # pass 2
         std = var.sqrt()
         means.append(mean)
         stds.append(torch.where(std > 1e-6 * peak.clamp_min(1e-12), std, torch.ones_like(std)))

@@ -169,6 +169,16 @@ def segmentation_metrics(pred: torch.Tensor, truth: torch.Tensor, num_classes: i
     return {"val_miou": float(iou.mean()), "val_pixel_accuracy": float(inter.sum() / conf.sum())}
 
 
+def build_interpreter(decoder_cfg, in_channels: list[int], num_labels: int, features: list[torch.Tensor],
+                      train_index: list[int]) -> torch.nn.Module:
+    """A fresh Style Interpreter for these training maps: with `decoder.standardize`, its input
+    statistics are the training images' (`feature_stats`), fixed before the first step."""
+    model = build_decoder(decoder_cfg, in_channels, num_labels)
+    if decoder_cfg.standardize:
+        model.standardize(*feature_stats(features, train_index))
+    return model
+
+
 class InterpreterObjective:
     """The Style Interpreter on regenerated, annotated GAN images (pixel batches)."""
 
@@ -179,10 +189,8 @@ class InterpreterObjective:
         self.num_labels = len(labeled.label_names)
 
     def build(self, in_channels: list[int]) -> torch.nn.Module:
-        model = build_decoder(self.cfg.decoder, in_channels, self.num_labels)
-        if self.cfg.decoder.standardize:
-            model.standardize(*feature_stats(self.data.features, self.data.train_index))
-        return model
+        return build_interpreter(self.cfg.decoder, in_channels, self.num_labels, self.data.features,
+                                 self.data.train_index)
 
     def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
         return loss_on_pixels(model, self.data, self.sampler, self.cfg, gen)
