@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-synthetic", type=int, help="N synthetic samples per path (default 5000; quick 64)")
     p.add_argument("--eval-images", type=int, help="held-out real toy faces, and shifted ones (default 1000; quick 48)")
     p.add_argument("--val-images", type=int, help="real toy faces that select each run's step (default 200; quick 16)")
-    p.add_argument("--segmenter-steps", type=int, help="steps per downstream fit (default 2400; quick 36)")
+    p.add_argument("--segmenter-steps", type=int, help="steps per downstream fit (default 1200; quick 36)")
     p.add_argument("--projection-images", type=int,
                    help="GAN path: real and shifted faces projected into W+ to score its decoder against "
                         "their ground truth (default 64; quick 8; 0: none)")
@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.num_synthetic = args.num_synthetic or (64 if quick else 5000)
     args.eval_images = args.eval_images or (48 if quick else 1000)
     args.val_images = args.val_images or (16 if quick else 200)
-    args.segmenter_steps = args.segmenter_steps or (36 if quick else 2400)
+    args.segmenter_steps = args.segmenter_steps or (36 if quick else 1200)
     args.kid_images = args.kid_images or (32 if quick else 200)
     if args.projection_images is None:
         args.projection_images = 8 if quick else 64
@@ -206,6 +206,7 @@ def downstream(train_images, train_masks, sets: dict, num_classes: int, steps: i
     on sets["held_out"] and sets["shifted"]."""
     from factory.toy import segmenter
 
+    started = time.perf_counter()
     cfg = segmenter.SegmenterConfig(num_classes, width=24, levels=3)
     fit_cfg = segmenter.FitConfig(steps=steps, batch_size=32, lr=2e-3)
     model, selected = segmenter.fit_selected(train_images, train_masks, *sets["val"], cfg, fit_cfg,
@@ -217,6 +218,7 @@ def downstream(train_images, train_masks, sets: dict, num_classes: int, steps: i
         per_class = segmenter.iou_per_class(segmenter.predict(model, images), masks, num_classes)
         key = "" if name == "held_out" else "shifted_"
         result[f"{key}miou"], result[f"{key}iou"] = segmenter.mean_iou(per_class), per_class
+    result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
@@ -279,7 +281,9 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
     num_classes = len(toyworld.CLASSES)
     prepare_labels(cfg)
     train_metrics = train(cfg)
+    phases = {"labels_and_decoder_fit": time.perf_counter() - started}
     generate(cfg)
+    phases["generate"] = time.perf_counter() - started - sum(phases.values())
     samples = list(iter_samples(cfg.generate.output))
     images = np.stack([s["image"] for s in samples])
     masks = np.stack([s["mask"] for s in samples])
@@ -317,6 +321,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
                 **decoder_miou_by_inversion(backbone, decoder, SHIFT_START, n, shift(), prompted=False)}
 
     result["filter_check"] = filter_check(masks, annotated, scores, num_classes)
+    phases["decoder_quality"] = time.perf_counter() - started - sum(phases.values())
 
     # 2. Downstream: real only, synthetic only, both.  3. Synthetic without the most uncertain.
     real_images, real_masks = real
@@ -336,7 +341,9 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
         result["decoder_curves"] = decoder_curves(path, args, workdir, sets)
         if path == "dm":  # the levers are the toy UNet's
             result["dm_levers"] = dm_levers(args, workdir)
+    phases["downstream_and_diagnosis"] = time.perf_counter() - started - sum(phases.values())
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["phase_seconds"] = {name: round(value, 1) for name, value in phases.items()}
     return result
 
 
@@ -501,7 +508,9 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
         projected = backbone.invert(real_images, None, list(range(len(real_images))))
     truth = torch.from_numpy(real_masks).long()
     n_train = len(real_images) - demo.train.val_images
-    model = build_interpreter(demo.decoder, channels, num_classes, projected, list(range(n_train)))
+    counts = torch.bincount(truth[:n_train].flatten(), minlength=num_classes)  # as the product's objective
+    model = build_interpreter(demo.decoder, channels, num_classes, projected, list(range(n_train)),
+                              counts if demo.train.class_balanced else None)
     decoders["interpreter fitted on the 16 real labeled faces projected into W+"] = fitted(
         fit_objective(demo.train, interpreter_objective(projected, truth, list(range(n_train)), demo), model)[0],
         demo.decoder)

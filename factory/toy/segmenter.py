@@ -144,7 +144,9 @@ def _training(images, masks, cfg: SegmenterConfig, fit_cfg: FitConfig, device, p
         raise ValueError(f"mask value {int(masks.max())} >= num_classes={cfg.num_classes}")
     gen = torch.Generator().manual_seed(fit_cfg.seed)
     torch.manual_seed(fit_cfg.seed)
-    model = Segmenter(cfg).to(device)
+    # channels-last: mkldnn's convolutions run about a quarter faster on it on CPU (forward and
+    # backward); the weights are the same numbers, stored in another order.
+    model = Segmenter(cfg).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, fit_cfg.steps) / fit_cfg.steps)))
@@ -160,7 +162,7 @@ def _training(images, masks, cfg: SegmenterConfig, fit_cfg: FitConfig, device, p
         if fit_cfg.flip:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        loss = F.cross_entropy(model(x.to(device).contiguous(memory_format=torch.channels_last)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
