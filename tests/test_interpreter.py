@@ -15,6 +15,7 @@ from factory.decoders.interpreter import (
     gather_pixel_features,
     predict_keypoints,
     predict_segmentation,
+    prior_offset,
 )
 from factory.decoders.keypoints import decode_heatmaps, gaussian_heatmaps
 from factory.decoders.uncertainty import js_uncertainty, top_fraction_mean
@@ -103,6 +104,42 @@ def test_feature_stats_are_per_channel_over_the_chosen_images():
         model.standardize(mean, torch.zeros(5))
     with pytest.raises(ValueError, match=r"\[5\]"):
         model.standardize(mean[:4], std[:4])
+
+
+def test_the_logit_offset_shifts_inference_logits_only():
+    """`offset_logits`: the project-then-upsample path (offset folded into the output layer's bias)
+    and the naive one both add the offset to every head's logits at every pixel; `forward`, which
+    training calls on sampled pixels, stays raw."""
+    model, features = make_model(), make_features()
+    pixels = torch.randn(5, model.in_features)
+    before_maps, before_pixels = model.forward_maps(features, SIZE), model(pixels)
+    offset = torch.tensor([0.5, -1.0, 2.0, -0.25])
+    model.offset_logits(offset)
+    with torch.no_grad():
+        fast, naive = model.forward_maps(features, SIZE), model.forward_maps_naive(features, SIZE)
+        torch.testing.assert_close(model(pixels), before_pixels)
+    torch.testing.assert_close(fast, before_maps + offset[None, None, :, None, None], atol=1e-5, rtol=1e-5)
+    assert (fast - naive).abs().max() < 1e-4
+    assert predict_segmentation(model, features, SIZE).labels.eq(2).float().mean() > \
+        logits_labels(before_maps).eq(2).float().mean()  # the favoured class gains pixels
+    with pytest.raises(ValueError, match=r"\[4\]"):
+        model.offset_logits(torch.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        model.offset_logits(torch.tensor([0.0, float("-inf"), 0.0, 0.0]))
+
+
+def logits_labels(logits: torch.Tensor) -> torch.Tensor:
+    return logits.softmax(2).mean(0).argmax(1)
+
+
+def test_prior_offset_is_a_power_of_the_smoothed_class_frequencies():
+    counts = torch.tensor([90, 7, 0, 3])
+    prior = (counts.double() + 1) / (100 + 4)
+    torch.testing.assert_close(prior_offset(counts, 0.5), (0.5 * prior.log()).float())
+    assert prior_offset(counts, 0.0).eq(0).all()
+    assert torch.isfinite(prior_offset(counts, 1.0)).all()  # an absent class: finite, the lowest
+    with pytest.raises(ValueError, match="counts >= 0"):
+        prior_offset(torch.tensor([1, -1]), 0.5)
 
 
 def test_naive_reference_is_the_per_pixel_mlp():
@@ -298,11 +335,14 @@ def test_predict_keypoints_on_a_real_model():
     assert pred.score.shape == (2,) and (pred.score > 0).all()
 
 
-def test_a_decoder_saved_before_standardisation_loads_as_the_identity(tmp_path):
-    """Decoder files written before the interpreter standardised its inputs lack the two statistics
-    buffers (and `decoder.standardize` in their config): they load with mean 0 and std 1, which is
-    what they were fitted with; any other missing tensor, or the statistics missing from a file whose
-    config has `standardize`, is still an error."""
+@pytest.mark.parametrize("setting, buffers", [("standardize", ("feature_mean", "feature_std")),
+                                               ("prior_correction", ("logit_offset",))])
+def test_a_decoder_saved_before_a_setting_loads_as_fitted_without_it(tmp_path, setting, buffers):
+    """Decoder files written before the interpreter standardised its inputs (or shifted its logits by
+    the class prior) lack those buffers and the setting in their config: they load with the identity
+    (mean 0 and std 1, offset 0), which is what they were fitted with, and their config reads the
+    setting as off; any other missing tensor, or the buffers missing from a file whose config has the
+    setting, is still an error."""
     import json
     from dataclasses import asdict
 
@@ -317,16 +357,18 @@ def test_a_decoder_saved_before_standardisation_loads_as_the_identity(tmp_path):
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
-    tensors = {k: v for k, v in load_file(path).items() if not k.startswith("feature_")}
-    old = {k: v for k, v in asdict(cfg).items() if k != "standardize"}
+    tensors = {k: v for k, v in load_file(path).items() if k not in buffers}
+    old = {k: v for k, v in asdict(cfg).items() if k != setting}
     save_file(tensors, path, metadata={**metadata, "decoder": json.dumps(old)})
-    loaded = load_decoder(str(tmp_path)).model
-    assert loaded.feature_mean.eq(0).all() and loaded.feature_std.eq(1).all()
+    fitted = load_decoder(str(tmp_path))
+    loaded = fitted.model
+    assert loaded.feature_mean.eq(0).all() and loaded.feature_std.eq(1).all() and loaded.logit_offset.eq(0).all()
+    assert not getattr(fitted.cfg, setting)  # read as fitted with the setting off
     features = make_features()
     torch.testing.assert_close(loaded.forward_maps(features, SIZE), model.forward_maps(features, SIZE))
     save_file({k: v for k, v in tensors.items() if k != "linears.0.bias"}, path, metadata=metadata)
     with pytest.raises(ValueError, match="linears.0.bias"):
         load_decoder(str(tmp_path))
-    save_file(tensors, path, metadata=metadata)  # a standardised decoder's file without its statistics
-    with pytest.raises(ValueError, match="feature_mean"):
+    save_file(tensors, path, metadata=metadata)  # a file of the setting's time without its buffers
+    with pytest.raises(ValueError, match=buffers[0]):
         load_decoder(str(tmp_path))

@@ -100,6 +100,32 @@ def test_standardize_false_feeds_raw_features(tmp_path):
     assert model.feature_mean.eq(0).all() and model.feature_std.eq(1).all()
 
 
+def test_prior_correction_shifts_the_logits_by_the_training_labels_prior(tmp_path):
+    """With class-balanced pixel draws (the default) and decoder.prior_correction > 0, the
+    interpreter's inference logits are shifted by it x the log class prior of the *training* images'
+    labels (not the validation images'), fixed before the first step; 0 (the default), or
+    train.class_balanced=false (the heads then learn the prior themselves), leaves them unshifted."""
+    from factory.backbones import load_backbone
+    from factory.decoders.interpreter import prior_offset
+    from factory.recipes.objectives import InterpreterObjective
+
+    settings = [f"workdir={tmp_path}", "annotate.num_images=8", "train.val_images=2"]
+    cfg = load_config(None, [*settings, "decoder.prior_correction=0.5"])
+    annotate.export_images(cfg)
+    annotate_by_rule(cfg.annotate.dir)
+    annotate.import_labels(cfg)
+    backbone, labeled = load_backbone(cfg.backbone), load_labeled_set(cfg.train.labeled)
+    model = InterpreterObjective(cfg, labeled, backbone, torch.device("cpu")).build(backbone.feature_channels)
+    counts = torch.bincount(labeled.masks[:6].flatten().long(), minlength=2)
+    assert counts.min() > 0
+    torch.testing.assert_close(model.logit_offset, prior_offset(counts, 0.5))
+    assert model.logit_offset[counts.argmin()] < model.logit_offset[counts.argmax()]
+    for extra in ([], ["train.class_balanced=false", "decoder.prior_correction=0.5"]):
+        off = load_config(None, [*settings, *extra])
+        model = InterpreterObjective(off, labeled, backbone, torch.device("cpu")).build(backbone.feature_channels)
+        assert model.logit_offset.eq(0).all(), extra
+
+
 def _coco_keypoints(directory, names, rule):
     """COCO keypoints JSON for exported images, one annotation per image, keypoints from `rule`."""
     import json

@@ -248,6 +248,14 @@ class DecoderConfig:
     """interpreter: shift and scale each feature channel by its mean and standard deviation over the
     labeled training images before the heads (fixed before training, stored with the decoder), so
     maps of very different scales count alike; false feeds the raw features, as the paper's release."""
+    prior_correction: float = 0.0
+    """interpreter, segmentation, with `train.class_balanced`: the heads learn from pixels drawn
+    evenly over the classes, so they treat every class as equally likely and draw small parts larger
+    than the labels do; a value > 0 shifts their logits by this power of the training labels' class
+    frequencies (logit adjustment, fixed before training, stored with the decoder, no cost per
+    sample); 1 restores the labels' prior. Issue 18's measurement: 0.5 makes the labels' class shares
+    match the annotator's and their agreement with it higher, but trains a worse downstream
+    segmenter than 0 (the default), so it is for users who need the areas right."""
     dim: int = 64
     """perception: channels of the fused features and the instance queries (the paper uses 256)."""
     num_queries: int = 16
@@ -276,6 +284,7 @@ class DecoderConfig:
             raise ConfigError(f"decoder.num_queries must be <= 255 (instance ids are 8-bit), got {self.num_queries}")
         within("decoder.instance_threshold", self.instance_threshold, 0.0, 1.0, open_low=True, open_high=True)
         within("decoder.uncertainty_top_fraction", self.uncertainty_top_fraction, 0.0, 1.0, open_low=True)
+        within("decoder.prior_correction", self.prior_correction, 0.0, 1.0)
         positive("decoder", self, ("heatmap_sigma",))
 
     def active_tasks(self) -> list[str]:

@@ -25,9 +25,12 @@ from factory.decoders import FittedDecoder, build_decoder, unwrap
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 FORMAT = "factory.decoder"
-UNSTANDARDIZED = ("feature_mean", "feature_std")
-"""Style Interpreter buffers a decoder saved before input standardisation (its config has no
-`standardize`) lacks; they load as the identity (mean 0, std 1), which is what it was fitted with."""
+LATER_SETTINGS = {"standardize": (False, ("feature_mean", "feature_std")),
+                  "prior_correction": (0.0, ("logit_offset",))}
+"""Decoder settings added after files were written: key -> (the value that means "off", the Style
+Interpreter buffers that came with it). A file saved before a setting existed (its config lacks the
+key) reads as fitted with it off, and its missing buffers load as the identity (mean 0, std 1,
+offset 0), which is what it was fitted with. A file whose config has the key must have them."""
 
 
 def save_decoder(
@@ -70,14 +73,16 @@ def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDe
     """The decoder saved in `directory`, ready for inference."""
     path = os.path.join(directory, MODEL_FILE)
     state, metadata = tensorfile.read(path, FORMAT, "fitted decoder", "run `factory train` first")
-    cfg = DecoderConfig(**json.loads(metadata["decoder"]))
+    saved_cfg = json.loads(metadata["decoder"])
+    older = {key: off for key, (off, _) in LATER_SETTINGS.items() if key not in saved_cfg}
+    cfg = DecoderConfig(**{**saved_cfg, **older})
     labels = json.loads(metadata["labels"])
     in_channels = json.loads(metadata["in_channels"])
     keypoint_names = json.loads(metadata.get("keypoint_names", "[]"))
     model = build_decoder(cfg, in_channels, len(labels), len(keypoint_names))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if "standardize" not in json.loads(metadata["decoder"]):  # saved before standardisation: identity
-        missing = [k for k in missing if k not in UNSTANDARDIZED]
+    for key in older:  # saved before the setting existed: its buffers load as the identity
+        missing = [k for k in missing if k not in LATER_SETTINGS[key][1]]
     if missing or unexpected:
         raise ValueError(f"{path} does not match decoder {cfg.kind}: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")

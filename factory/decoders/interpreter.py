@@ -5,7 +5,9 @@ A pixel's feature is the concatenation of every backbone feature map, bilinearly
 deviation over the labeled training images (`feature_stats`, fixed before training and stored with
 the decoder; identity until set). Each head is Linear-ReLU-BatchNorm1d (per hidden width) then
 Linear. All heads' weights live in shared tensors ([E, in, out]) so the ensemble runs as
-batched matmuls, never as a loop over models.
+batched matmuls, never as a loop over models. At inference every head's logits are shifted by
+`logit_offset` ([K], `prior_offset`: a power of the training labels' class frequencies, since heads
+trained on class-balanced pixels treat every class as equally likely; zero until set).
 
 Inference uses project-then-upsample (`factory.decoders.projection`): the first layer and bilinear
 upsampling are both linear, so W1 . concat_j(up(S_j)) == sum_j up(W1_j . S_j). Each map is projected
@@ -133,6 +135,17 @@ def feature_stats(features: Sequence[torch.Tensor], index: Sequence[int]) -> tup
     return torch.cat(means).float(), torch.cat(stds).float()
 
 
+def prior_offset(counts: torch.Tensor, power: float) -> torch.Tensor:
+    """[K] logit offset `power * log(prior)` for heads trained on class-balanced pixels (logit
+    adjustment, Menon et al. 2021): the prior is the classes' pixel frequencies in the training
+    labels (`counts`, [K]), add-one smoothed so a class absent from them gets a finite offset."""
+    if counts.dim() != 1 or bool((counts < 0).any()) or power < 0:
+        raise ValueError(f"prior_offset needs [K] counts >= 0 and a power >= 0, got {tuple(counts.shape)}, {power}")
+    counts = counts.double()
+    prior = (counts + 1) / (counts.sum() + len(counts))
+    return (power * prior.log()).float()
+
+
 class StyleInterpreter(nn.Module):
     """An ensemble of `num_heads` pixel MLPs over `sum(in_channels)`-dim pixel features."""
 
@@ -161,6 +174,7 @@ class StyleInterpreter(nn.Module):
         self.norms = nn.ModuleList(HeadsBatchNorm(num_heads, c, generator) for c in hidden)
         self.register_buffer("feature_mean", torch.zeros(self.in_features))
         self.register_buffer("feature_std", torch.ones(self.in_features))
+        self.register_buffer("logit_offset", torch.zeros(num_outputs))
 
     def standardize(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Shift and scale every input channel by `mean` and `std` ([D] each, `feature_stats`) from now
@@ -170,6 +184,14 @@ class StyleInterpreter(nn.Module):
                              f"{tuple(mean.shape)} and {tuple(std.shape)}")
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std)
+
+    def offset_logits(self, offset: torch.Tensor) -> None:
+        """Add `offset` ([K], `prior_offset`) to every head's logits at inference (`forward_maps`,
+        `forward_maps_naive`; `forward`, the training path, stays raw); set once, before training."""
+        if offset.shape != (self.num_outputs,) or not bool(torch.isfinite(offset).all()):
+            raise ValueError(f"offset_logits needs a finite offset of shape [{self.num_outputs}], got "
+                             f"{tuple(offset.shape)}")
+        self.logit_offset.copy_(offset)
 
     def _first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first layer with the input standardisation folded in: weight [E, D, hidden], bias [E, hidden]."""
@@ -207,14 +229,17 @@ class StyleInterpreter(nn.Module):
             )
 
     def _folded_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Layers 2.. as (weight [E, out, in], bias [E, out, 1]) with the preceding eval BN folded in,
-        to apply to channel-major activations [E, in, pixels]."""
+        """Layers 2.. as (weight [E, out, in], bias [E, out, 1]) with the preceding eval BN folded in
+        (and `logit_offset` in the output layer's bias), to apply to channel-major activations
+        [E, in, pixels]."""
         layers = []
         for norm, linear in zip(self.norms, self.linears[1:]):
             scale, shift = norm.affine()
             weight = linear.weight * scale[:, :, None]
             bias = linear.bias + torch.einsum("ei,eio->eo", shift, linear.weight)
             layers.append((weight.transpose(1, 2).contiguous(), bias[:, :, None]))
+        weight, bias = layers[-1]  # the output layer: the inference offset joins its bias
+        layers[-1] = (weight, bias + self.logit_offset[None, :, None])
         return layers
 
     @torch.no_grad()
@@ -259,7 +284,7 @@ class StyleInterpreter(nn.Module):
         x = torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features], 1)
         pixels = x.permute(0, 2, 3, 1).reshape(-1, self.in_features)
         del x
-        logits = self.forward(pixels)
+        logits = self.forward(pixels) + self.logit_offset
         return logits.view(self.num_heads, batch, out_h, out_w, self.num_outputs).permute(0, 1, 4, 2, 3)
 
 

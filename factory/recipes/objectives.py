@@ -24,7 +24,11 @@ from factory.config import FactoryConfig
 from factory.data.annotations import LabeledSet, pixels_sha256
 from factory.data.labeled_photos import RealLabeledSet, views
 from factory.decoders import build_decoder, unwrap
-from factory.decoders.interpreter import feature_stats, gather_pixel_features
+from factory.decoders.interpreter import (
+    feature_stats,
+    gather_pixel_features,
+    prior_offset,
+)
 from factory.decoders.keypoints import decode_heatmaps, gaussian_heatmaps
 from factory.decoders.perception import Targets, perception_loss, predict
 from factory.recipes.ray_train import TrainError
@@ -170,13 +174,23 @@ def segmentation_metrics(pred: torch.Tensor, truth: torch.Tensor, num_classes: i
 
 
 def build_interpreter(decoder_cfg, in_channels: list[int], num_labels: int, features: list[torch.Tensor],
-                      train_index: list[int]) -> torch.nn.Module:
-    """A fresh Style Interpreter for these training maps: with `decoder.standardize`, its input
-    statistics are the training images' (`feature_stats`), fixed before the first step."""
+                      train_index: list[int], balanced_counts: torch.Tensor | None = None) -> torch.nn.Module:
+    """A fresh Style Interpreter for these training maps, fixed before the first step: with
+    `decoder.standardize`, its input statistics are the training images' (`feature_stats`); given
+    `balanced_counts` (the training labels' pixels per class, when training draws pixels evenly over
+    the classes), its inference logits are shifted by `decoder.prior_correction` times their log
+    prior (`prior_offset`)."""
     model = build_decoder(decoder_cfg, in_channels, num_labels)
     if decoder_cfg.standardize:
         model.standardize(*feature_stats(features, train_index))
+    if balanced_counts is not None and decoder_cfg.prior_correction > 0:
+        model.offset_logits(prior_offset(balanced_counts, decoder_cfg.prior_correction))
     return model
+
+
+def label_counts(data: TrainingData, num_labels: int) -> torch.Tensor:
+    """[K] pixels of each class over the training images' labels."""
+    return torch.bincount(data.targets[data.train_index].flatten().cpu(), minlength=num_labels)
 
 
 class InterpreterObjective:
@@ -189,8 +203,10 @@ class InterpreterObjective:
         self.num_labels = len(labeled.label_names)
 
     def build(self, in_channels: list[int]) -> torch.nn.Module:
+        balanced = self.data.keypoints is None and self.cfg.train.class_balanced  # segmentation, even draws
         return build_interpreter(self.cfg.decoder, in_channels, self.num_labels, self.data.features,
-                                 self.data.train_index)
+                                 self.data.train_index,
+                                 label_counts(self.data, self.num_labels) if balanced else None)
 
     def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
         return loss_on_pixels(model, self.data, self.sampler, self.cfg, gen)
