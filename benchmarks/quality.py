@@ -110,6 +110,7 @@ DM_LEVERS = {
 """--diagnose: the DM decoder refitted with one setting changed each, against the demo's."""
 GAN_LEVERS = {
     "annotate.num_images=48 (three times the labels)": ["annotate.num_images=48"],
+    "decoder.prior_correction=0.5 (class shares calibrated to the labels')": ["decoder.prior_correction=0.5"],
 }
 """--gan-levers: the Style Interpreter refitted with one product setting changed each, against the
 demo's; two rows built by hand join them (the perception decoder on the same features, and the
