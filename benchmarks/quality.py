@@ -282,9 +282,14 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
     num_classes = len(toyworld.CLASSES)
     prepare_labels(cfg)
     train_metrics = train(cfg)
-    phases = {"labels_and_decoder_fit": time.perf_counter() - started}
+    phases: dict[str, float] = {}
+
+    def phase_done(name: str) -> None:  # seconds since the previous phase ended
+        phases[name] = time.perf_counter() - started - sum(phases.values())
+
+    phase_done("labels_and_decoder_fit")
     generate(cfg)
-    phases["generate"] = time.perf_counter() - started - sum(phases.values())
+    phase_done("generate")
     samples = list(iter_samples(cfg.generate.output))
     images = np.stack([s["image"] for s in samples])
     masks = np.stack([s["mask"] for s in samples])
@@ -322,7 +327,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
                 **decoder_miou_by_inversion(backbone, decoder, SHIFT_START, n, shift(), prompted=False)}
 
     result["filter_check"] = filter_check(masks, annotated, scores, num_classes)
-    phases["decoder_quality"] = time.perf_counter() - started - sum(phases.values())
+    phase_done("decoder_quality")
 
     # 2. Downstream: real only, synthetic only, both.  3. Synthetic without the most uncertain.
     real_images, real_masks = real
@@ -342,7 +347,7 @@ def run_path(path: str, args: argparse.Namespace, workdir: str, real, sets: dict
         result["decoder_curves"] = decoder_curves(path, args, workdir, sets)
         if path == "dm":  # the levers are the toy UNet's
             result["dm_levers"] = dm_levers(args, workdir)
-    phases["downstream_and_diagnosis"] = time.perf_counter() - started - sum(phases.values())
+    phase_done("downstream_and_diagnosis")
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["phase_seconds"] = {name: round(value, 1) for name, value in phases.items()}
     return result
@@ -479,7 +484,7 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     from factory.config import DecoderConfig
     from factory.data import toyworld
     from factory.decoders import build_decoder
-    from factory.recipes.objectives import build_interpreter, prepare_data
+    from factory.recipes.objectives import TrainingData, build_interpreter, prepare_data
     from factory.recipes.train import fit_objective, load_training_set
     from factory.toy.demo import DM_LABELED_SEEDS, prepare_labels
 
@@ -509,12 +514,10 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
         projected = backbone.invert(real_images, None, list(range(len(real_images))))
     truth = torch.from_numpy(real_masks).long()
     n_train = len(real_images) - demo.train.val_images
-    counts = torch.bincount(truth[:n_train].flatten(), minlength=num_classes)  # as the product's objective
-    model = build_interpreter(demo.decoder, channels, num_classes, projected, list(range(n_train)),
-                              counts if demo.train.class_balanced else None)
+    projected_data = TrainingData(projected, truth, truth, None, list(range(n_train)), [], tuple(truth.shape[1:]))
+    model = build_interpreter(demo, channels, num_classes, projected_data)  # as the product's objective builds it
     decoders["interpreter fitted on the 16 real labeled faces projected into W+"] = fitted(
-        fit_objective(demo.train, interpreter_objective(projected, truth, list(range(n_train)), demo), model)[0],
-        demo.decoder)
+        fit_objective(demo.train, interpreter_objective(projected_data, demo), model)[0], demo.decoder)
 
     seeds = list(range(demo.generate.start_seed, demo.generate.start_seed + args.num_synthetic))
     batch = demo.generate.batch_size
@@ -550,13 +553,13 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
             "kid_generated": backbone_kid(sets, {"GAN generated images": kid_images})}
 
 
-def interpreter_objective(features: list, targets, train_index: list[int], cfg):
-    """An objective for `fit_objective`: the Style Interpreter's loss on given features and masks
-    (the product's class-balanced pixel sampling and pixel loss), no validation images."""
-    from factory.recipes.objectives import PixelSampler, TrainingData, loss_on_pixels
+def interpreter_objective(data, cfg):
+    """An objective for `fit_objective`: the Style Interpreter's loss on given training data
+    (`objectives.TrainingData`: features and masks; the product's class-balanced pixel sampling and
+    pixel loss), no validation images."""
+    from factory.recipes.objectives import PixelSampler, loss_on_pixels
 
-    data = TrainingData(features, targets, targets, None, train_index, [], tuple(targets.shape[1:]))
-    sampler = PixelSampler(targets, train_index, cfg.train.class_balanced)
+    sampler = PixelSampler(data.region, data.train_index, cfg.train.class_balanced)
     return SimpleNamespace(loss=lambda model, gen: loss_on_pixels(model, data, sampler, cfg, gen),
                            evaluate=lambda model: {})
 

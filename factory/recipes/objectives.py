@@ -173,24 +173,20 @@ def segmentation_metrics(pred: torch.Tensor, truth: torch.Tensor, num_classes: i
     return {"val_miou": float(iou.mean()), "val_pixel_accuracy": float(inter.sum() / conf.sum())}
 
 
-def build_interpreter(decoder_cfg, in_channels: list[int], num_labels: int, features: list[torch.Tensor],
-                      train_index: list[int], balanced_counts: torch.Tensor | None = None) -> torch.nn.Module:
-    """A fresh Style Interpreter for these training maps, fixed before the first step: with
-    `decoder.standardize`, its input statistics are the training images' (`feature_stats`); given
-    `balanced_counts` (the training labels' pixels per class, when training draws pixels evenly over
-    the classes), its inference logits are shifted by `decoder.prior_correction` times their log
-    prior (`prior_offset`)."""
-    model = build_decoder(decoder_cfg, in_channels, num_labels)
-    if decoder_cfg.standardize:
-        model.standardize(*feature_stats(features, train_index))
-    if balanced_counts is not None and decoder_cfg.prior_correction > 0:
-        model.offset_logits(prior_offset(balanced_counts, decoder_cfg.prior_correction))
+def build_interpreter(cfg: FactoryConfig, in_channels: list[int], num_labels: int,
+                      data: TrainingData) -> torch.nn.Module:
+    """A fresh Style Interpreter for these training data, fixed before the first step: with
+    `decoder.standardize`, its input statistics are the training images' (`feature_stats`); when
+    training draws segmentation pixels evenly over the classes (`train.class_balanced`) and
+    `decoder.prior_correction` > 0, its inference logits are shifted by that power of the training
+    labels' class frequencies (`prior_offset`)."""
+    model = build_decoder(cfg.decoder, in_channels, num_labels)
+    if cfg.decoder.standardize:
+        model.standardize(*feature_stats(data.features, data.train_index))
+    if data.keypoints is None and cfg.train.class_balanced and cfg.decoder.prior_correction > 0:
+        counts = torch.bincount(data.targets[data.train_index].flatten().cpu(), minlength=num_labels)
+        model.offset_logits(prior_offset(counts, cfg.decoder.prior_correction))
     return model
-
-
-def label_counts(data: TrainingData, num_labels: int) -> torch.Tensor:
-    """[K] pixels of each class over the training images' labels."""
-    return torch.bincount(data.targets[data.train_index].flatten().cpu(), minlength=num_labels)
 
 
 class InterpreterObjective:
@@ -203,10 +199,7 @@ class InterpreterObjective:
         self.num_labels = len(labeled.label_names)
 
     def build(self, in_channels: list[int]) -> torch.nn.Module:
-        balanced = self.data.keypoints is None and self.cfg.train.class_balanced  # segmentation, even draws
-        return build_interpreter(self.cfg.decoder, in_channels, self.num_labels, self.data.features,
-                                 self.data.train_index,
-                                 label_counts(self.data, self.num_labels) if balanced else None)
+        return build_interpreter(self.cfg, in_channels, self.num_labels, self.data)
 
     def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
         return loss_on_pixels(model, self.data, self.sampler, self.cfg, gen)
