@@ -2,6 +2,7 @@
 family (it learns, it is deterministic, a resumed run equals an uninterrupted one), the image folder's
 errors, and the CLI on a local Ray cluster publishing weights that `load_backbone` serves."""
 
+import copy
 import io
 import json
 import math
@@ -14,6 +15,7 @@ from PIL import Image
 
 from factory.config import load_config
 from factory.data.image_folder import ImageFolderError, load_image_folder
+from factory.recipes import lr_decay
 from factory.recipes.pretrain import build_recipe, fit, resolution_of
 
 TINY = {
@@ -346,7 +348,7 @@ def test_lr_decay_extends_a_finished_run_and_refuses_a_different_schedule(kind, 
     assert first.lr_decay is None
     straight_saved = {}
     straight, _ = fit(decaying, data, torch.device("cpu"), report=keep(straight_saved))
-    assert straight.lr_decay == (end, end + 2)
+    assert straight.lr_decay == ((end, end + 2),)
     extended, metrics = fit(decaying, data, torch.device("cpu"), restore=lambda: saved[end])
     assert metrics["start_step"] == end and metrics["step"] == end + 2
     assert_same(weights(straight), weights(extended))
@@ -373,3 +375,70 @@ def test_lr_decay_extends_a_finished_run_and_refuses_a_different_schedule(kind, 
         tiny_cfg(tmp_path, kind, f"pretrain.lr_decay_steps={steps + 1}")
     with pytest.raises(ConfigError, match=r"pretrain.lr_decay_steps must be >= 0, got -1"):
         tiny_cfg(tmp_path, kind, "pretrain.lr_decay_steps=-1")
+
+
+@pytest.mark.parametrize("kind", ["stylegan2", "sd3"])
+def test_lr_restarts_extend_a_finished_decay_with_a_new_cycle(kind, folders, tmp_path):
+    """`pretrain.lr_restarts`: a run that finished its decay, given more steps and a restart at the
+    step it finished, resumes at the base rate and decays again over the new cycle's last steps,
+    ending exactly where the same schedule from scratch ends; without the restart the finished run is
+    refused with a message that names the setting; bad restarts fail in the config, naming them."""
+    from factory.config import ConfigError
+    from factory.recipes.ray_train import TrainError
+
+    steps = int(tiny_cfg(tmp_path, kind).pretrain.steps)
+    one = tiny_cfg(tmp_path, kind, "pretrain.checkpoint_every=1", "pretrain.lr_decay_steps=2")
+    two = tiny_cfg(tmp_path, kind, "pretrain.checkpoint_every=1", f"pretrain.steps={steps + 3}",
+                   "pretrain.lr_decay_steps=2", f"pretrain.lr_restarts=[{steps}]")
+    data = load_image_folder(folders[kind], resolution_of(one))
+    saved, rates = {}, {}
+
+    def keep(metrics, recipe, step):
+        saved[step] = {"recipe": snapshot(recipe), "step": step, "inputs_hash": "", "lr_decay": recipe.lr_decay,
+                       "losses": {k: v for k, v in metrics.items() if k not in ("step", "start_step")}}
+
+    first, _ = fit(one, data, torch.device("cpu"), report=keep)
+    end = first.total_steps
+    straight, _ = fit(two, data, torch.device("cpu"))
+    assert straight.lr_decay == ((end - 2, end), (end + 1, end + 3))
+    extended, metrics = fit(two, data, torch.device("cpu"), restore=lambda: copy.deepcopy(saved[end]))  # training moves the tensors it loads
+    assert metrics["start_step"] == end and metrics["step"] == end + 3
+    assert_same(weights(straight), weights(extended))
+    base = two.pretrain.lr
+    opt = straight.opt_g if kind == "stylegan2" else straight.opt
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([base / 2] * len(opt.param_groups))  # the cycle's last step
+    for step, expected in [(end - 2, 1.0), (end - 1, 0.5), (end, 1.0), (end + 1, 1.0), (end + 2, 0.5)]:
+        rates[step] = lr_decay.factor(step, straight.lr_decay)
+        assert rates[step] == expected, (step, rates)
+    # the three-step run from scratch differs from the one that decayed first
+    plain, _ = fit(tiny_cfg(tmp_path, kind, f"pretrain.steps={steps + 3}", "pretrain.lr_decay_steps=2"), data,
+                   torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(plain).values(), weights(straight).values()))
+
+    # the finished run continued without the restart: refused, the message says how to continue it
+    with pytest.raises(TrainError, match=rf"step {end} was trained with a decay over steps {end - 2}-{end}.*"
+                                         rf"pretrain.lr_restarts=\[{end}\]"):
+        fit(tiny_cfg(tmp_path, kind, f"pretrain.steps={steps + 3}", "pretrain.lr_decay_steps=3"), data,
+            torch.device("cpu"), restore=lambda: saved[end])
+    # a checkpoint saved before restarts existed (one window, not a tuple of them) resumes the same
+    legacy = dict(copy.deepcopy(saved[end]), lr_decay=(end - 2, end))
+    again, _ = fit(two, data, torch.device("cpu"), restore=lambda: legacy)
+    assert_same(weights(straight), weights(again))
+    for bad, says in [([f"pretrain.lr_restarts=[{steps}]", f"pretrain.steps={steps + 3}"], "needs pretrain.lr_decay_steps > 0"),
+                      (["pretrain.lr_restarts=[2, 1]", "pretrain.lr_decay_steps=1"], "got 1 after 2"),
+                      (["pretrain.lr_restarts=[0]", "pretrain.lr_decay_steps=1"], "got 0 after 0"),
+                      ([f"pretrain.lr_restarts=[{steps}]", "pretrain.lr_decay_steps=1"], f"before pretrain.steps={steps}")]:
+        with pytest.raises(ConfigError, match=rf"pretrain.lr_restarts=\[.*{says}"):
+            tiny_cfg(tmp_path, kind, *bad)
+
+def test_lr_decay_windows_and_factors():
+    """The schedule's arithmetic: one window per cycle, a short cycle decays over all of it, a
+    legacy single-window record is read as one window."""
+    assert lr_decay.window(100, 0) is None and lr_decay.factor(5, None) == 1.0
+    assert lr_decay.window(100, 10) == ((90, 100),)
+    assert lr_decay.window(100, 30, [20, 60]) == ((0, 20), (30, 60), (70, 100))
+    w = lr_decay.window(100, 30, [20, 60])
+    assert [lr_decay.factor(s, w) for s in (0, 19, 20, 29, 30, 59, 60, 70, 99)] == \
+        [1.0, 1 / 20, 1.0, 1.0, 1.0, 1 / 30, 1.0, 1.0, 1 / 30]
+    lr_decay.check_resume((90, 100), ((90, 100), (110, 120)), 100)  # the legacy record, then a restart
+    lr_decay.check_resume(None, ((90, 100),), 90)  # a constant run continued into its decay

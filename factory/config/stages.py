@@ -327,6 +327,11 @@ class PretrainConfig:
     by raising `steps` and setting this to the added steps: it resumes from its last checkpoint. A
     checkpoint resumes only where its steps would have had the same rates (else refused, naming
     both schedules). On the toy pipeline: see README, Training your own backbone."""
+    lr_restarts: list[int] = field(default_factory=list)
+    """Steps at which the learning rate returns to `lr` and a new cycle starts, each cycle ending
+    with its own `lr_decay_steps` decay (warm restarts): a run that finished its decay at step S is
+    extended by a new cycle with `steps` raised and `lr_restarts: [S]`, resuming from its last
+    checkpoint. Empty (the default): one cycle, the whole run. Needs `lr_decay_steps`."""
     vae_steps: int = 1000
     """diffusion: steps training the VAE alone (L1 reconstruction + kl_weight x KL) before the UNet."""
     kl_weight: float = 1e-5
@@ -365,6 +370,16 @@ class PretrainConfig:
         if self.lr_decay_steps > self.steps:
             raise ConfigError(f"pretrain.lr_decay_steps={self.lr_decay_steps} is more than pretrain.steps={self.steps}: "
                               "the decay runs over the last steps of the run (the denoiser's, for diffusion)")
+        if self.lr_restarts and not self.lr_decay_steps:
+            raise ConfigError(f"pretrain.lr_restarts={self.lr_restarts} needs pretrain.lr_decay_steps > 0: a restart "
+                              "starts a new cycle after a finished decay")
+        for before, at in zip([0, *self.lr_restarts], self.lr_restarts):
+            if not isinstance(at, int) or isinstance(at, bool) or at <= before:
+                raise ConfigError(f"pretrain.lr_restarts={self.lr_restarts}: restarts are increasing steps after 0, "
+                                  f"got {at!r} after {before}")
+        if self.lr_restarts and self.lr_restarts[-1] >= self.steps:
+            raise ConfigError(f"pretrain.lr_restarts={self.lr_restarts}: the last restart must come before "
+                              f"pretrain.steps={self.steps}")
         at_least("pretrain", self, 1, ("dit_layers", "dit_heads", "dit_head_dim", "dit_patch"))
         positive("pretrain", self, ("flow_shift",))
         if self.family not in ("sd", "sd3"):

@@ -114,7 +114,7 @@ class DiffusionRecipe:
         self.empty_index = unique.index("")
         self.scaling_factor: float | None = pipe.vae.config.scaling_factor if p.vae_from is not None else None
         self.total_steps = p.vae_steps + p.steps
-        self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps)  # the UNet's last steps
+        self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps, p.lr_restarts)  # the UNet's last steps
 
     def train_step(self, step: int, gen: torch.Generator) -> dict[str, float]:
         p = self.p

@@ -99,7 +99,7 @@ class FlowRecipe:
         self.prompt_index = torch.tensor([unique.index(t) for t in data.prompts])
         self.empty_index = unique.index("")
         self.total_steps = p.steps
-        self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps)
+        self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps, p.lr_restarts)
 
     @torch.no_grad()
     def _posteriors(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

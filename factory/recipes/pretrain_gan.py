@@ -54,7 +54,7 @@ class GanRecipe:
         c = p.r1_every / (p.r1_every + 1)  # lazy regularization (paper, Sec. 3.1)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=p.lr * c, betas=(0.0, 0.99**c), eps=1e-8)
         self.total_steps = p.steps
-        self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps)
+        self.lr_decay = lr_decay.window(self.total_steps, p.lr_decay_steps, p.lr_restarts)
         self.base_lrs = [(self.opt_g, p.lr), (self.opt_d, p.lr * c)]
 
     def _fake(self, z: torch.Tensor, noise: list[torch.Tensor], track_w_avg: bool = False) -> torch.Tensor:
