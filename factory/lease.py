@@ -4,7 +4,7 @@
 
 The promise for two builds started into one output at once: exactly one gets the lease and builds;
 the other is refused with a one-line `LeaseError` naming the output and the holder. The lease is
-created with an exclusive write (S3: `PutObject` with `If-None-Match: *`; locally: `O_CREAT|O_EXCL`),
+created with an exclusive write (S3: `PutObject` with `If-None-Match: *`; locally: written whole, then hard-linked into place, which fails if a lease is there),
 renewed by a heartbeat thread with a compare-and-swap (S3: `If-Match` on the ETag it wrote), and
 deleted at the end. A build that crashed cannot release it: its lease is taken over once it expires,
 or at once when the holder was a process on this host that no longer runs. A holder whose renewal
@@ -142,8 +142,8 @@ def _stale(record: dict) -> bool:
 
 
 # The storage primitives: an exclusive create, a compare-and-swap replace, a read with its tag and a
-# conditional delete, on S3 (ETags and conditional requests) and on local disks (O_EXCL, a takeover
-# marker). Other fsspec stores are not supported: they have no conditional write.
+# conditional delete, on S3 (ETags and conditional requests) and on local disks (a hard link that fails on an existing lease, a
+# takeover marker). Other fsspec stores are not supported: they have no conditional write.
 
 def _s3(url: str):
     fs, path = storage.filesystem(url)
@@ -158,11 +158,19 @@ def _create(url: str, data: bytes) -> str:
         return _s3_call(url, fs, "put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
     if not storage.is_local(url):
         raise storage.StorageError(f"{url}: leases need S3 or a local disk (a conditional write)")
-    fd = os.open(storage.local_path(url), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as f:
+    # Written whole under a private name, then linked into place: the link fails if a lease exists,
+    # and a reader never sees a lease created but not yet written (an empty file would read as a
+    # stale lease and be taken over while its creator still writes it).
+    path = storage.local_path(url)
+    tmp = f"{path}.{storage.TEMPORARY_PREFIX}{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    finally:
+        os.remove(tmp)
     return data.decode()
 
 

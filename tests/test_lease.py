@@ -76,6 +76,23 @@ def test_heartbeat_renews_and_a_lost_lease_is_reported(output):
     assert lease.holder(output)["owner"] == "thief"  # the thief's lease is left alone
 
 
+def test_a_local_lease_appears_only_whole(tmp_path, monkeypatch):
+    """A local lease is written under a private name and linked into place: while its creator is
+    still writing it, no lease is there to read (an empty one would read as stale, be taken over,
+    and leave two builds each holding the output)."""
+    output, seen, real_fsync = str(tmp_path / "out"), [], os.fsync
+
+    def spy(fd):
+        seen.append(lease.holder(output))
+        real_fsync(fd)
+
+    monkeypatch.setattr(lease.os, "fsync", spy)
+    with lease.acquire(output, seconds=30) as held:
+        assert seen[0] is None
+        assert lease.holder(output)["owner"] == held.owner
+    assert os.listdir(output) == []  # no private copy left behind
+
+
 def test_racing_processes_one_wins(tmp_path):
     """Eight processes race for one local lease at the same instant: exactly one gets it (and holds it
     until the other seven have been refused)."""
