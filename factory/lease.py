@@ -169,6 +169,16 @@ def _create(url: str, data: bytes) -> str:
         os.fsync(f.fileno())
     try:
         os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:  # a disk without hard links: an exclusive create, then the write
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     finally:
         os.remove(tmp)
     return data.decode()

@@ -1,6 +1,7 @@
 """Two builds into one output: one holds the lease, the other is refused; a crashed holder's lease is
 taken over once it expires (or at once when its process is gone); a holder that lost it is told."""
 
+import errno
 import json
 import os
 import subprocess
@@ -91,6 +92,16 @@ def test_a_local_lease_appears_only_whole(tmp_path, monkeypatch):
         assert seen[0] is None
         assert lease.holder(output)["owner"] == held.owner
     assert os.listdir(output) == []  # no private copy left behind
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(lease.os, "link", no_links)  # a disk without hard links: an exclusive create
+    with lease.acquire(output, seconds=30) as held:
+        assert lease.holder(output)["owner"] == held.owner
+        with pytest.raises(lease.LeaseError, match="is being built by another build"):
+            lease.acquire(output, seconds=30)
+    assert os.listdir(output) == []
 
 
 def test_racing_processes_one_wins(tmp_path):
