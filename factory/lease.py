@@ -4,9 +4,9 @@
 
 The promise for two builds started into one output at once: exactly one gets the lease and builds;
 the other is refused with a one-line `LeaseError` naming the output and the holder. The lease is
-created with an exclusive write (S3: `PutObject` with `If-None-Match: *`; locally: written whole, then hard-linked into place, which fails if a lease is there),
-renewed by a heartbeat thread with a compare-and-swap (S3: `If-Match` on the ETag it wrote), and
-deleted at the end. A build that crashed cannot release it: its lease is taken over once it expires,
+created with an exclusive write (S3: `PutObject` with `If-None-Match: *`; locally: written whole,
+then hard-linked into place, which fails if a lease is there), renewed by a heartbeat thread with a
+compare-and-swap (S3: `If-Match` on the ETag it wrote), and deleted at the end. A build that crashed cannot release it: its lease is taken over once it expires,
 or at once when the holder was a process on this host that no longer runs. A holder whose renewal
 fails (someone took the lease over) is told by `check`, and stops before publishing its manifest.
 """
@@ -142,8 +142,8 @@ def _stale(record: dict) -> bool:
 
 
 # The storage primitives: an exclusive create, a compare-and-swap replace, a read with its tag and a
-# conditional delete, on S3 (ETags and conditional requests) and on local disks (a hard link that fails on an existing lease, a
-# takeover marker). Other fsspec stores are not supported: they have no conditional write.
+# conditional delete, on S3 (ETags and conditional requests) and on local disks (a hard link that
+# fails on an existing lease, a takeover marker). Other fsspec stores are not supported: they have no conditional write.
 
 def _s3(url: str):
     fs, path = storage.filesystem(url)
