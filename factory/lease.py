@@ -6,9 +6,10 @@ The promise for two builds started into one output at once: exactly one gets the
 the other is refused with a one-line `LeaseError` naming the output and the holder. The lease is
 created with an exclusive write (S3: `PutObject` with `If-None-Match: *`; locally: written whole,
 then hard-linked into place, which fails if a lease is there), renewed by a heartbeat thread with a
-compare-and-swap (S3: `If-Match` on the ETag it wrote), and deleted at the end. A build that crashed cannot release it: its lease is taken over once it expires,
-or at once when the holder was a process on this host that no longer runs. A holder whose renewal
-fails (someone took the lease over) is told by `check`, and stops before publishing its manifest.
+compare-and-swap (S3: `If-Match` on the ETag it wrote), and deleted at the end. A build that
+crashed cannot release it: its lease is taken over once it expires, or at once when the holder was a
+process on this host that no longer runs. A holder whose renewal fails (someone took the lease over)
+is told by `check`, and stops before publishing its manifest.
 """
 
 from __future__ import annotations
