@@ -144,7 +144,8 @@ def _stale(record: dict) -> bool:
 
 # The storage primitives: an exclusive create, a compare-and-swap replace, a read with its tag and a
 # conditional delete, on S3 (ETags and conditional requests) and on local disks (a hard link that
-# fails on an existing lease, a takeover marker). Other fsspec stores are not supported: they have no conditional write.
+# fails on an existing lease, a takeover marker). Other fsspec stores are not supported: they have
+# no conditional write.
 
 def _s3(url: str):
     fs, path = storage.filesystem(url)
@@ -163,26 +164,31 @@ def _create(url: str, data: bytes) -> str:
     # and a reader never sees a lease created but not yet written (an empty file would read as a
     # stale lease and be taken over while its creator still writes it).
     path = storage.local_path(url)
-    tmp = f"{path}.{storage.TEMPORARY_PREFIX}{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_private(path, data)
     try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError as e:  # a disk without hard links: an exclusive create, then the write
+        os.link(tmp, path)  # FileExistsError (EEXIST) if a lease is there
+    except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_new(path, data)  # a disk without hard links: an exclusive create, then the write
     finally:
         os.remove(tmp)
     return data.decode()
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Write `data` to a file created at `path` (FileExistsError if one is there) and sync it."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_private(path: str, data: bytes) -> str:
+    """`data` written and synced under a private name beside `path`; returns that name."""
+    tmp = f"{path}.{storage.TEMPORARY_PREFIX}{uuid.uuid4().hex}"
+    _write_new(tmp, data)
+    return tmp
 
 
 def _read(url: str) -> tuple[dict, str] | None:
@@ -234,12 +240,7 @@ def _replace(url: str, data: bytes, tag: str | None) -> str:
             current = None
         if current != tag:
             raise LeaseError(f"{url} changed hands")
-        tmp = f"{path}.{storage.TEMPORARY_PREFIX}{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_write_private(path, data), path)
         return data.decode()
     finally:
         os.remove(marker)
