@@ -41,6 +41,27 @@ def test_quick_quality_benchmark_beats_chance_on_both_paths(tmp_path, ray_cluste
     assert report["paths"]["dm"]["decoder_shifted"]["miou"] > 0
 
 
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_active_annotation_benchmark_scores_each_round_downstream(tmp_path, ray_cluster):
+    """`benchmarks/active.py --quick`: the first round, a random and a suggested second round, each
+    decoder scored against the annotator and by the downstream segmenter its labels train."""
+    import active
+
+    report = active.run(**active.QUICK, workdir=str(tmp_path))
+    assert report["settings"]["steps"] == 30 and report["settings"]["downstream"] == 32
+    row = report["repeats"][0]
+    for arm in ("first", "random", "active"):
+        assert 0 < row[arm]["miou"] <= 1, (arm, row[arm])
+        run = row[arm]["downstream"]
+        assert run["train_images"] == 32, arm  # the same generated images, each decoder's labels
+        assert 0 < run["miou"] <= 1 and 0 < run["shifted_miou"] <= 1, (arm, run)
+        assert run["selected_step"] == max(run["val_curve"], key=lambda p: p[1])[0] <= 24
+    assert len(row["active"]["seeds"]) == len(row["random"]["seeds"]) == 4
+    assert report["mean_downstream_gain"] == pytest.approx(
+        row["active"]["downstream"]["miou"] - row["random"]["downstream"]["miou"])
+
 def test_kid_is_near_zero_between_draws_of_one_distribution_and_grows_with_a_shift():
     import numpy as np
     import quality
