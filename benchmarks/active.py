@@ -17,7 +17,7 @@ GAN path, on the shipped toy StyleGAN2 with the demo's decoder settings. For eac
    (seeds 5,000,000 on): the annotator is the reference, since it labeled every training image;
 5. what each decoder's labels are worth for training (`--downstream` N > 0): its labels of the N
    generated images the demo's build starts with train the label-quality benchmark's downstream
-   segmenter (`quality.downstream`: `--segmenter-steps`, its step selected on `--val-images` real
+   segmenter (`protocol.downstream`: `--segmenter-steps`, its step selected on `--val-images` real
    faces), scored on `--held-out` real toy faces and as many shifted ones. Agreement with the
    annotator alone misses what more labels are worth (benchmarks/QUALITY.md: 48 labels agree with it
    no better than 16, and train a better segmenter).
@@ -86,7 +86,7 @@ def downstream_worth(cfg, synthetic, sets: dict, segmenter_steps: int) -> dict:
     """The label-quality benchmark's downstream run on the images of `synthetic` (seeds, images)
     labeled by the decoder at `generate.decoder`, generated in the build's batches."""
     import torch
-    from quality import downstream
+    from protocol import downstream
 
     from factory.backbones import load_backbone
     from factory.decoders.files import load_decoder
@@ -128,9 +128,8 @@ def run(repeats: int = 3, first: int = 16, added: int = 16, pool: int = 500, eva
     `downstream` 0: no downstream runs."""
     import copy
     from functools import partial
-    from types import SimpleNamespace
 
-    from quality import face_sets
+    from protocol import face_sets
 
     from factory.backbones import load_backbone
     from factory.data import annotations
@@ -161,7 +160,7 @@ def run(repeats: int = 3, first: int = 16, added: int = 16, pool: int = 500, eva
         step = base.generate.batch_size
         synthetic = (seeds, np.concatenate([backbone(seeds[i : i + step]).images.numpy()
                                             for i in range(0, downstream, step)]))
-        sets = face_sets(SimpleNamespace(eval_images=held_out, val_images=val_images))
+        sets = face_sets(held_out, val_images)
         worth = partial(downstream_worth, synthetic=synthetic, sets=sets, segmenter_steps=segmenter_steps)
     del backbone
 

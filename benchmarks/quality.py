@@ -85,10 +85,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import busy_cpu_seconds, write_results  # noqa: E402  (benchmarks/machine.py)
+from protocol import EVAL_START, SHIFT_START, downstream, face_sets, shift
 
-EVAL_START = 1_000_000
-VAL_START = 4_000_000
-SHIFT_START = 6_000_000
 FILTER_CURVE = (0.1, 0.2, 0.3, 0.5)
 """--diagnose's filtering curve (the default run drops 10% only); 0% is the plain synthetic run."""
 PATHS = {"gan": [], "dm": [], "dm-sd3": []}
@@ -115,14 +113,6 @@ GAN_LEVERS = {
 """--gan-levers: the Style Interpreter refitted with one product setting changed each, against the
 demo's; two rows built by hand join them (the perception decoder on the same features, and the
 interpreter fitted on real labeled faces projected into W+)."""
-
-
-def shift():
-    """The shifted toy world of the robustness rows: faces 20% smaller, in-plane roll 1.8x wider,
-    light 1.6x more one-sided (see `toyworld.WorldShift`)."""
-    from factory.data import toyworld
-
-    return toyworld.WorldShift(scale=0.8, roll=1.8, light=1.6)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -200,27 +190,6 @@ def path_overrides(args: argparse.Namespace) -> list[str]:
     if args.quick:
         settings += ["train.steps=30", "train.checkpoint_every=30", "backbone.inversion_steps=20"]
     return settings
-
-
-def downstream(train_images, train_masks, sets: dict, num_classes: int, steps: int) -> dict:
-    """One downstream run under the benchmark's one rule: the step is selected on sets["val"]; scored
-    on sets["held_out"] and sets["shifted"]."""
-    from factory.toy import segmenter
-
-    started = time.perf_counter()
-    cfg = segmenter.SegmenterConfig(num_classes, width=24, levels=3)
-    fit_cfg = segmenter.FitConfig(steps=steps, batch_size=32, lr=2e-3)
-    model, selected = segmenter.fit_selected(train_images, train_masks, *sets["val"], cfg, fit_cfg,
-                                             every=max(1, steps // 12))
-    result = {"train_images": int(len(train_images)), "selected_step": selected["step"],
-              "val_miou": selected["val_miou"], "val_curve": selected["curve"]}
-    for name in ("held_out", "shifted"):
-        images, masks = sets[name]
-        per_class = segmenter.iou_per_class(segmenter.predict(model, images), masks, num_classes)
-        key = "" if name == "held_out" else "shifted_"
-        result[f"{key}miou"], result[f"{key}iou"] = segmenter.mean_iou(per_class), per_class
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    return result
 
 
 def annotator_labels(images: np.ndarray) -> np.ndarray:
@@ -489,7 +458,7 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     from factory.toy.demo import DM_LABELED_SEEDS, prepare_labels
 
     num_classes = len(toyworld.CLASSES)
-    sets = face_sets(args)
+    sets = face_sets(args.eval_images, args.val_images)
     demo = path_config("gan", workdir, args)
     prepare_labels(demo)
     backbone = load_backbone(demo.backbone)
@@ -650,23 +619,12 @@ def autoencoder_ceiling(backbone, sets: dict) -> tuple[dict, np.ndarray]:
             "iou_reconstructed": scores["reconstructed"], "psnr_db": round(10 * np.log10(4 / mse), 2)}, reconstructed
 
 
-def face_sets(args: argparse.Namespace, shifted: bool = True, resolution: int = 32) -> dict:
-    """The real faces every score reads: held-out, validation and (unless `shifted=False`) shifted."""
-    from factory.data import toyworld
-
-    sets = {"held_out": toyworld.arrays(range(EVAL_START, EVAL_START + args.eval_images), resolution),
-            "val": toyworld.arrays(range(VAL_START, VAL_START + args.val_images), resolution)}
-    if shifted:
-        sets["shifted"] = toyworld.arrays(range(SHIFT_START, SHIFT_START + args.eval_images), resolution, shift=shift())
-    return sets
-
-
 def autoencoders(args: argparse.Namespace, workdir: str) -> dict:
     """`--autoencoders`: `autoencoder_ceiling` and the reconstructions' KID for each named pipeline,
     beside the KID of the validation faces themselves (the floor)."""
     from factory.backbones import load_backbone
 
-    sets = face_sets(args, shifted=False)
+    sets = face_sets(args.eval_images, args.val_images, shifted=False)
     rows, images = {}, {}
     for weights in [w.strip() for w in args.autoencoders.split(",") if w.strip()]:
         cfg = path_config("dm", workdir, args, [f"backbone.weights={weights}"])
@@ -812,7 +770,7 @@ def main(argv: list[str] | None = None) -> dict:
             return finish(report, args, busy0, t0)
         resolution = 32  # both shipped backbones
         real = toyworld.arrays(DM_LABELED_SEEDS, resolution)
-        sets = face_sets(args, resolution=resolution)
+        sets = face_sets(args.eval_images, args.val_images, resolution=resolution)
         num_classes = len(toyworld.CLASSES)
         chance = segmenter.chance_iou(sets["held_out"][1], num_classes)
         report = {

@@ -157,6 +157,7 @@ def test_autoencoder_ceiling_scores_real_faces_before_and_after_the_dm_backbones
     """`--diagnose`'s images-ceiling row: the stand-in annotator on validation faces and on the same
     faces through the shipped toy pipeline's VAE; a blurring autoencoder loses parts, never gains them."""
     import numpy as np
+    import protocol
     import quality
 
     from factory.backbones import load_backbone
@@ -164,7 +165,7 @@ def test_autoencoder_ceiling_scores_real_faces_before_and_after_the_dm_backbones
 
     args = quality.parse_args(["--quick"])
     backbone = load_backbone(quality.path_config("dm", str(tmp_path), args).backbone)
-    faces = toyworld.arrays(range(quality.VAL_START, quality.VAL_START + 24), 32)
+    faces = toyworld.arrays(range(protocol.VAL_START, protocol.VAL_START + 24), 32)
     row, reconstructed = quality.autoencoder_ceiling(backbone, {"val": faces})
     assert reconstructed.shape == faces[0].shape and reconstructed.dtype == np.uint8
     assert not np.array_equal(reconstructed, faces[0])  # it went through the autoencoder
