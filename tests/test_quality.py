@@ -41,7 +41,6 @@ def test_quick_quality_benchmark_beats_chance_on_both_paths(tmp_path, ray_cluste
     assert report["paths"]["dm"]["decoder_shifted"]["miou"] > 0
 
 
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_active_annotation_benchmark_scores_each_round_downstream(tmp_path, ray_cluster):
@@ -61,6 +60,7 @@ def test_active_annotation_benchmark_scores_each_round_downstream(tmp_path, ray_
     assert len(row["active"]["seeds"]) == len(row["random"]["seeds"]) == 4
     assert report["mean_downstream_gain"] == pytest.approx(
         row["active"]["downstream"]["miou"] - row["random"]["downstream"]["miou"])
+
 
 def test_kid_is_near_zero_between_draws_of_one_distribution_and_grows_with_a_shift():
     import numpy as np
