@@ -64,44 +64,47 @@ def fit_and_save(cfg) -> dict:
     return metrics
 
 
-def evaluate(cfg, eval_seeds: list[int], reference: np.ndarray) -> dict:
-    """mIoU of the decoder at `generate.decoder` against the annotator's masks of `eval_seeds`."""
+def generated_images(backbone, seeds: list[int], batch: int) -> np.ndarray:
+    """[N, H, W, 3] images of `seeds`, generated in blocks of `batch`."""
     import torch
 
-    from factory.backbones import load_backbone
-    from factory.decoders.files import load_decoder
+    with torch.inference_mode():
+        return np.concatenate([backbone(seeds[i : i + batch]).images.numpy() for i in range(0, len(seeds), batch)])
+
+
+def generated_masks(backbone, decoder, seeds: list[int], batch: int) -> np.ndarray:
+    """[N, H, W] the decoder's masks of `seeds`, generated in blocks of `batch`."""
+    import torch
+
+    size = (backbone.resolution, backbone.resolution)
+    with torch.inference_mode():
+        return np.concatenate([decoder(backbone(seeds[i : i + batch]).features, size).masks.numpy()
+                               for i in range(0, len(seeds), batch)])
+
+
+def evaluate(cfg, backbone, decoder, eval_seeds: list[int], reference: np.ndarray) -> dict:
+    """mIoU of `decoder` against the annotator's masks of `eval_seeds`."""
     from factory.toy import segmenter
 
-    backbone, decoder = load_backbone(cfg.backbone), load_decoder(cfg.generate.decoder)
-    masks = []
-    with torch.inference_mode():
-        for i in range(0, len(eval_seeds), 16):
-            out = backbone(eval_seeds[i : i + 16])
-            masks.append(decoder(out.features, (backbone.resolution, backbone.resolution)).masks.numpy())
-    per_class = segmenter.iou_per_class(np.concatenate(masks), reference, len(cfg.labels.classes))
+    masks = generated_masks(backbone, decoder, eval_seeds, 16)
+    per_class = segmenter.iou_per_class(masks, reference, len(cfg.labels.classes))
     return {"miou": segmenter.mean_iou(per_class), "iou": per_class}
 
 
-def downstream_worth(cfg, synthetic, sets: dict, segmenter_steps: int) -> dict:
+def downstream_worth(cfg, backbone, decoder, synthetic, sets: dict, segmenter_steps: int) -> dict:
     """The label-quality benchmark's downstream run on the images of `synthetic` (seeds, images)
-    labeled by the decoder at `generate.decoder`, generated in the build's batches."""
-    import torch
+    labeled by `decoder`, generated in the build's batches."""
     from protocol import downstream
 
-    from factory.backbones import load_backbone
-    from factory.decoders.files import load_decoder
-
     seeds, images = synthetic
-    backbone, decoder = load_backbone(cfg.backbone), load_decoder(cfg.generate.decoder)
-    size, batch = (backbone.resolution, backbone.resolution), cfg.generate.batch_size
-    with torch.inference_mode():
-        masks = np.concatenate([decoder(backbone(seeds[i : i + batch]).features, size).masks.numpy()
-                                for i in range(0, len(seeds), batch)])
+    masks = generated_masks(backbone, decoder, seeds, cfg.generate.batch_size)
     return downstream(images, masks, sets, len(cfg.labels.classes), segmenter_steps)
 
 
 def label_and_fit(cfg, eval_seeds, reference, worth=None) -> dict:
     """Label the exported images, fit, score against the annotator (and, with `worth`, downstream)."""
+    from factory.backbones import load_backbone
+    from factory.decoders.files import load_decoder
     from factory.recipes.annotate import import_labels
     from factory.toy.annotator import annotate_with_segmenter
 
@@ -109,10 +112,12 @@ def label_and_fit(cfg, eval_seeds, reference, worth=None) -> dict:
     import_labels(cfg)
     started = time.perf_counter()
     metrics = fit_and_save(cfg)
-    row = {**evaluate(cfg, eval_seeds, reference), "fit_s": round(time.perf_counter() - started, 1),
+    fit_s = round(time.perf_counter() - started, 1)
+    backbone, decoder = load_backbone(cfg.backbone), load_decoder(cfg.generate.decoder)
+    row = {**evaluate(cfg, backbone, decoder, eval_seeds, reference), "fit_s": fit_s,
            "final_loss": metrics.get("loss")}
     if worth:
-        row["downstream"] = worth(cfg)
+        row["downstream"] = worth(cfg, backbone, decoder)
     return row
 
 
@@ -151,15 +156,11 @@ def run(repeats: int = 3, first: int = 16, added: int = 16, pool: int = 500, eva
     eval_seeds = list(range(EVAL_START, EVAL_START + eval_images))
     annotator, _ = segmenter.load(SHIPPED_ANNOTATOR)
     backbone = load_backbone(base.backbone)
-    eval_images_px = np.concatenate([backbone(eval_seeds[i : i + 16]).images.numpy()
-                                     for i in range(0, len(eval_seeds), 16)])
-    reference = segmenter.predict(annotator, eval_images_px)
+    reference = segmenter.predict(annotator, generated_images(backbone, eval_seeds, 16))
     worth = None
     if downstream:
         seeds = list(range(base.generate.start_seed, base.generate.start_seed + downstream))
-        step = base.generate.batch_size
-        synthetic = (seeds, np.concatenate([backbone(seeds[i : i + step]).images.numpy()
-                                            for i in range(0, downstream, step)]))
+        synthetic = (seeds, generated_images(backbone, seeds, base.generate.batch_size))
         sets = face_sets(held_out, val_images)
         worth = partial(downstream_worth, synthetic=synthetic, sets=sets, segmenter_steps=segmenter_steps)
     del backbone
