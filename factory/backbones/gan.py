@@ -1,6 +1,7 @@
 """StyleGAN2 as a backbone: a generator from a weights file in any supported format (or seeded random
 weights) sampled at a fixed truncation, noise mode and class rule, so a sample is a function of its
-seed; every conv layer's output is a feature. Real images are inverted by projection into W+."""
+seed; every conv layer's output is a feature (of the blocks `backbone.feature_resolutions` selects).
+Real images are inverted by projection into W+."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def classes_for(cfg: BackboneConfig, seeds: Sequence[int]) -> list[int] | None:
 
 
 def check_settings(cfg: BackboneConfig, arch: StyleGAN2Config, noise_const: bool, where: str) -> None:
-    """`backbone.classes` and `backbone.noise` against what the generator has; ConfigError naming the key."""
+    """`backbone.classes`, `backbone.noise` and `backbone.feature_resolutions` against what the generator
+    has; ConfigError naming the key."""
     if arch.c_dim > 0 and not cfg.classes:
         raise ConfigError(f"backbone.classes must list the class indices to generate: {where} is class-conditional "
                           f"(c_dim={arch.c_dim}); e.g. backbone.classes=[3] or backbone.classes=[0,1,2]")
@@ -47,6 +49,10 @@ def check_settings(cfg: BackboneConfig, arch: StyleGAN2Config, noise_const: bool
     bad = [c for c in cfg.classes if c >= arch.c_dim]
     if arch.c_dim and bad:
         raise ConfigError(f"backbone.classes has {bad[0]}, outside {where}'s {arch.c_dim} classes (c_dim={arch.c_dim})")
+    missing = [r for r in cfg.feature_resolutions if r not in arch.block_resolutions]
+    if missing:
+        raise ConfigError(f"backbone.feature_resolutions has {missing[0]}, not a block of {where} (its blocks: "
+                          f"{', '.join(map(str, arch.block_resolutions))})")
     if cfg.noise == "const" and not noise_const:
         raise ConfigError(f"backbone.noise=const needs the checkpoint's noise_const buffers, and {where} has none "
                           f"(official pickles and rosinality checkpoints store them); use backbone.noise=seed")
@@ -161,5 +167,6 @@ def stylegan2_identity(cfg: BackboneConfig, generator: StyleGAN2Generator | None
         info = weights_info(local_weights(cfg))
         arch, weights_hash = info.arch, info.weights_hash
         check_settings(cfg, arch, info.noise_const, cfg.weights)
-    feats = feature_info(arch, cfg.rgb_taps)
+    feats = [f for f in feature_info(arch, cfg.rgb_taps)
+             if not cfg.feature_resolutions or f[2] in cfg.feature_resolutions]
     return BackboneIdentity(weights_hash, arch.resolution, [n for n, _, _ in feats], [c for _, c, _ in feats])

@@ -181,6 +181,12 @@ class BackboneConfig:
     rgb_taps: bool = True
     """Also feed each block's running skip-RGB image (StyleGAN2's toRGB outputs) to the decoder,
     besides every conv layer's features."""
+    feature_resolutions: list[int] = field(default_factory=list)
+    """stylegan2: the blocks whose features (conv layers, and skip images with `rgb_taps`) the decoder
+    reads, by resolution, e.g. [16, 32]; each must be one of the generator's blocks (4, 8, ...,
+    its resolution). Empty: every block, as DatasetGAN does. A fitted decoder records the maps it
+    read, and generating with another selection is refused. From 16 labels, leaving out the coarsest
+    blocks can generalise better (the demo reads 16 and 32 px: benchmarks/QUALITY.md)."""
     batch_invariant: bool = False
     """Per-seed mode: run the generator one seed per forward pass, so a sample equals its seed
     generated alone, whatever else is generated with it. It costs most of the batching speed-up (on
@@ -223,6 +229,13 @@ class BackboneConfig:
         bad = [c for c in self.classes if isinstance(c, bool) or not isinstance(c, int) or c < 0]
         if bad:
             raise ConfigError(f"backbone.classes must list class indices >= 0, got {list(self.classes)}")
+        if self.kind == "diffusion" and self.feature_resolutions:
+            raise ConfigError(f"backbone.feature_resolutions={list(self.feature_resolutions)} selects a StyleGAN2's "
+                              "blocks; a diffusion backbone's are backbone.diffusion.feature_blocks")
+        if len(set(self.feature_resolutions)) != len(self.feature_resolutions) or any(
+                isinstance(r, bool) or not isinstance(r, int) or r < 4 for r in self.feature_resolutions):
+            raise ConfigError(f"backbone.feature_resolutions must list block resolutions (4, 8, 16, ...) once each, "
+                              f"got {list(self.feature_resolutions)}")
 
 
 DECODER_TASKS = {"interpreter": ("segmentation", "keypoints"),

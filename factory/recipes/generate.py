@@ -93,7 +93,8 @@ def check_decoder_fits(meta: dict[str, str], backbone: BackboneIdentity, url: st
     if fitted_on and fitted_on != backbone.feature_names:
         raise GenerateError(
             f"decoder {url} was fitted on features {fitted_on}, the config taps {backbone.feature_names}; "
-            "check backbone.diffusion.feature_steps / feature_blocks / feature_norm / image_features or re-train"
+            "check backbone.feature_resolutions / rgb_taps (StyleGAN2) or backbone.diffusion.feature_steps / "
+            "feature_blocks / feature_norm / image_features, or re-train"
         )
 
 
