@@ -73,6 +73,7 @@ p / (2 - p)). Seeds: the backbones trained on toy scenes 0-3,999, the annotator 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -109,10 +110,12 @@ DM_LEVERS = {
 GAN_LEVERS = {
     "annotate.num_images=48 (three times the labels)": ["annotate.num_images=48"],
     "decoder.prior_correction=0.5 (class shares calibrated to the labels')": ["decoder.prior_correction=0.5"],
+    "backbone.feature_resolutions=[] (every block's maps, the demo before)": ["backbone.feature_resolutions=[]"],
 }
 """--gan-levers: the Style Interpreter refitted with one product setting changed each, against the
 demo's; two rows built by hand join them (the perception decoder on the same features, and the
-interpreter fitted on real labeled faces projected into W+)."""
+interpreter fitted on real labeled faces projected into W+). A lever may change which blocks'
+maps the interpreter reads; the images are the same."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -449,7 +452,7 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     scored against the stand-in annotator on the first 200 and by the benchmark's downstream run."""
     import torch
 
-    from factory.backbones import load_backbone
+    from factory.backbones import backbone_identity, load_backbone
     from factory.config import DecoderConfig
     from factory.data import toyworld
     from factory.decoders import build_decoder
@@ -463,21 +466,25 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     prepare_labels(demo)
     backbone = load_backbone(demo.backbone)
     channels, size = list(backbone.feature_channels), (backbone.resolution, backbone.resolution)
+    every_block = load_backbone(dataclasses.replace(demo.backbone, feature_resolutions=[]))  # the same images
 
-    def fitted(model, decoder_cfg):
-        return bare_decoder(model, decoder_cfg, toyworld.CLASSES, channels)
+    def fitted(model, decoder_cfg, backbone_cfg):
+        """(the decoder as the build calls it, the names of the maps it reads)"""
+        identity = backbone_identity(backbone_cfg)
+        return bare_decoder(model, decoder_cfg, toyworld.CLASSES, identity.feature_channels), identity.feature_names
 
-    decoders = {"demo settings (16 annotated generated images)": fitted(fit_decoder(demo)[0], demo.decoder)}
+    decoders = {"demo settings (16 annotated generated images)": fitted(fit_decoder(demo)[0], demo.decoder,
+                                                                        demo.backbone)}
     for i, (name, settings) in enumerate(GAN_LEVERS.items()):
         cfg = path_config("gan", os.path.join(workdir, f"gan-lever-{i}"), args, settings)
         prepare_labels(cfg)
-        decoders[name] = fitted(fit_decoder(cfg)[0], cfg.decoder)
+        decoders[name] = fitted(fit_decoder(cfg)[0], cfg.decoder, cfg.backbone)
     data = prepare_data(demo, load_training_set(demo), backbone, torch.device("cpu"))  # the demo's 16
     perception = DecoderConfig(kind="perception", tasks=["segmentation"], num_heads=demo.decoder.num_heads)
     model = build_decoder(perception, channels, num_classes)
     decoders["perception decoder (DatasetDM's) on the same features and labels"] = fitted(
         fit_objective(demo.train, perception_objective(data.features, data.targets, data.train_index, demo), model)[0],
-        perception)
+        perception, demo.backbone)
     real_images, real_masks = toyworld.arrays(DM_LABELED_SEEDS, size[0])
     with torch.no_grad():
         projected = backbone.invert(real_images, None, list(range(len(real_images))))
@@ -486,17 +493,18 @@ def gan_levers(args: argparse.Namespace, workdir: str) -> dict:
     projected_data = TrainingData(projected, truth, truth, None, list(range(n_train)), [], tuple(truth.shape[1:]))
     model = build_interpreter(demo, channels, num_classes, projected_data)  # as the product's objective builds it
     decoders["interpreter fitted on the 16 real labeled faces projected into W+"] = fitted(
-        fit_objective(demo.train, interpreter_objective(projected_data, demo), model)[0], demo.decoder)
+        fit_objective(demo.train, interpreter_objective(projected_data, demo), model)[0], demo.decoder, demo.backbone)
 
     seeds = list(range(demo.generate.start_seed, demo.generate.start_seed + args.num_synthetic))
     batch = demo.generate.batch_size
     images, labels = [], {name: [] for name in decoders}
     with torch.inference_mode():
         for i in range(0, len(seeds), batch):
-            out = backbone(seeds[i:i + batch])
+            out = every_block(seeds[i:i + batch])
             images.append(out.images.numpy())
-            for name, decoder in decoders.items():
-                labels[name].append(decoder(out.features, size).masks.numpy())
+            maps = dict(zip(every_block.feature_names, out.features))
+            for name, (decoder, read) in decoders.items():
+                labels[name].append(decoder([maps[n] for n in read], size).masks.numpy())
     images = np.concatenate(images)
     annotated = annotator_labels(images)
     k = min(200, len(images))

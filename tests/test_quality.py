@@ -131,12 +131,13 @@ def test_gan_levers_mode_scores_each_decoder_on_the_same_generated_images(tmp_pa
     generated images, scored against the annotator and downstream, beside the ceiling and 16 real."""
     import quality
 
-    monkeypatch.setattr(quality, "GAN_LEVERS", {"more labels": ["annotate.num_images=20"]})
+    monkeypatch.setattr(quality, "GAN_LEVERS", {"more labels": ["annotate.num_images=20"],
+                                                "every block": ["backbone.feature_resolutions=[]"]})
     report = quality.main(["--quick", "--gan-levers", "--num-synthetic", "32", "--eval-images", "8",
                            "--val-images", "4", "--segmenter-steps", "2", "--workdir", str(tmp_path / "w"),
                            "--out", str(tmp_path / "q.json")])
     g = report["gan_levers"]
-    decoders = ["demo settings (16 annotated generated images)", "more labels",
+    decoders = ["demo settings (16 annotated generated images)", "more labels", "every block",
                 "perception decoder (DatasetDM's) on the same features and labels",
                 "interpreter fitted on the 16 real labeled faces projected into W+"]
     comparators = ["the same images labeled by the stand-in annotator (the ceiling)", "16 real labeled faces only"]
@@ -147,7 +148,9 @@ def test_gan_levers_mode_scores_each_decoder_on_the_same_generated_images(tmp_pa
     for row in g["rows"].values():
         assert abs(sum(row["label_shares"]) - 1) < 1e-6 and 0 <= row["downstream"]["miou"] <= 1
         assert row["downstream"]["train_images"] == (16 if row is g["rows"]["16 real labeled faces only"] else 32)
-    # the decoders differ: the perception decoder's labels are not the interpreter's
+    # the decoders differ: the perception decoder's labels are not the interpreter's, nor are those of
+    # the interpreter reading every block's maps (the demo reads the 16 and 32 px blocks')
+    assert g["rows"][decoders[3]]["label_shares"] != g["rows"][decoders[0]]["label_shares"]
     assert g["rows"][decoders[2]]["label_shares"] != g["rows"][decoders[0]]["label_shares"]
     assert set(g["kid_generated"]) == {"real (validation faces)", "real, shifted world", "GAN generated images"}
     assert g["kid_images"] == 32  # --kid-images' quick default, from the same generated images

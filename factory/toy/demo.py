@@ -35,7 +35,7 @@ _CLASSES = "[" + ",".join(toyworld.CLASSES) + "]"
 
 GAN_SETTINGS = (
     "backbone.kind=stylegan2", "backbone.weights=pkg://toy_stylegan2.safetensors", "backbone.psi=0.7",
-    "backbone.stylegan2.channel_max=64",
+    "backbone.stylegan2.channel_max=64", "backbone.feature_resolutions=[16,32]",
     f"labels.classes={_CLASSES}", "decoder.num_heads=10", "train.steps=1200", "train.val_images=0",
     "generate.num_samples=1000", "generate.shard_size=250", "generate.calibration_samples=250",
 )
