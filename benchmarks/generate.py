@@ -498,7 +498,8 @@ def run_build(args: argparse.Namespace, workdir: str, endpoint: str | None, num_
 def round_ratios(loop: dict, builds: list[dict], ceiling: dict | None = None) -> dict[str, float]:
     """One round's paired ratios: each build against the bare loop run just before it (whole build,
     and inside shards: samples per second of actor time spent making shards, i.e. without start-up,
-    calibration bookkeeping and publishing), each actor count against the first, and, with the
+    calibration bookkeeping and publishing), each actor count against the first (whole build, and
+    inside shards: all actors' shard-making throughput), and, with the
     round's `ceiling` (N bare loops at once, `bare_in_parallel`), what N loops reached over one and
     the share of that the N-actor build reached."""
     one, out = builds[0], {}
@@ -508,6 +509,10 @@ def round_ratios(loop: dict, builds: list[dict], ceiling: dict | None = None) ->
         out[f"in_shards_{n}_actors_over_bare"] = b["in_shards_samples_per_actor_s"] / loop["samples_per_s"]
     for b in builds[1:]:
         out[f"{b['num_actors']}_actors_over_{one['num_actors']}"] = b["samples_per_s"] / one["samples_per_s"]
+        # the same inside shards (all actors' shard-making throughput): what a build long enough
+        # for the pool's start-up not to count tends to
+        out[f"in_shards_{b['num_actors']}_actors_over_{one['num_actors']}"] = (
+            b["num_actors"] * b["in_shards_samples_per_actor_s"]) / (one["num_actors"] * one["in_shards_samples_per_actor_s"])
     top = next((b for b in builds if ceiling and b["num_actors"] == ceiling["processes"] and b is not one), None)
     if top is not None:
         out[f"{ceiling['processes']}_bare_processes_over_1"] = ceiling["over_one"]

@@ -92,6 +92,7 @@ def test_generate_benchmark_pairs_each_round_with_its_own_ceiling():
     ratios = round_ratios(loop, builds, {"processes": 2, "over_one": 1.9})
     assert ratios["full_1_actors_over_bare"] == pytest.approx(0.95)
     assert ratios["2_actors_over_1"] == pytest.approx(152 / 95)
+    assert ratios["in_shards_2_actors_over_1"] == pytest.approx(2 * 90 / 105)  # both actors' shard throughput
     assert ratios["2_bare_processes_over_1"] == 1.9
     assert ratios["2_actors_over_1_of_ceiling"] == pytest.approx(152 / 95 / 1.9)
     assert "2_actors_over_1_of_ceiling" not in round_ratios(loop, builds)  # no ceiling measured
