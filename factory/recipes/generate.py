@@ -138,7 +138,7 @@ class ShardBuilder:
     A shard that raises is retried `generate.max_retries` times, then reported as failed (with its
     error) instead of failing the whole build: the other shards still finish, and the driver records
     the failure in the manifest and exits non-zero. A failed shard publishes nothing, so a re-run
-    builds it again. (An actor that crashes is restarted by Ray, which resubmits its shard.)
+    builds it again. (An actor that crashes is restarted by Ray, which resubmits the shards it held.)
     """
 
     def __init__(self, cfg: dict, config_hash: str, threshold: float | None = None) -> None:
