@@ -51,9 +51,9 @@ def save_untrained_decoder(cfg):
     from factory.decoders.files import save_decoder
 
     backbone = load_backbone(cfg.backbone)
-    model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.label_names())).eval()
+    model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.label_names()), len(cfg.labels.keypoints)).eval()
     save_decoder(cfg.generate.decoder, model, cfg.decoder, cfg.label_names(), backbone.feature_channels,
-                 backbone.weights_hash, config_lib.to_yaml(cfg))
+                 backbone.weights_hash, config_lib.to_yaml(cfg), cfg.labels.keypoints)
     return backbone
 
 

@@ -4,6 +4,7 @@ reads with no arguments, with provenance, label statistics, the filter and the w
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from factory.recipes.dataset_card import publish_card
 from factory.recipes.labeling import build_shard
 
 
-def build(work, formats: str, *overrides: str):
+def build(work, formats: str, *overrides: str, build_hash: str = "b" * 64):
     """Two shards built without Ray and the card published as `generate` does (manifest last)."""
     cfg = load_config(None, [f"workdir={work}", "decoder.num_heads=2", "generate.batch_size=5",
                              f"generate.formats=[{formats}]", *overrides])
@@ -32,7 +33,7 @@ def build(work, formats: str, *overrides: str):
     plan = layout.plan_shards(100, 10, 5)
     records = {s.name: build_shard(backbone, decoder, cfg, s, "cfg") for s in plan}
     manifest = layout.build_manifest(
-        plan, records, {}, name="card-test", package_version="0.1.0", build_hash="b" * 64, config_hash="c" * 64,
+        plan, records, {}, name="card-test", package_version="0.1.0", build_hash=build_hash, config_hash="c" * 64,
         task="segmentation", tasks=["segmentation"], labels=cfg.labels.classes, formats=cfg.generate.formats,
         image_format="png", calibration={"drop_fraction": 0.1, "threshold": 0.25, "num_scored": 10,
                                          "score_quantiles": {"p50": 0.2, "p90": 0.25}}, config=cfg_dict(cfg))
@@ -82,6 +83,21 @@ def test_load_dataset_reads_a_built_dataset_through_its_card(tmp_path, hf_offlin
         assert reader in text
 
 
+def test_two_builds_in_folders_of_one_name_each_load_their_own_rows(tmp_path, hf_offline):
+    """`datasets` caches a folder's rows by its name, config name and data_files patterns: the
+    config is named after the build, so a second build in another `.../dataset` is not served the
+    first one's rows from the cache."""
+    import datasets
+
+    _, first = build(tmp_path / "a", "parquet", build_hash="1" * 64)
+    _, second = build(tmp_path / "b", "parquet", "backbone.init_seed=5", build_hash="2" * 64)
+    assert first.endswith("/dataset") and second.endswith("/dataset")
+    for out in (first, second):
+        ds = datasets.load_dataset(out, split="train", cache_dir=hf_offline)
+        np.testing.assert_array_equal(np.asarray(ds[0]["image"]), next(read.iter_samples(out))["image"])
+    assert front_matter(Path(second, "README.md").read_text())["configs"][0]["config_name"] == "build-222222222222"
+
+
 def test_a_webdataset_only_dataset_loads_its_tars_through_the_card(tmp_path, hf_offline):
     import datasets
 
@@ -117,7 +133,7 @@ def test_weights_from_an_official_nvidia_pickle_make_a_non_commercial_card(tmp_p
     assert not (tmp_path / "CANARY").exists()
     shipped = weights_provenance(load_config(None, ["backbone.weights=pkg://toy_stylegan2.safetensors"]).backbone)
     assert shipped["shipped"] and not shipped["nvidia_official"] and shipped["source"]["trained_by"]
-    meta = card.front_matter({"formats": ["parquet"], "task": "segmentation", "name": "x", "num_samples": 20_000,
+    meta = card.front_matter({"formats": ["parquet"], "task": "segmentation", "name": "x", "num_samples": 20_000, "build_hash": "f" * 64,
                               "config": {}}, card.weights_license(b, None), None)
     assert meta["license"] == "other" and meta["license_name"] == card.NVIDIA_NC
     assert meta["size_categories"] == ["10K<n<100K"]
@@ -133,6 +149,41 @@ def test_label_statistics_of_each_task():
     assert label_statistics(kps, ["nose", "chin"], "keypoints") == {
         "keypoint_mean_score": {"nose": 0.75, "chin": None}, "samples_counted": 2}
     assert label_statistics([{"mask": None, "keypoints": None}], ["bg"], "depth") == {"samples_counted": 0}
+
+
+def test_keypoints_carry_their_own_names_not_the_classes(tmp_path):
+    """A perception decoder predicts keypoints beside its classes: every sample names them as
+    labels.keypoints does, in order, the manifest records them, and the card counts them."""
+    from factory.decoders.files import keypoint_names, read_decoder_metadata
+
+    names = ["left_eye", "right_eye", "nose"]
+    cfg = load_config("configs/diffusion.yaml", [
+        f"workdir={tmp_path}", "backbone.weights=pkg://toy_diffusion", "backbone.diffusion.resolution=32",
+        "backbone.diffusion.steps=2", "decoder.num_heads=2", "generate.batch_size=4", "decoder.tasks=[keypoints]",
+        f"labels.keypoints=[{','.join(names)}]"])
+    backbone = save_untrained_decoder(cfg)
+    meta = read_decoder_metadata(cfg.generate.decoder)
+    assert keypoint_names(meta) == names and load_decoder(cfg.generate.decoder).keypoint_names == names
+    out = cfg.generate.output
+    layout.prepare_output(out, "build", {}, overwrite=False)
+    spec = layout.plan_shards(0, 4, 4)[0]
+    record = build_shard(backbone, load_decoder(cfg.generate.decoder), cfg, spec, "cfg", texts=["a photo of a face"])
+    manifest = layout.build_manifest([spec], {spec.name: record}, {}, name="kp", package_version="0.1.0",
+                                     build_hash="b", config_hash="c", task="keypoints", tasks=["keypoints"],
+                                     labels=cfg.labels.classes, keypoints=keypoint_names(meta), formats=["parquet"],
+                                     image_format="png", calibration=None, config=cfg_dict(cfg))
+    assert layout.task_labels(manifest) == names
+    publish_card(cfg, manifest)
+    samples = list(read.iter_samples(out, manifest=manifest))
+    assert len(samples) == 4 and all([k["name"] for k in s["keypoints"]] == names for s in samples)
+    text = Path(out, "README.md").read_text()
+    assert "| 0 | left_eye |" in text and "| 2 | nose |" in text and "| 0 | background |" not in text
+    # an interpreter fitted for keypoints predicts them as its labels; a segmentation one predicts none
+    interp = {"decoder": '{"kind": "interpreter", "task": "keypoints"}', "labels": '["nose", "chin"]'}
+    assert keypoint_names(interp) == ["nose", "chin"]
+    assert keypoint_names({**interp, "decoder": '{"kind": "interpreter", "task": "segmentation"}'}) == []
+    assert keypoint_names({"decoder": '{"kind": "perception", "tasks": ["segmentation"]}', "labels": '["bg"]',
+                           "keypoint_names": '["nose"]'}) == []
 
 
 def test_a_diffusion_dataset_card_has_depth_and_its_pipeline(tmp_path, hf_offline):

@@ -3,8 +3,8 @@ dataset-card format, so a person sees at a glance what the data is and where it 
 `datasets.load_dataset(<the folder>)` reads it with no arguments.
 
     ---                                  YAML front matter (the Hub's metadata)
-    configs: [default: data_files ...]   the shards of the dataset's first format (Parquet when
-                                         written, else the WebDataset tars)
+    configs: [build-<hash>: data_files]  the shards of the dataset's first format (Parquet when
+                                         written, else the WebDataset tars), the one default config
     dataset_info: features               the sample columns as `datasets` features (Parquet)
     license, task_categories, tags, size_categories, pretty_name
     ---
@@ -89,11 +89,21 @@ def weights_license(backbone: dict, configured: str | None) -> dict:
         "share or use this dataset.")}
 
 
+def config_name(manifest: dict) -> str:
+    """The card's one `datasets` config, named after the build. `datasets` keys its cache of a local
+    folder by the folder's name, the config's name and its data_files *patterns*, not the files: two
+    builds in folders of the same name (every `<workdir>/dataset`), both called "default", would share
+    one cache entry, and `load_dataset` would return the first one's rows for the second. The build
+    hash names the bytes (a rebuild of the same build makes the same ones), so the cache is right."""
+    return f"build-{manifest['build_hash'][:12]}"
+
+
 def front_matter(manifest: dict, licence: dict, dataset_license: str | None) -> dict:
     formats = manifest["formats"]
     fmt = "parquet" if "parquet" in formats else "webdataset"
     pattern = "parquet/*.parquet" if fmt == "parquet" else "webdataset/*.tar"
-    config = {"config_name": "default", "data_files": [{"split": "train", "path": pattern}]}
+    config = {"config_name": config_name(manifest), "default": True,
+              "data_files": [{"split": "train", "path": pattern}]}
     tasks = manifest.get("tasks") or [manifest["task"]]
     if dataset_license is None:
         dataset_license = "other" if licence["non_commercial"] else licence["id"]
@@ -110,7 +120,7 @@ def front_matter(manifest: dict, licence: dict, dataset_license: str | None) -> 
     if meta["license"] == "other":
         meta["license_name"] = licence["id"]
     if fmt == "parquet":
-        meta["dataset_info"] = {"config_name": "default", "features": features()}
+        meta["dataset_info"] = {"config_name": config["config_name"], "features": features()}
     return meta
 
 

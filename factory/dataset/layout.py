@@ -256,6 +256,15 @@ def read_manifest(output: str) -> dict:
     return manifest
 
 
+def task_labels(manifest: dict) -> list[str]:
+    """The names of what a dataset's main task (`manifest["task"]`) labels: its keypoints for a
+    keypoints dataset, else its classes. (A manifest without `keypoints`, written before they were
+    recorded apart, holds an interpreter's keypoints as its labels.)"""
+    if manifest["task"] == "keypoints":
+        return manifest.get("keypoints") or manifest["labels"]
+    return manifest["labels"]
+
+
 def build_manifest(plan: list[ShardSpec], records: dict[str, dict], failed: dict[str, str], **fields) -> dict:
     """The manifest of a build whose plan is `plan`: every complete shard's record in plan order,
     totals over them, and each missing shard with its error (`failed`, else "not built"). `fields`

@@ -40,9 +40,11 @@ class FittedDecoder:
     model: StyleInterpreter | PerceptionDecoder
     cfg: DecoderConfig
     label_names: list[str]
+    """What its outputs are called: the classes (an interpreter fitted for keypoints: the keypoints)."""
     in_channels: list[int]
     backbone_hash: str
     keypoint_names: list[str]
+    """The keypoints it predicts, in the order of `Decoded.keypoints` ([] when it predicts none)."""
 
     @torch.inference_mode()
     def __call__(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> Decoded:

@@ -69,6 +69,16 @@ def read_decoder_metadata(directory: str) -> dict[str, str]:
                                     "run `factory train` first")
 
 
+def keypoint_names(metadata: dict[str, str]) -> list[str]:
+    """The names of the keypoints a fitted decoder predicts, in its output order ([] for none), from
+    its metadata: a perception decoder records them beside its classes (its `labels`); a Style
+    Interpreter fitted for keypoints predicts them as its labels."""
+    cfg = json.loads(metadata["decoder"])
+    if cfg["kind"] == "interpreter":
+        return json.loads(metadata["labels"]) if cfg.get("task") == "keypoints" else []
+    return json.loads(metadata.get("keypoint_names", "[]")) if "keypoints" in cfg.get("tasks", []) else []
+
+
 def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDecoder:
     """The decoder saved in `directory`, ready for inference."""
     path = os.path.join(directory, MODEL_FILE)
@@ -78,8 +88,8 @@ def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDe
     cfg = DecoderConfig(**{**saved_cfg, **older})
     labels = json.loads(metadata["labels"])
     in_channels = json.loads(metadata["in_channels"])
-    keypoint_names = json.loads(metadata.get("keypoint_names", "[]"))
-    model = build_decoder(cfg, in_channels, len(labels), len(keypoint_names))
+    keypoints = keypoint_names(metadata)
+    model = build_decoder(cfg, in_channels, len(labels), len(keypoints))
     missing, unexpected = model.load_state_dict(state, strict=False)
     for key in older:  # saved before the setting existed: its buffers load as the identity
         missing = [k for k in missing if k not in LATER_SETTINGS[key][1]]
@@ -87,4 +97,4 @@ def load_decoder(directory: str, device: str | torch.device = "cpu") -> FittedDe
         raise ValueError(f"{path} does not match decoder {cfg.kind}: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
     model = model.eval().requires_grad_(False).to(device)
-    return FittedDecoder(model, cfg, labels, in_channels, metadata["backbone_hash"], keypoint_names)
+    return FittedDecoder(model, cfg, labels, in_channels, metadata["backbone_hash"], keypoints)

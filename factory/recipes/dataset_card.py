@@ -10,7 +10,7 @@ from factory import storage
 from factory.backbones import backbone_identity
 from factory.backbones.provenance import weights_provenance
 from factory.config import FactoryConfig
-from factory.dataset import card, read
+from factory.dataset import card, layout, read
 from factory.dataset import preview as preview_lib
 from factory.dataset.stats import label_statistics
 from factory.decoders.files import METRICS_FILE, MODEL_FILE
@@ -52,9 +52,9 @@ def publish_card(cfg: FactoryConfig, manifest: dict, command: str | None = None)
         log.warning("the licence of backbone weights %s is unknown: set card.weights_license (the dataset "
                     "card says it is unknown)", cfg.backbone.weights)
     preview = preview_lib.draw(read.iter_samples(out, limit=c.preview_samples, manifest=manifest),
-                               manifest["labels"], manifest["task"])
+                               layout.task_labels(manifest), manifest["task"])
     storage.write_bytes(storage.join(out, preview_lib.PREVIEW), preview)
     stats = label_statistics(read.iter_samples(out, limit=c.stat_samples, manifest=manifest),
-                             manifest["labels"], manifest["task"])
+                             layout.task_labels(manifest), manifest["task"])
     text = card.render(manifest, p, stats, preview_lib.PREVIEW, c.license, c.weights_license)
     return card.write(out, text)

@@ -35,7 +35,12 @@ from factory.config import FactoryConfig
 from factory.data import prompts
 from factory.dataset import layout
 from factory.dataset.layout import ShardSpec
-from factory.decoders.files import MODEL_FILE, load_decoder, read_decoder_metadata
+from factory.decoders.files import (
+    MODEL_FILE,
+    keypoint_names,
+    load_decoder,
+    read_decoder_metadata,
+)
 from factory.fingerprint import safetensors_fingerprint
 from factory.recipes import labeling
 from factory.recipes.dataset_card import publish_card
@@ -368,8 +373,8 @@ def _build(cfg: FactoryConfig, builder: type | None, meta: dict, config_hash: st
         plan, records, failed,
         name=cfg.name, package_version=__version__, build_hash=dataset_hash, config_hash=config_hash,
         task="segmentation" if "segmentation" in tasks else tasks[0], tasks=tasks,
-        labels=json.loads(meta["labels"]), formats=list(g.formats), image_format=g.image_format,
-        calibration=calibration, config=resolved,
+        labels=json.loads(meta["labels"]), keypoints=keypoint_names(meta), formats=list(g.formats),
+        image_format=g.image_format, calibration=calibration, config=resolved,
     )
     held.check()  # a build that lost its lease publishes no card and no manifest
     try:

@@ -32,7 +32,9 @@ def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) ->
         "dataset": dataset,
         "name": manifest["name"],
         "task": manifest["task"],
+        "tasks": manifest.get("tasks") or [manifest["task"]],
         "labels": labels,
+        "keypoints": manifest.get("keypoints", []),
         "formats": manifest["formats"],
         "num_samples": manifest["num_samples"],
         "num_generated": manifest["num_generated"],
@@ -53,7 +55,8 @@ def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) ->
     summary["complete"] = summary["complete"] and not problems
     if problems:  # no samples are read from a dataset whose files do not match its records
         return summary
-    stats = label_statistics(read.iter_samples(dataset, limit=stat_samples), labels, manifest["task"])
+    stats = label_statistics(read.iter_samples(dataset, limit=stat_samples), layout.task_labels(manifest),
+                             manifest["task"])
     summary.update({k: v for k, v in stats.items() if k != "samples_counted"})
     return summary
 
@@ -82,7 +85,7 @@ def preview(dataset: str, path: str, num: int = 16, columns: int = 4) -> str:
     """A grid of image | image-with-labels (| depth, near bright) tiles and a class legend, written as
     PNG to `path` (see `factory.dataset.preview`)."""
     manifest = layout.read_manifest(dataset)
-    png = preview_lib.draw(read.iter_samples(dataset, limit=num), manifest["labels"], manifest["task"], columns)
+    png = preview_lib.draw(read.iter_samples(dataset, limit=num), layout.task_labels(manifest), manifest["task"], columns)
     storage.write_bytes(path, png)
     return path
 
@@ -97,7 +100,7 @@ def format_summary(s: dict) -> str:
             f"missing   {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}",
         ])
     lines = [
-        f"dataset   {s['dataset']}  ({s['name']}, {s['task']})",
+        f"dataset   {s['dataset']}  ({s['name']}, {' + '.join(s.get('tasks') or [s['task']])})",
         f"samples   {s['num_samples']} kept of {s['num_generated']} generated, in {s['num_shards']} shards "
         f"({', '.join(s['formats'])}), {s['bytes'] / 1e6:.1f} MB, {'complete' if s['complete'] else 'INCOMPLETE'}",
         f"config    {s['config_hash'][:16]}  (factory {s['package_version']})",

@@ -66,15 +66,15 @@ def prompts_for(seeds: list[int], texts: list[str] | None, start_seed: int) -> l
 
 
 def samples_from(out: BackboneOutput, labels: Decoded, seeds: list[int], shard: int, cfg: FactoryConfig,
-                 config_hash: str, label_names: list[str], prompts: list[str] | None) -> list[Sample]:
-    """One batch's backbone and decoder outputs as Samples (arrays, nothing encoded yet)."""
+                 config_hash: str, decoder: FittedDecoder, prompts: list[str] | None) -> list[Sample]:
+    """One batch's backbone and `decoder`'s outputs `labels` as Samples (arrays, nothing encoded yet)."""
     diffusion = cfg.backbone.diffusion if cfg.backbone.kind == "diffusion" else None
     samples = []
     for i, seed in enumerate(seeds):
         keypoints = None
         if labels.keypoints is not None:
             keypoints = [{"name": name, "x": x, "y": y, "score": s}
-                         for name, (x, y, s) in zip(label_names, labels.keypoints[i].tolist())]
+                         for name, (x, y, s) in zip(decoder.keypoint_names, labels.keypoints[i].tolist(), strict=True)]
         samples.append(Sample(
             seed=seed, shard=shard, image=out.images[i].numpy(), latent=out.latents[i].numpy(),
             uncertainty=float(labels.score[i]), config_hash=config_hash,
@@ -84,7 +84,7 @@ def samples_from(out: BackboneOutput, labels: Decoded, seeds: list[int], shard: 
             depth=labels.depth[i].numpy() if labels.depth is not None else None,
             depth_scale=cfg.labels.depth_scale if labels.depth is not None else None,
             instances=labels.instance_map[i].numpy() if labels.instance_map is not None else None,
-            instance_classes=[{**item, "class": label_names[item["class"]]} for item in labels.instances[i]]
+            instance_classes=[{**item, "class": decoder.label_names[item["class"]]} for item in labels.instances[i]]
             if labels.instances is not None else None,
             prompt=prompts[i] if prompts else None,
             guidance=diffusion.guidance_scale if diffusion else None,
@@ -101,7 +101,7 @@ def label_batch(backbone: Backbone, decoder: FittedDecoder, seeds: list[int], sh
     with torch.inference_mode():
         out = backbone(seeds, batch_prompts)
         labels = decoder(out.features, (backbone.resolution, backbone.resolution))
-    return samples_from(out, labels, seeds, shard, cfg, config_hash, decoder.label_names, batch_prompts)
+    return samples_from(out, labels, seeds, shard, cfg, config_hash, decoder, batch_prompts)
 
 
 def label_seeds(

@@ -133,7 +133,7 @@ def decoder_metrics(manifest: dict) -> dict | None:
 def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
     """The page's HTML for the finished dataset at `dataset`, whose `inspect.summarize` is `summary`."""
     manifest = layout.read_manifest(dataset)
-    labels = manifest["labels"]
+    labels = layout.task_labels(manifest)  # the legend's: classes, or a keypoints dataset's keypoints
     task = manifest["task"]
     colors = preview_lib.palette(max(len(labels), 2))
     damage = len(summary.get("missing_files", [])) + len(summary.get("broken_files", []))
@@ -145,7 +145,8 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
     # overview
     state = Markup('<span class="ok">complete</span>') if summary["complete"] else Markup('<span class="bad">INCOMPLETE</span>')
     parts.append('<section id="overview"><h2>Overview</h2>' + table([
-        ("dataset", dataset), ("task", task), ("labels", ", ".join(labels)), ("status", state),
+        ("dataset", dataset), ("task", task), ("labels", ", ".join(manifest["labels"])),
+        *([("keypoints", ", ".join(manifest["keypoints"]))] if manifest.get("keypoints") else []), ("status", state),
         ("samples", f"{manifest['num_samples']:,} kept of {manifest['num_generated']:,} generated"),
         ("shards", f"{manifest['num_shards']} ({', '.join(manifest['formats'])})"),
         ("size", f"{summary['bytes'] / 1e6:.1f} MB"), ("config hash", manifest["config_hash"]),
