@@ -83,17 +83,17 @@ def keys_seen(url, ranks, workers, **kwargs):
     return seen
 
 
-@pytest.mark.parametrize("ranks,regime", [(2, "by shard"), (4, "by sample")])
-def test_ranks_and_workers_see_disjoint_complete_parts(dataset, ranks, regime):
-    seen = keys_seen(dataset, ranks, workers=2)
+@pytest.mark.parametrize("ranks,workers", [(1, 2), (2, 2), (4, 2), (4, 3), (7, 1)])
+def test_every_rank_takes_as_many_samples_and_none_twice(dataset, ranks, workers):
+    """DDP ranks must take the same number of steps: each rank reads N // ranks samples, the
+    readers' parts are disjoint, and only the last N mod ranks of the epoch's order sit out."""
+    seen = keys_seen(dataset, ranks, workers=workers)
     flat = [k for part in seen for k in part]
-    assert len(flat) == len(set(flat)) and sorted(flat) == ALL_KEYS
-    assert all(seen)  # every rank gets work
-    if regime == "by shard":  # 5 shards over 4 readers: whole shards each
-        assert {len(part) % SHARD_SIZE for part in seen} == {0}
+    assert {len(part) for part in seen} == {len(ALL_KEYS) // ranks}
+    assert len(flat) == len(set(flat)) and sorted(flat) == ALL_KEYS[: len(flat)]
 
 
-def test_shuffle_is_deterministic_per_epoch_and_filtering_keeps_the_split(dataset):
+def test_shuffle_is_deterministic_per_epoch_and_filtering_splits_what_is_kept(dataset):
     ds = read.ShardDataset(dataset, shuffle=True, seed=3)
     first = [m["key"] for _, _, m in ds]
     assert first == [m["key"] for _, _, m in read.ShardDataset(dataset, shuffle=True, seed=3)]
@@ -102,8 +102,12 @@ def test_shuffle_is_deterministic_per_epoch_and_filtering_keeps_the_split(datase
     assert sorted(first) == sorted(second) == ALL_KEYS and first != second
     scores = {s["key"]: s["uncertainty"] for s in read.iter_samples(dataset)}
     cut = float(np.median(list(scores.values())))
-    kept = [m["key"] for _, _, m in read.ShardDataset(dataset, max_uncertainty=cut)]
-    assert kept == [k for k in ALL_KEYS if scores[k] <= cut]
+    below = [k for k in ALL_KEYS if scores[k] <= cut]
+    assert [m["key"] for _, _, m in read.ShardDataset(dataset, max_uncertainty=cut)] == below
+    for fmt in ("parquet", "webdataset"):  # 3 ranks: equal parts of what is kept, in order
+        seen = keys_seen(dataset, 3, workers=2, max_uncertainty=cut, format=fmt)
+        assert {len(part) for part in seen} == {len(below) // 3}
+        assert sorted(k for part in seen for k in part) == below[: 3 * (len(below) // 3)]
 
 
 def test_webdataset_reads_the_tars(dataset):

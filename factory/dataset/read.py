@@ -102,16 +102,16 @@ def iter_samples(dataset: str, limit: int | None = None, fmt: str = "auto",
         yield decode(row)
 
 
-def split(records: list[dict], part: int, parts: int) -> tuple[list[dict], int | None]:
-    """Which shards one of `parts` readers reads, and whether it keeps every row or only its own.
-
-    With at least as many shards as readers, reader `part` takes shards part, part + parts, ...
-    whole (returns None as the row stride). With fewer, every reader reads every shard and keeps the
-    rows whose position in the dataset is `part` modulo `parts`. Either way the readers' samples are
-    disjoint and together are the whole dataset."""
-    if len(records) >= parts:
-        return records[part::parts], None
-    return records, parts
+def reader_range(n: int, rank: int, world_size: int, worker: int, workers: int) -> tuple[int, int]:
+    """The [start, stop) positions one reader takes of `n` samples in the epoch's order: every rank
+    the same number, n // world_size, in one contiguous run (the last n % world_size samples sit
+    out the epoch, as with DistributedSampler(drop_last=True): DDP ranks must take the same number
+    of steps, or the ranks with more wait forever in an all-reduce); a rank's DataLoader workers
+    split its run, their counts differing by at most one. Runs are contiguous, so a reader reads
+    whole shards but for at most two at its run's ends."""
+    per_rank = n // world_size
+    first = rank * per_rank
+    return first + worker * per_rank // workers, first + (worker + 1) * per_rank // workers
 
 
 TARGETS = ("auto", "mask", "keypoints", "depth", "instances")
@@ -129,11 +129,13 @@ class ShardDataset(IterableDataset):
     shard, uncertainty, config_hash, and the prompt for diffusion datasets) that DataLoader's
     default collate batches.
 
-    Shards are split across distributed ranks and DataLoader workers without overlap (see `split`);
-    rank and world size default to torch.distributed's when it is initialized, else to the RANK and
-    WORLD_SIZE environment variables, else 0 and 1. `shuffle` permutes the shard order with
-    (seed, epoch); call `set_epoch` each epoch. `max_uncertainty` skips samples scoring above it,
-    after the split, so the split stays the same whatever the threshold.
+    The epoch's samples (those scoring at most `max_uncertainty`, when given) are split across
+    distributed ranks and DataLoader workers without overlap, every rank the same number, in
+    contiguous runs of the shard order (see `reader_range`; the scores of a filtered dataset are
+    read once, here, to count what each shard keeps). Rank and world size default to
+    torch.distributed's when it is initialized, else to the RANK and WORLD_SIZE environment
+    variables, else 0 and 1. `shuffle` permutes the shard order with (seed, epoch); call
+    `set_epoch` each epoch.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class ShardDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
         self.max_uncertainty, self.shuffle, self.seed, self.epoch = max_uncertainty, shuffle, seed, 0
+        self.kept = kept_counts(self.url, self.manifest, max_uncertainty)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -174,15 +177,19 @@ class ShardDataset(IterableDataset):
         storage.configure(self.storage_cfg)  # DataLoader workers may be fresh processes
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        parts, part = self.world_size * workers, self.rank * workers + worker
         records = self.shard_order()
-        mine, stride = split(records, part, parts)
-        offsets = dict(zip((r["name"] for r in records), np.cumsum([0] + [r["count"] for r in records])))
-        for record in mine:
-            for i, row in enumerate(iter_rows(self.url, self.manifest, self.format, [record])):
-                if stride is not None and (offsets[record["name"]] + i) % stride != part:
-                    continue
+        counts = [self.kept[r["name"]] for r in records]
+        start, stop = reader_range(sum(counts), self.rank, self.world_size, worker, workers)
+        offsets = np.cumsum([0] + counts)
+        for record, offset, count in zip(records, offsets, counts):
+            if offset + count <= start or offset >= stop:
+                continue
+            position = offset  # of the next kept sample in the epoch's order
+            for row in iter_rows(self.url, self.manifest, self.format, [record]):
                 if self.max_uncertainty is not None and row["uncertainty"] > self.max_uncertainty:
+                    continue
+                position += 1
+                if not start < position <= stop:
                     continue
                 sample = decode(row)
                 image = torch.from_numpy(sample["image"]).permute(2, 0, 1).contiguous()
@@ -206,6 +213,24 @@ class ShardDataset(IterableDataset):
         if kind == "depth":
             return torch.from_numpy(value)
         return torch.from_numpy(value.astype(np.int64))
+
+
+def kept_counts(url: str, manifest: dict, max_uncertainty: float | None) -> dict[str, int]:
+    """Each shard's number of samples scoring at most `max_uncertainty` (all of them for None): its
+    completion record's count, or, filtering, from its scores alone (the Parquet shard's
+    `uncertainty` column, or the `.meta.parquet` beside a tar), one read per shard."""
+    if max_uncertainty is None:
+        return {r["name"]: r["count"] for r in manifest["shards"]}
+    suffix = ".parquet" if "parquet" in manifest["formats"] else ".meta.parquet"
+    kept = {}
+    for record in manifest["shards"]:
+        kept[record["name"]] = 0
+        for path in files_of(record, suffix):
+            fs, inner = storage.filesystem(storage.join(url, path))
+            scores = pq.read_table(inner, filesystem=fs, columns=["uncertainty"]).column("uncertainty").to_numpy()
+            scores = scores.astype(np.float64)  # compared as each row is, in float64
+            kept[record["name"]] += int(np.count_nonzero(scores <= max_uncertainty))
+    return kept
 
 
 def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
