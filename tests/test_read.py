@@ -110,14 +110,25 @@ def test_shuffle_is_deterministic_per_epoch_and_filtering_splits_what_is_kept(da
         assert sorted(k for part in seen for k in part) == below[: 3 * (len(below) // 3)]
 
 
+def as_stored(data: bytes) -> np.ndarray:
+    """The README's webdataset decoder for label maps: the PNG's own values (class ids, 16-bit depth)."""
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
 def test_webdataset_reads_the_tars(dataset):
     import webdataset as wds
 
     tars = sorted(glob.glob(f"{dataset}/webdataset/*.tar"))
-    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("rgb8"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode(
+        wds.handle_extension("seg.png depth.png inst.png", as_stored), "rgb8"))  # as README and the card say
     assert [s["__key__"] for s in samples] == ALL_KEYS
     ours = next(read.iter_samples(dataset))
     np.testing.assert_array_equal(samples[0]["png"], ours["image"])
+    np.testing.assert_array_equal(samples[0]["seg.png"], ours["mask"])
     assert samples[0]["json"]["seed"] == 100 and samples[0]["seg.png"].shape[:2] == (32, 32)
 
 
@@ -224,6 +235,16 @@ def test_shard_dataset_yields_depth_and_instances_of_a_diffusion_dataset(diffusi
     assert all(c["class"] in read.open_dataset(dataset)[1]["labels"] for c in classes)
     _, mask, _ = next(iter(read.ShardDataset(dataset, format=fmt)))  # auto: the mask
     assert mask.shape == (64, 64) and mask.dtype == torch.int64
+    if fmt == "webdataset":  # the README's webdataset recipe: depth in metres, ids as stored
+        import webdataset as wds
+
+        tars = sorted(glob.glob(f"{dataset}/webdataset/*.tar"))
+        for s in wds.WebDataset(tars, shardshuffle=False).decode(
+                wds.handle_extension("seg.png depth.png inst.png", as_stored), "rgb8"):
+            ours = samples[s["__key__"]]
+            np.testing.assert_allclose(s["depth.png"] / s["json"]["depth_scale"], ours["depth"], rtol=1e-6)
+            np.testing.assert_array_equal(s["inst.png"], ours["instances"])
+            np.testing.assert_array_equal(s["seg.png"], ours["mask"])
 
 
 def test_shard_dataset_names_a_missing_target(dataset):

@@ -232,9 +232,12 @@ def reading_section(manifest: dict, where: str) -> list[str]:
         lines += ["With Ray Data or pyarrow alone:", "", "```python", "import ray", "",
                   f"ds = ray.data.read_parquet({json.dumps(where + '/parquet')})", "```", ""]
     if "webdataset" in formats:
-        lines += ["With webdataset (members `KEY.png`, `KEY.seg.png`, `KEY.json`, ...):", "", "```python",
-                  "import glob", "import webdataset as wds", "",
-                  f'ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False).decode("rgb8")', "```", ""]
+        lines += ["With webdataset (members `KEY.png`, `KEY.seg.png`, `KEY.json`, ...; the label maps decoded "
+                  "as stored: class ids, 16-bit depth):", "", "```python",
+                  "import glob, io", "import numpy as np, PIL.Image, webdataset as wds", "",
+                  "def as_stored(data):", "    return np.asarray(PIL.Image.open(io.BytesIO(data)))", "",
+                  f"ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False).decode(",
+                  '    wds.handle_extension("seg.png depth.png inst.png", as_stored), "rgb8")', "```", ""]
         if "parquet" in formats:
             lines += ["`datasets` reads one format per folder, the Parquet shards here; for the tars: "
                       f'`datasets.load_dataset("webdataset", data_files={tars})`.', ""]
