@@ -107,6 +107,44 @@ def test_a_webdataset_only_dataset_loads_its_tars_through_the_card(tmp_path, hf_
     assert ds["__key__"] == [f"{s:012d}" for s in range(100, 110)] and ds[0]["json"]["seed"] == 100
 
 
+def test_a_webdataset_card_declares_its_features_so_empty_instance_lists_load(tmp_path, hf_offline):
+    """`datasets` would type `instance_classes` from the first tar's first samples: with none found
+    there it typed the list as null and failed on the next shard's; the card declares the types."""
+    import dataclasses
+
+    import datasets
+
+    from factory.decoders.files import keypoint_names, read_decoder_metadata
+
+    cfg = load_config("configs/diffusion.yaml", [
+        f"workdir={tmp_path}", "backbone.weights=pkg://toy_diffusion", "backbone.diffusion.resolution=32",
+        "backbone.diffusion.steps=2", "decoder.num_heads=2", "generate.batch_size=6",
+        "decoder.tasks=[segmentation,instances]", "generate.formats=[webdataset]"])
+    backbone = save_untrained_decoder(cfg)
+    decoder = load_decoder(cfg.generate.decoder)
+    out = cfg.generate.output
+    layout.prepare_output(out, "build", {}, overwrite=False)
+    plan, records = layout.plan_shards(0, 12, 6), {}
+    for spec, threshold in zip(plan, (0.999999, 1e-6)):  # no instance in the first shard, some in the second
+        decoder.cfg = dataclasses.replace(decoder.cfg, instance_threshold=threshold)
+        records[spec.name] = build_shard(backbone, decoder, cfg, spec, "cfg", texts=["a photo of a face"])
+    manifest = layout.build_manifest(plan, records, {}, name="wds", package_version="0.1.0", build_hash="d" * 64,
+                                     config_hash="c", task="segmentation", tasks=["segmentation", "instances"],
+                                     labels=cfg.labels.classes, keypoints=keypoint_names(read_decoder_metadata(
+                                         cfg.generate.decoder)), formats=["webdataset"], image_format="png",
+                                     calibration=None, config=cfg_dict(cfg))
+    publish_card(cfg, manifest)
+    layout.write_manifest(out, manifest)
+    ds = datasets.load_dataset(out, split="train", cache_dir=hf_offline)
+    ours = list(read.iter_samples(out))
+    assert [r["json"]["instance_classes"] for r in ds][:6] == [[]] * 6
+    assert [len(r["json"]["instance_classes"]) for r in ds] == [len(s["instance_classes"]) for s in ours]
+    assert any(len(s["instance_classes"]) for s in ours[6:])
+    np.testing.assert_array_equal(np.asarray(ds[7]["inst.png"]), ours[7]["instances"])
+    np.testing.assert_array_equal(np.asarray(ds[7]["seg.png"]), ours[7]["mask"])
+    assert ds[7]["json"]["prompt"] == "a photo of a face" and ds[7]["__key__"] == ours[7]["key"]
+
+
 def test_unknown_weights_licence_warns_and_the_card_says_so(tmp_path, caplog):
     weights = tmp_path / "my_g.safetensors"
     shutil.copy(f"{SHIPPED_DIR}/toy_stylegan2.safetensors", weights)

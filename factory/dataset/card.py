@@ -5,7 +5,8 @@ dataset-card format, so a person sees at a glance what the data is and where it 
     ---                                  YAML front matter (the Hub's metadata)
     configs: [build-<hash>: data_files]  the shards of the dataset's first format (Parquet when
                                          written, else the WebDataset tars), the one default config
-    dataset_info: features               the sample columns as `datasets` features (Parquet)
+    dataset_info: features               the sample columns as `datasets` features (Parquet), or
+                                         the tar members and their JSON (WebDataset)
     license, task_categories, tags, size_categories, pretty_name
     ---
     body                                 preview, labels with pixel shares, provenance, the
@@ -24,7 +25,7 @@ import pyarrow as pa
 import yaml
 
 from factory import storage
-from factory.dataset.sample import MEDIA_FIELDS, SAMPLE_SCHEMA
+from factory.dataset.sample import IMAGE_FORMATS, MEDIA_FIELDS, META_SCHEMA, SAMPLE_SCHEMA, TAR_MEMBERS
 
 CARD = "README.md"
 NVIDIA_NC = "nvidia-source-code-license-nc"
@@ -57,6 +58,37 @@ def features() -> list[dict]:
         else:
             out.append({"name": f.name, "dtype": _DTYPES[f.type]})
     return out
+
+
+JSON_ITEMS = {
+    "keypoints": [("name", "string"), ("x", "float64"), ("y", "float64"), ("score", "float64")],
+    "instance_classes": [("id", "int64"), ("class", "string"), ("score", "float64")],
+}
+"""The items of the JSON list fields (`sample.JSON_FIELDS`), as `KEY.json` holds them."""
+
+LABEL_MEMBERS = {"segmentation": "mask", "depth": "depth", "instances": "instances"}
+"""Task -> the sample field (and so the WebDataset member) that carries its label map."""
+
+
+def webdataset_features(manifest: dict) -> list[dict]:
+    """A WebDataset-only build's samples as `datasets` features: the image and label-map members
+    its tasks write (`image`), `json` (META_SCHEMA, the JSON fields' items typed), `__key__` and
+    `__url__`. Declared rather than left to `datasets` to infer from the first tar's first five
+    samples, which, when those have no instances (`instance_classes: []`), types the list as null
+    and then fails on the first sample that has some."""
+    tasks = manifest.get("tasks") or [manifest["task"]]
+    fields = ["image"] + [LABEL_MEMBERS[t] for t in tasks if t in LABEL_MEMBERS]
+    members = [IMAGE_FORMATS[manifest.get("image_format", "png")] if f == "image" else TAR_MEMBERS[f] for f in fields]
+    meta = []
+    for f in META_SCHEMA:
+        if f.name in JSON_ITEMS:
+            meta.append({"name": f.name, "list": [{"name": n, "dtype": t} for n, t in JSON_ITEMS[f.name]]})
+        elif pa.types.is_list(f.type):
+            meta.append({"name": f.name, "list": _DTYPES[f.type.value_type]})
+        else:
+            meta.append({"name": f.name, "dtype": _DTYPES[f.type]})
+    return ([{"name": m, "dtype": "image"} for m in members] + [{"name": "json", "struct": meta}]
+            + [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}])
 
 
 def weights_license(backbone: dict, configured: str | None) -> dict:
@@ -119,8 +151,8 @@ def front_matter(manifest: dict, licence: dict, dataset_license: str | None) -> 
     }
     if meta["license"] == "other":
         meta["license_name"] = licence["id"]
-    if fmt == "parquet":
-        meta["dataset_info"] = {"config_name": config["config_name"], "features": features()}
+    meta["dataset_info"] = {"config_name": config["config_name"],
+                            "features": features() if fmt == "parquet" else webdataset_features(manifest)}
     return meta
 
 
