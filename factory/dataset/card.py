@@ -25,7 +25,13 @@ import pyarrow as pa
 import yaml
 
 from factory import storage
-from factory.dataset.sample import IMAGE_FORMATS, MEDIA_FIELDS, META_SCHEMA, SAMPLE_SCHEMA, TAR_MEMBERS
+from factory.dataset.sample import (
+    IMAGE_FORMATS,
+    MEDIA_FIELDS,
+    META_SCHEMA,
+    SAMPLE_SCHEMA,
+    TAR_MEMBERS,
+)
 
 CARD = "README.md"
 NVIDIA_NC = "nvidia-source-code-license-nc"
@@ -264,8 +270,8 @@ def reading_section(manifest: dict, where: str) -> list[str]:
         lines += ["With Ray Data or pyarrow alone:", "", "```python", "import ray", "",
                   f"ds = ray.data.read_parquet({json.dumps(where + '/parquet')})", "```", ""]
     if "webdataset" in formats:
-        lines += ["With webdataset (members `KEY.png`, `KEY.seg.png`, `KEY.json`, ...; the label maps decoded "
-                  "as stored: class ids, 16-bit depth):", "", "```python",
+        lines += [("With webdataset (members `KEY.png`, `KEY.seg.png`, `KEY.json`, ...; the label maps decoded "
+                   "as stored: class ids, 16-bit depth):"), "", "```python",
                   "import glob, io", "import numpy as np, PIL.Image, webdataset as wds", "",
                   "def as_stored(data):", "    return np.asarray(PIL.Image.open(io.BytesIO(data)))", "",
                   f"ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False).decode(",
