@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("factory: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`factory weights inspect F | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 1
     except Exception as e:
         code = _exit_code(e)
         if code is None:
@@ -254,18 +258,21 @@ def _run(args: argparse.Namespace) -> int:
         from factory.recipes import inspect
         from factory.toy.demo import run_demo
 
-        summary = run_demo(cfg)
+        summary = run_demo(cfg, command=shlex.join(
+            ["factory", "demo", *(["--diffusion"] if args.diffusion else []),
+             *(["--workdir", args.workdir] if args.workdir else []), *args.overrides]))
         print(inspect.format_summary(summary))
         print(f"decoder   {cfg.generate.decoder}  {_metrics(summary['train_metrics'])}")
         print(f"preview   {summary['preview']}")
         print(f"done in {time.perf_counter() - started:.0f} s; read the shards with pyarrow, e.g.\n"
               f"  python -c \"import pyarrow.parquet as pq; print(pq.read_table('{cfg.generate.output}/parquet'))\"")
     elif args.verb == "annotate" and args.action == "export":
+        from factory.data.annotations import read_export
         from factory.recipes.annotate import export_images
 
         out = export_images(cfg)
-        print(f"exported {cfg.annotate.num_images} images to {out}; label them as {out}/README.txt says, "
-              f"then run: factory annotate import {args.config}")
+        print(f"exported {len(read_export(out)['images'])} images to {out}; label them as {out}/README.txt says, "
+              f"then run: {shlex.join(['factory', 'annotate', 'import', args.config, *args.overrides])}")
     elif args.verb == "annotate" and args.action == "suggest":
         from factory.recipes.suggest import suggest
         from factory.runtime import init_ray
@@ -275,9 +282,10 @@ def _run(args: argparse.Namespace) -> int:
         init_ray(cfg.ray)
         record = suggest(cfg, args.num_images, args.pool)
         where = cfg.labels.dir if cfg.backbone.kind == "diffusion" else cfg.annotate.dir
+        verb = "labels" if cfg.backbone.kind == "diffusion" else "annotate"
         print(f"suggested {len(record['images'])} of {record['pool_scored']} candidates into {where} "
               f"({', '.join(r['file'] for r in record['images'][:8])}{' ...' if len(record['images']) > 8 else ''}); "
-              f"label them, then run: factory {'labels' if cfg.backbone.kind == 'diffusion' else 'annotate'} import {args.config}")
+              f"label them, then run: {shlex.join(['factory', verb, 'import', args.config, *args.overrides])}")
     elif args.verb == "annotate":
         from factory.recipes.annotate import import_labels
 

@@ -64,16 +64,16 @@ def demo_config(workdir: str, overrides: list[str] | tuple[str, ...] = (), diffu
     return load_config(None, [f"workdir={workdir}", *settings, *overrides])
 
 
-def run_demo(cfg: FactoryConfig) -> dict:
+def run_demo(cfg: FactoryConfig, command: str | None = None) -> dict:
     """Run every stage of the path `cfg.backbone.kind` names; returns the dataset summary (also
-    printed by the CLI)."""
+    printed by the CLI). `command` (what was run) is recorded in the dataset card."""
     init_ray(cfg.ray, training=True)
     # 1-3. Labeled examples.
     prepare_labels(cfg)
     # 4. Fit the decoder on Ray Train.
     metrics = train(cfg)
     # 5. Generate the labeled dataset on Ray Data.
-    generate(cfg, command="factory demo" + (" --diffusion" if cfg.backbone.kind == "diffusion" else ""))
+    generate(cfg, command=command or "factory demo" + (" --diffusion" if cfg.backbone.kind == "diffusion" else ""))
     # 6. Inspect it.
     summary = inspect.summarize(cfg.generate.output)
     summary["preview"] = inspect.preview(cfg.generate.output, os.path.join(cfg.generate.output, "preview.png"))
