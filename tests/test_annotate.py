@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,135 @@ def test_import_refuses_a_different_backbone(tiny_cfg, labeled_dir):
 def test_import_without_export_names_the_file(tiny_cfg):
     with pytest.raises(FileNotFoundError, match="export.json not found"):
         annotate.import_labels(tiny_cfg)
+
+
+# ---- bad labels refused without a backbone: a hand-made export of two 8x8 images ---------------------
+
+def _small_export(directory, task="segmentation"):
+    """An exported folder of two 8x8 images, labeled by `task`'s usual file (masks or a coco.json)."""
+    os.makedirs(f"{directory}/images")
+    os.makedirs(f"{directory}/masks")
+    entries = []
+    for seed in range(2):
+        pixels = np.full((8, 8, 3), 40 * seed, np.uint8)
+        Image.fromarray(pixels).save(f"{directory}/images/{seed:08d}.png")
+        entries.append({"file": f"{seed:08d}.png", "seed": seed, "sha256": annotations.pixels_sha256(pixels)})
+        if task == "segmentation":
+            _write(f"{directory}/masks/{seed:08d}.png", np.eye(8, dtype=np.uint8))
+    with open(f"{directory}/{annotations.EXPORT_RECORD}", "w") as f:
+        json.dump({"images": entries, "resolution": 8, "backbone_hash": "h", "psi": 1.0}, f)
+    return str(directory)
+
+
+_IMAGE = {"id": 1, "file_name": "00000000.png", "width": 8, "height": 8}
+_POLY = [[1, 1, 6, 1, 6, 6, 1, 6]]
+
+
+def _coco(annotations_=(), images=(_IMAGE,), categories=({"id": 1, "name": "thing"},), **extra):
+    return {"images": list(images), "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                                                     "bbox": [1, 1, 5, 5], "area": 25, **a} for a in annotations_],
+            "categories": list(categories), **extra}
+
+
+def _mask_as(fmt, array=None, name="00000000.png"):
+    def damage(d):
+        Image.fromarray(np.eye(8, dtype=np.uint8) if array is None else array).save(f"{d}/masks/{name}", format=fmt)
+    return damage
+
+
+def _coco_file(content):
+    def damage(d):
+        os.remove(f"{d}/masks/00000000.png")
+        with open(f"{d}/coco.json", "wb") as f:
+            f.write(content if isinstance(content, bytes) else json.dumps(content).encode())
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_mask_as("JPEG"), "masks/00000000.png: its content is JPEG, not PNG"),
+        (_mask_as("BMP"), "masks/00000000.png: its content is BMP, not PNG"),
+        (_mask_as("GIF"), "masks/00000000.png: its content is GIF, not PNG"),
+        (_mask_as("TIFF", np.full((8, 8), -1, np.int32)), "masks/00000000.png: its content is TIFF, not PNG"),
+        (lambda d: Path(d, "skip.txt").write_bytes(b"# caf\xe9\n00000001.png\n"), "skip.txt:1: not UTF-8 text"),
+        (_coco_file(b"[]"), "coco.json: a COCO file is a JSON object"),
+        (_coco_file(b'"x"'), "coco.json: a COCO file is a JSON object"),
+        (_coco_file(b'{"images": [], "categories": [{"id": 1, "name": "caf\xe9"}]}'), "coco.json:1: not UTF-8 text"),
+        (_coco_file(_coco(images=[{"id": 1, "width": 8, "height": 8}])), 'coco.json: image id 1 has no "file_name"'),
+        (_coco_file({"images": [_IMAGE], "annotations": []}), 'coco.json: no "categories" list'),
+        (_coco_file(_coco([{"segmentation": _POLY, "category_id": 9}])),
+         'coco.json: annotation 1: category_id 9 is not in "categories"'),
+        (_coco_file(_coco([{"segmentation": _POLY, "image_id": 42}])),
+         'coco.json: annotation 1: image_id 42 is not in "images"'),
+        (_coco_file(_coco([{}])), "coco.json: annotation 1 of image '00000000.png' has no segmentation"),
+        (_coco_file(_coco([{"segmentation": []}])), "coco.json: annotation 1 of image '00000000.png' has no segmentation"),
+        (_coco_file(_coco([{"segmentation": [[1, 1, 6, 1]]}])), "polygon [1, 1, 6, 1] has 2 points"),
+        (_coco_file(_coco([{"segmentation": [[1, 1, 6, 1, 6]]}])),
+         "annotation 1 of image '00000000.png': polygon [1, 1, 6, 1, 6] has an odd number of coordinates"),
+        (_coco_file(_coco([{"segmentation": _POLY[0]}])), "is not a list of polygons: nest it"),
+        (_coco_file(_coco([{"segmentation": {"size": [8, 8]}}])), 'its RLE segmentation needs "counts"'),
+        (_coco_file(_coco([{"segmentation": "abc"}])), 'segmentation must be polygons [[x1, y1, x2, y2, ...], ...] or RLE'),
+        (_coco_file(_coco([{"segmentation": {"size": [4, 4], "counts": [16]}}])),
+         "its RLE size [4, 4] differs from its image's [height, width] [8, 8]"),
+    ],
+    ids=["jpeg-mask", "bmp-mask", "gif-mask", "negative-tiff-mask", "skip-latin1", "coco-array", "coco-string",
+         "coco-latin1", "coco-no-file-name", "coco-no-categories", "coco-unknown-category", "coco-unknown-image",
+         "coco-bbox-only", "coco-empty-segmentation", "coco-2-point-polygon", "coco-odd-polygon", "coco-flat-polygon",
+         "coco-rle-no-counts", "coco-segmentation-string", "coco-rle-size"],
+)
+def test_bad_labels_are_refused_naming_the_file(tmp_path, damage, message):
+    d = _small_export(tmp_path / "export")
+    damage(d)
+    with pytest.raises(AnnotationError) as err:
+        annotations.import_annotations(d, "segmentation", ["background", "thing"])
+    assert message in str(err.value), str(err.value)
+    assert len(err.value.problems) == 1, err.value.problems  # the file's problem, not also "not labeled"
+
+
+_KEYPOINTS = {"keypoints": [1, 2, 2, 5, 6, 1], "num_keypoints": 2}
+_NAMED = ({"id": 1, "name": "thing", "keypoints": ["a", "b"]},)
+
+
+@pytest.mark.parametrize(
+    "keypoints, categories, message",
+    [
+        ([float("nan"), 2, 2, 5, 6, 1], _NAMED, "annotation 1 of image '00000000.png': keypoints hold NaN or infinite"),
+        ([1, 2, 2, 50, -6, 2], _NAMED, "annotation 1 of image '00000000.png': keypoint 'b' at (50, -6) is outside"),
+        ([1, 2, 7, 5, 6, 1], _NAMED, "keypoint visibility must be 0, 1 or 2, got 7"),
+        ([1, 2, 2, 5, 6], _NAMED, "annotation 1 of image '00000000.png': keypoints must be a flat list of x, y, visibility"),
+        (["a", 2, 2, 5, 6, 1], _NAMED, "keypoints must be a flat list"),
+        ([1, 2, 2, 5, 6, 1], ({"id": 1, "name": "thing", "keypoints": ["b", "a"]},),
+         "coco.json: category 'thing' names its keypoints ['b', 'a'], but labels.keypoints is ['a', 'b']"),
+    ],
+    ids=["nan", "outside", "visibility", "length", "string", "names-swapped"],
+)
+def test_bad_coco_keypoints_are_refused_naming_the_annotation(tmp_path, keypoints, categories, message):
+    d = _small_export(tmp_path / "export", task="keypoints")
+    coco = _coco([{"keypoints": keypoints, "num_keypoints": 2}], categories=categories)
+    with open(f"{d}/coco.json", "w") as f:
+        json.dump(coco, f)
+    Path(d, "skip.txt").write_text("00000001.png\n")
+    with pytest.raises(AnnotationError) as err:
+        annotations.import_annotations(d, "keypoints", ["a", "b"])
+    assert message in str(err.value) and len(err.value.problems) == 1, err.value.problems
+
+
+@pytest.mark.parametrize("task", ["segmentation", "keypoints"])
+def test_unusual_but_valid_coco_imports(tmp_path, task):
+    """A byte order mark, a keypoint-only annotation (drawing nothing in a mask), a category without a
+    keypoint list, skip.txt with a BOM and Windows line ends; and train.labeled in a folder not made yet."""
+    d = _small_export(tmp_path / "export", task="keypoints")
+    coco = _coco([{"segmentation": [], **_KEYPOINTS}])
+    with open(f"{d}/coco.json", "wb") as f:
+        f.write(b"\xef\xbb\xbf" + json.dumps(coco).encode())
+    Path(d, "skip.txt").write_bytes(b"\xef\xbb\xbf00000001.png\r\n")
+    names = ["background", "thing"] if task == "segmentation" else ["a", "b"]
+    labeled = annotations.import_annotations(d, task, names)
+    assert labeled.files == ["00000000.png"]
+    if task == "segmentation":
+        assert int(labeled.masks.max()) == 0
+    else:
+        assert labeled.keypoints[0].tolist() == [[1, 2, 2], [5, 6, 1]]
+    annotations.save_labeled_set(str(tmp_path / "not" / "yet" / "labeled.safetensors"), labeled)
+    assert annotations.load_labeled_set(str(tmp_path / "not" / "yet" / "labeled.safetensors")).files == labeled.files

@@ -78,3 +78,25 @@ def test_missing_file_is_named(tmp_path):
 def test_keypoints_need_names():
     with pytest.raises(ConfigError, match="labels.keypoints"):
         load_config(None, ["decoder.task=keypoints"])
+
+
+@pytest.mark.parametrize(
+    "content, overrides, message",
+    [
+        (b"name: caf\xe9\n", [], r"bad\.yaml: not UTF-8 text \(byte 0xe9 at offset 9\)"),
+        (b"name: ${nope}\n", ["train.steps=3"], r"bad\.yaml: Interpolation key 'nope' not found \(key: name\)"),
+        (b"name: demo\n", ["name=${nope}"], r"override: Interpolation key 'nope' not found"),
+    ],
+    ids=["latin1", "interpolation-in-file", "interpolation-in-override"],
+)
+def test_file_encoding_and_interpolation_errors_name_their_source(tmp_path, content, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path), overrides)
+
+
+def test_a_byte_order_mark_in_the_config_file_is_accepted(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfname: bom\n")
+    assert load_config(str(path)).name == "bom"

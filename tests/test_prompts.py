@@ -231,3 +231,36 @@ def test_cli_expands_prompts_once_next_to_the_dataset_before_the_build(chat, tmp
     # the build may start in a folder holding only its expanded prompts
     layout.prepare_output(str(tmp_path / "dataset"), "h", {}, overwrite=False)
     assert prompts.from_jsonl(str(tmp_path / "dataset" / prompts.PROMPTS_FILE)) == rows
+
+
+@pytest.mark.parametrize(
+    "ext, content, texts",
+    [
+        (".txt", b"\xef\xbb\xbfa face\r\nred hair\r\n", ["a face", "red hair"]),  # a BOM, Windows line ends
+        (".txt", "a face\u2028with red hair\nsecond\x0cpage\n".encode(), ["a face\u2028with red hair", "second\x0cpage"]),
+        (".txt", b"# a comment\n  # an indented one\nprompt # not a comment\n", ["prompt # not a comment"]),
+        (".jsonl", b'\xef\xbb\xbf{"prompt": "a face"}\r\n', ["a face"]),
+        (".jsonl", '{"prompt": "a\u2028b"}\n'.encode(), ["a\u2028b"]),
+    ],
+    ids=["txt-bom-crlf", "txt-u2028-formfeed", "txt-comments", "jsonl-bom", "jsonl-u2028"],
+)
+def test_text_sources_split_at_newlines_only_and_drop_a_bom(tmp_path, ext, content, texts):
+    path = tmp_path / f"p{ext}"
+    path.write_bytes(content)
+    assert [p.text for p in prompts.load(str(path))] == texts
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("p.txt", b"a face\ncaf\xe9 face\n", r"p\.txt:2: not UTF-8 text \(byte 0xe9"),
+        ("p.parquet", b"PAR1 garbage not parquet", r"p\.parquet: not a readable Parquet file"),
+        ("p.parquet", b"", r"p\.parquet: not a readable Parquet file"),
+    ],
+    ids=["latin1", "parquet-corrupt", "parquet-empty"],
+)
+def test_unreadable_sources_name_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(prompts.PromptError, match=message):
+        prompts.load(str(path))

@@ -125,3 +125,126 @@ def test_mirrored_views_mirror_every_label_and_keep_them_consistent(folder):
         return sum(on), len(on)
 
     assert hits(v, 1) == hits(s, 2) and hits(v, 2) == hits(s, 0)
+
+
+def _one_photo(directory, photo=None, mask=True, coco=None, prompts=None, save=None):
+    """A labeled folder of one 16x16 photo a.png (or as `save(images_dir)` writes it) and its mask."""
+    from pathlib import Path
+
+    d = Path(directory)
+    (d / "images").mkdir(parents=True)
+    (d / "masks").mkdir()
+    if save is not None:
+        save(d / "images")
+    else:
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8) if photo is None else photo).save(d / "images" / "a.png")
+    if mask:
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(d / "masks" / "a.png")
+    if coco is not None:
+        (d / "instances.json").write_bytes(coco if isinstance(coco, bytes) else json.dumps(coco).encode())
+    if prompts is not None:
+        (d / "prompts.jsonl").write_bytes(prompts)
+    return str(d)
+
+
+def _gradient_16bit(images):
+    Image.fromarray(np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257).save(images / "a.png")
+
+
+def _rotated_jpeg(images):
+    upright = np.zeros((16, 32, 3), np.uint8)  # 32 wide, 16 high as shown; its left half white
+    upright[:, :16] = 255
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 16 wide, 32 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    stored.save(images / "a.jpg", quality=95, exif=exif)
+
+
+@pytest.mark.parametrize("loader", ["labels", "pretrain"])
+@pytest.mark.parametrize("save, expected", [
+    (_gradient_16bit, np.repeat((np.arange(16 * 16).reshape(16, 16) * 257 >> 8).astype(np.uint8)[..., None], 3, -1)),
+    (_rotated_jpeg, np.where(np.arange(16)[None, :, None] < 8, 255, 0).repeat(16, 0).repeat(3, 2)),  # left half white
+], ids=["16-bit-grey", "exif-rotated"])
+def test_photos_are_read_upright_and_in_8_bits(tmp_path, loader, save, expected):
+    from factory.data.image_folder import load_image_folder
+
+    d = _one_photo(tmp_path / "f", mask=False, save=save)
+    if loader == "labels":
+        if save is _rotated_jpeg:  # the mask is drawn on the upright photo: 32x16
+            Image.fromarray(np.zeros((16, 32), np.uint8)).save(f"{d}/masks/a.png")
+        else:
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(f"{d}/masks/a.png")
+        got = import_folder(d, ["segmentation"], ["background", "thing"], [], 16, 1000.0).images[0].numpy()
+    else:
+        got = load_image_folder(d, 16).images[0]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= (2 if save is _gradient_16bit else 40)
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 8
+
+
+_IMG = {"id": 1, "file_name": "a.png", "width": 16, "height": 16}
+_RLE = {"size": [16, 16], "counts": [0, 256]}
+_CATS = [{"id": 1, "name": "thing", "keypoints": ["p", "q"]}]
+
+
+def _instances(images=(_IMG,), **ann):
+    return {"images": list(images), "categories": _CATS,
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": _RLE, **ann}]}
+
+
+@pytest.mark.parametrize("tasks, kwargs, message", [
+    (["segmentation"], {"photo": None, "mask": True, "save": lambda i: Image.fromarray(
+        np.zeros((16, 16, 3), np.uint8)).save(i / "a.png")}, None),
+    (["segmentation"], {"mask": False, "coco": b"[]"}, "instances.json: a COCO file is a JSON object"),
+    (["segmentation"], {"mask": False, "coco": _instances([{**_IMG, "width": 32}], segmentation=[[1, 1, 5, 1, 5, 5]])},
+     "instances.json: image 'a.png' has width x height 32x16, but images/a.png is 16x16"),
+    (["segmentation"], {"mask": False, "coco": _instances([{"id": 1, "file_name": "a.png"}])},
+     "instances.json: image 'a.png': \"width\" and \"height\" must be positive whole numbers"),
+    (["segmentation"], {"mask": False, "coco": _instances(category_id=9)},
+     'instances.json: annotation 1: category_id 9 is not in "categories"'),
+    (["segmentation"], {"mask": False, "coco": _instances(segmentation=[])},
+     "instances.json: annotation 1 of image 'a.png' has no segmentation"),
+    (["segmentation"], {"mask": False, "coco": _instances(segmentation={"size": [8, 8], "counts": [64]})},
+     "instances.json: annotation 1 of image 'a.png': its RLE size [8, 8] differs"),
+    (["segmentation", "keypoints"], {"coco": _instances(keypoints=[1, 1, 2, float("nan"), 1, 2])},
+     "instances.json: annotation 1 of image 'a.png': keypoints hold NaN"),
+    (["segmentation", "keypoints"], {"coco": _instances(keypoints=[1, 1, 2, 99, 1, 2])},
+     "instances.json: annotation 1 of image 'a.png': keypoint 'q' at (99, 1) is outside its 16x16 image"),
+    (["segmentation", "keypoints"], {"coco": {**_instances(keypoints=[1, 1, 2, 3, 1, 2]),
+                                              "categories": [{"id": 1, "name": "thing", "keypoints": ["q", "p"]}]}},
+     "instances.json: category 'thing' names its keypoints ['q', 'p'], but labels.keypoints is ['p', 'q']"),
+    (["segmentation"], {"save": lambda i: Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(i / "a.png"),
+                        "prompts": b'{"file": "a.png", "prompt": "caf\xe9"}\n'}, "prompts.jsonl:1: not UTF-8 text"),
+], ids=["masks-are-png", "coco-array", "coco-size", "coco-no-size", "coco-unknown-category", "coco-no-segmentation",
+        "coco-rle-size", "keypoints-nan", "keypoints-outside", "keypoint-names-swapped", "prompts-latin1"])
+def test_bad_real_labels_are_refused_naming_the_file(tmp_path, tasks, kwargs, message):
+    d = _one_photo(tmp_path / "f", **kwargs)
+    if message is None:  # the control, then the same mask saved as JPEG under its .png name
+        import_folder(d, tasks, ["background", "thing"], ["p", "q"], 16, 1000.0)
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(f"{d}/masks/a.png", format="JPEG")
+        message = "masks/a.png: its content is JPEG, not PNG"
+    with pytest.raises(AnnotationError) as err:
+        import_folder(d, tasks, ["background", "thing"], ["p", "q"], 16, 1000.0)
+    assert message in str(err.value) and len(err.value.problems) == 1, err.value.problems
+
+
+def test_prompts_jsonl_with_a_bom_and_line_separators_imports(tmp_path):
+    row = json.dumps({"file": "a.png", "prompt": "a\u2028b"}, ensure_ascii=False).encode()
+    d = _one_photo(tmp_path / "f", prompts=b"\xef\xbb\xbf" + row + b"\r\n")
+    assert import_folder(d, ["segmentation"], ["background", "thing"], [], 16, 1000.0).prompts == ["a\u2028b"]
+
+
+def test_labels_import_refuses_prompts_longer_than_the_text_encoder_takes(tmp_path):
+    import os
+
+    from factory.config import load_config
+    from factory.data.labeled_photos import import_labels
+
+    d = _one_photo(tmp_path / "f", prompts=json.dumps({"file": "a.png", "prompt": " ".join(["face"] * 100)}).encode())
+    out = tmp_path / "out" / "labeled.safetensors"
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    cfg = load_config(os.path.join(configs, "diffusion.yaml"),
+                      [f"labels.dir={d}", f"train.labeled={out}", "backbone.weights=pkg://toy_diffusion",
+                       "decoder.tasks=[segmentation]", "labels.classes=[background,thing]"])
+    with pytest.raises(ValueError, match=r"prompts\.jsonl .*prompt 1 \(102 tokens\)"):
+        import_labels(cfg)
+    assert not out.exists()

@@ -17,7 +17,11 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import (
+    GrammarParseError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+)
 
 from factory.config.checks import ConfigError, no_credentials
 from factory.config.models import (
@@ -108,6 +112,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                 raise ConfigError(f"{path}: a config file is a mapping of sections (key: value), "
                                   f"this one holds a {type(loaded).__name__}")
             merged = OmegaConf.merge(merged, loaded)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                              "save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         except OmegaConfBaseException as e:
@@ -121,6 +128,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     except yaml.YAMLError as e:
         raise ConfigError(f"override is not valid YAML: {' '.join(str(e).split())}") from None
     except OmegaConfBaseException as e:
+        overridden = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+        if isinstance(e, (InterpolationResolutionError, GrammarParseError)) and getattr(e, "full_key", None) \
+                not in overridden and path is not None:  # an interpolation the file wrote, resolved only now
+            raise ConfigError(f"{path}: {_describe(e)}") from None
         raise ConfigError(f"override: {_describe(e)}" if overrides else _describe(e)) from None
     return absolute_paths(cfg)
 

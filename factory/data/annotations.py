@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -134,7 +135,7 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
         if os.path.islink(os.path.join(directory, rel)):
             problems.append(f"{rel}: a symbolic link; a labeled folder holds its files, not links out of it")
     if os.path.isfile(coco_path) and not os.path.islink(coco_path):
-        _read_coco(coco_path, images, size, task, label_names, masks, keypoints, problems)
+        attempted |= _read_coco(coco_path, images, size, task, label_names, masks, keypoints, problems)
     labeled = masks if task == "segmentation" else keypoints
     for name in sorted(images):
         if name in labeled and name in skipped:
@@ -178,8 +179,10 @@ def _read_skip(directory: str, images: dict, problems: list[str]) -> set[str]:
     path = os.path.join(directory, SKIP_FILE)
     if not os.path.isfile(path):
         return set()
-    with open(path) as f:
-        names = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+    text = read_text(path, SKIP_FILE, problems)
+    if text is None:
+        return set()
+    names = {line.strip() for line in text.split("\n") if line.strip() and not line.startswith("#")}
     for name in sorted(names - set(images)):
         problems.append(f"{SKIP_FILE}: {name} is not an exported image")
     return names & set(images)
@@ -206,6 +209,9 @@ def _read_masks(
         try:  # mode and size come from the header: nothing larger than the export is ever decoded
             with Image.open(os.path.join(mask_dir, name)) as im:
                 mode, (w, h) = im.mode, im.size
+                if im.format != "PNG":  # a lossy JPEG saved as .png shifts class ids at every edge
+                    problems.append(f"{rel}: its content is {im.format}, not PNG; save masks as lossless PNG")
+                    continue
                 if mode not in ("L", "P", "I", "I;16"):
                     problems.append(f"{rel}: mode {mode}; expected a single-channel index PNG (mode L or P) of class ids")
                     continue
@@ -217,6 +223,9 @@ def _read_masks(
             problems.append(f"{rel}: not a readable image ({e})")
             continue
         top = int(mask.max())
+        if int(mask.min()) < 0:
+            problems.append(f"{rel}: class id {int(mask.min())} is negative; class ids are 0..{len(label_names) - 1}")
+            continue
         if top >= len(label_names):
             problems.append(
                 f"{rel}: class id {top} is outside labels.classes (0..{len(label_names) - 1}: {label_names})"
@@ -226,33 +235,209 @@ def _read_masks(
     return found
 
 
-def open_coco(path: str, problems: list[str]):
-    """A pycocotools COCO index of the file at `path`, or None with the reason in `problems`."""
-    from pycocotools.coco import COCO
-
+def read_text(path: str, shown: str, problems: list[str]) -> str | None:
+    """The UTF-8 text of `path` (a byte order mark dropped), or None with the reason in `problems`."""
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path) as f:
-            data = json.load(f)
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        problems.append(f"{os.path.basename(path)}: not a COCO annotation file ({type(e).__name__}: {e})")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        problems.append(f"{shown}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it as UTF-8")
         return None
-    name = os.path.basename(path)
-    for img in coco.loadImgs(coco.getImgIds()):
-        file = str(img.get("file_name", ""))
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _segmentation_problem(seg: object, w: int, h: int) -> str | None:
+    """What is wrong with one annotation's `segmentation` on a w x h image (None: nothing; a missing
+    or empty one is no segmentation, which the reader judges by task)."""
+    if seg is None or seg == []:
+        return None
+    if isinstance(seg, dict):
+        counts, size = seg.get("counts"), seg.get("size")
+        if not (isinstance(counts, str) or (isinstance(counts, list) and all(_number(c) for c in counts))):
+            return f'its RLE segmentation needs "counts" (a string or a list of run lengths), got {_short(counts)}'
+        if size != [h, w]:
+            return f"its RLE size {_short(size)} differs from its image's [height, width] [{h}, {w}]"
+        if isinstance(counts, list) and sum(counts) != h * w:
+            return f"its RLE run lengths sum to {sum(counts)}, not the image's {h}x{w} = {h * w} pixels"
+        return None
+    if not isinstance(seg, list):
+        return f"segmentation must be polygons [[x1, y1, x2, y2, ...], ...] or RLE, got {_short(seg)}"
+    if not all(isinstance(poly, list) for poly in seg):
+        return f"segmentation {_short(seg)} is not a list of polygons: nest it, [[x1, y1, x2, y2, ...]]"
+    for poly in seg:
+        if not all(_number(v) for v in poly):
+            return f"polygon {_short(poly)} holds a value that is not a finite number"
+        if len(poly) % 2:
+            return f"polygon {_short(poly)} has an odd number of coordinates ({len(poly)})"
+        if len(poly) < 6:
+            return f"polygon {_short(poly)} has {len(poly) // 2} points; a polygon needs at least 3"
+        points = np.asarray(poly, dtype=float).reshape(-1, 2)
+        if ((points < 0) | (points > (w, h))).any():
+            return f"polygon {_short(poly)} lies outside its {w}x{h} image"
+    return None
+
+
+def _coco_problems(data: object, name: str) -> list[str]:
+    """What makes `data` (a parsed COCO file called `name`) unusable: its structure, every image,
+    category and annotation, each problem naming what it is about."""
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+        return [(f'{name}: a COCO file is a JSON object with "images", "annotations" and "categories"; '
+                 f"this one holds {kind.get(type(data), 'null')}")]
+    problems = []
+    for key in ("images", "categories", "annotations"):
+        if key not in data and key != "annotations":
+            problems.append(f'{name}: no "{key}" list')
+        elif not isinstance(data.get(key, []), list):
+            problems.append(f'{name}: "{key}" must be a list, got {type(data[key]).__name__}')
+    if problems:
+        return problems
+    sizes: dict = {}  # image id -> (width, height)
+    file_of: dict = {}
+    refused: set = set()  # ids of images already named as wrong: their annotations are not named again
+    files: set[str] = set()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), (int, str)) or isinstance(img.get("id"), bool):
+            problems.append(f'{name}: images[{i}] needs an "id" (a number or a string)')
+            continue
+        file = img.get("file_name")
+        if not isinstance(file, str) or not file:
+            problems.append(f'{name}: image id {img["id"]!r} has no "file_name"')
+            refused.add(img["id"])
+            continue
+        where = f"{name}: image {file!r}"
+        w, h = img.get("width"), img.get("height")
         if os.path.isabs(file) or "\\" in file or ".." in file.split("/"):
             problems.append(f"{name}: image file_name {file!r} escapes the folder (absolute or '..')")
-    for ann in coco.dataset.get("annotations", []):
-        img = coco.imgs.get(ann.get("image_id"), {})
-        w, h, seg = img.get("width"), img.get("height"), ann.get("segmentation")
-        if w and h and isinstance(seg, list):
-            points = [np.asarray(poly, dtype=float).reshape(-1, 2) for poly in seg if len(poly) >= 6]
-            if any(((p < 0) | (p > (w, h))).any() for p in points):
-                problems.append(f"{name}: annotation {ann.get('id')} of image {img.get('file_name')!r} has a polygon "
-                                f"outside its {w}x{h} image")
+        elif not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+            problems.append(f'{where}: "width" and "height" must be positive whole numbers, got {w!r} and {h!r}')
+        elif img["id"] in sizes:
+            problems.append(f"{where}: image id {img['id']!r} is used twice")
+        elif os.path.basename(file) in files:
+            problems.append(f"{where} is listed twice")
+        else:
+            sizes[img["id"]], file_of[img["id"]] = (w, h), file
+            files.add(os.path.basename(file))
+            continue
+        refused.add(img["id"])
+    categories = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), (int, str)) or not isinstance(cat.get("name"), str):
+            problems.append(f'{name}: categories[{i}] needs an "id" and a "name", got {_short(cat)}')
+        elif cat["id"] in categories:
+            problems.append(f"{name}: category id {cat['id']!r} is used twice")
+        else:
+            categories.add(cat["id"])
+    seen = set()
+    for i, ann in enumerate(data.get("annotations", [])):
+        if not isinstance(ann, dict) or not isinstance(ann.get("id"), (int, str)) or isinstance(ann.get("id"), bool):
+            problems.append(f'{name}: annotations[{i}] needs an "id" (a number or a string)')
+            continue
+        where = f"{name}: annotation {ann['id']!r}"
+        image_id, category_id = ann.get("image_id"), ann.get("category_id")
+        if ann["id"] in seen:
+            problems.append(f"{where}: its id is used twice")
+        elif isinstance(image_id, (int, str)) and image_id in refused:
+            pass
+        elif not isinstance(image_id, (int, str)) or image_id not in sizes:
+            problems.append(f"{where}: image_id {_short(image_id)} is not in \"images\"" if "image_id" in ann
+                            else f'{where}: has no "image_id"')
+        elif not isinstance(category_id, (int, str)) or category_id not in categories:
+            problems.append(f"{where}: category_id {_short(category_id)} is not in \"categories\""
+                            if "category_id" in ann else f'{where}: has no "category_id"')
+        else:
+            problem = _segmentation_problem(ann.get("segmentation"), *sizes[image_id])
+            if problem:
+                problems.append(f"{where} of image {file_of[image_id]!r}: {problem}")
+        seen.add(ann["id"])
+    return problems
+
+
+def open_coco(path: str, problems: list[str]):
+    """A pycocotools COCO index of the file at `path`, or None with the reasons in `problems`: the
+    file must be UTF-8 JSON (a byte order mark is fine) holding a COCO object whose every image has a
+    file name and size, and whose every annotation names a listed image and category and has a
+    well-formed segmentation (polygons of 3+ points inside the image, or RLE of the image's size)."""
+    from pycocotools.coco import COCO
+
+    name = os.path.basename(path)
+    text = read_text(path, name, problems)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        problems.append(f"{name}: not JSON ({e.msg} at line {e.lineno} column {e.colno})")
+        return None
+    found = _coco_problems(data, name)
+    if found:
+        problems += found
+        return None
+    coco = COCO()
+    coco.dataset = data
+    coco.createIndex()
     return coco
+
+
+def _annotation_order(ann: dict) -> tuple:
+    """Annotations by id (numbers before strings): later ones paint over earlier ones."""
+    return isinstance(ann["id"], str), ann["id"]
+
+
+def has_segmentation(ann: dict) -> bool:
+    return ann.get("segmentation") not in (None, [])
+
+
+def has_keypoints(ann: dict) -> bool:
+    return bool(ann.get("keypoints")) and ann.get("num_keypoints", 1) != 0
+
+
+def coco_keypoints(ann: dict, size: tuple[int, int], names: list[str], where: str,
+                   problems: list[str]) -> np.ndarray | None:
+    """One annotation's keypoints as [K, 3] float32 (x, y, visibility), or None with the reason in
+    `problems` (`where` names the file, annotation and image): K must match `names`, values be
+    finite, visibility 0, 1 or 2, and every labeled point (visibility > 0) lie in the w x h image."""
+    kp = ann.get("keypoints")
+    if not isinstance(kp, list) or len(kp) % 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in kp):
+        problems.append(f"{where}: keypoints must be a flat list of x, y, visibility numbers, got {_short(kp)}")
+        return None
+    if len(kp) != 3 * len(names):
+        problems.append(f"{where} has {len(kp) // 3} keypoints, expected {len(names)} (labels.keypoints)")
+        return None
+    points = np.asarray(kp, dtype=np.float64).reshape(-1, 3)
+    if not np.isfinite(points).all():
+        problems.append(f"{where}: keypoints hold NaN or infinite values")
+        return None
+    bad = [v for v in points[:, 2].tolist() if v not in (0, 1, 2)]
+    if bad:
+        problems.append(f"{where}: keypoint visibility must be 0, 1 or 2, got {bad[0]:g}")
+        return None
+    w, h = size
+    for k, (x, y, v) in enumerate(points.tolist()):
+        if v > 0 and not (0 <= x <= w and 0 <= y <= h):
+            problems.append(f"{where}: keypoint {names[k]!r} at ({x:g}, {y:g}) is outside its {w}x{h} image")
+            return None
+    return points.astype(np.float32)
+
+
+def check_keypoint_names(coco, names: list[str], name: str, problems: list[str]) -> None:
+    """A category that lists its keypoints (COCO may leave them out) must list `names` in order."""
+    for cat in coco.dataset["categories"]:
+        listed = cat.get("keypoints")
+        if listed and listed != list(names):
+            problems.append(f"{name}: category {cat['name']!r} names its keypoints {listed!r}, "
+                            f"but labels.keypoints is {list(names)} (the same names in the same order)")
 
 
 def _read_coco(
@@ -264,47 +449,56 @@ def _read_coco(
     masks: dict,
     keypoints: dict,
     problems: list[str],
-) -> None:
+) -> set[str]:
+    """Reads the file into `masks` or `keypoints`; returns the images it labels, rightly or not
+    (every image when the file as a whole is refused: that is the problem, not each image)."""
     coco = open_coco(path, problems)
     if coco is None:
-        return
+        return set(images)
     name = os.path.basename(path)
+    attempted = set()
     class_of = {}
     for cat in coco.loadCats(coco.getCatIds()):
         if task == "segmentation" and cat["name"] not in label_names:
             problems.append(f"{name}: category {cat['name']!r} (id {cat['id']}) is not in labels.classes {label_names}")
         elif task == "segmentation":
             class_of[cat["id"]] = label_names.index(cat["name"])
+    if task == "keypoints":
+        check_keypoint_names(coco, label_names, name, problems)
     for img in coco.loadImgs(coco.getImgIds()):
         file = os.path.basename(img["file_name"])
         where = f"{name}: image {img['file_name']!r}"
         if file not in images:
             problems.append(f"{where} is not an exported image")
             continue
-        if (img.get("width"), img.get("height")) != (size, size):
-            problems.append(f"{where} has size {img.get('width')}x{img.get('height')}, expected {size}x{size}")
+        if (img["width"], img["height"]) != (size, size):
+            problems.append(f"{where} has size {img['width']}x{img['height']}, expected {size}x{size}")
+            attempted.add(file)
             continue
-        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])), key=lambda a: a["id"])
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])), key=_annotation_order)
         if task == "segmentation":
             if file in masks:
                 problems.append(f"{where} is labeled twice: in {MASKS_DIR}/{file} and in {name}")
                 continue
             mask = np.zeros((size, size), dtype=np.uint8)
             for ann in anns:  # later annotations paint over earlier ones
-                if ann["category_id"] in class_of:
+                if not has_segmentation(ann):
+                    if not ann.get("keypoints"):  # a keypoint-only annotation draws nothing; a bbox alone is no mask
+                        problems.append(f"{name}: annotation {ann['id']!r} of image {img['file_name']!r} has no "
+                                        "segmentation (polygons or RLE); a bbox alone draws no mask")
+                elif ann["category_id"] in class_of:
                     mask[coco.annToMask(ann) > 0] = class_of[ann["category_id"]]
             masks[file] = mask
         else:
-            with_kp = [a for a in anns if a.get("num_keypoints", 1) and a.get("keypoints")]
+            with_kp = [a for a in anns if has_keypoints(a)]
             if not with_kp:
                 continue
-            kp = np.asarray(with_kp[0]["keypoints"], dtype=np.float32)
-            if kp.size != 3 * len(label_names):
-                problems.append(
-                    f"{where} has {kp.size // 3} keypoints, expected {len(label_names)} (labels.keypoints)"
-                )
-                continue
-            keypoints[file] = kp.reshape(-1, 3)
+            where = f"{name}: annotation {with_kp[0]['id']!r} of image {img['file_name']!r}"
+            kp = coco_keypoints(with_kp[0], (size, size), label_names, where, problems)
+            attempted.add(file)
+            if kp is not None:
+                keypoints[file] = kp
+    return attempted
 
 
 FORMAT = "factory.labeled_set"
@@ -327,6 +521,7 @@ def save_labeled_set(path: str, labeled: LabeledSet) -> None:
         metadata["batches"] = json.dumps(labeled.batches)
     if labeled.latent_space is not None:
         metadata["latent_space"] = labeled.latent_space
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensorfile.write(path, tensors, FORMAT, metadata)
 
 

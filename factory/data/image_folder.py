@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from factory.data.images import IMAGE_EXTENSIONS, square
+from factory.data.images import IMAGE_EXTENSIONS, square, to_rgb
 from factory.data.labeled_photos import IMAGES_DIR, read_prompts
 from factory.fingerprint import tensors_hash
 
@@ -55,7 +55,7 @@ def load_image_folder(directory: str, resolution: int) -> ImageFolder:
     for name in names:
         try:
             with Image.open(os.path.join(image_dir, name)) as im:
-                images.append(np.array(square(im.convert("RGB"), resolution, Image.Resampling.BICUBIC)))
+                images.append(np.array(square(to_rgb(im), resolution, Image.Resampling.BICUBIC)))
         except (OSError, Image.DecompressionBombError) as e:
             problems.append(f"{os.path.relpath(os.path.join(image_dir, name), directory)}: not a readable image ({e})")
     prompts = read_prompts(directory, names, None, problems)

@@ -26,8 +26,16 @@ import torch
 from PIL import Image
 
 from factory import tensorfile
-from factory.data.annotations import AnnotationError, open_coco
-from factory.data.images import IMAGE_EXTENSIONS, square
+from factory.data.annotations import (
+    AnnotationError,
+    check_keypoint_names,
+    coco_keypoints,
+    has_keypoints,
+    has_segmentation,
+    open_coco,
+    read_text,
+)
+from factory.data.images import IMAGE_EXTENSIONS, square, to_rgb
 
 IMAGES_DIR, MASKS_DIR, DEPTH_DIR = "images", "masks", "depth"
 COCO_FILE, PROMPTS_FILE = "instances.json", "prompts.jsonl"
@@ -132,8 +140,11 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
     names = [n for n in names if not os.path.islink(os.path.join(image_dir, n))]
     prompts = read_prompts(directory, names, classes, problems)
     wanted_keypoints = keypoint_names if "keypoints" in tasks else None  # others' keypoints are not our business
-    coco = _read_coco(directory, names, classes, wanted_keypoints, problems) if os.path.isfile(
+    need_masks = "segmentation" in tasks or "instances" in tasks
+    coco = _read_coco(directory, names, classes, wanted_keypoints, need_masks, problems) if os.path.isfile(
         os.path.join(directory, COCO_FILE)) else {}
+    coco_refused = coco is None  # the file as a whole: named once, not again as each image's missing labels
+    coco = coco or {}
 
     images, masks, depths, inst_maps, inst_classes, kps, texts = [], [], [], [], [], [], []
     for name in names:
@@ -141,22 +152,28 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
         rel = f"{IMAGES_DIR}/{name}"
         try:
             with Image.open(os.path.join(image_dir, name)) as im:
-                size = im.size
-                rgb = np.array(square(im.convert("RGB"), resolution, Image.Resampling.BICUBIC))
+                upright = to_rgb(im)  # its labels are drawn on the photo as a viewer shows it
+                size = upright.size
+                rgb = np.array(square(upright, resolution, Image.Resampling.BICUBIC))
         except (OSError, Image.DecompressionBombError) as e:  # a bomb: refused before decoding
             problems.append(f"{rel}: not a readable image ({e})")
             continue
         images.append(rgb)
+        ann = coco.get(name)
+        if ann is not None and ann["size"] != size:
+            problems.append(f"{COCO_FILE}: image {name!r} has width x height {ann['size'][0]}x{ann['size'][1]}, "
+                            f"but {rel} is {size[0]}x{size[1]}")
+            ann = None
         mask = _read_png(directory, MASKS_DIR, stem, size, problems, ("L", "P"), "a single-channel index PNG of class ids")
         if mask is not None and int(mask.max()) >= len(classes):
             problems.append(f"{MASKS_DIR}/{stem}.png: class id {int(mask.max())} is outside labels.classes "
                             f"(0..{len(classes) - 1}: {classes})")
             mask = None
-        ann = coco.get(name)
+        coco_named = coco_refused or any(p.startswith(COCO_FILE) and f"image {name!r}" in p for p in problems)
         if "segmentation" in tasks:
             if mask is None and ann is not None and ann["instances"]:
                 mask = _paint(ann["instances"], size)
-            if mask is None and not any(p.startswith(f"{MASKS_DIR}/{stem}.") for p in problems):
+            if mask is None and not coco_named and not any(p.startswith(f"{MASKS_DIR}/{stem}.") for p in problems):
                 problems.append(f"{rel}: no semantic mask (no {MASKS_DIR}/{stem}.png and no {COCO_FILE} instances)")
             masks.append(None if mask is None else np.array(square(Image.fromarray(mask), resolution, Image.Resampling.NEAREST)))
         if "depth" in tasks:
@@ -167,7 +184,8 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
                        Image.Resampling.NEAREST)))
         if "instances" in tasks:
             if ann is None:
-                problems.append(f"{rel}: no {COCO_FILE} entry (instances task)")
+                if not coco_named:
+                    problems.append(f"{rel}: no {COCO_FILE} entry (instances task)")
                 inst_maps.append(None)
                 inst_classes.append([])
             else:
@@ -178,7 +196,8 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
                 inst_classes.append([c for c, _ in ann["instances"]])
         if "keypoints" in tasks:
             if ann is None or ann["keypoints"] is None:
-                problems.append(f"{rel}: no keypoints in {COCO_FILE} (keypoints task)")
+                if not coco_named:
+                    problems.append(f"{rel}: no keypoints in {COCO_FILE} (keypoints task)")
                 kps.append(None)
             else:
                 move = _crop_transform(*size, resolution)
@@ -211,8 +230,14 @@ def import_labels(cfg) -> RealLabeledSet:
                                "perception); the GAN path uses `factory annotate import`"])
     if cfg.labels.dir is None:
         raise AnnotationError(["labels.dir is not set: point it at the folder of labeled images"])
+    from factory.backbones.diffusion import check_prompt_lengths
+
     labeled = import_folder(cfg.labels.dir, cfg.decoder.tasks, cfg.labels.classes, cfg.labels.keypoints,
                             cfg.backbone.diffusion.resolution, cfg.labels.depth_scale)
+    # the same check `factory generate` runs: CLIP would cut a long prompt silently in training
+    check_prompt_lengths(cfg.backbone.weights, labeled.prompts,
+                         f"{os.path.join(cfg.labels.dir, PROMPTS_FILE)} (or made from classes; prompt N is the "
+                         f"N-th image of {IMAGES_DIR}/ by name: {labeled.files[0]}, ...)")
     save_real_labeled_set(cfg.train.labeled, labeled)
     return labeled
 
@@ -230,10 +255,13 @@ def _read_png(directory: str, sub: str, stem: str, size: tuple[int, int], proble
         return None
     try:
         with Image.open(path) as im:
-            mode, got = im.mode, im.size
-            data = np.array(im)
+            mode, got, kind = im.mode, im.size, im.format
+            data = np.array(im) if kind == "PNG" else None
     except (OSError, Image.DecompressionBombError) as e:
         problems.append(f"{rel}: not a readable image ({e})")
+        return None
+    if kind != "PNG":  # a lossy JPEG saved as .png shifts class ids and depths at every edge
+        problems.append(f"{rel}: its content is {kind}, not PNG; save it as lossless PNG")
         return None
     if mode not in modes:
         problems.append(f"{rel}: mode {mode}; expected {what}")
@@ -252,67 +280,76 @@ def read_prompts(directory: str, names: list[str], classes: list[str] | None, pr
     if not os.path.isfile(path):
         return {}
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{PROMPTS_FILE}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: not JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict) or row.get("file") not in names:
-                problems.append(f"{where}: \"file\" must name one of the images, got "
-                                f"{row.get('file') if isinstance(row, dict) else row!r}")
-                continue
-            text, named = row.get("prompt"), row.get("classes")
-            if named is not None and not (isinstance(named, list) and all(isinstance(c, str) for c in named)):
-                problems.append(f"{where}: \"classes\" must be a list of names, got {named!r}")
-                continue
-            unknown = [c for c in named or [] if classes is not None and c not in classes]
-            if unknown:
-                problems.append(f"{where}: unknown classes {unknown} (labels.classes is {classes})")
-            elif isinstance(text, str) and text.strip():
-                out[row["file"]] = text.strip()
-            elif named:
-                out[row["file"]] = "a photo of " + " and ".join(f"a {c}" for c in named)
-            else:
-                problems.append(f"{where}: needs a non-empty \"prompt\" or a \"classes\" list")
+    content = read_text(path, PROMPTS_FILE, problems)  # UTF-8, a byte order mark dropped
+    if content is None:
+        return out
+    for n, line in enumerate(content.split("\n"), 1):  # only \n ends a row (JSON strings may hold U+2028)
+        if not line.strip():
+            continue
+        where = f"{PROMPTS_FILE}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict) or row.get("file") not in names:
+            problems.append(f"{where}: \"file\" must name one of the images, got "
+                            f"{row.get('file') if isinstance(row, dict) else row!r}")
+            continue
+        text, named = row.get("prompt"), row.get("classes")
+        if named is not None and not (isinstance(named, list) and all(isinstance(c, str) for c in named)):
+            problems.append(f"{where}: \"classes\" must be a list of names, got {named!r}")
+            continue
+        unknown = [c for c in named or [] if classes is not None and c not in classes]
+        if unknown:
+            problems.append(f"{where}: unknown classes {unknown} (labels.classes is {classes})")
+        elif isinstance(text, str) and text.strip():
+            out[row["file"]] = text.strip()
+        elif named:
+            out[row["file"]] = "a photo of " + " and ".join(f"a {c}" for c in named)
+        else:
+            problems.append(f"{where}: needs a non-empty \"prompt\" or a \"classes\" list")
     return out
 
 
 def _read_coco(directory: str, names: list[str], classes: list[str], keypoint_names: list[str] | None,
-               problems: list[str]) -> dict[str, dict]:
-    """file name -> {"instances": [(class id, mask)], "keypoints": [K, 3] or None}; keypoints are read
-    only when `keypoint_names` is given (the keypoints task)."""
+               need_masks: bool, problems: list[str]) -> dict[str, dict] | None:
+    """file name -> {"size": (w, h), "instances": [(class id, mask)], "keypoints": [K, 3] or None}, or
+    None when the file as a whole is refused;
+    keypoints are read only when `keypoint_names` is given (the keypoints task). With `need_masks`
+    an annotation without a segmentation is refused unless it carries keypoints (it draws nothing)."""
     coco = open_coco(os.path.join(directory, COCO_FILE), problems)
     if coco is None:
-        return {}
+        return None
     class_of = {}
     for cat in coco.loadCats(coco.getCatIds()):
         if cat["name"] not in classes:
             problems.append(f"{COCO_FILE}: category {cat['name']!r} (id {cat['id']}) is not in labels.classes {classes}")
         else:
             class_of[cat["id"]] = classes.index(cat["name"])
+    if keypoint_names is not None:
+        check_keypoint_names(coco, keypoint_names, COCO_FILE, problems)
     out = {}
     for img in coco.loadImgs(coco.getImgIds()):
         file = os.path.basename(img["file_name"])
         if file not in names:
             problems.append(f"{COCO_FILE}: image {img['file_name']!r} is not under {IMAGES_DIR}/")
             continue
-        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])), key=lambda a: a["id"])
+        size = (img["width"], img["height"])
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])), key=lambda a: (isinstance(a["id"], str), a["id"]))
+        if need_masks:
+            for a in anns:
+                if not has_segmentation(a) and not a.get("keypoints"):
+                    problems.append(f"{COCO_FILE}: annotation {a['id']!r} of image {file!r} has no segmentation "
+                                    "(polygons or RLE); a bbox alone draws no mask")
         instances = [(class_of[a["category_id"]], coco.annToMask(a)) for a in anns
-                     if a["category_id"] in class_of and a.get("segmentation")]
+                     if a["category_id"] in class_of and has_segmentation(a)]
         kp = None
-        with_kp = [a for a in anns if a.get("keypoints") and a.get("num_keypoints", 1)]
+        with_kp = [a for a in anns if has_keypoints(a)]
         if with_kp and keypoint_names is not None:
-            kp = np.asarray(with_kp[0]["keypoints"], dtype=np.float32).reshape(-1, 3)
-            if len(kp) != len(keypoint_names):
-                problems.append(f"{COCO_FILE}: image {file!r} has {len(kp)} keypoints, expected "
-                                f"{len(keypoint_names)} (labels.keypoints)")
-                kp = None
-        out[file] = {"instances": instances, "keypoints": kp}
+            where = f"{COCO_FILE}: annotation {with_kp[0]['id']!r} of image {file!r}"
+            kp = coco_keypoints(with_kp[0], size, keypoint_names, where, problems)
+        out[file] = {"size": size, "instances": instances, "keypoints": kp}
     return out
 
 

@@ -1,6 +1,8 @@
 """Prompt sources for text-driven backbones: where the prompts of a build come from.
 
-    text file      one prompt per line (blank lines and lines starting with '#' are skipped)
+    text file      one prompt per line, UTF-8 (a byte order mark is dropped); lines end at \n or \r\n
+                   only; blank lines and lines whose first non-blank character is '#' (comments)
+                   are skipped
     JSONL          one object per line with a "prompt" key and optionally "classes" (a list of names)
     Parquet        a "prompt" column and optionally a "classes" column (list of strings)
     template       "a photo of a {attribute} {class}" expanded over class names x attribute lists,
@@ -93,25 +95,29 @@ def describe_source(cfg: PromptsConfig) -> str:
     return cfg.source or (f"prompts from {cfg.endpoint}" if cfg.endpoint else f"prompts.template {cfg.template!r}")
 
 
-def _text(url: str) -> str:
+def _lines(url: str) -> list[str]:
+    """The lines of a UTF-8 text file (a byte order mark dropped), split at \n and \r\n only:
+    str.splitlines would also split at U+2028, U+0085 and form feeds, which a prompt may hold."""
     data = storage.read_bytes(url)
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise PromptError(f"{url}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def from_text(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
-    lines = _text(url).splitlines()
-    rows = [(f"{url}:{n}", line, None) for n, line in enumerate(lines, 1)
+    """One prompt per line; blank lines and comments (lines whose first non-blank character is '#')
+    are skipped, so a prompt cannot start with '#'."""
+    rows = [(f"{url}:{n}", line, None) for n, line in enumerate(_lines(url), 1)
             if line.strip() and not line.lstrip().startswith("#")]
     return _check(rows, url, known_classes)
 
 
 def from_jsonl(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
     rows, problems = [], []
-    for n, line in enumerate(_text(url).splitlines(), 1):
+    for n, line in enumerate(_lines(url), 1):
         if not line.strip():
             continue
         try:
@@ -127,11 +133,18 @@ def from_jsonl(url: str, known_classes: list[str] | None = None) -> list[Prompt]
 
 
 def from_parquet(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError)):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PromptError(f"{url}: not a readable Parquet file ({reason})") from None
     if "prompt" not in table.column_names:
         raise PromptError(f"{url}: no 'prompt' column (columns: {table.column_names})")
     texts = table.column("prompt").to_pylist()
@@ -175,7 +188,7 @@ def to_jsonl(prompts: list[Prompt]) -> bytes:
     lines = [json.dumps({"classes": list(p.classes), "prompt": p.text}, ensure_ascii=False, sort_keys=True)
              for p in prompts]
     text = "".join(line + "\n" for line in lines)
-    # JSON leaves these unescaped, but str.splitlines (used by from_jsonl) breaks lines at them
+    # JSON leaves these unescaped, but str.splitlines (in other readers of the file) breaks lines at them
     for char in ("\x85", "\u2028", "\u2029"):
         text = text.replace(char, f"\\u{ord(char):04x}")
     return text.encode("utf-8")
