@@ -123,7 +123,8 @@ def official_generator(g: StyleGAN2Generator, source: str, easydict: type, style
     """`g` as an official Generator record. style "ada": stylegan2-ada-pytorch's init_kwargs (nested
     synthesis_kwargs with conv_clamp and num_fp16_res); "sg3": stylegan3's networks_stylegan2, whose
     Generator passes synthesis kwargs flat and relies on defaults (conv_clamp, num_fp16_res) that only
-    the layers' attributes show."""
+    the layers' attributes show. Mapping widths other than w_dim go into `mapping_kwargs`, as a user
+    sets them (`embed_features`, `layer_features`)."""
     cfg, sd = g.cfg, g.state_dict()
     clamp = None if cfg.conv_clamp is None else int(cfg.conv_clamp)
 
@@ -170,8 +171,9 @@ def official_generator(g: StyleGAN2Generator, source: str, easydict: type, style
     mapping = P("MappingNetwork", module_state(
         buffers={"w_avg": sd["mapping.w_avg"]}, children=mapping_children,
         z_dim=cfg.z_dim, c_dim=cfg.c_dim, w_dim=cfg.w_dim, num_layers=cfg.mapping_layers, w_avg_beta=cfg.w_avg_beta))
+    widths = {k: getattr(cfg, k) for k in ("embed_features", "layer_features") if getattr(cfg, k) != cfg.w_dim}
     kwargs = dict(z_dim=cfg.z_dim, c_dim=cfg.c_dim, w_dim=cfg.w_dim, img_resolution=cfg.resolution,
-                  img_channels=cfg.img_channels, mapping_kwargs=easydict(num_layers=cfg.mapping_layers))
+                  img_channels=cfg.img_channels, mapping_kwargs=easydict(num_layers=cfg.mapping_layers, **widths))
     if style == "ada":
         kwargs["synthesis_kwargs"] = easydict(channel_base=cfg.channel_base, channel_max=cfg.channel_max,
                                               num_fp16_res=4 if cfg.num_fp16_res else 0, conv_clamp=clamp)

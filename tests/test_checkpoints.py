@@ -8,11 +8,13 @@ official code itself was measured outside the repository (README, "Bring your ow
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import re
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -30,7 +32,8 @@ from lookalike import (
 
 from factory.backbones import backbone_identity, load_backbone, to_uint8
 from factory.backbones import stylegan2_formats as formats
-from factory.backbones.stylegan2 import StyleGAN2Generator, num_ws
+from factory.backbones.gan_inversion import project
+from factory.backbones.stylegan2 import StyleGAN2Arch, StyleGAN2Generator, num_ws
 from factory.backbones.stylegan2_file import load_stylegan2, save_stylegan2
 from factory.cli import main
 from factory.config import ConfigError, StyleGAN2Config, load_config
@@ -103,7 +106,7 @@ def test_official_pickle_gives_the_generator_bit_for_bit_without_running_code(tm
         assert name not in sys.modules
     assert ck.format == formats.OFFICIAL and ck.network == "G_ema"
     assert ck.holds == ["D", "G", "G_ema", "augment_pipe", "training_set_kwargs"]
-    assert ck.arch == ARCH  # conv_clamp and fp16 blocks read from the layers where kwargs do not say
+    assert ck.arch == g.cfg  # conv_clamp and fp16 blocks read from the layers where kwargs do not say
     expected = g.state_dict()
     assert set(ck.tensors) == set(expected)
     assert all(torch.equal(ck.tensors[k], expected[k]) for k in expected)
@@ -156,12 +159,26 @@ def _builtins_eval(canary):
     return pickle.dumps([Evil()])
 
 
+def _corrupt_storage(canary):
+    """A snapshot with one byte changed inside a tensor's stored bytes (the nested legacy `torch.save`
+    of a storage): its storage key in the list of keys, so torch.load asserts the key is not found."""
+    data = snapshot(generator(), canary_source(canary))
+    start = data.index(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1])  # the first storage's bytes
+    key = re.search(rb"\d{6,}", data[start:]).group()
+    second = data.index(key, data.index(key, start) + len(key))
+    return data[:second] + (b"1" if key[:1] != b"1" else b"2") + data[second + 1:]
+
+
 REFUSALS = {
     "resnet": (_resnet, r"uses architecture='resnet' \(synthesis.b4\); only 'skip'"),
     "stylegan3": (lambda c: stylegan3_snapshot(canary_source(c)),
                   r"G_ema is a StyleGAN3 alias-free generator \(networks_stylegan3: synthesis.\['input', 'L0_36_512'\]\)"),
     "no_noise": (_no_noise, r"use_noise=False \(synthesis.b4.conv1\)"),
     "truncated": (_truncated, r"is not a readable pickle \(truncated or corrupt\)"),
+    "corrupt_storage": (_corrupt_storage, (r"is not a readable pickle \(truncated or corrupt\): AssertionError: "
+                                           r"storage key '\d+' not found")),
+    "rgba": (lambda c: snapshot(generator(replace(ARCH, img_channels=4)), canary_source(c)),
+             r"rgba.pkl: G_ema has img_channels=4; only 1 \(grayscale, shown as RGB\) and 3 \(RGB\) are supported"),
     "os_system": (_os_system, r"refusing to load the global posix.system: only tensors"),
     "eval": (_builtins_eval, r"refusing to load the global builtins.eval"),
     "tensorflow": (lambda c: tensorflow_pickle(), r"is a TensorFlow StyleGAN pickle \(dnnlib.tflib.network.Network\); "
@@ -417,6 +434,133 @@ def test_weights_and_conversion_from_a_storage_url(tmp_path, canary, s3_bucket):
     fetched = storage.fetch(f"{s3_bucket}/models/snap.safetensors")
     assert torch.equal(load_stylegan2(fetched).synthesis.b4.const, g.synthesis.b4.const)
     assert storage.fetch(f"{s3_bucket}/models/snap.safetensors") == fetched  # cached while unchanged
+
+
+# ---- grayscale generators, image channels, mapping widths, corrupt files ------------------------
+
+GRAY = replace(ARCH, img_channels=1)
+
+
+def test_a_grayscale_generator_gives_rgb_images_with_its_channel_repeated(tmp_path, canary, capsys):
+    from factory.dataset.sample import Codec, encode_image
+
+    g = generator(GRAY)
+    pkl = write(tmp_path / "gray.pkl", snapshot(g, canary_source(canary)))
+    torch.save(rosinality_checkpoint(generator(replace(GRAY, conv_clamp=None, num_fp16_res=0))), tmp_path / "gray.pt")
+    for path, gen in ((pkl, g), (str(tmp_path / "gray.pt"), None)):
+        backbone = load_backbone(cfg_for(path, "backbone.rgb_taps=true"))
+        out = backbone([1, 2])
+        assert out.images.shape == (2, 16, 16, 3) and out.images.dtype == torch.uint8
+        assert torch.equal(out.images[..., 0], out.images[..., 1]) and torch.equal(out.images[..., 0], out.images[..., 2])
+        if gen is not None:
+            assert torch.equal(out.images[..., :1], to_uint8(gen.sample([1, 2], backbone.psi)[1]))
+        assert out.features[backbone.feature_names.index("b16.rgb")].shape[1] == 1  # the tap keeps its channel
+        assert encode_image(out.images[0].numpy(), Codec())  # what export and the shards write
+    capsys.readouterr()
+    assert main(["weights", "inspect", pkl]) == 0
+    assert "image         1 channel (grayscale: the backbone repeats it to RGB)" in capsys.readouterr().out
+    assert formats.inspect(pkl)["img_channels"] == 1
+
+
+def test_a_grayscale_generator_inverts_its_own_image(tmp_path, canary):
+    pkl = write(tmp_path / "gray.pkl", snapshot(generator(GRAY), canary_source(canary)))
+    backbone = load_backbone(cfg_for(pkl, "backbone.inversion_steps=2"))
+    image = backbone([5]).images  # RGB, its gray channel repeated
+    _, noise, _ = backbone.generator.inputs([5], "seed")
+    start = project(backbone.generator, image, noise, steps=1, lr=1e-9)  # w_avg everywhere
+    fit = project(backbone.generator, image, noise, steps=20, lr=0.1)
+    assert fit.reconstructions.shape == (1, 3, 16, 16)  # compared as RGB, like the target
+    assert fit.mse[0] < 0.2 * start.mse[0], (start.mse, fit.mse)  # measured: 1.40 -> 0.086
+    features = backbone.invert(image.numpy(), None, [5])
+    assert [f.shape for f in features] == [f.shape for f in backbone([5]).features]
+
+
+def test_img_channels_other_than_1_or_3_are_refused_in_every_format(tmp_path, capsys):
+    rgba = generator(replace(ARCH, img_channels=4, conv_clamp=None, num_fp16_res=0))
+    torch.save(rosinality_checkpoint(rgba), tmp_path / "rgba.pt")
+    save_stylegan2(rgba, tmp_path / "rgba.safetensors")  # as a pretraining run with img_channels=4 writes it
+    message = r"has img_channels=4; only 1 \(grayscale, shown as RGB\) and 3 \(RGB\) are supported"
+    for path in (str(tmp_path / "rgba.pt"), str(tmp_path / "rgba.safetensors")):
+        with pytest.raises(ValueError, match=message):
+            load_backbone(cfg_for(path))
+        assert main(["weights", "convert", path, str(tmp_path / "out.safetensors")]) == 2
+        assert main(["weights", "inspect", path]) == 2
+        assert path in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(ConfigError, match=r"backbone.stylegan2.img_channels must be 1 \(grayscale, shown as RGB\) "
+                                          r"or 3 \(RGB\), got 4"):
+        load_backbone(load_config(None, ["backbone.stylegan2.img_channels=4"]).backbone)
+
+
+def test_a_truncated_legacy_torch_file_is_refused_in_one_line(tmp_path, capsys):
+    """A rosinality checkpoint saved in torch's legacy (pre-zip) format and cut anywhere: whatever the
+    parser raises (struct.error, IndexError, EOFError ...), one line naming the file, exit 2."""
+    buf = io.BytesIO()
+    torch.save(rosinality_checkpoint(generator(replace(ARCH, conv_clamp=None, num_fp16_res=0))), buf,
+               _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    path = tmp_path / "cut.pt"
+    kinds = set()
+    for cut in [*range(40, 400, 3), *range(400, len(data), len(data) // 20)]:
+        path.write_bytes(data[:cut])
+        # (a cut inside a class name reads as that name's prefix, a global torch refuses: also one line)
+        with pytest.raises(ValueError, match=r"cut.pt( is not a readable torch checkpoint \(truncated or corrupt\)|"
+                                             r": torch.load\(weights_only=True\) refuses it .*Unsupported global)") as err:
+            formats.read_checkpoint(str(path))
+        assert str(err.value).startswith(str(path)) and "\n" not in str(err.value) and "\x1b" not in str(err.value)
+        kinds.add(str(err.value).split(": ")[1])
+    assert {"struct.error", "IndexError"} <= kinds, kinds  # the two that once escaped as tracebacks
+    path.write_bytes(data[:57])
+    assert main(["weights", "inspect", str(path)]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith(f"factory: error: {path} is not a readable torch checkpoint") and "\n" not in printed
+
+
+WIDE = StyleGAN2Arch(**asdict(replace(ARCH, c_dim=3, mapping_layers=3)), embed_features=8, layer_features=24)
+"""Official `mapping_kwargs.embed_features` and `layer_features` other than w_dim (16)."""
+
+
+def test_mapping_widths_other_than_w_dim_load_convert_and_map_as_the_official_network(tmp_path, canary, capsys):
+    g = generator(WIDE)
+    assert g.state_dict()["mapping.embed.weight"].shape == (8, 3)
+    pkl = write(tmp_path / "wide.pkl", snapshot(g, canary_source(canary)))
+    ck = formats.read_checkpoint(pkl)
+    assert (ck.arch.embed_features, ck.arch.layer_features) == (8, 24) and ck.arch == g.cfg
+    shapes = {k: tuple(v.shape) for k, v in ck.tensors.items() if k.startswith("mapping.") and k.endswith("weight")}
+    assert shapes == {"mapping.embed.weight": (8, 3), "mapping.fc0.weight": (24, 16 + 8),
+                      "mapping.fc1.weight": (24, 24), "mapping.fc2.weight": (16, 24)}
+    out = tmp_path / "wide.safetensors"
+    assert main(["weights", "convert", pkl, str(out)]) == 0
+    converted = load_stylegan2(out)
+    assert converted.cfg == g.cfg
+    assert torch.equal(images(converted, classes=[2, 0]), images(formats.load_generator(pkl), classes=[2, 0]))
+    assert torch.equal(images(converted, classes=[2, 0]), images(g, classes=[2, 0]))
+
+    # The mapping, computed here from the file's tensors: z and the embedded class each normalised by
+    # their 2nd moment, concatenated, then equalised-lr FCs with leaky ReLU (gain sqrt 2).
+    t, lr = ck.tensors, WIDE.mapping_lr_multiplier
+    z = torch.randn(2, 16, generator=torch.Generator().manual_seed(3))
+    c = F.one_hot(torch.tensor([2, 0]), 3).float()
+
+    def norm(x):
+        return x / (x.pow(2).mean(1, keepdim=True) + 1e-8).sqrt()
+
+    y = c @ (t["mapping.embed.weight"] / 3**0.5).T + t["mapping.embed.bias"]
+    x = torch.cat([norm(z), norm(y)], 1)
+    for i in range(3):
+        weight = t[f"mapping.fc{i}.weight"]
+        x = F.leaky_relu(x @ (weight * lr / weight.shape[1] ** 0.5).T + t[f"mapping.fc{i}.bias"] * lr, 0.2) * 2**0.5
+    torch.testing.assert_close(converted.mapping(z, c=c), x, rtol=1e-5, atol=1e-5)
+
+    capsys.readouterr()
+    shown = []
+    for path in (pkl, str(out)):
+        assert main(["weights", "inspect", path, "--json"]) == 0
+        shown.append(json.loads(capsys.readouterr().out))
+    assert [(s["embed_features"], s["layer_features"], s["weights_hash"]) for s in shown] == [(8, 24, shown[0]["weights_hash"])] * 2
+    assert main(["weights", "inspect", pkl]) == 0
+    assert "mapping       z 16 + class embedding 8 -> 24 -> 24 -> w 16" in capsys.readouterr().out
+    assert backbone_identity(cfg_for(pkl, "backbone.classes=[1]")) == backbone_identity(cfg_for(str(out), "backbone.classes=[1]"))
 
 
 # ---- images from a user's own latents ------------------------------------------------------------

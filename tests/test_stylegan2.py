@@ -7,11 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from factory.backbones.stylegan2 import StyleGAN2Generator, modulated_conv2d, upsample2d
-from factory.backbones.stylegan2_file import load_stylegan2, save_stylegan2
-from factory.config import StyleGAN2Config
+from factory.backbones import stylegan2_formats as formats
+from factory.backbones.stylegan2 import (
+    StyleGAN2Arch,
+    StyleGAN2Generator,
+    as_arch,
+    modulated_conv2d,
+    upsample2d,
+)
+from factory.backbones.stylegan2_file import (
+    load_stylegan2,
+    read_architecture,
+    save_stylegan2,
+)
+from factory.config import ConfigError, StyleGAN2Config
 
 CFG = StyleGAN2Config(resolution=16, z_dim=32, w_dim=32, mapping_layers=2, channel_base=256, channel_max=32)
 NAMES = ["b4.conv1", "b8.conv0", "b8.conv1", "b16.conv0", "b16.conv1"]
@@ -199,7 +211,7 @@ def test_save_load_round_trip(model: StyleGAN2Generator, tmp_path: Path) -> None
     path = tmp_path / "g.safetensors"
     save_stylegan2(model, path)
     loaded = load_stylegan2(path)
-    assert loaded.cfg == CFG and not loaded.training
+    assert loaded.cfg == model.cfg == as_arch(CFG) and not loaded.training
     assert torch.equal(loaded.mapping.w_avg, model.mapping.w_avg)
     _, a, fa = model.sample([4, 8], psi=0.6, rgb_taps=True)
     _, b, fb = loaded.sample([4, 8], psi=0.6, rgb_taps=True)
@@ -240,6 +252,39 @@ def test_load_without_metadata_needs_cfg(model: StyleGAN2Generator, tmp_path: Pa
     with pytest.raises(ValueError, match="no factory.stylegan2 config metadata"):
         load_stylegan2(path)
     assert torch.equal(load_stylegan2(path, cfg=CFG).mapping.w_avg, model.mapping.w_avg)
+
+
+def test_a_file_without_mapping_widths_reads_them_as_w_dim_with_the_same_hash(model: StyleGAN2Generator,
+                                                                               tmp_path: Path) -> None:
+    """Files written before the architecture stored embed_features/layer_features (the config had
+    only StyleGAN2Config's fields) load as before, with the same weights hash as a file written now."""
+    old = _write(tmp_path / "old.safetensors", model.state_dict())  # StyleGAN2Config's fields only
+    assert "embed_features" not in asdict(CFG)
+    arch = read_architecture(str(old))
+    assert (arch.embed_features, arch.layer_features) == (32, 32) and arch == model.cfg
+    new = tmp_path / "new.safetensors"
+    save_stylegan2(model, new)
+    with safe_open(str(new), "pt") as f:
+        stored = json.loads(f.metadata()["config"])
+    assert (stored["embed_features"], stored["layer_features"]) == (32, 32)  # a file written now stores them
+    assert formats.weights_info(str(old)).weights_hash == formats.weights_info(str(new)).weights_hash
+    _, a, _ = load_stylegan2(old).sample([3], psi=0.6)
+    assert torch.equal(a, model.sample([3], psi=0.6)[1])
+
+
+def test_mapping_widths_shape_the_mapping_as_the_official_network() -> None:
+    arch = StyleGAN2Arch(**asdict(replace(CFG, c_dim=4, mapping_layers=3)), embed_features=5, layer_features=7)
+    g = StyleGAN2Generator(arch, seed=1, w_avg_samples=16)
+    shapes = {k: tuple(v.shape) for k, v in g.state_dict().items() if k.startswith("mapping.")}
+    assert shapes == {"mapping.embed.weight": (5, 4), "mapping.embed.bias": (5,), "mapping.fc0.weight": (7, 32 + 5),
+                      "mapping.fc0.bias": (7,), "mapping.fc1.weight": (7, 7), "mapping.fc1.bias": (7,),
+                      "mapping.fc2.weight": (32, 7), "mapping.fc2.bias": (32,), "mapping.w_avg": (32,)}
+    assert g.sample([1], classes=[3])[1].shape == (1, 3, 16, 16)
+    # unused widths record w_dim: no embedding without classes, no hidden layer in a one-layer mapping
+    assert StyleGAN2Arch(**asdict(CFG), embed_features=5).embed_features == 32
+    assert StyleGAN2Arch(**asdict(replace(CFG, mapping_layers=1)), layer_features=7).layer_features == 32
+    with pytest.raises(ConfigError, match="stylegan2 layer_features must be a positive integer or null, got 0"):
+        StyleGAN2Arch(**asdict(CFG), layer_features=0)
 
 
 def test_load_garbage_and_missing_files(tmp_path: Path) -> None:

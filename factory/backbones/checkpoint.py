@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from factory.config import StyleGAN2Config
+from factory.backbones.stylegan2 import StyleGAN2Arch
 
 SAFETENSORS, OFFICIAL, ROSINALITY = "safetensors", "official pickle", "rosinality .pt"
 
@@ -33,7 +34,7 @@ class Checkpoint:
 
     tensors: dict[str, Tensor]
     """Under `StyleGAN2Generator.state_dict()` names (resample filters dropped, noise_const kept)."""
-    arch: StyleGAN2Config
+    arch: StyleGAN2Arch
     format: str
     network: str
     """Which generator of the file: "G_ema" or "G" (rosinality: "g_ema" / "g"); "generator" for safetensors."""
@@ -43,6 +44,34 @@ class Checkpoint:
     """What was not read from the file but decided here (e.g. a computed w_avg), or where it came from."""
     w_avg: str = "stored"
     """"stored" (the checkpoint's own), or "computed" when the file has none (see notes)."""
+
+
+IMG_CHANNELS = (1, 3)
+"""Image channels a generator may have to be loaded: RGB, or grayscale (shown as RGB, the gray channel
+repeated). Anything else (e.g. RGBA) has no place in the images, shards and previews downstream."""
+
+
+def check_img_channels(arch: StyleGAN2Arch, where: str) -> None:
+    """Refuse a generator whose images are neither RGB nor grayscale, naming `where` (the file)."""
+    if arch.img_channels not in IMG_CHANNELS:
+        raise ValueError(f"{where} has img_channels={arch.img_channels}; only 1 (grayscale, shown as RGB) and 3 "
+                         f"(RGB) are supported")
+
+
+def error_line(error: BaseException) -> str:
+    """The line of an error's message that says what went wrong. torch's weights-only errors open with
+    advice (in terminal colours) and name the cause on a later `WeightsUnpickler error:` line."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    cause = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    return (cause or lines or [""])[0].split(" Please use")[0]
+
+
+def unreadable(path: str, what: str, error: BaseException) -> ValueError:
+    """The one refusal of a file whose bytes do not parse as `what`: one line naming the file and the
+    parser's own error (any error: nothing from the file is executed, so a failure is the bytes')."""
+    kind = type(error)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.lstrip('_')}.{kind.__name__}"
+    return ValueError(f"{path} is not a readable {what} (truncated or corrupt): {name}: {error_line(error)}")
 
 
 def sniff(path: str) -> str:

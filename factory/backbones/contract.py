@@ -12,7 +12,8 @@ import torch
 @dataclass
 class BackboneOutput:
     images: torch.Tensor
-    """[B, H, W, 3] uint8 on the CPU: exactly the pixels written to PNG."""
+    """[B, H, W, 3] uint8 on the CPU: exactly the pixels written to PNG. Always RGB: a grayscale
+    generator's one channel is repeated three times (`as_rgb`), so everything downstream is unchanged."""
     features: list[torch.Tensor]
     """One [B, C_j, h_j, w_j] map per tap, at native resolution, on the model's device."""
     latents: torch.Tensor
@@ -41,6 +42,13 @@ class Backbone(Protocol):
     def __call__(self, seeds: Sequence[int], prompts: Sequence[str] | None = None) -> BackboneOutput: ...
 
     def accelerate(self, compile: bool = False, channels_last: bool = False) -> None: ...
+
+
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] as it is; [B, 1, H, W] (a grayscale generator's) with its channel repeated to RGB."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [B, 1 or 3, H, W], got {tuple(images.shape)}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

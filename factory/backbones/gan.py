@@ -1,7 +1,8 @@
 """StyleGAN2 as a backbone: a generator from a weights file in any supported format (or seeded random
 weights) sampled at a fixed truncation, noise mode and class rule, so a sample is a function of its
 seed; every conv layer's output is a feature (of the blocks `backbone.feature_resolutions` selects).
-Real images are inverted by projection into W+."""
+Its images are RGB: a grayscale generator's (img_channels=1) gray channel is repeated three times
+(its `rgb_taps` features keep the one channel). Real images are inverted by projection into W+."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 
 from factory import fingerprint, storage
-from factory.backbones.contract import BackboneIdentity, BackboneOutput, to_uint8
+from factory.backbones.checkpoint import IMG_CHANNELS, check_img_channels
+from factory.backbones.contract import BackboneIdentity, BackboneOutput, as_rgb, to_uint8
 from factory.backbones.gan_inversion import project
 from factory.backbones.stylegan2 import StyleGAN2Generator, feature_info
 from factory.backbones.stylegan2_formats import identity_hash, load_generator, weights_info
@@ -40,7 +42,11 @@ def classes_for(cfg: BackboneConfig, seeds: Sequence[int]) -> list[int] | None:
 
 def check_settings(cfg: BackboneConfig, arch: StyleGAN2Config, noise_const: bool, where: str) -> None:
     """`backbone.classes`, `backbone.noise` and `backbone.feature_resolutions` against what the generator
-    has; ConfigError naming the key."""
+    has; ConfigError naming the key. Also img_channels: 1 or 3 (a file's as its reader refuses it)."""
+    if cfg.weights is None and arch.img_channels not in IMG_CHANNELS:
+        raise ConfigError(f"backbone.stylegan2.img_channels must be 1 (grayscale, shown as RGB) or 3 (RGB), "
+                          f"got {arch.img_channels}")
+    check_img_channels(arch, where)  # a file's, also when its identity was cached before this check
     if arch.c_dim > 0 and not cfg.classes:
         raise ConfigError(f"backbone.classes must list the class indices to generate: {where} is class-conditional "
                           f"(c_dim={arch.c_dim}); e.g. backbone.classes=[3] or backbone.classes=[0,1,2]")
@@ -97,7 +103,7 @@ class StyleGAN2Backbone:
     def _output(self, parts: list[tuple[torch.Tensor, torch.Tensor, dict]], seeds: Sequence[int]) -> BackboneOutput:
         features = {name: torch.cat([p[2][name] for p in parts]) for name in self.feature_names}
         return BackboneOutput(
-            images=to_uint8(torch.cat([p[1] for p in parts])),
+            images=to_uint8(as_rgb(torch.cat([p[1] for p in parts]))),
             features=[features[name] for name in self.feature_names],
             latents=torch.cat([p[0] for p in parts]).detach().float().cpu(),
             classes=classes_for(self.cfg, seeds),
@@ -137,7 +143,8 @@ class StyleGAN2Backbone:
     def invert(self, images: np.ndarray | torch.Tensor, prompts: Sequence[str] | None = None,
                seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Real images [B, H, W, 3] uint8 -> the features the generator draws them with: each image
-        projected into W+ (`gan_inversion.project`, `backbone.inversion_steps` at
+        projected into W+ (`gan_inversion.project`, a grayscale generator's image compared as RGB,
+        `backbone.inversion_steps` at
         `backbone.inversion_lr`), then synthesised once more with the taps on. `seeds` give each
         image its layer noise by `backbone.noise`, as for a generated sample (default 0, 1, ...);
         the images are one batch, so a projection is a function of its image, seed and batch."""

@@ -9,7 +9,9 @@ closely with latents the mapping network never produces, so a decoder may read s
 well than those of the generator's own samples: the quality benchmark measures it.) The per-layer
 noise is fixed during the fit (the backbone's noise rule applied to the given seeds), so a
 projection is a function of (weights, image, seed, settings, batch) and runs the same on every call;
-nothing is decoded by any other model.
+nothing is decoded by any other model. A grayscale generator's image is repeated to RGB before the
+loss, as the backbone shows it, so an RGB target is fitted by the mean of its channels (a gray photo
+exactly) and the reconstructions and errors are in the image's RGB terms.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from factory.backbones.contract import as_rgb
 from factory.backbones.stylegan2 import StyleGAN2Generator, num_ws
 
 
@@ -29,7 +32,7 @@ class Projection:
     w_plus: torch.Tensor
     """[B, num_ws, w_dim] float32: the fitted latents."""
     reconstructions: torch.Tensor
-    """[B, 3, H, W] in [-1, 1]: what the generator draws from them."""
+    """[B, 3, H, W] in [-1, 1]: what the generator draws from them (a grayscale one's repeated to RGB)."""
     mse: torch.Tensor
     """[B] mean squared error of each reconstruction against its image, in [-1, 1] units."""
 
@@ -66,7 +69,7 @@ def _fit(generator: StyleGAN2Generator, images, noise, steps: int, lr: float, w_
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        image, _ = generator.synthesize(w_plus, noise=noise)
+        image = as_rgb(generator.synthesize(w_plus, noise=noise)[0])
         loss = (F.mse_loss(image, target, reduction="none").mean(dim=(1, 2, 3))
                 + F.mse_loss(F.avg_pool2d(image, 2), target_half, reduction="none").mean(dim=(1, 2, 3))
                 + w_avg_weight * (w_plus - w_avg).square().mean(dim=(1, 2)))
@@ -75,6 +78,6 @@ def _fit(generator: StyleGAN2Generator, images, noise, steps: int, lr: float, w_
         optimizer.step()
     with torch.no_grad():
         w = w_plus.detach()
-        image, _ = generator.synthesize(w, noise=noise)
+        image = as_rgb(generator.synthesize(w, noise=noise)[0])
         mse = (image.clamp(-1, 1) - target).square().mean(dim=(1, 2, 3))
     return Projection(w_plus=w, reconstructions=image, mse=mse.cpu())

@@ -11,7 +11,9 @@ persistence reconstructor as `PersistentRecord`, an inert record of class name, 
 (never executed). Any other global is refused with its name. It never imports torch_utils, dnnlib
 or training. The architecture comes from G's stored `init_kwargs` and, where the two official repos'
 defaults differ (stylegan3 defaults conv_clamp=256 and num_fp16_res=4), from each layer's stored
-attributes, which are the values the network ran with.
+attributes, which are the values the network ran with; the mapping widths (`mapping_kwargs`
+embed_features, layer_features) from the kwargs, else from the layers' shapes. A file whose bytes do
+not parse, whatever the parser raises, is refused in one line as truncated or corrupt.
 """
 
 from __future__ import annotations
@@ -26,8 +28,15 @@ import torch
 from numpy._core import multiarray as _np_multiarray
 from torch import Tensor
 
-from factory.backbones.checkpoint import OFFICIAL, Checkpoint, is_standard_fir
-from factory.config import ConfigError, StyleGAN2Config
+from factory.backbones.checkpoint import (
+    OFFICIAL,
+    Checkpoint,
+    check_img_channels,
+    is_standard_fir,
+    unreadable,
+)
+from factory.backbones.stylegan2 import StyleGAN2Arch
+from factory.config import ConfigError
 
 
 class PersistentRecord:
@@ -59,6 +68,8 @@ class _PlainDict(dict):
 
 def _storage(data: bytes) -> torch.storage.TypedStorage:
     """A storage pickled by torch (`torch.storage._load_from_bytes`): legacy `torch.save` bytes."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"a tensor storage stored as a {type(data).__name__}, not bytes")
     storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f"a tensor storage that is a {type(storage).__name__}")
@@ -132,10 +143,8 @@ def read_official_pickle(path: str, network: str = "G_ema") -> Checkpoint:
                 f"which runs NVIDIA's code on it), then use OUT.pkl") from None
         raise ValueError(f"{path}: refusing to load the global {e.module}.{e.name}: only tensors, dicts and official "
                          f"StyleGAN2 network records are read from a pickle, nothing in it is executed") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            RuntimeError, MemoryError, OverflowError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a readable pickle (truncated or corrupt): {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # noqa: BLE001 - whatever parsing bad bytes raises (torch.load of a storage: AssertionError)
+        raise unreadable(path, "pickle", e) from None
 
     if isinstance(data, PersistentRecord):  # a pickled generator on its own
         holds, record, taken = [data.class_name], data, data.class_name
@@ -153,7 +162,7 @@ def read_official_pickle(path: str, network: str = "G_ema") -> Checkpoint:
     try:
         arch = _official_architecture(path, taken, record)
         tensors = _official_tensors(path, taken, record)
-    except (TypeError, AttributeError, KeyError) as e:  # a record whose state is not a module's
+    except (TypeError, AttributeError, LookupError, ArithmeticError) as e:  # a record whose state is not a module's
         raise ValueError(f"{path}: {taken} is not a readable StyleGAN2 network record ({type(e).__name__}: {e})") from None
     return Checkpoint(tensors, arch, OFFICIAL, taken, holds)
 
@@ -170,7 +179,7 @@ def _modules(record: PersistentRecord, prefix: str = "") -> dict[str, Persistent
 _GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs")
 
 
-def _official_architecture(path: str, taken: str, g: PersistentRecord) -> StyleGAN2Config:
+def _official_architecture(path: str, taken: str, g: PersistentRecord) -> StyleGAN2Arch:
     where = f"{path}: {taken}"
     mods = _modules(g)
     synthesis, mapping = mods.get("synthesis"), mods.get("mapping")
@@ -216,7 +225,7 @@ def _official_architecture(path: str, taken: str, g: PersistentRecord) -> StyleG
     mapping_kwargs = dict(kwargs.get("mapping_kwargs") or {})
     lr_multiplier = fc[0].state.get("bias_gain") if fc and fc[0] is not None else None
     try:
-        return StyleGAN2Config(
+        arch = StyleGAN2Arch(
             resolution=int(kwargs["img_resolution"]), z_dim=int(kwargs["z_dim"]), w_dim=int(kwargs["w_dim"]),
             mapping_layers=int(mapping.state.get("num_layers", mapping_kwargs.get("num_layers", 8))),
             channel_base=int(synthesis_kwargs.get("channel_base", 32768)),
@@ -228,9 +237,23 @@ def _official_architecture(path: str, taken: str, g: PersistentRecord) -> StyleG
             c_dim=int(kwargs["c_dim"]),
             conv_clamp=None if conv_clamp is None else float(conv_clamp),
             num_fp16_res=sum(bool(b.state.get("use_fp16", False)) for b in blocks.values()),
+            embed_features=_width(mapping_kwargs, "embed_features", mods.get("mapping.embed"), 0),
+            layer_features=_width(mapping_kwargs, "layer_features", fc[0] if fc else None, 0),
         )
     except (ConfigError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: its architecture is not one this project runs: {e}") from None
+    check_img_channels(arch, where)
+    return arch
+
+
+def _width(mapping_kwargs: dict, name: str, layer: PersistentRecord | None, axis: int) -> int | None:
+    """A mapping width (`embed_features`, `layer_features`): as `mapping_kwargs` sets it, else as the
+    layer that has it is shaped (its weight's `axis`), else None (w_dim). The strict load checks that
+    every layer's shape agrees."""
+    if mapping_kwargs.get(name) is not None:
+        return int(mapping_kwargs[name])
+    weight = (layer.state.get("_parameters") or {}).get("weight") if layer is not None else None
+    return int(weight.shape[axis]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
 
 
 def _official_tensors(path: str, taken: str, g: PersistentRecord) -> dict[str, Tensor]:

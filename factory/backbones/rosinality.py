@@ -9,12 +9,20 @@ import pickle
 import torch
 from torch import Tensor
 
-from factory.backbones.checkpoint import ROSINALITY, Checkpoint, is_standard_fir
+from factory.backbones.checkpoint import (
+    ROSINALITY,
+    Checkpoint,
+    check_img_channels,
+    error_line,
+    is_standard_fir,
+    unreadable,
+)
 from factory.backbones.stylegan2 import (
     MappingNetwork,
+    StyleGAN2Arch,
     feature_info,
 )
-from factory.config import ConfigError, StyleGAN2Config
+from factory.config import ConfigError
 
 
 def read_rosinality(path: str, network: str = "G_ema") -> Checkpoint:
@@ -24,11 +32,12 @@ def read_rosinality(path: str, network: str = "G_ema") -> Checkpoint:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path}: torch.load(weights_only=True) refuses it (nothing from it is executed): {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt): {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        reason = error_line(e)
+        if "Unsupported global" not in reason:  # a bad opcode, a cut file: the bytes, not a refused class
+            raise unreadable(path, "torch checkpoint", e) from None
+        raise ValueError(f"{path}: torch.load(weights_only=True) refuses it (nothing from it is executed): {reason}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the parser raises on bad bytes (a cut legacy file: struct.error, IndexError)
+        raise unreadable(path, "torch checkpoint", e) from None
     holds = sorted(str(k) for k in ckpt) if isinstance(ckpt, dict) else [type(ckpt).__name__]
     if not isinstance(ckpt, dict) or key not in ckpt:
         raise ValueError(f"{path} is a torch checkpoint holding {holds}, not a rosinality/stylegan2-pytorch "
@@ -65,7 +74,7 @@ def _layer(sd: dict, theirs: str, ours: str, out: dict, used: set) -> None:
 
 
 def rosinality_to_factory(sd: dict[str, Tensor], lr_mlp: float, latent_avg: Tensor | None, where: str
-                          ) -> tuple[dict[str, Tensor], StyleGAN2Config]:
+                          ) -> tuple[dict[str, Tensor], StyleGAN2Arch]:
     """A rosinality generator state dict renamed to this project's names, and its architecture read
     from the tensor shapes: `style.{i+1}` -> `mapping.fc{i}`, `input.input[0]` -> `b4.const`,
     `conv1`/`to_rgb1` -> `b4.conv1`/`b4.torgb`, `convs.{2k,2k+1}`/`to_rgbs.{k}` -> `b{8*2**k}.conv0,
@@ -83,6 +92,8 @@ def rosinality_to_factory(sd: dict[str, Tensor], lr_mlp: float, latent_avg: Tens
     except KeyError as e:
         raise ValueError(f"{where} misses {e.args[0]} (a rosinality Generator has style.*, input.input, conv1, "
                          f"to_rgb1, convs.*, to_rgbs.*)") from None
+    except (AttributeError, TypeError, ValueError, IndexError) as e:  # entries that are not tensors of a layer's rank
+        raise ValueError(f"{where} is not a readable rosinality generator state dict ({type(e).__name__}: {e})") from None
     resolution = 4 * 2**n_up
     channel_max = max(channels.values())
     below = [r for r, c in channels.items() if c < channel_max]
@@ -90,11 +101,12 @@ def rosinality_to_factory(sd: dict[str, Tensor], lr_mlp: float, latent_avg: Tens
     if any(min(channel_base // r, channel_max) != c for r, c in channels.items()):
         raise ValueError(f"{where}: channels per resolution {channels} follow no channel_base/channel_max rule")
     try:
-        arch = StyleGAN2Config(resolution=resolution, z_dim=int(z_dim), w_dim=int(w_dim), mapping_layers=n_mlp,
-                               channel_base=channel_base, channel_max=channel_max, img_channels=int(img_channels),
-                               mapping_lr_multiplier=lr_mlp)
+        arch = StyleGAN2Arch(resolution=resolution, z_dim=int(z_dim), w_dim=int(w_dim), mapping_layers=n_mlp,
+                             channel_base=channel_base, channel_max=channel_max, img_channels=int(img_channels),
+                             mapping_lr_multiplier=lr_mlp)
     except ConfigError as e:
         raise ValueError(f"{where}: its architecture is not one this project runs: {e}") from None
+    check_img_channels(arch, where)
 
     try:
         out, used = _rename_rosinality(sd, arch, latent_avg)
@@ -111,7 +123,7 @@ def rosinality_to_factory(sd: dict[str, Tensor], lr_mlp: float, latent_avg: Tens
     return {k: v.float().contiguous() for k, v in out.items()}, arch
 
 
-def _rename_rosinality(sd: dict[str, Tensor], arch: StyleGAN2Config, latent_avg: Tensor | None
+def _rename_rosinality(sd: dict[str, Tensor], arch: StyleGAN2Arch, latent_avg: Tensor | None
                        ) -> tuple[dict[str, Tensor], set[str]]:
     out: dict[str, Tensor] = {}
     used: set[str] = set()
@@ -139,7 +151,7 @@ def _rename_rosinality(sd: dict[str, Tensor], arch: StyleGAN2Config, latent_avg:
 
 
 @torch.no_grad()
-def _estimate_w_avg(tensors: dict[str, Tensor], arch: StyleGAN2Config) -> Tensor:
+def _estimate_w_avg(tensors: dict[str, Tensor], arch: StyleGAN2Arch) -> Tensor:
     mapping = MappingNetwork(arch)
     mapping.load_state_dict({k.removeprefix("mapping."): v for k, v in tensors.items()
                              if k.startswith("mapping.")} | {"w_avg": torch.zeros(arch.w_dim)})

@@ -17,15 +17,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from factory.config import StyleGAN2Config
+from factory.config import ConfigError, StyleGAN2Config
 
 NOISE_MODES = ("seed", "const", "none")
 _LRELU_GAIN = math.sqrt(2.0)
+
+
+@dataclass
+class StyleGAN2Arch(StyleGAN2Config):
+    """A generator's whole architecture: the `backbone.stylegan2` settings plus the mapping network's
+    widths, which official generators may set (`mapping_kwargs`) and a random-weight generator never
+    does. Every weights reader returns one and every generator carries one (`StyleGAN2Generator.cfg`);
+    files written before these fields existed read with both at w_dim, the official default."""
+
+    embed_features: int | None = None
+    """Width of the class embedding `mapping.embed` (official `mapping_kwargs.embed_features`); None
+    is w_dim. An unconditional generator (c_dim=0) has no embedding and records w_dim."""
+    layer_features: int | None = None
+    """Width of the hidden mapping layers `mapping.fc0` .. `fc{n-2}` (official
+    `mapping_kwargs.layer_features`); None is w_dim, as is a one-layer mapping's (no hidden layer)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("embed_features", "layer_features"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"stylegan2 {name} must be a positive integer or null, got {value!r}")
+        if self.embed_features is None or self.c_dim == 0:
+            self.embed_features = self.w_dim
+        if self.layer_features is None or self.mapping_layers == 1:
+            self.layer_features = self.w_dim
+
+
+def as_arch(cfg: StyleGAN2Config) -> StyleGAN2Arch:
+    """`cfg` as a whole architecture (a `backbone.stylegan2` config has the default mapping widths)."""
+    if isinstance(cfg, StyleGAN2Arch):
+        return cfg
+    return StyleGAN2Arch(**{f.name: getattr(cfg, f.name) for f in fields(StyleGAN2Config)})
 
 
 def feature_info(cfg: StyleGAN2Config, rgb_taps: bool = False) -> list[tuple[str, int, int]]:
@@ -110,15 +144,18 @@ def normalize_2nd_moment(x: Tensor) -> Tensor:
 
 
 class MappingNetwork(nn.Module):
-    """z (and a one-hot class, embedded and normalised like z) -> w."""
+    """z (and a one-hot class, embedded to `embed_features` and normalised like z) -> w, through
+    `mapping_layers` layers: z_dim (+ embed_features) -> layer_features -> ... -> w_dim."""
 
     def __init__(self, cfg: StyleGAN2Config) -> None:
         super().__init__()
+        cfg = as_arch(cfg)
         self.w_avg_beta = cfg.w_avg_beta
         self.c_dim = cfg.c_dim
         if cfg.c_dim > 0:
-            self.embed = FullyConnected(cfg.c_dim, cfg.w_dim)
-        dims = [cfg.z_dim + (cfg.w_dim if cfg.c_dim > 0 else 0)] + [cfg.w_dim] * cfg.mapping_layers
+            self.embed = FullyConnected(cfg.c_dim, cfg.embed_features)
+        first = cfg.z_dim + (cfg.embed_features if cfg.c_dim > 0 else 0)
+        dims = [first] + [cfg.layer_features] * (cfg.mapping_layers - 1) + [cfg.w_dim]
         for i in range(cfg.mapping_layers):
             setattr(self, f"fc{i}", FullyConnected(dims[i], dims[i + 1], cfg.mapping_lr_multiplier, activate=True))
         self.num_layers = cfg.mapping_layers
@@ -264,11 +301,14 @@ class SynthesisNetwork(nn.Module):
 
 
 class StyleGAN2Generator(nn.Module):
-    """z (and a class) -> (image, every synthesis conv output), with seed-addressable sampling for DatasetGAN."""
+    """z (and a class) -> (image, every synthesis conv output), with seed-addressable sampling for DatasetGAN.
+    Images are [B, img_channels, H, W] as the network draws them (one channel for a grayscale
+    generator); the backbone (`gan.py`) shows them as RGB."""
 
     def __init__(self, cfg: StyleGAN2Config, seed: int = 0, w_avg_samples: int = 4096) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = as_arch(cfg)
+        cfg = self.cfg
         self.mapping = MappingNetwork(cfg)
         self.synthesis = SynthesisNetwork(cfg)
         self.reset_parameters(seed)

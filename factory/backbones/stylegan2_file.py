@@ -1,6 +1,7 @@
 """The project's StyleGAN2 weights file: a safetensors file of the generator's state dict with its
-architecture in the metadata (format tag `factory.stylegan2`). Strict on load: every key and shape
-must match, all problems in one error naming the file."""
+architecture in the metadata (format tag `factory.stylegan2`; `config` is the `StyleGAN2Arch` as
+JSON, the mapping widths included; a file written before they were stored reads them as w_dim).
+Strict on load: every key and shape must match, all problems in one error naming the file."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ import torch
 from torch import Tensor
 
 from factory import tensorfile
-from factory.backbones.stylegan2 import StyleGAN2Generator, feature_info
+from factory.backbones.checkpoint import check_img_channels
+from factory.backbones.stylegan2 import (
+    StyleGAN2Arch,
+    StyleGAN2Generator,
+    as_arch,
+    feature_info,
+)
 from factory.config import StyleGAN2Config
 
 FORMAT = "factory.stylegan2"
 
 
-def read_architecture(path: str) -> StyleGAN2Config:
+def read_architecture(path: str) -> StyleGAN2Arch:
     """The architecture stored in a weights file written by `save_stylegan2`, without its tensors."""
     stored = config_from_metadata(Path(path), tensorfile.read_metadata(str(path), None, "StyleGAN2 weights file"))
     if stored is None:
@@ -32,15 +39,17 @@ def save_stylegan2(model: StyleGAN2Generator, path: str | Path, metadata: dict[s
     tensorfile.write(str(path), model.state_dict(), FORMAT, {**(metadata or {}), "config": json.dumps(asdict(model.cfg))})
 
 
-def config_from_metadata(path: Path, metadata: dict[str, str]) -> StyleGAN2Config | None:
+def config_from_metadata(path: Path, metadata: dict[str, str]) -> StyleGAN2Arch | None:
     if "config" not in metadata:
         return None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}")
     try:
-        return StyleGAN2Config(**json.loads(metadata["config"]))
+        arch = StyleGAN2Arch(**json.loads(metadata["config"]))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: stored stylegan2 config is unreadable: {e}") from e
+    check_img_channels(arch, str(path))
+    return arch
 
 
 def generator_from_tensors(tensors: dict[str, Tensor], cfg: StyleGAN2Config, where: str) -> StyleGAN2Generator:
@@ -76,9 +85,9 @@ def load_stylegan2(path: str | Path, cfg: StyleGAN2Config | None = None,
     if stored is None and cfg is None:
         raise ValueError(f"{path} has no factory.stylegan2 config metadata; pass cfg explicitly")
     if stored is not None and cfg is not None:
-        for fld in fields(StyleGAN2Config):
-            given, found = getattr(cfg, fld.name), getattr(stored, fld.name)
+        for fld in fields(StyleGAN2Arch):
+            given, found = getattr(as_arch(cfg), fld.name), getattr(stored, fld.name)
             if given != found:
                 raise ValueError(f"{path}: config mismatch on stylegan2.{fld.name}: "
                                  f"given {given!r}, file has {found!r}")
-    return generator_from_tensors(tensors, cfg or stored, str(path)).to(device)
+    return generator_from_tensors(tensors, stored or cfg, str(path)).to(device)

@@ -35,7 +35,7 @@ from factory.backbones.checkpoint import (
 )
 from factory.backbones.official_pickle import read_official_pickle
 from factory.backbones.rosinality import read_rosinality
-from factory.backbones.stylegan2 import StyleGAN2Generator
+from factory.backbones.stylegan2 import StyleGAN2Arch, StyleGAN2Generator
 from factory.backbones.stylegan2_file import (
     config_from_metadata,
     generator_from_tensors,
@@ -93,7 +93,7 @@ def identity_hash(tensors_hash: str, arch: StyleGAN2Config) -> str:
 @dataclass(frozen=True)
 class WeightsInfo:
     weights_hash: str
-    arch: StyleGAN2Config
+    arch: StyleGAN2Arch
     noise_const: bool
     """Whether the file stores noise_const buffers (needed by backbone.noise=const)."""
 
@@ -117,7 +117,7 @@ def weights_info(path: str) -> WeightsInfo:
                            "noise_const": any(k.endswith(".noise_const") for k in ck.tensors)})
 
     record = json.loads(fingerprint.cached_hash([path], folder, f".{name}.factory-checkpoint.json", describe))
-    arch = StyleGAN2Config(**record["architecture"])
+    arch = StyleGAN2Arch(**record["architecture"])  # a record cached before the mapping widths: w_dim
     return WeightsInfo(identity_hash(record["tensors_hash"], arch), arch, record["noise_const"])
 
 
@@ -176,6 +176,9 @@ def inspect(path: str, network: str = "G_ema") -> dict:
         "z_dim": arch.z_dim,
         "w_dim": arch.w_dim,
         "mapping_layers": arch.mapping_layers,
+        "layer_features": arch.layer_features,
+        "embed_features": arch.embed_features,
+        "img_channels": arch.img_channels,
         "channels": {str(r): arch.channels(r) for r in arch.block_resolutions},
         "conditioning": f"class-conditional, c_dim={arch.c_dim}" if arch.c_dim else "none",
         "w_avg": ck.w_avg,
@@ -192,6 +195,13 @@ def inspect(path: str, network: str = "G_ema") -> dict:
     }
 
 
+def _mapping_widths(info: dict) -> str:
+    """The mapping layers' widths, e.g. "z 512 + class embedding 512 -> 512 -> ... -> w 512"."""
+    conditional = info["conditioning"] != "none"
+    first = f"z {info['z_dim']}" + (f" + class embedding {info['embed_features']}" if conditional else "")
+    return " -> ".join([first] + [str(info["layer_features"])] * (info["mapping_layers"] - 1) + [f"w {info['w_dim']}"])
+
+
 def format_inspection(info: dict) -> str:
     lines = [
         f"file          {info['file']}",
@@ -199,6 +209,9 @@ def format_inspection(info: dict) -> str:
                                              f" (holds {', '.join(info['holds'])}; generator taken: {info['network']})"),
         f"resolution    {info['resolution']} px, z_dim {info['z_dim']}, w_dim {info['w_dim']}, "
         f"{info['mapping_layers']} mapping layers",
+        f"mapping       {_mapping_widths(info)}",
+        f"image         {info['img_channels']} channel" + {1: " (grayscale: the backbone repeats it to RGB)",
+                                                          3: "s (RGB)"}.get(info["img_channels"], "s"),
         f"channels      {', '.join(f'{r}:{c}' for r, c in info['channels'].items())}",
         f"conditioning  {info['conditioning']}",
         f"w_avg         {info['w_avg']} (norm {info['w_avg_norm']})",
