@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,13 @@ def safetensors_fingerprint(path: str, with_metadata: bool = True) -> str:
     """Hash of a safetensors file's tensors (and metadata), independent of serialization order; equal
     to `tensors_hash` of the same tensors and metadata. Reads one tensor at a time."""
     h = hashlib.sha256()
-    with safe_open(path, "pt") as f:
-        for name in sorted(f.keys()):
-            _update(h, name, f.get_tensor(name))
-        metadata = (f.metadata() or {}) if with_metadata else {}
+    try:
+        with safe_open(path, "pt") as f:
+            for name in sorted(f.keys()):
+                _update(h, name, f.get_tensor(name))
+            metadata = (f.metadata() or {}) if with_metadata else {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt): {e}") from None
     h.update(json.dumps(metadata, sort_keys=True).encode())
     return h.hexdigest()
 

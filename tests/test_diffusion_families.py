@@ -79,6 +79,7 @@ def test_taps_features_attention_and_inversion(folder, monkeypatch):
     ("sd3", {"qk_norm": "rms_norm", "patch_size": 1, "pos_embed_max_size": 32}, {}, [32]),  # a 32 x 32 grid
     ("sd", {"use_linear_projection": True, "upcast_attention": True, "attention_head_dim": (4, 8)},  # SD 2.x
      {"prediction_type": "v_prediction"}, [32, 16]),
+    ("sd", {"mid_block_type": None}, {}, [32, 16, 16, 32]),  # a UNet without a mid block: down and up blocks
 ])
 def test_other_denoiser_shapes_tap_bit_identically(family, changes, scheduler, sides, tmp_path):
     """Denoisers shaped unlike the tiny defaults: the same taps, the bare pipeline's images."""
@@ -145,6 +146,42 @@ def test_misfit_samplers_and_unknown_pipelines_are_refused(folder, tmp_path):
     with pytest.raises(PipelineError, match="a KandinskyPipeline is not supported; supported pipelines: "
                                             "StableDiffusionPipeline, StableDiffusionXLPipeline"):
         load_backbone(family_cfg(other))
+
+
+def test_folders_with_parts_missing_or_damaged_are_refused_in_one_line_or_load(tmp_path):
+    """A folder saved without SDXL's first text encoder counts prompt tokens with the second's
+    tokenizer; a listed component that is not there, a cut weights file, an SD3 resolution past its
+    learned positions are refused naming what is wrong, as bad input (exit 2)."""
+    from factory.backbones.diffusion import check_prompt_lengths
+    from factory.backbones.tiny_families import build_tiny
+    from factory.cli import _exit_code
+
+    pipe = build_tiny("sdxl", seed=0)
+    pipe.register_modules(text_encoder=None, tokenizer=None)
+    second_only = str(tmp_path / "sdxl")
+    pipe.save_pretrained(second_only, safe_serialization=True)
+    check_prompt_lengths(second_only, PROMPTS, "prompts.txt")
+    with pytest.raises(ValueError, match=r"prompts.txt: 1 prompts longer than the text encoder's 77 tokens: prompt 2"):
+        check_prompt_lengths(second_only, [PROMPTS[0], "a face " * 60], "prompts.txt")
+    sd = save_tiny(str(tmp_path / "sd"), "sd", seed=0)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(sd, no_tokenizer)
+    shutil.rmtree(no_tokenizer / "tokenizer")
+    for call in (load_backbone, backbone_identity):
+        with pytest.raises(PipelineError, match=r"no_tokenizer has no tokenizer/ folder, which its model_index.json lists"):
+            call(family_cfg(no_tokenizer))
+    cut = tmp_path / "cut"
+    shutil.copytree(sd, cut)
+    unet = cut / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:100])
+    with pytest.raises(PipelineError, match=r"unet/diffusion_pytorch_model.safetensors is not a readable safetensors "
+                                            r"file \(truncated or corrupt\)") as refused:
+        backbone_identity(family_cfg(cut))
+    assert _exit_code(refused.value) == 2 and "\n" not in str(refused.value)
+    sd3 = save_tiny(str(tmp_path / "sd3"), "sd3", seed=0)
+    limit = json.loads((tmp_path / "sd3" / "transformer" / "config.json").read_text())["pos_embed_max_size"]
+    with pytest.raises(PipelineError, match=r"position embedding covers: at most"):
+        backbone_identity(family_cfg(sd3, f"backbone.diffusion.resolution={16 * (limit + 1)}"))
 
 
 def test_hashing_bfloat16_tensors_does_not_crash():

@@ -14,7 +14,6 @@ one denoiser pass per level with the image's prompt. No sampling loop and no VAE
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -34,8 +33,26 @@ if TYPE_CHECKING:
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing notices on import
 
 
-class PipelineError(RuntimeError):
-    """A pipeline folder or hub id could not be loaded; the message names it."""
+class PipelineError(ValueError):
+    """A pipeline folder or hub id could not be loaded; the message names it (bad input: exit 2)."""
+
+
+NOT_LOADED = ("safety_checker",)
+"""Components a folder may list that the factory never loads (passed as None)."""
+
+
+def listed_components(folder: str, index: dict) -> list[str]:
+    """The components `model_index.json` lists, each of which must be a folder of `folder` unless
+    it is listed as saved without (`[null, null]`) or never loaded (`NOT_LOADED`): a missing one is
+    refused, naming it (diffusers would build some, a tokenizer, from the pipeline's root instead,
+    and fail at the first prompt)."""
+    listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+    missing = [k for k in listed if index[k][:1] != [None] and k not in NOT_LOADED
+               and not os.path.isdir(os.path.join(folder, k))]
+    if missing:
+        raise PipelineError(f"backbone.weights: {folder} has no {', '.join(m + '/' for m in missing)} folder, which "
+                            f"its model_index.json lists; copy the whole pipeline folder")
+    return listed
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -69,6 +86,7 @@ def load_pipeline(weights: str | None, init_seed: int, dtype: torch.dtype):
         family_for(name)
     except FamilyError as e:
         raise PipelineError(str(e)) from None
+    listed_components(folder, index)
     # Components the folder was saved without (`[null, null]`, e.g. SD3 without its T5) are passed as
     # None, which is how diffusers loads them; from_pretrained alone asks for them.
     extra = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
@@ -100,11 +118,10 @@ def pipeline_folder(weights: str) -> str:
 def component_files(folder: str) -> list[str]:
     """The files that make up a pipeline (relative paths): model_index.json and everything inside
     the component folders it lists, skipping hidden files such as the hash cache."""
-    index = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index):
-        raise PipelineError(f"backbone.weights: {folder} has no model_index.json (not a diffusers pipeline folder)")
-    with open(index) as f:
-        components = [k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list)]
+    try:
+        components = listed_components(folder, read_model_index(folder))
+    except FamilyError as e:
+        raise PipelineError(str(e)) from None
     return ["model_index.json"] + [f for component in components for f in files_of(folder, component)]
 
 
@@ -118,8 +135,11 @@ def folder_hash(folder: str) -> str:
     """The weights hash of a pipeline folder: its components' tensors as stored (so the same whatever
     dtype it later runs in), configs and tokenizer files; cached beside them."""
     files = component_files(folder)
-    return fingerprint.cached_hash([os.path.join(folder, f) for f in files], folder, fingerprint.CACHE_FILE,
-                                   lambda: fingerprint.files_hash(folder, files))
+    try:
+        return fingerprint.cached_hash([os.path.join(folder, f) for f in files], folder, fingerprint.CACHE_FILE,
+                                       lambda: fingerprint.files_hash(folder, files))
+    except ValueError as e:  # a truncated or corrupt weights file, named
+        raise PipelineError(f"backbone.weights: {e}") from None
 
 
 def built_pipeline_hash(pipe) -> str:
@@ -301,8 +321,16 @@ def check_prompt_lengths(weights: str | None, texts: list[str], source: str) -> 
         from factory.backbones.tiny_diffusion import build_tiny_pipeline
 
         tokenizer = build_tiny_pipeline(0).tokenizer
-    else:
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(pipeline_folder(weights), "tokenizer"))
+    else:  # CLIP's tokenizer: `tokenizer`, or `tokenizer_2` in an SDXL folder saved without the first
+        folder = pipeline_folder(weights)
+        found = [d for d in ("tokenizer", "tokenizer_2") if os.path.isdir(os.path.join(folder, d))]
+        if not found:
+            raise PipelineError(f"backbone.weights: {folder} has no tokenizer/ folder to count prompt tokens with")
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, found[0]))
+        except (OSError, ValueError, TypeError) as e:
+            raise PipelineError(f"backbone.weights: cannot read {folder}/{found[0]}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     limit = tokenizer.model_max_length
     lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
     long = [(i, n) for i, n in enumerate(lengths) if n > limit]

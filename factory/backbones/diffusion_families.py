@@ -84,7 +84,8 @@ class UNetFamily:
         self.xl = pipeline_class == "StableDiffusionXLPipeline"
 
     def blocks(self, unet) -> list[torch.nn.Module]:
-        return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        """Down blocks, the mid block (a UNet configured with `mid_block_type: null` has none), up blocks."""
+        return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
 
     def call_info(self, unet):
         """(args, kwargs) of a UNet call -> (latent grid, 0)."""
@@ -101,10 +102,10 @@ class UNetFamily:
 
     @staticmethod
     def _block_prefix(unet, i: int) -> str:
-        down = len(unet.down_blocks)
+        down, mid = len(unet.down_blocks), int(unet.mid_block is not None)
         if i < down:
             return f"down_blocks.{i}."
-        return "mid_block." if i == down else f"up_blocks.{i - down - 1}."
+        return "mid_block." if i < down + mid else f"up_blocks.{i - down - mid}."
 
     def check_resolution(self, denoiser_config: dict, scale: int, resolution: int) -> None:
         factor = scale * 2 ** (len(denoiser_config["block_out_channels"]) - 1)
@@ -239,6 +240,11 @@ class SD3Family:
         factor = scale * self.patch(denoiser_config)
         if resolution % factor:
             raise FamilyError(f"backbone.diffusion.resolution={resolution} must be a multiple of {factor} for this pipeline")
+        limit = denoiser_config.get("pos_embed_max_size")  # SD3's learned positions cover this many patches a side
+        if limit and resolution // factor > limit:
+            raise FamilyError(f"backbone.diffusion.resolution={resolution} is more than this transformer's position "
+                              f"embedding covers: at most {limit * factor} ({limit} patches of {factor} px a side, "
+                              "pos_embed_max_size)")
 
     def block_count(self, denoiser_config: dict) -> int:
         return denoiser_config["num_layers"]
@@ -375,5 +381,6 @@ def family_for(pipeline_class: str):
 def tapped_blocks(family, denoiser_config: dict, chosen: Sequence[int]) -> list[int]:
     if family.tokens:
         return pick_blocks(family.block_count(denoiser_config), chosen, default_all=False)
-    count = 2 * len(denoiser_config["block_out_channels"]) + 1
+    mid = denoiser_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
+    count = 2 * len(denoiser_config["block_out_channels"]) + mid
     return pick_blocks(count, chosen, default_all=True)
