@@ -306,9 +306,10 @@ def _run(args: argparse.Namespace) -> int:
         prompts.store(rows, fresh, cfg.prompts, cfg.labels.classes, cfg.generate.output)
         print(f"{len(rows)} prompts in {storage.join(cfg.generate.output, prompts.PROMPTS_FILE)}, e.g. {rows[0].text!r}")
     elif args.verb == "train":
-        from factory.recipes.train import train
+        from factory.recipes.train import check_inputs, train
         from factory.runtime import init_ray
 
+        check_inputs(cfg)  # bad input fails in a second, before a cluster starts
         init_ray(cfg.ray, training=True)
         metrics = train(cfg)
         print(f"decoder written to {cfg.generate.decoder}  {_metrics(metrics)}")

@@ -51,7 +51,8 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if "://" not in url:
         return LocalFileSystem(), os.path.abspath(url)
     scheme, _, rest = url.partition("://")
-    if "@" in rest.split("/", 1)[0] or ":" in rest.rpartition("@")[0]:  # a secret may hold '/'
+    userinfo = rest.rpartition("@")[0]  # KEY:SECRET (a secret may hold '/', a key id never does)
+    if "@" in rest.split("/", 1)[0] or (":" in userinfo and "/" not in userinfo.split(":", 1)[0]):
         raise StorageError(f"{scheme}://***@{rest.rpartition('@')[2]}: credentials in a URL are refused; give them "
                            "through the environment (AWS_ACCESS_KEY_ID, a profile or a role)")
     if url.startswith("s3://"):
@@ -214,10 +215,10 @@ def publish(url: str) -> Iterator[str]:
     Readers never see a half-written file under the final name: a crash leaves only the temporary
     name behind, which resume ignores and overwrites.
     """
-    fs, path = filesystem(url)
+    fs, path = filesystem(url)  # `path` is absolute (a local name alone is in the working folder)
     parent = path.rsplit("/", 1)[0]
     tmp = f"{parent}/{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
-    makedirs(url.rsplit("/", 1)[0])
+    _makedirs(fs, parent, url)
     try:
         yield tmp
         fs.mv(tmp, path)

@@ -21,6 +21,7 @@ from factory import config as config_lib
 from factory import storage
 from factory.dataset import validate, versions
 from factory.decoders.files import MODEL_FILE
+from factory.lease import LeaseError
 from factory.recipes.generate import GenerateError, generate
 from factory.recipes.ray_train import TrainError
 from factory.recipes.train import inputs_hash, train
@@ -55,7 +56,11 @@ def build(cfg: config_lib.FactoryConfig, date: datetime.date) -> dict:
 
     # 2. Tonight's version.
     cfg.generate.output = storage.join(root, version)
-    manifest = generate(cfg, command=shlex.join(["python", "jobs/nightly.py", *sys.argv[1:]]))
+    try:
+        manifest = generate(cfg, command=shlex.join(["python", "jobs/nightly.py", *sys.argv[1:]]))
+    except FileExistsError:  # generate's advice names generate.output, which the job sets itself
+        raise FileExistsError(f"{cfg.generate.output}: this night's version was built from a different config; pass "
+                              "generate.overwrite=true to rebuild it, or --date for another night") from None
 
     # 3. Validate before anyone can see it.
     checked = validate.validate(cfg.generate.output, cfg.nightly.min_samples, cfg.nightly.verify_checksums,
@@ -83,6 +88,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main(*parse_args(sys.argv[1:]))
-    except (validate.ValidationError, config_lib.ConfigError, storage.StorageError, GenerateError, TrainError) as e:
+    except (validate.ValidationError, config_lib.ConfigError, storage.StorageError, GenerateError, TrainError,
+            LeaseError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"nightly: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, config_lib.ConfigError) else 1)
+        sys.exit(2 if isinstance(e, (config_lib.ConfigError, FileExistsError, FileNotFoundError, ValueError)) else 1)

@@ -253,3 +253,13 @@ def test_a_diffusion_dataset_card_has_depth_and_its_pipeline(tmp_path, hf_offlin
     depth = np.asarray(ds[0]["depth"])
     assert depth.shape == (32, 32) and depth.dtype in (np.uint16, np.int32)
     np.testing.assert_allclose(depth / cfg.labels.depth_scale, next(read.iter_samples(out))["depth"], rtol=1e-6)
+
+
+def test_the_filter_section_says_what_was_dropped_and_when_scores_cannot_rank():
+    calibration = {"drop_fraction": 0.1, "threshold": 0.0, "num_scored": 32,
+                   "score_quantiles": {"p10": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}}
+    flat = "\n".join(card.filter_section({"calibration": calibration, "num_generated": 32, "num_samples": 32}))
+    assert "do not vary" in flat and "no sample was dropped" in flat and "most uncertain samples were dropped" not in flat
+    ranked = {**calibration, "threshold": 0.25, "score_quantiles": {"p10": 0.1, "p50": 0.2, "p90": 0.25, "p99": 0.3}}
+    text = "\n".join(card.filter_section({"calibration": ranked, "num_generated": 40, "num_samples": 36}))
+    assert "The 10% most uncertain samples were dropped (4 of 40)" in text

@@ -63,6 +63,7 @@ def test_unknown_key_in_file_is_named(tmp_path):
         ("backbone.stylegan2.resolution=24", "resolution"),
         ("train.val_images=16", "train.val_images"),
         ("generate.batch_size", "key=value"),
+        ("generate.start_seed=9223372036854775800", r"generate.start_seed \+ generate.num_samples must be at most 2\*\*63"),
     ],
 )
 def test_bad_override_names_the_key(override, pattern):

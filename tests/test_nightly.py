@@ -123,6 +123,12 @@ def test_nightly_job_publishes_validates_and_is_idempotent(ray_head, nightly_con
     assert "is up to date" in again.stdout and "training" not in again.stdout.split("is up to date")[1]
     assert storage.filesystem(stats)[0].info(storage.filesystem(stats)[1])["LastModified"] == before
 
+    # The same night with a changed config: refused in one line that says how to rebuild it.
+    changed = submit(ray_head, nightly_config, "--date", "2026-11-23", "generate.batch_size=5")
+    assert changed.returncode != 0 and "Traceback" not in changed.stdout + changed.stderr
+    assert "this night's version was built from a different config; pass generate.overwrite=true" in (
+        changed.stdout + changed.stderr)
+
     # A night whose build fails validation: non-zero exit, LATEST still names the last good version.
     bad = submit(ray_head, nightly_config, "--date", "2026-11-24", "nightly.min_samples=100000")
     assert bad.returncode != 0

@@ -105,7 +105,7 @@ def test_flip_and_noise_draws_add_training_views_and_leave_the_originals_as_they
     from factory.data.annotations import LabeledSet
     from factory.data.labeled_photos import import_folder, views
     from factory.recipes.objectives import PerceptionObjective
-    from factory.recipes.train import TrainError, check_training_set, inputs_hash
+    from factory.recipes.train import TrainingSetError, check_training_set, inputs_hash
 
     toyworld.write_folder(str(tmp_path / "labeled"), 5)
     labeled = import_folder(str(tmp_path / "labeled"), ["segmentation"], toyworld.CLASSES, [], 32, 1000.0)
@@ -132,7 +132,7 @@ def test_flip_and_noise_draws_add_training_views_and_leave_the_originals_as_they
     assert inputs_hash(cfg, str(_saved(labeled, tmp_path))) != inputs_hash(plain_cfg, str(_saved(labeled, tmp_path)))
 
     gan = load_config(overrides=["train.flip=true"])  # the GAN path: its labeled set is of generated images
-    with pytest.raises(TrainError, match="train.flip=True"):
+    with pytest.raises(TrainingSetError, match="train.flip=True"):
         check_training_set(gan, object.__new__(LabeledSet), "")
 
 

@@ -66,3 +66,24 @@ def test_publish_tree_replaces_a_folder_whole(root, tmp_path):
         assert storage.read_bytes(storage.join(root, "decoder", "model.bin")) == version.encode()
         assert (src / "model.bin").exists()  # the source is copied, never moved
     assert storage.listdir(root) == ["decoder"]  # no temporary left beside it
+
+
+def test_a_bare_file_name_is_written_in_the_working_folder(tmp_path, monkeypatch):
+    """`factory inspect DS --html report.html`: the file itself, not a folder of that name."""
+    monkeypatch.chdir(tmp_path)
+    storage.write_bytes("report.html", b"<html></html>")
+    assert (tmp_path / "report.html").read_bytes() == b"<html></html>" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.html"]
+
+
+@pytest.mark.parametrize("url", ["s3://AKIAEXAMPLE:se/cr+et@bucket/data", "s3://AKIAEXAMPLE:secret@bucket/data",
+                                 "s3://someone@bucket/data"])
+def test_credentials_in_a_url_are_refused_without_repeating_them(url):
+    with pytest.raises(storage.StorageError, match=r"s3://\*\*\*@bucket/data: credentials in a URL are refused") as e:
+        storage.filesystem(url)
+    assert "secret" not in str(e.value) and "se/cr" not in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/t=12:00/x@y", "file:///tmp/run:1/ds@latest"])
+def test_colons_and_at_signs_inside_a_path_are_no_credentials(url):
+    assert storage.filesystem(url)[1].endswith(url.rpartition("/")[2])

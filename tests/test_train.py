@@ -209,3 +209,40 @@ def test_regeneration_check_tolerates_float_noise_but_not_other_pixels():
     assert not _within_float_noise(changed, labeled, 0)
     assert not _within_float_noise(noisy, LabeledSet("segmentation", ["a", "b"], ["x.png"], torch.tensor([0]),
                                                      ["sha"], "h", 1.0), 0)  # no pixels stored: exact only
+
+
+def test_a_run_resumed_at_its_end_reports_no_loss_and_fewer_steps_are_refused():
+    """A finished run re-run takes no step: its metrics carry no made-up loss of 0. A run asked for
+    fewer steps than it has taken is refused, naming both. NaN metrics are left out of metrics.json."""
+    from factory.recipes.train import finite_metrics, fit_objective
+
+    class Objective:
+        def loss(self, model, generator):
+            return model(torch.ones(1, 1)).pow(2).sum()
+
+        def evaluate(self, model):
+            return {"val_score": 1.0}
+
+    t = load_config(None, ["train.steps=5", "train.checkpoint_every=100"]).train
+    _, fresh = fit_objective(t, Objective(), torch.nn.Linear(1, 1))
+    assert fresh["step"] == 5 and fresh["loss"] > 0
+    _, again = fit_objective(t, Objective(), torch.nn.Linear(1, 1), restore=lambda model, optimizer: 5)
+    assert again == {"step": 5, "start_step": 5, "val_score": 1.0}
+    with pytest.raises(ValueError, match=r"train.steps=5 is fewer than the 8 steps this run has already taken"):
+        fit_objective(t, Objective(), torch.nn.Linear(1, 1), restore=lambda model, optimizer: 8)
+    assert finite_metrics({"val_keypoint_error_px": float("nan"), "step": 5, "name": "x"}) == {"step": 5}
+
+
+def test_a_labeled_set_that_does_not_fit_is_refused_before_a_cluster_starts(tiny_cfg, labeled_dir, monkeypatch, tmp_path,
+                                                                           capsys):
+    from factory import config as config_lib
+    from factory import runtime
+    from factory.cli import main
+
+    annotate.import_labels(tiny_cfg)
+    config = tmp_path / "my.yaml"
+    config.write_text(config_lib.to_yaml(tiny_cfg))
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: pytest.fail("a cluster started"))
+    # the config allows 8 held out of 20 to export, but the labeled set has the 8 exported: none left
+    assert main(["train", str(config), "annotate.num_images=20", "train.val_images=8"]) == 2
+    assert "has 8 labeled images; train.val_images=8 would leave none to train on" in capsys.readouterr().err

@@ -39,6 +39,10 @@ def test_latest_moves_only_when_set_and_resolves(version):
     assert json.loads(open(f"{root}/LATEST").read())["version"] == "2026-11-20"
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         versions.set_latest(root, "tonight", manifest)
+    # a backfilled older night is published beside the newer one, which stays LATEST
+    assert versions.set_latest(root, "2026-11-18", manifest)["version"] == "2026-11-20"
+    assert versions.resolve(f"{root}@latest") == f"{root}/2026-11-20"
+    assert versions.set_latest(root, "2026-11-21", manifest)["version"] == "2026-11-21"
 
 
 def test_retention_keeps_the_newest_and_never_latest(version):

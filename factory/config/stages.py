@@ -199,6 +199,9 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         at_least("generate", self, 1, ("num_samples", "shard_size", "batch_size", "num_actors", "calibration_samples"))
         at_least("generate", self, 0, ("start_seed", "max_retries", "gpus_per_actor"))
+        if self.start_seed + self.num_samples > 2**63:  # a sample's seed is an int64 column
+            raise ConfigError(f"generate.start_seed + generate.num_samples must be at most 2**63 (seeds are 64-bit "
+                              f"integers), got {self.start_seed} + {self.num_samples}")
         within("generate.drop_uncertain", self.drop_uncertain, 0, 1, open_high=True)
         positive("generate", self, ("cpus_per_actor", "lease_seconds"))
         distinct_subset("generate.formats", list(self.formats), ("parquet", "webdataset"))

@@ -245,9 +245,17 @@ def filter_section(manifest: dict) -> list[str]:
         return lines + ["Nothing was dropped (`generate.drop_uncertain=0`). Every sample keeps its "
                         "`uncertainty` score, so you can filter yourself.", ""]
     q = c.get("score_quantiles", {})
+    dropped = manifest["num_generated"] - manifest["num_samples"]
+    if dropped == 0 and q and q.get("p10") == q.get("p99") == c["threshold"]:  # scores alike: nothing to rank by
+        return lines + [(
+            f"`generate.drop_uncertain={c['drop_fraction']}` asked to drop the most uncertain samples, but the scores "
+            f"of the first {c['num_scored']:,} seeds do not vary (10th to 99th percentile all {c['threshold']:.5f}): "
+            "this decoder has no disagreement to rank by (one head, or no segmentation head), and no sample was "
+            "dropped."), ""]
     return lines + [
         f"The decoder is an ensemble; a sample's `uncertainty` is the mean Jensen-Shannon disagreement of its "
-        f"heads over its most uncertain pixels. The {c['drop_fraction']:.0%} most uncertain samples were dropped: "
+        f"heads over its most uncertain pixels. The {c['drop_fraction']:.0%} most uncertain samples were dropped "
+        f"({dropped:,} of {manifest['num_generated']:,}): "
         f"scores above **{c['threshold']:.5f}**, the {1 - c['drop_fraction']:.0%} quantile of the first "
         f"{c['num_scored']:,} seeds' scores (median {q.get('p50', float('nan')):.5f}, p90 {q.get('p90', float('nan')):.5f}). "
         "Every kept sample keeps its score, so you can filter further.", ""]

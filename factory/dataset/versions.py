@@ -49,13 +49,17 @@ def resolve(url: str) -> str:
 
 
 def set_latest(root: str, version: str, manifest: dict) -> dict:
-    """Point LATEST at `version` in one atomic write; returns the pointer."""
+    """Point LATEST at `version` in one atomic write, unless it names a newer version (a backfilled
+    older night is published beside it, never in its place); returns the pointer LATEST holds."""
     pointer = {
         "version": parse_version(version),
         "build_hash": manifest["build_hash"],
         "num_samples": manifest["num_samples"],
     }
-    if read_latest(root) != pointer:
+    current = read_latest(root)
+    if current is not None and current["version"] > pointer["version"]:  # ISO dates order as strings
+        return current
+    if current != pointer:
         storage.write_json(storage.join(root, LATEST), pointer)
     return pointer
 

@@ -264,6 +264,10 @@ def calibrate_if_ready(cfg: FactoryConfig, config_hash: str) -> dict | None:
     }
     storage.write_json(storage.join(g.output, layout.CALIBRATION), record)
     log.info("calibration: dropping scores above %.5f (%d seeds scored)", record["threshold"], n)
+    if scores.min() == scores.max():
+        log.warning("calibration: all %d scores are %.5f, so generate.drop_uncertain=%s drops nothing: the decoder has "
+                    "no disagreement to rank samples by (decoder.num_heads=1, or no segmentation head); set "
+                    "generate.drop_uncertain=0", n, record["threshold"], g.drop_uncertain)
     return record
 
 

@@ -32,7 +32,6 @@ from factory.recipes.objectives import objective_for
 from factory.recipes.ray_train import (
     CHECKPOINT_RECORD,
     STATE_FILE,
-    TrainError,
     fit_on_ray,
     report_checkpoint,
     restore_state,
@@ -74,13 +73,17 @@ def load_training_set(cfg: FactoryConfig) -> LabeledSet | RealLabeledSet:
     return load_labeled_set(cfg.train.labeled)
 
 
+class TrainingSetError(ValueError):
+    """The labeled set does not fit the config (bad input the user can fix: exit 2); the message names both."""
+
+
 def check_training_set(cfg: FactoryConfig, labeled: LabeledSet | RealLabeledSet, backbone_hash: str) -> None:
     """The labeled set fits the config: tasks, label names, enough images, and (GAN path) the backbone."""
     where = cfg.train.labeled
     if isinstance(labeled, RealLabeledSet):
         missing = [t for t in cfg.decoder.tasks if t not in labeled.tasks]
         if missing or labeled.classes != cfg.labels.classes or labeled.keypoint_names != cfg.labels.keypoints:
-            raise TrainError(
+            raise TrainingSetError(
                 f"{where} holds {labeled.tasks} labels for classes {labeled.classes} (keypoints "
                 f"{labeled.keypoint_names}), but the config asks for decoder.tasks={cfg.decoder.tasks} with "
                 f"{cfg.labels.classes} ({cfg.labels.keypoints}); re-run `factory labels import`"
@@ -88,23 +91,23 @@ def check_training_set(cfg: FactoryConfig, labeled: LabeledSet | RealLabeledSet,
     else:
         augmented = extra_views(cfg.train)
         if augmented:
-            raise TrainError(
+            raise TrainingSetError(
                 f"{', '.join(f'train.{k}={v}' for k, v in augmented.items())}: augments the perception decoder's inverted real images (diffusion "
                 "path); the Style Interpreter learns from generated images' own pixels, set it back"
             )
         expected = cfg.label_names()
         if labeled.task != cfg.decoder.task or labeled.label_names != expected:
-            raise TrainError(
+            raise TrainingSetError(
                 f"{where} holds {labeled.task} labels {labeled.label_names}, but the config asks for "
                 f"decoder.task={cfg.decoder.task!r} with {expected}; re-run `factory annotate import`"
             )
         if backbone_hash != labeled.backbone_hash:
-            raise TrainError(
+            raise TrainingSetError(
                 f"{where} was labeled on backbone {labeled.backbone_hash[:12]}, the config builds "
                 f"{backbone_hash[:12]}; check backbone.weights / backbone.init_seed"
             )
     if len(labeled.files) <= cfg.train.val_images:
-        raise TrainError(
+        raise TrainingSetError(
             f"{where} has {len(labeled.files)} labeled images; train.val_images={cfg.train.val_images} "
             "would leave none to train on"
         )
@@ -139,11 +142,16 @@ def fit_objective(
     Adam at `train.lr` under `train.lr_schedule`, each step's draws from (seed, rank, step)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
     step = start_step = restore(model, optimizer) if restore else 0
+    if step > t.steps:
+        raise ValueError(f"train.steps={t.steps} is fewer than the {step} steps this run has already taken: raise "
+                         "train.steps to train on, or choose a new train.run_name to train afresh")
     metrics: dict[str, float] = {}
     loss_sum, loss_count = 0.0, 0
     while True:
         if step == t.steps or (step and step % t.checkpoint_every == 0 and loss_count):
-            metrics = {"step": step, "start_step": start_step, "loss": loss_sum / max(loss_count, 1)}
+            metrics = {"step": step, "start_step": start_step}
+            if loss_count:  # a run resumed at its last step takes no step: it has no loss to report
+                metrics["loss"] = loss_sum / loss_count
             metrics.update(objective.evaluate(model))
             if report:
                 report(metrics, model, optimizer, step)
@@ -208,13 +216,29 @@ def _worker(loop_config: dict) -> None:
     fit(cfg, labeled, device, rank, restore, report, wrap=ray.train.torch.prepare_model)
 
 
-def train(cfg: FactoryConfig) -> dict[str, float]:
-    """Fit the decoder described by `cfg` and publish it to `generate.decoder`; returns final metrics."""
+def finite_metrics(reported: dict) -> dict[str, float]:
+    """The numeric metrics of a fit that were measured: NaN (e.g. a keypoint error when no keypoint is
+    visible in the held-out images) is left out with a warning, not written as JSON's invalid `NaN`."""
+    numbers = {k: v for k, v in reported.items() if isinstance(v, (int, float))}
+    for k in sorted(k for k, v in numbers.items() if not math.isfinite(v)):
+        log.warning("metric %s is %s: nothing to measure it on; left out of %s", k, numbers[k], METRICS_FILE)
+    return {k: v for k, v in numbers.items() if math.isfinite(v)}
+
+
+def check_inputs(cfg: FactoryConfig):
+    """Step 1 of `train`: the labeled set exists and matches the configured tasks, labels and backbone;
+    returns it and the backbone's identity. Cheap, and Ray-free: the CLI runs it before a cluster starts."""
     storage.configure(cfg.storage)
-    # 1. Check inputs: the labeled set exists and matches the configured tasks, labels and backbone.
     labeled = load_training_set(cfg)
     backbone = backbone_identity(cfg.backbone)
     check_training_set(cfg, labeled, backbone.weights_hash)
+    return labeled, backbone
+
+
+def train(cfg: FactoryConfig) -> dict[str, float]:
+    """Fit the decoder described by `cfg` and publish it to `generate.decoder`; returns final metrics."""
+    # 1. Check inputs.
+    labeled, backbone = check_inputs(cfg)
 
     # 2. Fit on Ray Train.
     result = fit_on_ray(
@@ -237,7 +261,7 @@ def train(cfg: FactoryConfig) -> dict[str, float]:
     with result.checkpoint.as_directory() as d:
         verify_checkpoint(d, f"{cfg.train.storage_path}/{cfg.train.run_name}")
         storage.publish_tree(d, target, ignore=shutil.ignore_patterns(STATE_FILE, CHECKPOINT_RECORD), last=MODEL_FILE)
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics = finite_metrics(result.metrics)
     storage.write_json(storage.join(target, METRICS_FILE), {
         "metrics": metrics, "steps": cfg.train.steps, "val_images": cfg.train.val_images,
         "labeled_set": {"path": cfg.train.labeled, "fingerprint": safetensors_fingerprint(cfg.train.labeled),
