@@ -263,3 +263,8 @@ def test_the_filter_section_says_what_was_dropped_and_when_scores_cannot_rank():
     ranked = {**calibration, "threshold": 0.25, "score_quantiles": {"p10": 0.1, "p50": 0.2, "p90": 0.25, "p99": 0.3}}
     text = "\n".join(card.filter_section({"calibration": ranked, "num_generated": 40, "num_samples": 36}))
     assert "The 10% most uncertain samples were dropped (4 of 40)" in text
+
+
+def test_the_reading_snippets_name_a_file_url_by_its_path():
+    text = "\n".join(card.reading_section({"formats": ["parquet"]}, "file:///data/my ds"))
+    assert 'datasets.load_dataset("/data/my ds", split="train")' in text and "file://" not in text

@@ -263,6 +263,7 @@ def filter_section(manifest: dict) -> list[str]:
 
 def reading_section(manifest: dict, where: str) -> list[str]:
     formats = manifest["formats"]
+    where = where.removeprefix("file://")  # a local folder: the plain path, which every reader takes
     q = json.dumps(where)  # the dataset's URL as a Python string literal
     tars = json.dumps(f"{where}/webdataset/*.tar")
     lines = ["## How to read it", "", "With factory installed (`ShardDataset` works on a local folder or `s3://`):", "",
