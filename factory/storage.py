@@ -169,6 +169,12 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+@_errors
+def isfile(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.isfile(path)
+
+
 @_write_errors
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)

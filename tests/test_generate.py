@@ -240,3 +240,13 @@ def test_training_regenerates_each_image_in_its_export_batch(tiny_cfg, labeled_d
     assert backbone.calls == [list(range(8))] and features[0].shape[0] == 7
     again = backbone.backbone(list(range(8))).images.numpy()
     assert [pixels_sha256(again[s]) for s in labeled.seeds.tolist()] == labeled.image_sha256
+
+
+def test_an_output_that_is_a_file_is_refused_naming_it(tiny_cfg, tmp_path):
+    from factory.recipes.generate import generate
+
+    (tmp_path / "taken").write_text("a file")
+    tiny_cfg.generate.output = str(tmp_path / "taken")
+    with pytest.raises(FileExistsError, match=r"generate.output=.*taken is a file; a dataset is a folder"):
+        generate(tiny_cfg)
+    assert (tmp_path / "taken").read_text() == "a file"

@@ -246,3 +246,18 @@ def test_a_labeled_set_that_does_not_fit_is_refused_before_a_cluster_starts(tiny
     # the config allows 8 held out of 20 to export, but the labeled set has the 8 exported: none left
     assert main(["train", str(config), "annotate.num_images=20", "train.val_images=8"]) == 2
     assert "has 8 labeled images; train.val_images=8 would leave none to train on" in capsys.readouterr().err
+
+
+def test_classes_and_keypoints_no_label_shows_are_warned_about(caplog):
+    from types import SimpleNamespace
+
+    from factory.recipes.train import warn_unlabeled
+
+    cfg = load_config(None, ["labels.classes=[background,blue,red]", "labels.keypoints=[nose,chin]"])
+    masks = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    masks[0, 0, 0] = 2
+    keypoints = torch.tensor([[[1.0, 1.0, 2.0], [0.0, 0.0, 0.0]]] * 2)
+    with caplog.at_level("WARNING"):
+        warn_unlabeled(cfg, SimpleNamespace(masks=masks, keypoints=keypoints, files=["a.png", "b.png"]))
+    assert "no labeled pixel of class blue in its 2 images" in caplog.text
+    assert "keypoint chin is visible in none of its 2 images" in caplog.text and "nose" not in caplog.text

@@ -279,7 +279,9 @@ def generate(cfg: FactoryConfig, builder: type | None = None, command: str | Non
     g = cfg.generate
     storage.configure(cfg.storage)
 
-    # 1. Check inputs: the decoder exists and was fitted on this backbone.
+    # 1. Check inputs: the output can be a folder, the decoder exists and was fitted on this backbone.
+    if storage.isfile(g.output):
+        raise FileExistsError(f"generate.output={g.output} is a file; a dataset is a folder: choose another path")
     meta = fitted_decoder_metadata(g.decoder)
     backbone = backbone_identity(cfg.backbone)
     check_decoder_fits(meta, backbone, g.decoder)

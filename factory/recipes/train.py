@@ -232,7 +232,28 @@ def check_inputs(cfg: FactoryConfig):
     labeled = load_training_set(cfg)
     backbone = backbone_identity(cfg.backbone)
     check_training_set(cfg, labeled, backbone.weights_hash)
+    warn_unlabeled(cfg, labeled)
     return labeled, backbone
+
+
+def warn_unlabeled(cfg: FactoryConfig, labeled) -> None:
+    """Warn about classes no labeled pixel shows and keypoints no labeled image shows (visibility 0
+    in all): the decoder cannot learn them, yet it will still predict them on every sample."""
+    if labeled.masks is not None:
+        classes = cfg.labels.classes
+        pixels = torch.bincount(labeled.masks.flatten().long(), minlength=len(classes))[: len(classes)]
+        absent = [c for c, n in zip(classes, pixels.tolist()) if n == 0]
+        if absent:
+            log.warning("%s: no labeled pixel of class %s in its %d images: the decoder cannot learn what it "
+                        "has not seen; label some, or drop them from labels.classes", cfg.train.labeled,
+                        ", ".join(absent), len(labeled.files))
+    if labeled.keypoints is not None:
+        seen = (labeled.keypoints[..., 2] > 0).any(dim=0).tolist()
+        unseen = [k for k, s in zip(cfg.labels.keypoints, seen) if not s]
+        if unseen:
+            log.warning("%s: keypoint %s is visible in none of its %d images: the decoder cannot learn where it "
+                        "is, yet every sample will carry a guess for it", cfg.train.labeled, ", ".join(unseen),
+                        len(labeled.files))
 
 
 def train(cfg: FactoryConfig) -> dict[str, float]:
