@@ -133,6 +133,8 @@ def test_several_steps_in_bfloat16_keep_the_identity(folder):
 
 
 def test_misfit_samplers_and_unknown_pipelines_are_refused(folder, tmp_path):
+    from factory.backbones.diffusion import check_prompt_lengths
+
     flow = family_of(folder) != "StableDiffusionXLPipeline"
     wrong = "ddim" if flow else "flow_euler"
     with pytest.raises(PipelineError, match=f"scheduler={wrong} does not fit a {family_of(folder)}"):
@@ -146,6 +148,8 @@ def test_misfit_samplers_and_unknown_pipelines_are_refused(folder, tmp_path):
     with pytest.raises(PipelineError, match="a KandinskyPipeline is not supported; supported pipelines: "
                                             "StableDiffusionPipeline, StableDiffusionXLPipeline"):
         load_backbone(family_cfg(other))
+    with pytest.raises(PipelineError, match="a KandinskyPipeline is not supported"):  # labels import, prompts
+        check_prompt_lengths(str(other), PROMPTS, "prompts.txt")
 
 
 def test_folders_with_parts_missing_or_damaged_are_refused_in_one_line_or_load(tmp_path):

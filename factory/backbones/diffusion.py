@@ -314,7 +314,8 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
 
 def check_prompt_lengths(weights: str | None, texts: list[str], source: str) -> None:
     """Refuse prompts longer than the pipeline's text encoder takes (CLIP would cut them silently),
-    naming the first few by their row in `source`. Only the tokenizer is loaded."""
+    naming the first few by their row in `source`. Only the tokenizer is loaded, from a folder of a
+    pipeline class we run with every component it lists (else refused, naming it)."""
     from transformers import CLIPTokenizer
 
     if weights is None:  # the tiny built-in pipeline: CLIP's 77-token context
@@ -323,6 +324,12 @@ def check_prompt_lengths(weights: str | None, texts: list[str], source: str) -> 
         tokenizer = build_tiny_pipeline(0).tokenizer
     else:  # CLIP's tokenizer: `tokenizer`, or `tokenizer_2` in an SDXL folder saved without the first
         folder = pipeline_folder(weights)
+        try:  # a folder of a pipeline we do not run is refused here, before prompts are stored or labels imported
+            index = read_model_index(folder)
+            family_for(index["_class_name"])
+        except FamilyError as e:
+            raise PipelineError(str(e)) from None
+        listed_components(folder, index)
         found = [d for d in ("tokenizer", "tokenizer_2") if os.path.isdir(os.path.join(folder, d))]
         if not found:
             raise PipelineError(f"backbone.weights: {folder} has no tokenizer/ folder to count prompt tokens with")
