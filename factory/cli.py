@@ -309,9 +309,9 @@ def _run(args: argparse.Namespace) -> int:
         from factory.recipes.train import check_inputs, train
         from factory.runtime import init_ray
 
-        check_inputs(cfg)  # bad input fails in a second, before a cluster starts
+        checked = check_inputs(cfg)  # bad input fails in a second, before a cluster starts
         init_ray(cfg.ray, training=True)
-        metrics = train(cfg)
+        metrics = train(cfg, checked)
         print(f"decoder written to {cfg.generate.decoder}  {_metrics(metrics)}")
     elif args.verb == "pretrain":
         from factory.recipes.pretrain import pretrain

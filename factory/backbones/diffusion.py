@@ -69,6 +69,18 @@ def make_scheduler(name: str, pipe):
     return family_for(type(pipe).__name__).make_scheduler(name, pipe.scheduler)
 
 
+def supported_index(folder: str) -> dict:
+    """The folder's model_index.json, of a pipeline class we run, with every component it lists
+    present (`listed_components`); else a PipelineError naming what is wrong."""
+    try:
+        index = read_model_index(folder)
+        family_for(index["_class_name"])
+    except FamilyError as e:
+        raise PipelineError(str(e)) from None
+    listed_components(folder, index)
+    return index
+
+
 def load_pipeline(weights: str | None, init_seed: int, dtype: torch.dtype):
     """The pipeline at `weights` (a `save_pretrained` folder or a hub id), its class read from the
     folder's model_index.json, or the tiny built-in SD pipeline."""
@@ -80,13 +92,8 @@ def load_pipeline(weights: str | None, init_seed: int, dtype: torch.dtype):
         pipe = build_tiny_pipeline(init_seed)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     folder = pipeline_folder(weights)
-    try:
-        index = read_model_index(folder)
-        name = index["_class_name"]
-        family_for(name)
-    except FamilyError as e:
-        raise PipelineError(str(e)) from None
-    listed_components(folder, index)
+    index = supported_index(folder)
+    name = index["_class_name"]
     # Components the folder was saved without (`[null, null]`, e.g. SD3 without its T5) are passed as
     # None, which is how diffusers loads them; from_pretrained alone asks for them.
     extra = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
@@ -324,12 +331,7 @@ def check_prompt_lengths(weights: str | None, texts: list[str], source: str) -> 
         tokenizer = build_tiny_pipeline(0).tokenizer
     else:  # CLIP's tokenizer: `tokenizer`, or `tokenizer_2` in an SDXL folder saved without the first
         folder = pipeline_folder(weights)
-        try:  # a folder of a pipeline we do not run is refused here, before prompts are stored or labels imported
-            index = read_model_index(folder)
-            family_for(index["_class_name"])
-        except FamilyError as e:
-            raise PipelineError(str(e)) from None
-        listed_components(folder, index)
+        supported_index(folder)  # refused here, before prompts are stored or labels imported
         found = [d for d in ("tokenizer", "tokenizer_2") if os.path.isdir(os.path.join(folder, d))]
         if not found:
             raise PipelineError(f"backbone.weights: {folder} has no tokenizer/ folder to count prompt tokens with")

@@ -55,15 +55,14 @@ _DTYPES = {pa.string(): "string", pa.int64(): "int64", pa.int32(): "int32", pa.f
 
 def features() -> list[dict]:
     """SAMPLE_SCHEMA as `datasets` features: encoded pixels are `image` (decoded to PIL on access)."""
-    out = []
-    for f in SAMPLE_SCHEMA:
-        if f.name in MEDIA_FIELDS:
-            out.append({"name": f.name, "dtype": "image"})
-        elif pa.types.is_list(f.type):
-            out.append({"name": f.name, "sequence": _DTYPES[f.type.value_type]})
-        else:
-            out.append({"name": f.name, "dtype": _DTYPES[f.type]})
-    return out
+    return [{"name": f.name, "dtype": "image"} if f.name in MEDIA_FIELDS else column_feature(f) for f in SAMPLE_SCHEMA]
+
+
+def column_feature(f: pa.Field) -> dict:
+    """A scalar or list column of the sample schema as a `datasets` feature."""
+    if pa.types.is_list(f.type):
+        return {"name": f.name, "sequence": _DTYPES[f.type.value_type]}
+    return {"name": f.name, "dtype": _DTYPES[f.type]}
 
 
 JSON_ITEMS = {
@@ -83,16 +82,10 @@ def webdataset_features(manifest: dict) -> list[dict]:
     samples, which, when those have no instances (`instance_classes: []`), types the list as null
     and then fails on the first sample that has some."""
     tasks = manifest.get("tasks") or [manifest["task"]]
-    fields = ["image"] + [LABEL_MEMBERS[t] for t in tasks if t in LABEL_MEMBERS]
-    members = [IMAGE_FORMATS[manifest.get("image_format", "png")] if f == "image" else TAR_MEMBERS[f] for f in fields]
-    meta = []
-    for f in META_SCHEMA:
-        if f.name in JSON_ITEMS:
-            meta.append({"name": f.name, "list": [{"name": n, "dtype": t} for n, t in JSON_ITEMS[f.name]]})
-        elif pa.types.is_list(f.type):
-            meta.append({"name": f.name, "list": _DTYPES[f.type.value_type]})
-        else:
-            meta.append({"name": f.name, "dtype": _DTYPES[f.type]})
+    members = [IMAGE_FORMATS[manifest.get("image_format", "png")]] + [
+        TAR_MEMBERS[LABEL_MEMBERS[t]] for t in tasks if t in LABEL_MEMBERS]
+    meta = [{"name": f.name, "list": [{"name": n, "dtype": t} for n, t in JSON_ITEMS[f.name]]}
+            if f.name in JSON_ITEMS else column_feature(f) for f in META_SCHEMA]
     return ([{"name": m, "dtype": "image"} for m in members] + [{"name": "json", "struct": meta}]
             + [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}])
 

@@ -52,11 +52,17 @@ def shard_tables(dataset: str, columns: list[str] | None = None) -> Iterator[pa.
     """Each complete shard's table, in shard order: the Parquet shards, or for a WebDataset-only
     dataset the metadata Parquet beside each tar (no `image`/`mask` columns there)."""
     url, manifest = open_dataset(dataset)
+    for _, table in record_tables(url, manifest, columns):
+        yield table
+
+
+def record_tables(url: str, manifest: dict, columns: list[str] | None = None) -> Iterator[tuple[dict, pa.Table]]:
+    """(completion record, table) of each complete shard of the dataset at `url`, as `shard_tables`."""
     suffix = ".parquet" if "parquet" in manifest["formats"] else ".meta.parquet"
     for record in manifest["shards"]:
         for path in files_of(record, suffix):
             fs, inner = storage.filesystem(storage.join(url, path))
-            yield pq.read_table(inner, filesystem=fs, columns=columns)
+            yield record, pq.read_table(inner, filesystem=fs, columns=columns)
 
 
 def iter_tar(url: str) -> Iterator[dict]:
@@ -221,15 +227,10 @@ def kept_counts(url: str, manifest: dict, max_uncertainty: float | None) -> dict
     `uncertainty` column, or the `.meta.parquet` beside a tar), one read per shard."""
     if max_uncertainty is None:
         return {r["name"]: r["count"] for r in manifest["shards"]}
-    suffix = ".parquet" if "parquet" in manifest["formats"] else ".meta.parquet"
-    kept = {}
-    for record in manifest["shards"]:
-        kept[record["name"]] = 0
-        for path in files_of(record, suffix):
-            fs, inner = storage.filesystem(storage.join(url, path))
-            scores = pq.read_table(inner, filesystem=fs, columns=["uncertainty"]).column("uncertainty").to_numpy()
-            scores = scores.astype(np.float64)  # compared as each row is, in float64
-            kept[record["name"]] += int(np.count_nonzero(scores <= max_uncertainty))
+    kept = dict.fromkeys((r["name"] for r in manifest["shards"]), 0)
+    for record, table in record_tables(url, manifest, ["uncertainty"]):
+        scores = table.column("uncertainty").to_numpy().astype(np.float64)  # compared as each row is, in float64
+        kept[record["name"]] += int(np.count_nonzero(scores <= max_uncertainty))
     return kept
 
 

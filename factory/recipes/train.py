@@ -256,10 +256,11 @@ def warn_unlabeled(cfg: FactoryConfig, labeled) -> None:
                         len(labeled.files))
 
 
-def train(cfg: FactoryConfig) -> dict[str, float]:
-    """Fit the decoder described by `cfg` and publish it to `generate.decoder`; returns final metrics."""
+def train(cfg: FactoryConfig, checked: tuple | None = None) -> dict[str, float]:
+    """Fit the decoder described by `cfg` and publish it to `generate.decoder`; returns final metrics.
+    `checked`: what `check_inputs(cfg)` returned, when the caller ran it already (before starting Ray)."""
     # 1. Check inputs.
-    labeled, backbone = check_inputs(cfg)
+    labeled, backbone = checked or check_inputs(cfg)
 
     # 2. Fit on Ray Train.
     result = fit_on_ray(
