@@ -84,11 +84,12 @@ def test_keypoints_need_names():
 @pytest.mark.parametrize(
     "content, overrides, message",
     [
-        (b"name: caf\xe9\n", [], r"bad\.yaml: not UTF-8 text \(byte 0xe9 at offset 9\)"),
+        (b"name: caf\xe9\n", [], r"bad\.yaml:1: not UTF-8 text \(byte 0xe9 at offset 9\)"),
+        (b"name: demo\ntrain:\n  caf\xe9: 1\n", [], r"bad\.yaml:3: not UTF-8 text \(byte 0xe9 at offset 23\)"),
         (b"name: ${nope}\n", ["train.steps=3"], r"bad\.yaml: Interpolation key 'nope' not found \(key: name\)"),
         (b"name: demo\n", ["name=${nope}"], r"override: Interpolation key 'nope' not found"),
     ],
-    ids=["latin1", "interpolation-in-file", "interpolation-in-override"],
+    ids=["latin1", "latin1-line-3", "interpolation-in-file", "interpolation-in-override"],
 )
 def test_file_encoding_and_interpolation_errors_name_their_source(tmp_path, content, overrides, message):
     path = tmp_path / "bad.yaml"

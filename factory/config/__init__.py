@@ -11,6 +11,7 @@ stage); their shared checks in `checks.py`. This module assembles them into `Fac
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from factory import textfile
 from factory.config.checks import ConfigError, no_credentials
 from factory.config.models import (
     DECODER_TASKS,
@@ -107,14 +109,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = OmegaConf.load(path)
+            with open(path, "rb") as f:
+                loaded = OmegaConf.load(io.StringIO(textfile.decode(f.read(), path)))
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"{path}: a config file is a mapping of sections (key: value), "
                                   f"this one holds a {type(loaded).__name__}")
             merged = OmegaConf.merge(merged, loaded)
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                              "save it as UTF-8") from None
+        except textfile.NotText as e:
+            raise ConfigError(str(e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         except OmegaConfBaseException as e:

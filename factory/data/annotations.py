@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from factory import tensorfile
+from factory import tensorfile, textfile
 from factory.config import ConfigError
 
 EXPORT_RECORD = "export.json"
@@ -240,10 +240,9 @@ def read_text(path: str, shown: str, problems: list[str]) -> str | None:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        problems.append(f"{shown}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it as UTF-8")
+        return textfile.decode(data, shown)
+    except textfile.NotText as e:
+        problems.append(str(e))
         return None
 
 

@@ -35,7 +35,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from factory import storage
+from factory import storage, textfile
 from factory.config import PromptsConfig
 
 log = logging.getLogger(__name__)
@@ -98,13 +98,11 @@ def describe_source(cfg: PromptsConfig) -> str:
 def _lines(url: str) -> list[str]:
     """The lines of a UTF-8 text file (a byte order mark dropped), split at \n and \r\n only:
     str.splitlines would also split at U+2028, U+0085 and form feeds, which a prompt may hold."""
-    data = storage.read_bytes(url)
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise PromptError(f"{url}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
-    return [line.removesuffix("\r") for line in text.split("\n")]
+        content = textfile.decode(storage.read_bytes(url), url)
+    except textfile.NotText as e:
+        raise PromptError(str(e)) from None
+    return [line.removesuffix("\r") for line in content.split("\n")]
 
 
 def from_text(url: str, known_classes: list[str] | None = None) -> list[Prompt]:
