@@ -134,6 +134,32 @@ def test_coco_unknown_category_is_named(tiny_cfg):
         annotate.import_labels(tiny_cfg)
 
 
+def test_problems_with_many_classes_stay_short_and_a_misspelt_category_gets_its_closest_name(tiny_cfg):
+    tiny_cfg.labels.classes = ["background", "hair"] + [f"part{i:03d}" for i in range(253)]
+    out = annotate.export_images(tiny_cfg)
+    names = [e["file"] for e in _export(out)["images"]]
+    coco = {
+        "images": [{"id": i, "file_name": n, "width": 32, "height": 32} for i, n in enumerate(names)],
+        "categories": [{"id": 3, "name": "hiar"}],
+        "annotations": [],
+    }
+    with open(os.path.join(out, "coco.json"), "w") as f:
+        json.dump(coco, f)
+    with pytest.raises(AnnotationError) as err:
+        annotate.import_labels(tiny_cfg)
+    assert err.value.problems == ["coco.json: category 'hiar' (id 3) is not in labels.classes: ids 0..254, "
+                                  "255 names; did you mean 'hair'?"]
+    os.remove(os.path.join(out, "coco.json"))
+    os.makedirs(os.path.join(out, "masks"), exist_ok=True)
+    for name in names:
+        _write(os.path.join(out, "masks", name), np.full((32, 32), 255, np.uint8))
+    with pytest.raises(AnnotationError) as err:
+        annotate.import_labels(tiny_cfg)
+    assert len(err.value.problems) == 8
+    assert all(p.endswith("class id 255 is outside labels.classes: ids 0..254, 255 names") for p in err.value.problems)
+    assert len(str(err.value)) < 1200  # the class list is not repeated in each problem
+
+
 def test_import_refuses_a_different_backbone(tiny_cfg, labeled_dir):
     tiny_cfg.backbone.init_seed = 1
     with pytest.raises(AnnotationError, match="export.json: exported with backbone"):

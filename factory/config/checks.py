@@ -66,3 +66,19 @@ def no_credentials(key: str, url: str | None) -> None:
     if "@" in parts.netloc or ":" in rest.rpartition("@")[0] or any(k.lower() in secret_query for k, _ in parse_qsl(parts.query)):
         raise ConfigError(f"{key} holds a credential (user:password@ or a key in the query); give credentials "
                           "through the environment, never in a config (the value is not shown)")
+
+
+SHOWN_CLASSES = 16
+
+
+def classes_hint(classes: list[str], wrong: list[str] | tuple[str, ...] = ()) -> str:
+    """How a message shows `labels.classes`: its ids, its names when there are few (a 255-class
+    list in every one of a folder's problems would bury them), and the closest name to each wrong one."""
+    import difflib
+
+    shown = f"labels.classes: ids 0..{len(classes) - 1}"
+    shown += f" {classes}" if len(classes) <= SHOWN_CLASSES else f", {len(classes)} names"
+    close = [(w, m[0]) for w in wrong if (m := difflib.get_close_matches(w, classes, n=1))]
+    if len(close) == 1 and len(list(wrong)) == 1:
+        return shown + f"; did you mean {close[0][1]!r}?"
+    return shown + (f"; did you mean {', '.join(f'{m!r} for {w!r}' for w, m in close)}?" if close else "")

@@ -20,6 +20,7 @@ from PIL import Image
 
 from factory import tensorfile, textfile
 from factory.config import ConfigError
+from factory.config.checks import classes_hint
 
 EXPORT_RECORD = "export.json"
 IMAGES_DIR = "images"
@@ -224,12 +225,10 @@ def _read_masks(
             continue
         top = int(mask.max())
         if int(mask.min()) < 0:
-            problems.append(f"{rel}: class id {int(mask.min())} is negative; class ids are 0..{len(label_names) - 1}")
+            problems.append(f"{rel}: class id {int(mask.min())} is negative ({classes_hint(label_names)})")
             continue
         if top >= len(label_names):
-            problems.append(
-                f"{rel}: class id {top} is outside labels.classes (0..{len(label_names) - 1}: {label_names})"
-            )
+            problems.append(f"{rel}: class id {top} is outside {classes_hint(label_names)}")
             continue
         out[name] = mask.astype(np.uint8)
     return found
@@ -459,7 +458,8 @@ def _read_coco(
     class_of = {}
     for cat in coco.loadCats(coco.getCatIds()):
         if task == "segmentation" and cat["name"] not in label_names:
-            problems.append(f"{name}: category {cat['name']!r} (id {cat['id']}) is not in labels.classes {label_names}")
+            problems.append(f"{name}: category {cat['name']!r} (id {cat['id']}) is not in "
+                            f"{classes_hint(label_names, [cat['name']])}")
         elif task == "segmentation":
             class_of[cat["id"]] = label_names.index(cat["name"])
     if task == "keypoints":

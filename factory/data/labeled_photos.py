@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from factory import tensorfile
+from factory.config.checks import classes_hint
 from factory.data.annotations import (
     AnnotationError,
     check_keypoint_names,
@@ -166,8 +167,7 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
             ann = None
         mask = _read_png(directory, MASKS_DIR, stem, size, problems, ("L", "P"), "a single-channel index PNG of class ids")
         if mask is not None and int(mask.max()) >= len(classes):
-            problems.append(f"{MASKS_DIR}/{stem}.png: class id {int(mask.max())} is outside labels.classes "
-                            f"(0..{len(classes) - 1}: {classes})")
+            problems.append(f"{MASKS_DIR}/{stem}.png: class id {int(mask.max())} is outside {classes_hint(classes)}")
             mask = None
         coco_named = coco_refused or any(p.startswith(COCO_FILE) and f"image {name!r}" in p for p in problems)
         if "segmentation" in tasks:
@@ -302,7 +302,7 @@ def read_prompts(directory: str, names: list[str], classes: list[str] | None, pr
             continue
         unknown = [c for c in named or [] if classes is not None and c not in classes]
         if unknown:
-            problems.append(f"{where}: unknown classes {unknown} (labels.classes is {classes})")
+            problems.append(f"{where}: unknown classes {unknown} ({classes_hint(classes, unknown)})")
         elif isinstance(text, str) and text.strip():
             out[row["file"]] = text.strip()
         elif named:
@@ -324,7 +324,8 @@ def _read_coco(directory: str, names: list[str], classes: list[str], keypoint_na
     class_of = {}
     for cat in coco.loadCats(coco.getCatIds()):
         if cat["name"] not in classes:
-            problems.append(f"{COCO_FILE}: category {cat['name']!r} (id {cat['id']}) is not in labels.classes {classes}")
+            problems.append(f"{COCO_FILE}: category {cat['name']!r} (id {cat['id']}) is not in "
+                            f"{classes_hint(classes, [cat['name']])}")
         else:
             class_of[cat["id"]] = classes.index(cat["name"])
     if keypoint_names is not None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from factory import storage, textfile
 from factory.config import PromptsConfig
+from factory.config.checks import classes_hint
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _check(rows: list[tuple[str, object, object]], source: str, known: list[str]
             continue
         unknown = [c for c in classes if known is not None and c not in known]
         if unknown:
-            problems.append(f"{where}: unknown classes {unknown} (labels are {known})")
+            problems.append(f"{where}: unknown classes {unknown} ({classes_hint(known, unknown)})")
             continue
         prompts.append(Prompt(len(prompts), text.strip(), tuple(classes)))
     if problems:
