@@ -147,8 +147,8 @@ def test_problems_with_many_classes_stay_short_and_a_misspelt_category_gets_its_
         json.dump(coco, f)
     with pytest.raises(AnnotationError) as err:
         annotate.import_labels(tiny_cfg)
-    assert err.value.problems == ["coco.json: category 'hiar' (id 3) is not in labels.classes: ids 0..254, "
-                                  "255 names; did you mean 'hair'?"]
+    assert err.value.problems == [("coco.json: category 'hiar' (id 3) is not in labels.classes: ids 0..254, "
+                                   "255 names; did you mean 'hair'?")]
     os.remove(os.path.join(out, "coco.json"))
     os.makedirs(os.path.join(out, "masks"), exist_ok=True)
     for name in names:
