@@ -90,3 +90,13 @@ def test_headless_chromium_renders_every_section(report, tmp_path):
     non_white = (pixels < 245).any(axis=2).mean()
     colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
     assert non_white > 0.05 and colours > 100, (non_white, colours)  # text, tables and images, not a blank page
+
+
+@pytest.mark.parametrize("scores", [[0.0], [0.25, 0.25, 0.25], [0.0, 0.1, 0.4]], ids=["one", "equal", "spread"])
+def test_the_uncertainty_histogram_spans_the_scores_and_never_goes_below_zero(scores):
+    from factory.dataset.stats import score_histogram
+
+    counts, edges = score_histogram(np.array(scores), bins=10)
+    assert counts.sum() == len(scores) and len(edges) == 11
+    assert edges[0] == min(scores) and edges[-1] >= max(scores) and (np.diff(edges) > 0).all()
+    assert counts[0] == sum(s == min(scores) for s in scores)

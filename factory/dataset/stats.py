@@ -31,3 +31,13 @@ def label_statistics(samples: Iterable[dict], labels: list[str], task: str) -> d
         counted += 1
     return {"keypoint_mean_score": {k: float(np.mean(v)) if v else None for k, v in scores.items()},
             "samples_counted": counted}
+
+
+def score_histogram(scores: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, edges) of the samples' uncertainty scores over their own range. Scores are never
+    negative; when they are all one value (one sample, or a decoder whose heads cannot disagree) the
+    bins start at it instead of straddling it (numpy's default range is value +- 0.5)."""
+    if not scores.size:
+        return np.zeros(bins, int), np.zeros(bins + 1)
+    low, high = float(scores.min()), float(scores.max())
+    return np.histogram(scores, bins=bins, range=(low, high if high > low else low + max(abs(low), 1.0) * 1e-3))

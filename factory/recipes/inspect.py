@@ -7,7 +7,7 @@ import numpy as np
 from factory import storage
 from factory.dataset import layout, read
 from factory.dataset import preview as preview_lib
-from factory.dataset.stats import label_statistics
+from factory.dataset.stats import label_statistics, score_histogram
 
 
 def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) -> dict:
@@ -27,7 +27,7 @@ def summarize(dataset: str, stat_samples: int = 2000, checksums: bool = True) ->
     scores = np.concatenate(
         [t.column("uncertainty").to_numpy() for t in read.shard_tables(dataset, ["uncertainty"])] or [np.zeros(0)]
     ) if not problems else np.zeros(0)
-    counts, edges = np.histogram(scores, bins=10) if scores.size else (np.zeros(10, int), np.zeros(11))
+    counts, edges = score_histogram(scores)
     summary = {
         "dataset": dataset,
         "name": manifest["name"],

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from factory import storage
 from factory.dataset import layout, read
 from factory.dataset import preview as preview_lib
+from factory.dataset.stats import score_histogram
 from factory.decoders.files import METRICS_FILE
 
 SECTIONS = ("overview", "preview", "classes", "uncertainty", "shards", "failures", "decoder")
@@ -76,7 +77,8 @@ def keypoint_bars(scores: dict[str, float | None]) -> str:
 def uncertainty_histogram(scores: np.ndarray, threshold: float | None) -> str:
     fig = Figure(figsize=(7, 3))
     ax = fig.subplots()
-    ax.hist(scores, bins=30, color="#4477aa", edgecolor="white")
+    counts, edges = score_histogram(scores, bins=30)
+    ax.stairs(counts, edges, fill=True, color="#4477aa")
     if threshold is not None:
         ax.axvline(threshold, color="#b00020", linestyle="--", label=f"filter threshold {threshold:.4f}")
         ax.legend()
