@@ -96,7 +96,7 @@ def test_skipped_images_are_left_out(tiny_cfg, labeled_dir):
     assert "00000004.png" not in labeled.files and len(labeled.files) == 7
 
 
-def test_coco_polygons_import(tiny_cfg):
+def test_coco_polygons_import(tiny_cfg, capfd):
     tiny_cfg.labels.classes = ["background", "green", "blue"]
     out = annotate.export_images(tiny_cfg)
     names = [e["file"] for e in _export(out)["images"]]
@@ -118,6 +118,7 @@ def test_coco_polygons_import(tiny_cfg):
     assert mask[12, 12] == tiny_cfg.labels.classes.index("blue")  # later annotation paints over
     assert mask[30, 30] == 0
     assert len(labeled.files) == 8  # images without annotations are labeled all background
+    assert "index" not in capfd.readouterr().out  # pycocotools' "creating index..." stays off the user's output
 
 
 def test_coco_unknown_category_is_named(tiny_cfg):

@@ -8,7 +8,9 @@ Every problem found is reported, each naming its file; nothing is written unless
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -383,7 +385,8 @@ def open_coco(path: str, problems: list[str]):
         return None
     coco = COCO()
     coco.dataset = data
-    coco.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco.createIndex()
     return coco
 
 
