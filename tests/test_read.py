@@ -93,6 +93,13 @@ def test_every_rank_takes_as_many_samples_and_none_twice(dataset, ranks, workers
     assert len(flat) == len(set(flat)) and sorted(flat) == ALL_KEYS[: len(flat)]
 
 
+def test_a_reader_left_with_nothing_to_read_says_so(dataset):
+    with pytest.warns(UserWarning, match=rf"{len(ALL_KEYS)} samples for {len(ALL_KEYS) + 1} ranks: every rank reads none"):
+        assert list(read.ShardDataset(dataset, rank=0, world_size=len(ALL_KEYS) + 1)) == []
+    with pytest.warns(UserWarning, match=r"0 samples scoring at most max_uncertainty=-1.0 for 1 ranks"):
+        read.ShardDataset(dataset, max_uncertainty=-1.0)
+
+
 def test_shuffle_is_deterministic_per_epoch_and_filtering_splits_what_is_kept(dataset):
     ds = read.ShardDataset(dataset, shuffle=True, seed=3)
     first = [m["key"] for _, _, m in ds]

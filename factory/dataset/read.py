@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -168,6 +169,11 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
         self.max_uncertainty, self.shuffle, self.seed, self.epoch = max_uncertainty, shuffle, seed, 0
         self.kept = kept_counts(self.url, self.manifest, max_uncertainty)
+        total = sum(self.kept.values())
+        if total < self.world_size:  # every rank takes total // world_size samples: none
+            kept = f" scoring at most max_uncertainty={max_uncertainty}" if max_uncertainty is not None else ""
+            warnings.warn(f"{self.url}: {total} samples{kept} for {self.world_size} ranks: every rank reads "
+                          "none (ranks take equal shares)", stacklevel=2)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
