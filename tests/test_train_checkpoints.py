@@ -72,6 +72,28 @@ def test_a_run_history_cut_short_is_refused_naming_it(tmp_path):
         check_run_history(run, "train")
 
 
+def test_a_run_fitted_on_other_inputs_is_refused_by_the_driver_from_its_record(tmp_path):
+    """The driver refuses other inputs before Ray Train starts its workers, from the record a finished
+    fit left; where there is no record (or no checkpoint history), the workers' check decides."""
+    from types import SimpleNamespace
+
+    from factory.recipes.ray_train import RUN_HISTORY, RUN_INPUTS, check_run_inputs
+
+    run = SimpleNamespace(storage_path=str(tmp_path), run_name="interpreter")
+    folder = tmp_path / "interpreter"
+    check_run_inputs("a", run, "train", "labeled set")  # a fresh run
+    folder.mkdir()
+    (folder / RUN_INPUTS).write_text('{"inputs_hash": "a"}')
+    check_run_inputs("b", run, "train", "labeled set")  # no checkpoint history: nothing to resume
+    (folder / RUN_HISTORY).write_text('{"checkpoint_results": []}')
+    check_run_inputs("a", run, "train", "labeled set")
+    with pytest.raises(TrainError, match=r"^run 'interpreter' in .* was fitted on different inputs \(labeled set\); "
+                                         r"choose a new train.run_name$"):
+        check_run_inputs("b", run, "train", "labeled set")
+    (folder / RUN_INPUTS).write_text('{"inputs_ha')
+    check_run_inputs("b", run, "train", "labeled set")  # unreadable: the workers check the checkpoint
+
+
 def test_the_root_cause_of_a_ray_train_failure_is_one_line():
     from factory.recipes.ray_train import root_cause
 

@@ -129,6 +129,10 @@ def fit(
 # --- Ray Train ----------------------------------------------------------------------------------
 
 
+INPUTS = "images, backbone architecture or pretrain settings"
+"""What `inputs_hash` covers, as messages name it."""
+
+
 def inputs_hash(cfg: FactoryConfig, data: ImageFolder) -> str:
     """What a checkpoint was trained on; resuming onto different inputs is refused."""
     p, b = cfg.pretrain, cfg.backbone
@@ -174,8 +178,7 @@ def _worker(loop_config: dict) -> None:
     expected = loop_config["inputs_hash"]
 
     def restore() -> dict | None:
-        return restore_state(expected, cfg.pretrain, "pretrain",
-                             "images, backbone architecture or pretrain settings", device)
+        return restore_state(expected, cfg.pretrain, "pretrain", INPUTS, device)
 
     def report(metrics: dict, recipe, step: int) -> None:
         def write(d: str) -> None:
@@ -225,6 +228,7 @@ def pretrain(cfg: FactoryConfig, command: str | None = None) -> dict:
         {"cfg": config_lib.to_dict(cfg), "data": asdict(data), "inputs_hash": inputs_hash(cfg, data)},
         p,
         "pretrain",
+        INPUTS,
     )
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
 

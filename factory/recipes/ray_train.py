@@ -46,14 +46,17 @@ class RunSettings(Protocol):
     max_failures: int
 
 
-def fit_on_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], run: RunSettings, section: str):
+def fit_on_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], run: RunSettings, section: str,
+               inputs: str):
     """Run `worker(loop_config)` on `run.num_workers` Ray Train workers; returns the `ray.train.Result`
     (its last checkpoint and metrics). A failed run, or one that reported no checkpoint, raises
-    TrainError. `section` names the config section in messages ("train", "pretrain")."""
+    TrainError. `section` names the config section in messages ("train", "pretrain"), `inputs` what
+    `loop_config["inputs_hash"]` covers (see `restore_state`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     check_run_history(run, section)
+    check_run_inputs(loop_config["inputs_hash"], run, section, inputs)
 
     if storage.is_local(run.storage_path):
         storage_path, storage_fs = storage.local_path(run.storage_path), None
@@ -86,6 +89,8 @@ def fit_on_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], run:
         raise TrainError(f"{section} failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise TrainError(f"{section} in {run.storage_path}/{run.run_name} produced no checkpoint")
+    storage.write_json(storage.join(run.storage_path, run.run_name, RUN_INPUTS),
+                       {"inputs_hash": loop_config["inputs_hash"]})
     return result
 
 
@@ -104,6 +109,33 @@ def check_run_history(run: RunSettings, section: str) -> None:
     except ValueError:
         raise TrainError(f"{url} is cut short (written while the disk was full or the run died): delete it to "
                          f"restart the run from step 0, or choose a new {section}.run_name") from None
+
+
+RUN_INPUTS = "factory_inputs.json"
+"""The inputs hash of a run's checkpoints, written by the driver after a fit that succeeded (its
+workers checked the checkpoints against it), so the next run's driver can refuse other inputs before
+Ray Train starts its workers."""
+
+
+def check_run_inputs(expected_inputs: str, run: RunSettings, section: str, inputs: str) -> None:
+    """In the driver: refuse a run whose recorded checkpoints were fitted on other inputs, before any
+    worker starts. Without a record (a run that never finished a fit) the workers' `restore_state`
+    is the check, as it always is."""
+    root = storage.join(run.storage_path, run.run_name)
+    url = storage.join(root, RUN_INPUTS)
+    if not (storage.exists(url) and storage.exists(storage.join(root, RUN_HISTORY))):
+        return
+    try:
+        recorded = json.loads(storage.read_bytes(url)).get("inputs_hash")
+    except (ValueError, AttributeError):
+        return  # unreadable: the workers check the checkpoint itself
+    if recorded != expected_inputs:
+        raise different_inputs(run, section, inputs)
+
+
+def different_inputs(run: RunSettings, section: str, inputs: str) -> TrainError:
+    return TrainError(f"run {run.run_name!r} in {run.storage_path} was fitted on different inputs ({inputs}); "
+                      f"choose a new {section}.run_name")
 
 
 def root_cause(e: BaseException) -> str:
@@ -134,10 +166,7 @@ def restore_state(expected_inputs: str, run: RunSettings, section: str, inputs: 
         verify_checkpoint(d, f"{run.storage_path}/{run.run_name}")
         state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
     if state["inputs_hash"] != expected_inputs:
-        raise TrainError(
-            f"run {run.run_name!r} in {run.storage_path} was fitted on different inputs ({inputs}); "
-            f"choose a new {section}.run_name"
-        )
+        raise different_inputs(run, section, inputs)
     return state
 
 

@@ -42,6 +42,10 @@ from factory.recipes.ray_train import (
 log = logging.getLogger(__name__)
 
 
+INPUTS = "labeled set, backbone, decoder or train settings"
+"""What `inputs_hash` covers, as messages name it."""
+
+
 def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
     """What a checkpoint was fitted on; resuming onto different inputs is refused."""
     labeled_sha = safetensors_fingerprint(labeled_path)
@@ -192,8 +196,7 @@ def _worker(loop_config: dict) -> None:
     expected_inputs = loop_config["inputs_hash"]
 
     def restore(model, optimizer) -> int:
-        state = restore_state(expected_inputs, cfg.train, "train",
-                              "labeled set, backbone, decoder or train settings", device)
+        state = restore_state(expected_inputs, cfg.train, "train", INPUTS, device)
         if state is None:
             return 0
         unwrap(model).load_state_dict(state["model"])
@@ -275,6 +278,7 @@ def train(cfg: FactoryConfig, checked: tuple | None = None) -> dict[str, float]:
         },
         cfg.train,
         "train",
+        INPUTS,
     )
 
     # 3. Publish the decoder from the last checkpoint, the weights last (readers take a folder
