@@ -19,6 +19,14 @@ _CONFIG_HELP = "YAML config file (see configs/); its values overlay the built-in
 _OVERRIDES_HELP = "config overrides as key=value, e.g. train.steps=200 generate.num_samples=5000"
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="factory",
@@ -134,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         "instances, keypoints, depth and prompts, in the layout `factory labels import` reads.",
     )
     tw.add_argument("folder", help="where to write images/, masks/, depth/, instances.json, prompts.jsonl")
-    tw.add_argument("--num-images", type=int, default=100, help="scenes to render (default 100)")
+    tw.add_argument("--num-images", type=_positive_int, default=100, help="scenes to render (default 100)")
     tw.add_argument("--start-seed", type=int, default=0, help="seed of the first scene (default 0)")
     tw.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
 
@@ -177,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
                    "for the newest published version under a nightly root")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--preview", default=None, help="where to write the preview PNG (default DATASET/preview.png)")
-    i.add_argument("--samples", type=int, default=2000, help="samples read for label statistics (default 2000)")
+    i.add_argument("--samples", type=_positive_int, default=2000, help="samples read for label statistics (default 2000)")
     i.add_argument("--no-verify", action="store_true",
                    help="check file sizes only, not every file's sha256 against its completion record")
     i.add_argument("--html", default=None, metavar="OUT.html",
@@ -352,6 +360,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(inspect.format_summary(summary))
+        if args.html and summary.get("in_progress"):
+            print(f"report    not written: {dataset} is not finished (no manifest.json yet)")
         if "preview" in summary:
             print(f"preview   {summary['preview']}")
         if "report" in summary:

@@ -156,6 +156,17 @@ def _require_bucket(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
     _known_buckets.add((_settings.endpoint_url, bucket))
 
 
+@_errors
+def require_location(url: str) -> None:
+    """Raise naming what is missing when `url` does not exist: its bucket (on an object store, where
+    `exists` answers False for a missing bucket as for a missing key) or the location itself."""
+    fs, path = filesystem(url)
+    if "s3" in fs.protocol:
+        _require_bucket(fs, path, url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url} does not exist")
+
+
 def _makedirs(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
     if "s3" in fs.protocol:
         _require_bucket(fs, path, url)
@@ -222,6 +233,8 @@ def publish(url: str) -> Iterator[str]:
     name behind, which resume ignores and overwrites.
     """
     fs, path = filesystem(url)  # `path` is absolute (a local name alone is in the working folder)
+    if isinstance(fs, LocalFileSystem) and os.path.isdir(path):  # the move would put the file inside it
+        raise StorageError(f"{url} is a folder; give a file name")
     parent = path.rsplit("/", 1)[0]
     tmp = f"{parent}/{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
     _makedirs(fs, parent, url)

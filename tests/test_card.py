@@ -2,7 +2,9 @@
 reads with no arguments, with provenance, label statistics, the filter and the weights' licence
 (non-commercial for weights from an official NVIDIA pickle, a warning when unknown)."""
 
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -22,11 +24,15 @@ from factory.recipes.dataset_card import publish_card
 from factory.recipes.labeling import build_shard
 
 
-def build(work, formats: str, *overrides: str, build_hash: str = "b" * 64):
-    """Two shards built without Ray and the card published as `generate` does (manifest last)."""
+def build(work, formats: str, *overrides: str, build_hash: str = "b" * 64, metrics: dict | None = None):
+    """Two shards built without Ray and the card published as `generate` does (manifest last);
+    `metrics`: a metrics.json beside the decoder, as `factory train` writes."""
     cfg = load_config(None, [f"workdir={work}", "decoder.num_heads=2", "generate.batch_size=5",
                              f"generate.formats=[{formats}]", *overrides])
     backbone = save_untrained_decoder(cfg)
+    if metrics is not None:
+        with open(os.path.join(cfg.generate.decoder, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
     decoder = load_decoder(cfg.generate.decoder)
     out = cfg.generate.output
     layout.prepare_output(out, "build", {}, overwrite=False)
@@ -258,13 +264,32 @@ def test_a_diffusion_dataset_card_has_depth_and_its_pipeline(tmp_path, hf_offlin
 def test_the_filter_section_says_what_was_dropped_and_when_scores_cannot_rank():
     calibration = {"drop_fraction": 0.1, "threshold": 0.0, "num_scored": 32,
                    "score_quantiles": {"p10": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}}
-    flat = "\n".join(card.filter_section({"calibration": calibration, "num_generated": 32, "num_samples": 32}))
+    alike = {"calibration": calibration, "num_generated": 32, "num_samples": 32}
+    flat = "\n".join(card.filter_section(alike))
     assert "do not vary" in flat and "no sample was dropped" in flat and "most uncertain samples were dropped" not in flat
+    assert card.filter_sentence(alike).startswith("Nothing was dropped: the scores of the first 32 seeds do not vary")
     ranked = {**calibration, "threshold": 0.25, "score_quantiles": {"p10": 0.1, "p50": 0.2, "p90": 0.25, "p99": 0.3}}
     text = "\n".join(card.filter_section({"calibration": ranked, "num_generated": 40, "num_samples": 36}))
     assert "The 10% most uncertain samples were dropped (4 of 40)" in text
+    assert card.filter_sentence({"calibration": ranked, "num_generated": 40, "num_samples": 36}) == (
+        "The 10% most uncertain samples were dropped (4 of 40): scores above 0.25000, calibrated on 32 seeds.")
+    assert card.filter_sentence({"calibration": None, "num_generated": 4, "num_samples": 4}).startswith("Nothing")
 
 
 def test_the_reading_snippets_name_a_file_url_by_its_path():
     text = "\n".join(card.reading_section({"formats": ["parquet"]}, "file:///data/my ds"))
     assert 'datasets.load_dataset("/data/my ds", split="train")' in text and "file://" not in text
+    assert 'ray_dataset("/data/my ds")' in text
+
+
+def test_a_card_does_not_offer_the_tar_loader_that_fails_on_an_empty_first_tar():
+    shards = [{"count": 0}, {"count": 5}]
+    text = "\n".join(card.reading_section({"formats": ["parquet", "webdataset"], "shards": shards}, "/data/ds"))
+    assert 'load_dataset("webdataset"' not in text and "left the first tar here empty" in text
+    text = "\n".join(card.reading_section({"formats": ["parquet", "webdataset"], "shards": shards[::-1]}, "/data/ds"))
+    assert 'datasets.load_dataset("webdataset", data_files="/data/ds/webdataset/*.tar")' in text
+
+
+def test_a_webdataset_only_card_gives_the_ray_reader_its_format():
+    text = "\n".join(card.reading_section({"formats": ["webdataset"]}, "/data/ds"))
+    assert 'ray_dataset("/data/ds", format="webdataset")' in text and 'ray_dataset("/data/ds")' not in text

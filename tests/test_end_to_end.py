@@ -160,7 +160,7 @@ def test_inspect_summarizes_and_draws(built, capsys):
         assert im.width >= 4 * 256 and im.mode == "RGB"
     assert main(["inspect", str(work / "dataset")]) == 0
     text = capsys.readouterr().out
-    assert "kept of 120 generated" in text and "dropped the 10% most uncertain" in text
+    assert "kept of 120 generated" in text and "The 10% most uncertain samples were dropped" in text
 
 
 def test_inspect_reports_missing_files_and_unfinished_builds(built, tmp_path, capsys):
@@ -175,9 +175,10 @@ def test_inspect_reports_missing_files_and_unfinished_builds(built, tmp_path, ca
     assert summary["missing_files"] == ["webdataset/shard-00002.tar"] and not summary["complete"]
     (copy / "manifest.json").unlink()  # as a build that is still running, or was killed
     (copy / "_stats" / "shard-00001.json").unlink()
-    assert main(["inspect", str(copy)]) == 1
+    assert main(["inspect", str(copy), "--html", str(tmp_path / "report.html")]) == 1
     out = capsys.readouterr().out
     assert "NO MANIFEST" in out and "2 of 3 shards done" in out and "missing   shard-00001" in out
+    assert "report    not written" in out and not (tmp_path / "report.html").exists()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -190,6 +191,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "num_sampels" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path)]) == 2
     assert "manifest.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main(["inspect", str(tmp_path), "--samples", "0"])
+    assert e.value.code == 2 and "--samples: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def _load_job(name):

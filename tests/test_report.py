@@ -25,15 +25,19 @@ def pages(tmp_path_factory):
     """A two-shard dataset with a decoder metrics.json: its report, then the report after one shard's
     tar was deleted."""
     work = tmp_path_factory.mktemp("report")
-    cfg, out = build(work, "parquet,webdataset")
-    with open(os.path.join(cfg.generate.decoder, "metrics.json"), "w") as f:
-        json.dump({"metrics": {"val_miou": 0.4321, "step": 20}, "val_images": 2,
-                   "labeled_set": {"path": "labeled.safetensors", "fingerprint": "f" * 64, "images": 8}}, f)
-    page, damaged = str(work / "report.html"), str(work / "damaged.html")
+    cfg, out = build(work, "parquet,webdataset", metrics={
+        "metrics": {"val_miou": 0.4321, "step": 20}, "val_images": 2,
+        "labeled_set": {"path": "labeled.safetensors", "fingerprint": "f" * 64, "images": 8}})
+    with open(os.path.join(cfg.generate.decoder, "metrics.json"), "w") as f:  # re-trained after the build
+        json.dump({"metrics": {"val_miou": 0.9876, "step": 40}, "val_images": 2}, f)
+    page, damaged, broken = (str(work / f"{name}.html") for name in ("report", "damaged", "broken"))
     assert main(["inspect", out, "--html", page]) == 0
     os.remove(os.path.join(out, "webdataset", "shard-00001.tar"))
     assert main(["inspect", out, "--html", damaged]) == 1  # incomplete: a file is missing
-    return page, damaged
+    with open(os.path.join(out, "parquet", "shard-00000.parquet"), "r+b") as f:
+        f.truncate(1000)
+    assert main(["inspect", out, "--html", broken]) == 1
+    return page, damaged, broken
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,10 @@ def test_the_page_is_self_contained_with_every_section(report):
     for data in images:
         with Image.open(io.BytesIO(base64.b64decode(data))) as im:
             assert im.width > 100 and im.height > 100
-    assert "0.4321" in text and "val_miou" in text  # decoder metrics
+    assert "0.4321" in text and "val_miou" in text and "0.9876" not in text  # the metrics the build recorded
+    assert "As recorded when this dataset was built" in text
     assert "scores above 0.25000, calibrated on 10 seeds" in text  # the filter beside its histogram
+    assert "No failed shards, no missing or damaged files." in text
     assert "0: background" in text and "1: blue" in text  # the legend
 
 
@@ -64,6 +70,14 @@ def test_a_damaged_dataset_gets_a_report_naming_the_damage_without_reading_sampl
     assert "webdataset/shard-00001.tar" in text and "INCOMPLETE" in text  # the missing file is shown
     assert "no samples were read" in text and 'alt="preview"' not in text
     assert "0.4321" in text  # the decoder's metrics still
+
+
+def test_a_truncated_shard_is_named_in_the_failures_section(pages):
+    with open(pages[2]) as f:
+        text = f.read()
+    failures = text.split('<section id="failures">')[1].split("</section>")[0]
+    assert "parquet/shard-00000.parquet" in failures and "broken" in failures and "has 1000 bytes" in failures
+    assert "No failed shards" not in text
 
 
 def chromium(*args: str, cwd: str) -> subprocess.CompletedProcess:
@@ -100,3 +114,11 @@ def test_the_uncertainty_histogram_spans_the_scores_and_never_goes_below_zero(sc
     assert counts.sum() == len(scores) and len(edges) == 11
     assert edges[0] == min(scores) and edges[-1] >= max(scores) and (np.diff(edges) > 0).all()
     assert counts[0] == sum(s == min(scores) for s in scores)
+
+
+def test_a_build_that_recorded_no_decoder_metrics_shows_the_decoder_folder_s_marked_as_read_now(tmp_path):
+    from factory.recipes.report import decoder_metrics
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {"val_miou": 0.5}, "val_images": 1}))
+    got = decoder_metrics({"config": {"generate": {"decoder": str(tmp_path)}}})
+    assert got["metrics"] == {"val_miou": 0.5} and got["read_now"] == str(tmp_path)

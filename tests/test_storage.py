@@ -76,6 +76,28 @@ def test_a_bare_file_name_is_written_in_the_working_folder(tmp_path, monkeypatch
         "report.html"]
 
 
+def test_a_file_written_over_a_folder_is_refused_naming_it(tmp_path):
+    """`factory inspect DS --html out/`: the report went inside the folder under a temporary name."""
+    (tmp_path / "out").mkdir()
+    with pytest.raises(storage.StorageError, match=r"out is a folder; give a file name"):
+        storage.write_bytes(str(tmp_path / "out"), b"<html></html>")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_dataset_that_is_not_there_is_named_as_missing_not_as_unfinished(tmp_path, s3_bucket):
+    from factory.dataset import layout
+
+    with pytest.raises(FileNotFoundError, match=r"nope does not exist$"):
+        layout.read_manifest(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no manifest.json: not a finished factory dataset"):
+        layout.read_manifest(str(tmp_path / "empty"))
+    with pytest.raises(storage.StorageError, match=r"bucket 'no-such-bucket-x' does not exist \(for s3://no-such-bucket-x/ds\)"):
+        layout.read_manifest("s3://no-such-bucket-x/ds")
+    with pytest.raises(FileNotFoundError, match=r"/ds does not exist$"):
+        layout.read_manifest(f"{s3_bucket}/ds")
+
+
 @pytest.mark.parametrize("url", ["s3://AKIAEXAMPLE:se/cr+et@bucket/data", "s3://AKIAEXAMPLE:secret@bucket/data",
                                  "s3://someone@bucket/data"])
 def test_credentials_in_a_url_are_refused_without_repeating_them(url):

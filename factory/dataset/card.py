@@ -231,6 +231,28 @@ def provenance_section(manifest: dict, p: dict) -> list[str]:
              "| what | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""])
 
 
+def scores_alike(manifest: dict) -> bool:
+    """The filter was asked to drop samples but the calibration scores do not vary (a one-head
+    decoder, or one without a segmentation head): nothing to rank by, nothing dropped."""
+    c = manifest.get("calibration")
+    q = (c or {}).get("score_quantiles", {})
+    return bool(c and q and manifest["num_generated"] == manifest["num_samples"]
+                and q.get("p10") == q.get("p99") == c["threshold"])
+
+
+def filter_sentence(manifest: dict) -> str:
+    """What the uncertainty filter did, in one plain sentence (`factory inspect`, the HTML report)."""
+    c = manifest.get("calibration")
+    if not c:
+        return "Nothing was dropped (generate.drop_uncertain=0)."
+    if scores_alike(manifest):
+        return (f"Nothing was dropped: the scores of the first {c['num_scored']:,} seeds do not vary (all "
+                f"{c['threshold']:.5f}), so this decoder has no disagreement to rank samples by.")
+    dropped = manifest["num_generated"] - manifest["num_samples"]
+    return (f"The {c['drop_fraction']:.0%} most uncertain samples were dropped ({dropped:,} of "
+            f"{manifest['num_generated']:,}): scores above {c['threshold']:.5f}, calibrated on {c['num_scored']:,} seeds.")
+
+
 def filter_section(manifest: dict) -> list[str]:
     c = manifest.get("calibration")
     lines = ["## Uncertainty filter", ""]
@@ -239,7 +261,7 @@ def filter_section(manifest: dict) -> list[str]:
                         "`uncertainty` score, so you can filter yourself.", ""]
     q = c.get("score_quantiles", {})
     dropped = manifest["num_generated"] - manifest["num_samples"]
-    if dropped == 0 and q and q.get("p10") == q.get("p99") == c["threshold"]:  # scores alike: nothing to rank by
+    if scores_alike(manifest):
         return lines + [(
             f"`generate.drop_uncertain={c['drop_fraction']}` asked to drop the most uncertain samples, but the scores "
             f"of the first {c['num_scored']:,} seeds do not vary (10th to 99th percentile all {c['threshold']:.5f}): "
@@ -262,7 +284,8 @@ def reading_section(manifest: dict, where: str) -> list[str]:
     lines = ["## How to read it", "", "With factory installed (`ShardDataset` works on a local folder or `s3://`):", "",
              "```python", "from torch.utils.data import DataLoader", "from factory.dataset.read import ShardDataset, ray_dataset",
              "", f"loader = DataLoader(ShardDataset({q}, shuffle=True), batch_size=32)  # (image, mask, meta)",
-             f"ds = ray_dataset({q})  # a ray.data.Dataset of the Parquet rows", "```", "",
+             (f"ds = ray_dataset({q})  # a ray.data.Dataset of the Parquet rows" if "parquet" in formats else
+              f'ds = ray_dataset({q}, format="webdataset")  # a ray.data.Dataset of the tars\' samples'), "```", "",
              "With the Hugging Face `datasets` library (this card's front matter tells it where the data is):", "",
              "```python", "import datasets", "", f'ds = datasets.load_dataset({q}, split="train")']
     if "parquet" in formats:
@@ -278,7 +301,12 @@ def reading_section(manifest: dict, where: str) -> list[str]:
                   "def as_stored(data):", "    return np.asarray(PIL.Image.open(io.BytesIO(data)))", "",
                   f"ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False).decode(",
                   '    wds.handle_extension("seg.png depth.png inst.png", as_stored), "rgb8")', "```", ""]
-        if "parquet" in formats:
+        first = (manifest.get("shards") or [{}])[0]
+        if "parquet" in formats and first.get("count") == 0:  # datasets infers the columns from the first tar
+            lines += ["`datasets` reads one format per folder, the Parquet shards here; its `webdataset` loader "
+                      "infers a tar's columns from the first tar's samples, and the filter left the first tar here "
+                      "empty: read the tars with webdataset as above, or `ShardDataset(..., format=\"webdataset\")`.", ""]
+        elif "parquet" in formats:
             lines += ["`datasets` reads one format per folder, the Parquet shards here; for the tars: "
                       f'`datasets.load_dataset("webdataset", data_files={tars})`.', ""]
     lines += ["Files: `parquet/shard-NNNNN.parquet` (one row per sample), `webdataset/shard-NNNNN.tar` (+ "

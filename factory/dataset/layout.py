@@ -245,6 +245,7 @@ def write_manifest(output: str, manifest: dict) -> None:
 def read_manifest(output: str) -> dict:
     url = storage.join(output, MANIFEST)
     if not storage.exists(url):
+        storage.require_location(output)  # a missing folder or bucket is named as such
         raise FileNotFoundError(f"{output} has no {MANIFEST}: not a finished factory dataset")
     manifest = storage.read_json(url)
     if manifest.get("format") != FORMAT:

@@ -28,7 +28,7 @@ def decoder_record(url: str) -> dict:
     metrics_url = storage.join(url, METRICS_FILE)
     trained = storage.read_json(metrics_url) if storage.exists(metrics_url) else {}
     return {"url": url, "sha256": sha, "kind": kind, "metrics": trained.get("metrics"),
-            "labeled_set": trained.get("labeled_set")}
+            "val_images": trained.get("val_images"), "labeled_set": trained.get("labeled_set")}
 
 
 def provenance(cfg: FactoryConfig, command: str | None) -> dict:
@@ -44,9 +44,11 @@ def provenance(cfg: FactoryConfig, command: str | None) -> dict:
 
 def publish_card(cfg: FactoryConfig, manifest: dict, command: str | None = None) -> str:
     """Write preview.png and README.md for the complete build `manifest` describes (not yet
-    published: its shards are read through it). Warns when the weights' licence is unknown."""
+    published: its shards are read through it), and record what made the data in the manifest as
+    `provenance` (the card's numbers, kept for the report and other clients: a decoder re-trained
+    later does not change what built this data). Warns when the weights' licence is unknown."""
     out, c = cfg.generate.output, cfg.card
-    p = provenance(cfg, command)
+    p = manifest["provenance"] = provenance(cfg, command)
     licence = card.weights_license(p["backbone"], c.weights_license)
     if not licence["known"]:
         log.warning("the licence of backbone weights %s is unknown: set card.weights_license (the dataset "

@@ -7,6 +7,7 @@ import numpy as np
 from factory import storage
 from factory.dataset import layout, read
 from factory.dataset import preview as preview_lib
+from factory.dataset.card import filter_sentence
 from factory.dataset.stats import label_statistics, score_histogram
 
 
@@ -105,10 +106,7 @@ def format_summary(s: dict) -> str:
         f"({', '.join(s['formats'])}), {s['bytes'] / 1e6:.1f} MB, {'complete' if s['complete'] else 'INCOMPLETE'}",
         f"config    {s['config_hash'][:16]}  (factory {s['package_version']})",
     ]
-    if s["calibration"]:
-        c = s["calibration"]
-        lines.append(f"filter    dropped the {c['drop_fraction']:.0%} most uncertain: scores above "
-                     f"{c['threshold']:.5f} (calibrated on {c['num_scored']} seeds)")
+    lines.append(f"filter    {filter_sentence(s)}")
     for f in s["failed_shards"]:
         lines.append(f"FAILED    {f['name']}: {f['error']}")
     for path in s["missing_files"]:

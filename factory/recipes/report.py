@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from factory import storage
 from factory.dataset import layout, read
 from factory.dataset import preview as preview_lib
+from factory.dataset.card import filter_sentence
 from factory.dataset.stats import score_histogram
 from factory.decoders.files import METRICS_FILE
 
@@ -121,13 +122,20 @@ def table(rows: list[tuple], header: tuple | None = None) -> str:
 
 
 def decoder_metrics(manifest: dict) -> dict | None:
-    """metrics.json beside the decoder that made the dataset, if it can be read from here."""
+    """The metrics of the decoder that made the dataset, as its build recorded them (`provenance`);
+    for a manifest without that record (a build made before manifests kept it), the metrics.json
+    beside the decoder now, if it can be read from here, marked `read_now`."""
+    recorded = manifest.get("provenance")
+    if recorded:
+        d = recorded["decoder"]
+        return {"metrics": d.get("metrics") or {}, "val_images": d.get("val_images"),
+                "labeled_set": recorded.get("labeled_set"), "sha256": d.get("sha256")}
     url = manifest.get("config", {}).get("generate", {}).get("decoder")
     if not url:
         return None
     try:
         path = storage.join(url, METRICS_FILE)
-        return storage.read_json(path) if storage.exists(path) else None
+        return {**storage.read_json(path), "read_now": url} if storage.exists(path) else None
     except (OSError, ValueError):  # a decoder on storage this machine cannot reach
         return None
 
@@ -137,6 +145,7 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
     manifest = layout.read_manifest(dataset)
     labels = layout.task_labels(manifest)  # the legend's: classes, or a keypoints dataset's keypoints
     task = manifest["task"]
+    tasks = manifest.get("tasks") or [task]
     colors = preview_lib.palette(max(len(labels), 2))
     damage = len(summary.get("missing_files", [])) + len(summary.get("broken_files", []))
     # no samples are read from a dataset whose files do not match their records (see Failures)
@@ -147,7 +156,8 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
     # overview
     state = Markup('<span class="ok">complete</span>') if summary["complete"] else Markup('<span class="bad">INCOMPLETE</span>')
     parts.append('<section id="overview"><h2>Overview</h2>' + table([
-        ("dataset", dataset), ("task", task), ("labels", ", ".join(manifest["labels"])),
+        ("dataset", dataset), ("tasks", " + ".join(tasks)),
+        *([("classes", ", ".join(manifest["labels"]))] if {"segmentation", "instances"} & set(tasks) else []),
         *([("keypoints", ", ".join(manifest["keypoints"]))] if manifest.get("keypoints") else []), ("status", state),
         ("samples", f"{manifest['num_samples']:,} kept of {manifest['num_generated']:,} generated"),
         ("shards", f"{manifest['num_shards']} ({', '.join(manifest['formats'])})"),
@@ -181,9 +191,7 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
     # uncertainty
     c = manifest.get("calibration")
     threshold = c["threshold"] if c else None
-    note = (f"The {c['drop_fraction']:.0%} most uncertain samples were dropped (scores above {c['threshold']:.5f}, "
-            f"calibrated on {c['num_scored']:,} seeds): {manifest['num_generated'] - manifest['num_samples']:,} "
-            "samples." if c else "Nothing was dropped.")
+    note = filter_sentence(manifest)
     if unread:
         plot = f"<p>{html.escape(unread)}</p>"
     else:
@@ -199,27 +207,38 @@ def render(dataset: str, summary: dict, preview_samples: int = 16) -> str:
              f"{r['uncertainty']['mean']:.4f}") for r in records]
     plot = f'<img alt="shard timings" src="{shard_timings(records)}">' if records else ""
     parts.append('<section id="shards"><h2>Shards</h2>' + table(
-        rows, ("shard", "seeds", "generated", "dropped", "kept", "MB", "seconds", "mean uncertainty")) + plot + "</section>")
+        rows, ("shard", "seeds", "generated", "dropped", "kept", "MB", "seconds", "mean uncertainty (all generated)"))
+        + plot + "</section>")
 
     # failures
     failed = summary["failed_shards"]
     missing = summary["missing_files"]
-    if failed or missing:
+    broken = summary.get("broken_files", [])
+    if failed or missing or broken:
+        rebuild = "re-run `factory generate` with the same config to rebuild its shard"
         body = table([(f["name"], Markup('<span class="bad">failed</span>'), f["error"]) for f in failed]
-                     + [(p, Markup('<span class="bad">missing</span>'), "listed in the manifest, not in storage")
-                        for p in missing], ("shard / file", "state", "why"))
+                     + [(p, Markup('<span class="bad">missing</span>'), f"listed in the manifest, not in storage; {rebuild}")
+                        for p in missing]
+                     + [(p.split(" ", 1)[0], Markup('<span class="bad">broken</span>'), f"{p.split(' ', 1)[-1]}; {rebuild}")
+                        for p in broken], ("shard / file", "state", "why"))
     else:
-        body = '<p class="ok">No failed shards and no missing files.</p>'
-    parts.append(f'<section id="failures"><h2>Failed or missing</h2>{body}</section>')
+        body = '<p class="ok">No failed shards, no missing or damaged files.</p>'
+    parts.append(f'<section id="failures"><h2>Failed, missing or damaged</h2>{body}</section>')
 
     # decoder
     trained = decoder_metrics(manifest)
     if trained:
-        rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in trained.get("metrics", {}).items()]
+        rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (trained.get("metrics") or {}).items()]
         labeled = trained.get("labeled_set") or {}
-        rows += [("labeled set", f"{labeled.get('path')} ({labeled.get('images')} images, fingerprint "
-                                 f"{str(labeled.get('fingerprint'))[:16]})"), ("validation images", trained.get("val_images"))]
-        body = table(rows, ("metric", "value"))
+        if labeled:
+            rows.append(("labeled set", f"{labeled.get('path')} ({labeled.get('images', '?')} images, fingerprint "
+                                        f"{str(labeled.get('fingerprint'))[:16]})"))
+        rows.append(("validation images", trained.get("val_images")))
+        if trained.get("sha256"):
+            rows.append(("decoder weights sha256", trained["sha256"]))
+        when = (f"Read now from {trained['read_now']}: this build did not record them, and the decoder may have "
+                "been re-trained since." if trained.get("read_now") else "As recorded when this dataset was built.")
+        body = f"<p>{html.escape(when)}</p>" + table(rows, ("metric", "value"))
     else:
         body = "<p>Not available: the decoder's metrics.json cannot be read from here.</p>"
     parts.append(f'<section id="decoder"><h2>Decoder metrics</h2>{body}</section>')
