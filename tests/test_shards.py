@@ -107,11 +107,14 @@ def test_output_claim_refuses_another_config(tmp_path):
     assert layout.read_completion(out, layout.ShardSpec(0, 0, 1)) is None
 
 
-def test_output_claim_refuses_a_foreign_folder(tmp_path):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_claim_refuses_a_foreign_folder_even_when_overwriting(tmp_path, overwrite):
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a factory dataset"):
-        layout.prepare_output(str(tmp_path), "h", {}, overwrite=False)
-    assert (tmp_path / "precious.txt").exists()
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(FileExistsError, match=r"not a factory dataset \(it holds photos, precious.txt; no build.json\)"
+                                              r".*never another folder"):
+        layout.prepare_output(str(tmp_path), "h", {}, overwrite=overwrite)
+    assert (tmp_path / "precious.txt").read_text() == "keep me" and (tmp_path / "photos").is_dir()
 
 
 def test_manifest_errors_name_the_dataset(tmp_path):

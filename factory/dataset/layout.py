@@ -207,7 +207,8 @@ def write_completion(output: str, shard: ShardSpec, record: dict) -> None:
 
 
 def prepare_output(output: str, build_hash: str, resolved_config: dict, overwrite: bool) -> None:
-    """Claim `output` for this build; refuse one started from a different config unless overwriting."""
+    """Claim `output` for this build; refuse one started from a different config unless overwriting.
+    A folder that is not a factory dataset is never cleared, overwrite or not: it may be anything."""
     url = storage.join(output, BUILD_RECORD)
     if storage.exists(url):
         previous = storage.read_json(url)
@@ -221,12 +222,12 @@ def prepare_output(output: str, build_hash: str, resolved_config: dict, overwrit
             )
         _clear(output)
     elif storage.exists(output) and set(storage.listdir(output)) - PRE_BUILD_FILES:
-        if not overwrite:
-            raise FileExistsError(
-                f"{output} exists and is not a factory dataset; choose another generate.output "
-                "or pass generate.overwrite=true"
-            )
-        _clear(output)
+        found = sorted(set(storage.listdir(output)) - PRE_BUILD_FILES)
+        raise FileExistsError(
+            f"{output} exists and is not a factory dataset (it holds {', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}; no {BUILD_RECORD}); choose another generate.output "
+            "(generate.overwrite replaces only a factory dataset, never another folder)"
+        )
     storage.makedirs(output)
     storage.write_json(url, {"format": FORMAT, "build_hash": build_hash, "config": resolved_config})
 
