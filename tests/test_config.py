@@ -102,3 +102,35 @@ def test_a_byte_order_mark_in_the_config_file_is_accepted(tmp_path):
     path = tmp_path / "bom.yaml"
     path.write_bytes(b"\xef\xbb\xbfname: bom\n")
     assert load_config(str(path)).name == "bom"
+
+
+def _float_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of the config whose type is a float (or float | None), found from the dataclasses."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _float_keys(hint, f"{prefix}{f.name}.")
+        elif hint is float or float in typing.get_args(hint):
+            keys.append(prefix + f.name)
+    return keys
+
+
+FLOAT_KEYS = _float_keys(FactoryConfig)
+
+
+def test_the_float_keys_are_found():
+    assert {"backbone.diffusion.guidance_scale", "train.lr", "labels.depth_scale", "generate.drop_uncertain",
+            "backbone.stylegan2.conv_clamp", "pretrain.flow_shift"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_refuses_nan_and_infinity(key, value):
+    """NaN passes no comparison and inf every lower bound: inf guidance gave black images, NaN
+    features and a NaN drop threshold, with exit 0."""
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')} must .*got {value}$"):
+        load_config(None, [f"{key}={value}"])

@@ -125,7 +125,7 @@ def test_a_corrupted_finished_shard_is_caught_and_rebuilt(built, tmp_path, capsy
 def test_train_rerun_resumes_from_its_checkpoint(built):
     from factory.config import load_config
     from factory.fingerprint import safetensors_fingerprint
-    from factory.recipes.ray_train import TrainError
+    from factory.config import ConfigError
     from factory.recipes.train import train
 
     work, args = built
@@ -138,7 +138,7 @@ def test_train_rerun_resumes_from_its_checkpoint(built):
     more = train(load_config(args[0], ["train.steps=90"]))  # continues from step 60, not from 0
     assert more["start_step"] == 60 and more["step"] == 90
     assert safetensors_fingerprint(decoder) != before
-    with pytest.raises(TrainError, match="^run 'interpreter' .* different inputs"):  # from the driver, no worker started
+    with pytest.raises(ConfigError, match="^run 'interpreter' .* other inputs: train.lr changed since"):  # the driver's
         train(load_config(args[0], ["train.lr=0.01"]))
 
 

@@ -68,6 +68,16 @@ def test_invert_gives_the_features_a_decoder_reads(backbone):
         backbone.invert(real.astype(np.float32), None, [7, 8, 9])
 
 
+def test_invert_warns_for_an_image_its_projection_cannot_redraw(backbone, caplog):
+    real, _ = toyworld.arrays([1_000_000, 1_000_001], 32)
+    noise = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    with caplog.at_level("INFO", logger="factory.backbones.gan"):
+        backbone.invert(np.concatenate([real, noise]), None, [7, 8, 9])
+    poor = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(poor) == 1 and poor[0].startswith("image 2 is redrawn poorly by its projection (PSNR")
+    assert any(r.getMessage().startswith("projected 3 images into W+: PSNR") for r in caplog.records)
+
+
 @pytest.mark.parametrize(("override", "named"), [("backbone.inversion_steps=0", "backbone.inversion_steps"),
                                                  ("backbone.inversion_lr=0", "backbone.inversion_lr")])
 def test_bad_inversion_settings_are_refused_by_name(override, named):
@@ -78,21 +88,23 @@ def test_bad_inversion_settings_are_refused_by_name(override, named):
 def test_readme_walk_labels_real_photos_with_a_published_interpreter(tmp_path):
     """The README's snippet: a decoder published as `factory train` publishes it labels real images
     through `backbone.invert`."""
+    from conftest import save_untrained_decoder
     from PIL import Image
 
-    from conftest import save_untrained_decoder
+    from factory.data.images import square, to_rgb
     from factory.decoders.files import load_decoder
 
     real, _ = toyworld.arrays([1_000_000, 1_000_001], 32)
-    files = []
-    for i, image in enumerate(real):
-        files.append(tmp_path / f"{i}.png")
-        Image.fromarray(image).resize((48, 48)).save(files[-1])  # another size: resized back to the backbone's
+    files = [tmp_path / "0.png", tmp_path / "1.png"]
+    Image.fromarray(real[0]).resize((48, 64)).save(files[0])  # another size and shape: cropped to the backbone's
+    grey16 = np.asarray(Image.fromarray(real[1]).convert("L")).astype(np.uint16) * 257
+    Image.fromarray(grey16).save(files[1])  # 16-bit grey: scaled to 8 bits, not clipped white
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
                       [f"workdir={tmp_path}", "backbone.inversion_steps=5"])
     save_untrained_decoder(cfg)
     backbone, decoder = load_backbone(cfg.backbone), load_decoder(cfg.generate.decoder)
-    photos = np.stack([np.asarray(Image.open(f).convert("RGB").resize((backbone.resolution,) * 2)) for f in files])
+    photos = np.stack([np.asarray(square(to_rgb(Image.open(f)), backbone.resolution, Image.BICUBIC)) for f in files])
+    assert photos.shape == (2, 32, 32, 3) and photos[1].mean() < 200  # the README's reading, not a white square
     features = backbone.invert(photos, None, seeds=[0, 1])
     masks = decoder(features, photos.shape[1:3]).masks
     assert masks.shape == (2, 32, 32) and int(masks.max()) < len(cfg.label_names())

@@ -250,3 +250,62 @@ def test_an_output_that_is_a_file_is_refused_naming_it(tiny_cfg, tmp_path):
     with pytest.raises(FileExistsError, match=r"generate.output=.*taken is a file; a dataset is a folder"):
         generate(tiny_cfg)
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+def _fitted(kind: str, tasks: list[str], weights_hash: str = "a" * 64, features: tuple = ("f8",)) -> dict:
+    """The metadata a fitted decoder of `kind` predicting `tasks` records (the parts generate checks)."""
+    import json
+    from dataclasses import asdict
+
+    from factory.config import DecoderConfig
+
+    cfg = DecoderConfig(kind=kind, task=tasks[0], tasks=tasks) if kind == "interpreter" else DecoderConfig(kind=kind, tasks=tasks)
+    return {"decoder": json.dumps(asdict(cfg)), "backbone_hash": weights_hash, "feature_names": json.dumps(list(features))}
+
+
+@pytest.mark.parametrize("fitted, asked", [
+    (["segmentation", "depth"], ["segmentation", "depth", "keypoints"]),  # the manifest claimed keypoints
+    (["segmentation", "depth", "instances", "keypoints"], ["segmentation"]),  # rows held unlisted labels
+])
+def test_a_config_asking_for_other_tasks_than_the_decoder_was_fitted_for_is_refused(fitted, asked):
+    from factory.cli import _exit_code
+    from factory.config import DecoderConfig
+    from factory.recipes.generate import check_decoder_tasks
+
+    meta = _fitted("perception", fitted)
+    check_decoder_tasks(meta, DecoderConfig(kind="perception", tasks=list(reversed(fitted))), "d")  # order is free
+    with pytest.raises(ValueError) as e:
+        check_decoder_tasks(meta, DecoderConfig(kind="perception", tasks=asked), "d")
+    assert str(e.value) == (f"decoder d was fitted for tasks {fitted}, the config's decoder.tasks asks for {asked}; "
+                            "set decoder.tasks to the fitted tasks or re-train")
+    assert _exit_code(e.value) == 2
+
+
+def test_generate_refuses_a_decoder_task_the_fitted_decoder_lacks_before_building(tiny_cfg):
+    from factory.cli import _exit_code
+    from factory.recipes.generate import generate
+
+    save_untrained_decoder(tiny_cfg)  # an interpreter fitted for segmentation
+    tiny_cfg.decoder.task = "keypoints"
+    with pytest.raises(ValueError, match=r"fitted for tasks \['segmentation'\], the config's decoder.task asks") as e:
+        generate(tiny_cfg)
+    assert _exit_code(e.value) == 2
+    assert not layout.read_completions(tiny_cfg.generate.output)
+
+
+def test_a_decoder_fitted_on_another_backbone_or_features_is_bad_input():
+    """Exit 2 (a config to fix), still a GenerateError; the features hint names the diffusion
+    resolution, which changes the tapped feature names."""
+    from factory.backbones.contract import BackboneIdentity
+    from factory.cli import _exit_code
+    from factory.recipes.generate import GenerateError, check_decoder_fits
+
+    meta = _fitted("perception", ["segmentation"])
+    check_decoder_fits(meta, BackboneIdentity("a" * 64, 64, ["f8"], [4]), "d")
+    with pytest.raises(GenerateError, match=r"was fitted on backbone aaaaaaaaaaaa, the config builds bbbbbbbbbbbb") as e:
+        check_decoder_fits(meta, BackboneIdentity("b" * 64, 64, ["f8"], [4]), "d")
+    assert _exit_code(e.value) == 2
+    with pytest.raises(GenerateError, match=r"fitted on features \['f8'\], the config taps \['f16'\]; .*"
+                                            r"backbone.diffusion.resolution") as e:
+        check_decoder_fits(meta, BackboneIdentity("a" * 64, 128, ["f16"], [4]), "d")
+    assert _exit_code(e.value) == 2

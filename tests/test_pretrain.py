@@ -141,6 +141,24 @@ def test_resumed_fit_equals_uninterrupted(kind, stops, folders, tmp_path):
         assert resumed_final == {**final, "start_step": stop}
 
 
+def test_fewer_steps_than_taken_and_a_diverged_fit_are_refused(folders, tmp_path):
+    """A run asked for fewer steps than it has taken would republish the longer run under the smaller
+    count; a loss gone NaN would be checkpointed and published: both refused."""
+    from factory.recipes.ray_train import TrainError
+
+    cfg = tiny_cfg(tmp_path, "stylegan2")
+    data = load_image_folder(folders["stylegan2"], resolution_of(cfg))
+    saved = {}
+    recipe, _ = fit(cfg, data, torch.device("cpu"), report=lambda m, r, step: saved.update(
+        {step: {"recipe": snapshot(r), "step": step, "losses": {}}}))
+    with pytest.raises(ValueError, match=rf"pretrain.steps=1 makes a run of 1 steps, fewer than the {recipe.total_steps} "
+                                         "this run has already taken"):
+        fit(tiny_cfg(tmp_path, "stylegan2", "pretrain.steps=1"), data, torch.device("cpu"),
+            restore=lambda: saved[recipe.total_steps])
+    with pytest.raises(TrainError, match=r"pretrain diverged at step \d+ \(\w+ (nan|inf|-inf)\b.*\): lower pretrain.lr"):
+        fit(tiny_cfg(tmp_path, "stylegan2", "pretrain.lr=1e30"), data, torch.device("cpu"))
+
+
 # --- the image folder ---------------------------------------------------------------------------
 
 

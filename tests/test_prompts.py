@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -264,3 +265,63 @@ def test_unreadable_sources_name_the_file(tmp_path, name, content, message):
     path.write_bytes(content)
     with pytest.raises(prompts.PromptError, match=message):
         prompts.load(str(path))
+
+
+@pytest.mark.parametrize("template, message", [
+    ("a {face} with {hair} hair", ("template 'a {face} with {hair} hair': unknown field {face}; it fills {class} "
+                                   "and the prompts.attributes names ['hair']")),
+    ("a {hair} face {0}", ("template 'a {hair} face {0}': positional field {0}; name {class} or an attribute of "
+                           "prompts.attributes ['hair']")),
+    ("a {hair} face {}", ("template 'a {hair} face {}': positional field {}; name {class} or an attribute of "
+                          "prompts.attributes ['hair']")),
+    ("a face with {{hair}} hair", "template 'a face with {{hair}} hair' lacks the placeholders ['{hair}']"),
+    ("a {hair!r} face", "template 'a {hair!r} face': field {hair!r} has a conversion or format spec; write {hair}"),
+    ("a {hair face", "template 'a {hair face': expected '}' before end of string; write a literal brace as {{ or }}"),
+], ids=["unknown", "positional", "auto-numbered", "escaped", "conversion", "unclosed"])
+def test_template_fields_are_parsed_as_format_reads_them(template, message):
+    """An unknown field was a KeyError traceback, a positional one an IndexError, and `{{hair}}` (a
+    literal brace) counted as the placeholder {hair} and was never filled; now one line, exit 2."""
+    from factory.cli import _exit_code
+
+    with pytest.raises(prompts.PromptError) as e:
+        prompts.from_template(template, ["face"], {"hair": ["red"]})
+    assert str(e.value) == message and _exit_code(e.value) == 2
+    literal = prompts.from_template("a {{tag}} {class} with {hair} hair", ["face"], {"hair": ["red"]})
+    assert [p.text for p in literal] == ["a {tag} face with red hair"]
+
+
+def test_a_long_prompt_is_named_by_its_line_and_first_words(tmp_path):
+    """Line 4 of the file is a comment: the long prompt is on line 7, not "prompt 4"."""
+    from factory.backbones.diffusion import check_prompt_lengths
+
+    path = tmp_path / "p.txt"
+    path.write_text("a red car\n\na cat\n# a comment\na dog\n\n" + "a very long prompt " + "word " * 100 + "\n")
+    rows = prompts.load(str(path))
+    assert [p.where for p in rows] == [f"{path}:1", f"{path}:3", f"{path}:5", f"{path}:7"]
+    with pytest.raises(ValueError) as e:
+        check_prompt_lengths(None, [p.text for p in rows], str(path), [p.where for p in rows])
+    assert re.fullmatch(re.escape(f"{path}: 1 prompts longer than the text encoder's 77 tokens: {path}:7 (") +
+                        r"\d+ tokens: 'a very long prompt word word \.\.\.'\); shorten them", str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("p.parquet", lambda p: pq.write_table(pa.table({"prompt": [1, 2]}), p),
+     "row 0: the prompt is not text, got int 1"),
+    ("p.txt", lambda p: Path(p).write_text("a cat\n\u200b\u200b\n", encoding="utf-8"),
+     "p.txt:2: the prompt has no visible characters (only U+200B)"),
+], ids=["parquet-integers", "zero-width-space"])
+def test_prompts_that_are_not_text_or_show_nothing_are_named(tmp_path, name, write, message):
+    write(str(tmp_path / name))
+    with pytest.raises(prompts.PromptError, match=re.escape(message)):
+        prompts.load(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("values, message", [
+    ("[red,red]", "prompts.attributes.hair lists 'red' twice: ['red', 'red']"),
+    ("[red,'']", "prompts.attributes.hair holds an empty value: ['red', '']"),
+])
+def test_attribute_values_are_distinct_and_not_empty(values, message):
+    from factory.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [f"prompts.attributes={{hair: {values}}}"])

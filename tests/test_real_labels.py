@@ -245,6 +245,64 @@ def test_labels_import_refuses_prompts_longer_than_the_text_encoder_takes(tmp_pa
     cfg = load_config(os.path.join(configs, "diffusion.yaml"),
                       [f"labels.dir={d}", f"train.labeled={out}", "backbone.weights=pkg://toy_diffusion",
                        "decoder.tasks=[segmentation]", "labels.classes=[background,thing]"])
-    with pytest.raises(ValueError, match=r"prompts\.jsonl .*prompt 1 \(102 tokens\)"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl .*: the prompt of images/a\.png \(102 tokens: 'face face face face face face ...'\)"):
         import_labels(cfg)
     assert not out.exists()
+
+
+def test_the_centre_crop_hides_the_keypoints_and_classes_it_removes(tmp_path):
+    """A 48x16 photo cropped to its middle 16x16: a keypoint left of the crop gets visibility 0 (it
+    kept visibility 2 at x = -14), and the prompt made from classes names only what the cropped
+    labels show, from a mask file or from COCO instances alone."""
+    from pathlib import Path
+
+    classes = ["background", "hat", "thing"]
+    image = {"id": 1, "file_name": "a.png", "width": 48, "height": 16}
+    cats = [{"id": 1, "name": "thing", "keypoints": ["p", "q"]}, {"id": 2, "name": "hat"}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[20, 2, 28, 2, 28, 12, 20, 12]],
+             "keypoints": [2, 8, 2, 24, 8, 2]},
+            {"id": 2, "image_id": 1, "category_id": 2, "segmentation": [[1, 2, 10, 2, 10, 12, 1, 12]]}]
+    mask = np.zeros((16, 48), np.uint8)
+    mask[2:12, 1:10], mask[2:12, 20:28] = 1, 2
+    for with_mask in (True, False):
+        d = Path(tmp_path / f"mask-{with_mask}")
+        (d / "images").mkdir(parents=True)
+        (d / "masks").mkdir()
+        Image.fromarray(np.zeros((16, 48, 3), np.uint8)).save(d / "images" / "a.png")
+        if with_mask:
+            Image.fromarray(mask).save(d / "masks" / "a.png")
+        (d / "instances.json").write_text(json.dumps({"images": [image], "categories": cats, "annotations": anns}))
+        s = import_folder(str(d), ["segmentation", "keypoints"], classes, ["p", "q"], 16, 1000.0)
+        assert s.keypoints[0].tolist() == [[-14.0, 8.0, 0.0], [8.0, 8.0, 2.0]]
+        assert set(s.masks[0].unique().tolist()) == {0, 2} and s.prompts == ["a photo of a thing"]
+
+
+def _depth_8bit(d):
+    (d / "depth").mkdir()
+    Image.fromarray(np.full((16, 16), 9, np.uint8)).save(d / "depth" / "a.png")
+
+
+@pytest.mark.parametrize("mask, depth, message", [
+    (Image.fromarray(np.ones((16, 16), np.uint16)), None, None),  # 16-bit ids, as `annotate import` reads them
+    (Image.fromarray(np.full((16, 16), 300, np.uint16)), None, "masks/a.png: class id 300 is outside labels.classes"),
+    (Image.fromarray(np.ones((16, 16), bool)), None,
+     "masks/a.png: mode 1; expected a single-channel index PNG of class ids (mode L, P, I or I;16)"),
+    (None, _depth_8bit, "depth/a.png: mode L; expected a 16-bit single-channel depth PNG"),
+], ids=["mask-16-bit", "mask-16-bit-id-too-large", "mask-bilevel", "depth-8-bit"])
+def test_mask_and_depth_modes_are_those_documented(tmp_path, mask, depth, message):
+    """Masks: the modes the GAN path's `annotate import` reads (L, P, I, I;16), ids checked against
+    labels.classes; depth: 16-bit only (an 8-bit map read as millimetres was silently wrong)."""
+    from pathlib import Path
+
+    d = _one_photo(tmp_path / "f")
+    if mask is not None:
+        mask.save(f"{d}/masks/a.png")
+    if depth is not None:
+        depth(Path(d))
+    tasks = ["segmentation"] + (["depth"] if depth is not None else [])
+    if message is None:
+        assert (import_folder(d, tasks, ["background", "thing"], [], 16, 1000.0).masks == 1).all()
+        return
+    with pytest.raises(AnnotationError) as err:
+        import_folder(d, tasks, ["background", "thing"], [], 16, 1000.0)
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(message), err.value.problems

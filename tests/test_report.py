@@ -122,3 +122,30 @@ def test_a_build_that_recorded_no_decoder_metrics_shows_the_decoder_folder_s_mar
     (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {"val_miou": 0.5}, "val_images": 1}))
     got = decoder_metrics({"config": {"generate": {"decoder": str(tmp_path)}}})
     assert got["metrics"] == {"val_miou": 0.5} and got["read_now"] == str(tmp_path)
+
+
+def test_a_dataset_whose_every_sample_was_dropped_is_inspected_and_reported(tmp_path, capsys):
+    """A filter that kept nothing leaves a complete dataset of 0 samples: inspect says so (it crashed
+    formatting a mean of no scores) and the report is written."""
+    from conftest import save_untrained_decoder
+
+    from factory.config import load_config
+    from factory.dataset import layout
+    from factory.decoders.files import load_decoder
+    from factory.recipes.labeling import build_shard
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "decoder.num_heads=2", "generate.batch_size=5"])
+    backbone, decoder, out = save_untrained_decoder(cfg), load_decoder(cfg.generate.decoder), cfg.generate.output
+    layout.prepare_output(out, "build", {}, overwrite=False)
+    plan = layout.plan_shards(0, 5, 5)
+    records = {s.name: build_shard(backbone, decoder, cfg, s, "cfg", threshold=-1.0) for s in plan}
+    manifest = layout.build_manifest(
+        plan, records, {}, name="empty", package_version="0.1.0", build_hash="b" * 64, config_hash="c" * 64,
+        task="segmentation", tasks=["segmentation"], labels=cfg.labels.classes, formats=["parquet"],
+        image_format="png", calibration={"drop_fraction": 0.1, "threshold": -1.0, "num_scored": 5,
+                                         "score_quantiles": {"p50": 0.2, "p90": 0.25}}, config={})
+    layout.write_manifest(out, manifest)
+    assert main(["inspect", out, "--html", str(tmp_path / "r.html")]) == 0
+    text = capsys.readouterr().out
+    assert "0 kept of 5 generated" in text and "no samples: no label statistics" in text
+    assert "(5 of 5)" in (tmp_path / "r.html").read_text()

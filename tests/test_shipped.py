@@ -129,3 +129,33 @@ def test_demo_labels_generated_faces_end_to_end(tmp_path, ray_cluster, capsys):
     samples = list(iter_samples(str(work / "dataset")))
     assert 50 <= len(samples) <= 64 and all(s["mask"].max() < len(toyworld.CLASSES) for s in samples)
     assert np.mean([(s["mask"] == SKIN).mean() > 0.05 for s in samples]) > 0.7  # the decoder labels faces
+
+
+def test_every_config_key_is_named_in_the_readme_configuration_table():
+    """A user looks a key up in README's table: every field of every section is named in its row
+    (`backbone.stylegan2`'s architecture fields as `stylegan2.*`, which points to the dataclass)."""
+    import dataclasses
+    import re
+
+    from factory.config import FactoryConfig
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text[text.index("| section | what it sets |"):text.index("Outputs, training checkpoints")]
+    rows = {name: line for line in table.splitlines()[2:] if line.startswith("|")
+            for name in re.findall(r"`(\w+)`", line.split("|")[1])}
+    config = FactoryConfig()
+    missing = []
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if not dataclasses.is_dataclass(value):
+            missing += [] if section.name in rows else [section.name]
+            continue
+        row = rows.get(section.name, "")
+        for key in dataclasses.fields(value):
+            nested = getattr(value, key.name)
+            if dataclasses.is_dataclass(nested) and f"`{key.name}.*`" in row and key.name != "diffusion":
+                continue
+            names = [key.name] + ([f.name for f in dataclasses.fields(nested)] if dataclasses.is_dataclass(nested) else [])
+            missing += [f"{section.name}.{n}" for n in names if f"`{n}`" not in row and f"`{n}.*`" not in row]
+    assert not missing, missing

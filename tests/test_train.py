@@ -233,6 +233,25 @@ def test_a_run_resumed_at_its_end_reports_no_loss_and_fewer_steps_are_refused():
     assert finite_metrics({"val_keypoint_error_px": float("nan"), "step": 5, "name": "x"}) == {"step": 5}
 
 
+def test_a_fit_whose_loss_diverges_stops_before_its_weights_are_checkpointed():
+    from factory.recipes.ray_train import TrainError
+    from factory.recipes.train import fit_objective
+
+    class Objective:
+        def loss(self, model, generator):
+            return model(torch.ones(1, 1)).pow(2).sum()
+
+        def evaluate(self, model):
+            return {}
+
+    reports = []
+    t = load_config(None, ["train.steps=20", "train.checkpoint_every=1", "train.lr=1e30", "train.lr_schedule=constant"]).train
+    with pytest.raises(TrainError, match=r"train diverged at step [1-9]\d* \(loss (nan|inf)\): lower train.lr"):
+        fit_objective(t, Objective(), torch.nn.Linear(1, 1), report=lambda m, model, o, s: reports.append(
+            next(model.parameters()).detach().clone()))
+    assert reports and all(torch.isfinite(w).all() for w in reports)  # no checkpoint holds the diverged weights
+
+
 def test_a_labeled_set_that_does_not_fit_is_refused_before_a_cluster_starts(tiny_cfg, labeled_dir, monkeypatch, tmp_path,
                                                                            capsys):
     from factory import config as config_lib

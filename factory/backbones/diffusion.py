@@ -319,9 +319,15 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def check_prompt_lengths(weights: str | None, texts: list[str], source: str) -> None:
+def _first_words(text: str, count: int = 6) -> str:
+    words = text.split()
+    return " ".join(words[:count]) + (" ..." if len(words) > count else "")
+
+
+def check_prompt_lengths(weights: str | None, texts: list[str], source: str, where: list[str] | None = None) -> None:
     """Refuse prompts longer than the pipeline's text encoder takes (CLIP would cut them silently),
-    naming the first few by their row in `source`. Only the tokenizer is loaded, from a folder of a
+    naming the first few by where they came from (`where[i]`, e.g. `prompts.txt:7`; else their row
+    in `source`) and their first words. Only the tokenizer is loaded, from a folder of a
     pipeline class we run with every component it lists (else refused, naming it)."""
     from transformers import CLIPTokenizer
 
@@ -344,6 +350,7 @@ def check_prompt_lengths(weights: str | None, texts: list[str], source: str) -> 
     lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
     long = [(i, n) for i, n in enumerate(lengths) if n > limit]
     if long:
-        shown = ", ".join(f"prompt {i + 1} ({n} tokens)" for i, n in long[:5])
+        shown = ", ".join(f"{where[i] if where and where[i] else f'prompt {i + 1}'} ({n} tokens: "
+                          f"{_first_words(texts[i])!r})" for i, n in long[:5])
         raise ValueError(f"{source}: {len(long)} prompts longer than the text encoder's {limit} tokens: {shown}; "
                             "shorten them")

@@ -156,9 +156,28 @@ class StyleGAN2Backbone:
         with torch.inference_mode(False):
             _, noise, _ = self.generator.inputs(seeds, self.cfg.noise, classes_for(self.cfg, seeds))
             fit = project(self.generator, images, noise, self.cfg.inversion_steps, self.cfg.inversion_lr)
+            report_fit(fit.mse)
             with torch.no_grad():
                 _, feats = self.generator.synthesize(fit.w_plus, noise=noise, rgb_taps=self.rgb_taps)
         return [feats[name] for name in self.feature_names]
+
+
+POOR_FIT_PSNR = 15.0
+"""dB under which a projection is called poor: the toy faces redraw at about 22 dB, the generator's
+own images at 33 dB, random noise at about 10 dB. A photo far from anything the generator draws lands
+well below 22 dB; one merely read wrong (sideways, washed out) may not, so read photos with
+`data.images.to_rgb` as the README does."""
+
+
+def report_fit(mse: torch.Tensor) -> None:
+    """Log how well the projections redraw their images (PSNR, images in [-1, 1]); warn for each
+    image redrawn so poorly that its labels describe another picture."""
+    psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+    log.info("projected %d images into W+: PSNR %.1f dB (worst %.1f)", len(psnr), psnr.median(), psnr.min())
+    for i in torch.nonzero(psnr < POOR_FIT_PSNR).flatten().tolist():
+        log.warning("image %d is redrawn poorly by its projection (PSNR %.1f dB < %.0f): its labels describe "
+                    "the redrawing, not the photo; check it is upright RGB of a face the generator can draw",
+                    i, psnr[i], POOR_FIT_PSNR)
 
 
 def stylegan2_identity(cfg: BackboneConfig, generator: StyleGAN2Generator | None = None) -> BackboneIdentity:

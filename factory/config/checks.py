@@ -6,6 +6,7 @@ message always says which value to fix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
@@ -13,18 +14,28 @@ class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it."""
 
 
+def finite(key: str, value: float) -> None:
+    """`value` is a number, not NaN or infinite: NaN passes no comparison and inf passes every lower
+    bound, so a range check alone lets both through (inf guidance makes black images, a NaN
+    learning rate a NaN decoder)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
 def at_least(section: str, obj: object, minimum: float, keys: Iterable[str]) -> None:
-    """Every `obj.<key>` is >= minimum."""
+    """Every `obj.<key>` is finite and >= minimum."""
     for key in keys:
         value = getattr(obj, key)
+        finite(f"{section}.{key}", value)
         if value < minimum:
             raise ConfigError(f"{section}.{key} must be >= {minimum}, got {value}")
 
 
 def positive(section: str, obj: object, keys: Iterable[str]) -> None:
-    """Every `obj.<key>` is > 0."""
+    """Every `obj.<key>` is finite and > 0."""
     for key in keys:
         value = getattr(obj, key)
+        finite(f"{section}.{key}", value)
         if not value > 0:
             raise ConfigError(f"{section}.{key} must be > 0, got {value}")
 
@@ -38,6 +49,7 @@ def one_of(key: str, value: object, choices: Iterable[object]) -> None:
 def within(key: str, value: float, low: float, high: float, *, open_low: bool = False,
            open_high: bool = False) -> None:
     """low <= value <= high, with either end excluded on request; the message shows the interval."""
+    finite(key, value)
     ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not ok:
         interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"

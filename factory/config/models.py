@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from factory.config.checks import ConfigError, at_least, distinct_subset, one_of, positive, within
+from factory.config.checks import ConfigError, at_least, distinct_subset, finite, one_of, positive, within
 
 
 @dataclass
@@ -56,6 +56,7 @@ class StyleGAN2Config:
         lr = self.mapping_lr_multiplier
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise ConfigError(f"backbone.stylegan2.mapping_lr_multiplier must be > 0, got {lr!r}")
+        finite("backbone.stylegan2.mapping_lr_multiplier", lr)
         beta = self.w_avg_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
             raise ConfigError(f"backbone.stylegan2.w_avg_beta must be in [0, 1], got {beta!r}")
@@ -66,6 +67,8 @@ class StyleGAN2Config:
         clamp = self.conv_clamp
         if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
             raise ConfigError(f"backbone.stylegan2.conv_clamp must be > 0 or null, got {clamp!r}")
+        if clamp is not None:
+            finite("backbone.stylegan2.conv_clamp", clamp)
 
     def channels(self, res: int) -> int:
         return min(self.channel_base // res, self.channel_max)

@@ -262,6 +262,12 @@ class PromptsConfig:
     def __post_init__(self) -> None:
         at_least("prompts", self, 1, ("num_prompts",))
         no_credentials("prompts.endpoint", self.endpoint)
+        for name, values in self.attributes.items():  # a repeat doubles prompts; an empty value reads "with  hair"
+            if any(not str(v).strip() for v in values):
+                raise ConfigError(f"prompts.attributes.{name} holds an empty value: {list(values)}")
+            twice = [v for i, v in enumerate(values) if v in list(values)[:i]]
+            if twice:
+                raise ConfigError(f"prompts.attributes.{name} lists {twice[0]!r} twice: {list(values)}")
 
 
 @dataclass

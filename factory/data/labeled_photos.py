@@ -40,6 +40,12 @@ from factory.data.images import IMAGE_EXTENSIONS, square, to_rgb
 
 IMAGES_DIR, MASKS_DIR, DEPTH_DIR = "images", "masks", "depth"
 COCO_FILE, PROMPTS_FILE = "instances.json", "prompts.jsonl"
+MASK_MODES = ("L", "P", "I", "I;16")
+"""Class-id masks: 8-bit grey or palette indices, or 16/32-bit grey (ids checked against the classes),
+the modes `factory annotate import` reads on the GAN path. Not mode 1 (bilevel): save it as L."""
+DEPTH_MODES = ("I;16", "I", "I;16B")
+"""Depth maps: 16-bit grey only. An 8-bit map (mode L) would read as at most 255 x 1/depth_scale
+metres, silently wrong, so it is refused."""
 FORMAT = "factory.real_labeled_set"
 
 
@@ -165,19 +171,24 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
             problems.append(f"{COCO_FILE}: image {name!r} has width x height {ann['size'][0]}x{ann['size'][1]}, "
                             f"but {rel} is {size[0]}x{size[1]}")
             ann = None
-        mask = _read_png(directory, MASKS_DIR, stem, size, problems, ("L", "P"), "a single-channel index PNG of class ids")
-        if mask is not None and int(mask.max()) >= len(classes):
-            problems.append(f"{MASKS_DIR}/{stem}.png: class id {int(mask.max())} is outside {classes_hint(classes)}")
+        mask = _read_png(directory, MASKS_DIR, stem, size, problems, MASK_MODES,
+                         f"a single-channel index PNG of class ids (mode {', '.join(MASK_MODES[:-1])} or {MASK_MODES[-1]})")
+        if mask is not None and (int(mask.min()) < 0 or int(mask.max()) >= len(classes)):
+            bad = int(mask.min()) if int(mask.min()) < 0 else int(mask.max())
+            problems.append(f"{MASKS_DIR}/{stem}.png: class id {bad} is outside {classes_hint(classes)}")
             mask = None
+        if mask is None and ann is not None and ann["instances"]:  # COCO instances draw the semantic mask
+            mask = _paint(ann["instances"], size)
+        # the labels as trained on: resized and centre-cropped like the photo (the prompt names only these)
+        cropped = None if mask is None else np.array(square(Image.fromarray(mask.astype(np.uint8)), resolution,
+                                                            Image.Resampling.NEAREST))
         coco_named = coco_refused or any(p.startswith(COCO_FILE) and f"image {name!r}" in p for p in problems)
         if "segmentation" in tasks:
-            if mask is None and ann is not None and ann["instances"]:
-                mask = _paint(ann["instances"], size)
             if mask is None and not coco_named and not any(p.startswith(f"{MASKS_DIR}/{stem}.") for p in problems):
                 problems.append(f"{rel}: no semantic mask (no {MASKS_DIR}/{stem}.png and no {COCO_FILE} instances)")
-            masks.append(None if mask is None else np.array(square(Image.fromarray(mask), resolution, Image.Resampling.NEAREST)))
+            masks.append(cropped)
         if "depth" in tasks:
-            depth = _read_png(directory, DEPTH_DIR, stem, size, problems, ("I;16", "I", "I;16B", "L"),
+            depth = _read_png(directory, DEPTH_DIR, stem, size, problems, DEPTH_MODES,
                               "a 16-bit single-channel depth PNG", required=True)
             depths.append(None if depth is None else np.array(
                 square(Image.fromarray(depth.astype(np.float32) / depth_scale, mode="F"), resolution,
@@ -204,8 +215,10 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
                 kp = ann["keypoints"].copy()
                 for row in kp:
                     row[0], row[1] = move(row[0], row[1])
+                    if not (-0.5 <= row[0] <= resolution - 0.5 and -0.5 <= row[1] <= resolution - 0.5):
+                        row[2] = 0  # the crop removed it: not visible in the image trained on
                 kps.append(kp)
-        texts.append(prompts.get(name) or _prompt_from(mask, ann, classes))
+        texts.append(prompts.get(name) or _prompt_from(cropped, classes))
     orphans = [f"{sub}/{n}" for sub in (MASKS_DIR, DEPTH_DIR) if os.path.isdir(os.path.join(directory, sub))
                for n in sorted(os.listdir(os.path.join(directory, sub)))
                if not n.startswith(".") and os.path.splitext(n)[0] not in stems]
@@ -236,8 +249,8 @@ def import_labels(cfg) -> RealLabeledSet:
                             cfg.backbone.diffusion.resolution, cfg.labels.depth_scale)
     # the same check `factory generate` runs: CLIP would cut a long prompt silently in training
     check_prompt_lengths(cfg.backbone.weights, labeled.prompts,
-                         f"{os.path.join(cfg.labels.dir, PROMPTS_FILE)} (or made from classes; prompt N is the "
-                         f"N-th image of {IMAGES_DIR}/ by name: {labeled.files[0]}, ...)")
+                         f"{os.path.join(cfg.labels.dir, PROMPTS_FILE)} (or made from classes)",
+                         [f"the prompt of {IMAGES_DIR}/{name}" for name in labeled.files])
     save_real_labeled_set(cfg.train.labeled, labeled)
     return labeled
 
@@ -361,12 +374,10 @@ def _paint(instances: list[tuple[int, np.ndarray]], size: tuple[int, int]) -> np
     return mask
 
 
-def _prompt_from(mask: np.ndarray | None, ann: dict | None, classes: list[str]) -> str:
-    present: list[int] = []
-    if mask is not None:
-        present = [int(c) for c in np.unique(mask) if c != 0]
-    elif ann is not None:
-        present = sorted({c for c, _ in ann["instances"]})
+def _prompt_from(mask: np.ndarray | None, classes: list[str]) -> str:
+    """"a photo of a <class> and ..." for the classes `mask` shows (the cropped labels, so no class
+    the crop removed), background (id 0) left out."""
+    present = [] if mask is None else [int(c) for c in np.unique(mask) if c != 0]
     if not present:
         return "a photo"
     return "a photo of " + " and ".join(f"a {classes[c]}" for c in present)

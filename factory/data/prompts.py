@@ -33,6 +33,8 @@ import json
 import logging
 import os
 import random
+import string
+import unicodedata
 from dataclasses import dataclass, field
 
 from factory import storage, textfile
@@ -62,6 +64,13 @@ class Prompt:
     index: int
     text: str
     classes: tuple[str, ...] = field(default_factory=tuple)
+    where: str = field(default="", compare=False)
+    """Where the row came from, for messages (`prompts.txt:7`, `p.parquet row 3`); not part of its identity."""
+
+
+def _visible(text: str) -> bool:
+    """Whether `text` shows anything: not only spaces, zero-width or control characters."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
 
 
 def _check(rows: list[tuple[str, object, object]], source: str, known: list[str] | None,
@@ -70,8 +79,15 @@ def _check(rows: list[tuple[str, object, object]], source: str, known: list[str]
     `problems` the caller found while parsing)."""
     problems, prompts = list(problems or []), []
     for where, text, classes in rows:
-        if not isinstance(text, str) or not text.strip():
+        if text is not None and not isinstance(text, str):
+            problems.append(f"{where}: the prompt is not text, got {type(text).__name__} {text!r}")
+            continue
+        if text is None or not text.strip():
             problems.append(f"{where}: empty or missing prompt")
+            continue
+        if not _visible(text):
+            shown = " ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(text.strip()))
+            problems.append(f"{where}: the prompt has no visible characters (only {shown})")
             continue
         if classes is None:
             classes = ()
@@ -82,7 +98,7 @@ def _check(rows: list[tuple[str, object, object]], source: str, known: list[str]
         if unknown:
             problems.append(f"{where}: unknown classes {unknown} ({classes_hint(known, unknown)})")
             continue
-        prompts.append(Prompt(len(prompts), text.strip(), tuple(classes)))
+        prompts.append(Prompt(len(prompts), text.strip(), tuple(classes), where))
     if problems:
         shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise PromptError(f"{source}: {len(problems)} bad prompt rows: {shown}")
@@ -157,10 +173,11 @@ def from_template(template: str, classes: list[str], attributes: dict[str, list[
     combination, shuffled with `seed`; each prompt's classes are the one it names (none without
     `{class}`: a scene whose parts are all the classes, like a face)."""
     names = list(attributes)
-    missing = [n for n in names if "{" + n + "}" not in template]
+    fields = _template_fields(template, names)
+    missing = [n for n in names if n not in fields]
     if missing:
         raise PromptError(f"template {template!r} lacks the placeholders {['{' + m + '}' for m in missing]}")
-    with_class = "{class}" in template
+    with_class = "class" in fields
     if not names and not with_class:
         raise PromptError(f"template {template!r} has no placeholders: give it {{class}} or attribute lists")
     if (with_class and not classes) or any(not attributes[n] for n in names):
@@ -171,6 +188,31 @@ def from_template(template: str, classes: list[str], attributes: dict[str, list[
              [c[0]] if with_class else None)
             for i, c in enumerate(combos[:limit])]
     return _check(rows, "template", classes)
+
+
+def _template_fields(template: str, names: list[str]) -> set[str]:
+    """The fields `template` fills, parsed as `str.format` reads it (`{{x}}` is a literal brace, not a
+    field); a field that is not `{class}` or an attribute name, a positional one (`{}`, `{0}`) or one
+    with a conversion or format spec is refused, naming it."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise PromptError(f"template {template!r}: {e}; write a literal brace as {{{{ or }}}}") from None
+    fields = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if name == "" or name.isdigit():
+            raise PromptError(f"template {template!r}: positional field {shown}; name {{class}} or an attribute "
+                              f"of prompts.attributes {names}")
+        if name != "class" and name not in names:
+            raise PromptError(f"template {template!r}: unknown field {shown}; it fills {{class}} and the "
+                              f"prompts.attributes names {names}")
+        if spec or conversion:
+            raise PromptError(f"template {template!r}: field {shown} has a conversion or format spec; write {{{name}}}")
+        fields.add(name)
+    return fields
 
 
 def load(url: str, known_classes: list[str] | None = None) -> list[Prompt]:

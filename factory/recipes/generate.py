@@ -1,6 +1,7 @@
 """Generate a labeled dataset on Ray Data.
 
-    1. check inputs      the decoder exists and was fitted on this backbone (identities, no model load)
+    1. check inputs      the decoder exists and was fitted on this backbone for these tasks (identities,
+                         no model load)
     2. claim the output  build.json, prompts.jsonl, the shard plan; finished shards are skipped
     3. build shards      shard specs -> one actor pool: backbone -> decoder -> filter -> encode ->
                          writers -> completion records; until the drop threshold is fixed, shards are
@@ -31,7 +32,7 @@ from factory import config as config_lib
 from factory.backbones import backbone_identity, load_backbone
 from factory.backbones.contract import BackboneIdentity
 from factory.backbones.diffusion import check_prompt_lengths
-from factory.config import FactoryConfig
+from factory.config import DecoderConfig, FactoryConfig
 from factory.data import prompts
 from factory.dataset import layout
 from factory.dataset.layout import ShardSpec
@@ -96,21 +97,47 @@ def fitted_decoder_metadata(url: str) -> dict[str, str]:
         return read_decoder_metadata(local)
 
 
+class DecoderMismatch(GenerateError, config_lib.ConfigError):
+    """The config does not fit the fitted decoder (another backbone, feature layout or tasks): bad
+    input the user fixes in the config (exit 2), not a failed run; still a GenerateError, as it
+    stops generation before it starts."""
+
+
 def check_decoder_fits(meta: dict[str, str], backbone: BackboneIdentity, url: str) -> None:
     """A fitted decoder (its metadata `meta`, published at `url`) fits the configured backbone: the
     same weights hash (computed from the stored weights, so the same in any dtype: a decoder fitted
     in float32 fits a bfloat16 build) and the same feature layout."""
     if meta["backbone_hash"] != backbone.weights_hash:
-        raise GenerateError(
+        raise DecoderMismatch(
             f"decoder {url} was fitted on backbone {meta['backbone_hash'][:12]}, the config builds "
             f"{backbone.weights_hash[:12]}; check backbone.weights / backbone.init_seed or re-train"
         )
     fitted_on = json.loads(meta.get("feature_names", "[]"))
     if fitted_on and fitted_on != backbone.feature_names:
-        raise GenerateError(
+        raise DecoderMismatch(
             f"decoder {url} was fitted on features {fitted_on}, the config taps {backbone.feature_names}; "
-            "check backbone.feature_resolutions / rgb_taps (StyleGAN2) or backbone.diffusion.feature_steps / "
-            "feature_blocks / feature_norm / image_features, or re-train"
+            "check backbone.feature_resolutions / rgb_taps (StyleGAN2) or backbone.diffusion.resolution / "
+            "feature_steps / feature_blocks / feature_norm / image_features, or re-train"
+        )
+
+
+def fitted_tasks(meta: dict[str, str]) -> list[str]:
+    """What the fitted decoder (its metadata `meta`) predicts, as it was trained."""
+    saved = json.loads(meta["decoder"])
+    if saved["kind"] == "interpreter":
+        return [saved.get("task", "segmentation")]
+    return list(saved["tasks"])
+
+
+def check_decoder_tasks(meta: dict[str, str], decoder: DecoderConfig, url: str) -> None:
+    """The config's decoder tasks are the fitted decoder's: the manifest and card list the config's
+    tasks, the rows hold what the decoder predicts, and the two must agree."""
+    fitted, wanted = fitted_tasks(meta), decoder.active_tasks()
+    if sorted(fitted) != sorted(wanted):
+        key = "decoder.task" if decoder.kind == "interpreter" else "decoder.tasks"
+        raise DecoderMismatch(
+            f"decoder {url} was fitted for tasks {fitted}, the config's {key} asks for {wanted}; "
+            f"set {key} to the fitted tasks or re-train"
         )
 
 
@@ -279,17 +306,20 @@ def generate(cfg: FactoryConfig, builder: type | None = None, command: str | Non
     g = cfg.generate
     storage.configure(cfg.storage)
 
-    # 1. Check inputs: the output can be a folder, the decoder exists and was fitted on this backbone.
+    # 1. Check inputs: the output can be a folder, the decoder exists and was fitted on this backbone
+    #    for the configured tasks.
     if storage.isfile(g.output):
         raise FileExistsError(f"generate.output={g.output} is a file; a dataset is a folder: choose another path")
     meta = fitted_decoder_metadata(g.decoder)
     backbone = backbone_identity(cfg.backbone)
     check_decoder_fits(meta, backbone, g.decoder)
+    check_decoder_tasks(meta, cfg.decoder, g.decoder)
     config_hash = sample_hash(cfg, backbone.weights_hash, g.decoder)
     build_prompts, fresh = None, False
     if cfg.backbone.kind == "diffusion":  # resolved once, stored with the dataset, read by the actors
         build_prompts, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, g.output)
-        check_prompt_lengths(cfg.backbone.weights, [p.text for p in build_prompts], prompts.describe_source(cfg.prompts))
+        check_prompt_lengths(cfg.backbone.weights, [p.text for p in build_prompts], prompts.describe_source(cfg.prompts),
+                             [p.where for p in build_prompts])
         log.info("%d prompts, e.g. %r", len(build_prompts), build_prompts[0].text)
     dataset_hash = build_hash(cfg, config_hash, prompts.sha256(build_prompts) if build_prompts else None)
     with lease.acquire(g.output, g.lease_seconds) as held:  # one build per output; others are refused
@@ -374,7 +404,7 @@ def _build(cfg: FactoryConfig, builder: type | None, meta: dict, config_hash: st
         storage.remove_tree(storage.join(g.output, layout.STAGING_DIR))  # no staged rows left to finish
 
     # 5. Publish: a complete build's card and preview, then the manifest, last.
-    tasks = cfg.decoder.active_tasks()
+    tasks = fitted_tasks(meta)
     manifest = layout.build_manifest(
         plan, records, failed,
         name=cfg.name, package_version=__version__, build_hash=dataset_hash, config_hash=config_hash,

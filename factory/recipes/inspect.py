@@ -115,6 +115,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"BROKEN    {problem}; re-run `factory generate` with the same config to rebuild its shard")
     if s.get("broken_files") or s["missing_files"]:
         return "\n".join(lines)
+    if not s["num_samples"]:  # every sample dropped or none generated: no statistics to show
+        lines.append("labels    no samples: no label statistics and no uncertainty histogram")
+        return "\n".join(lines)
     if "class_pixel_frequency" in s:
         lines.append("classes   " + ", ".join(f"{k} {v:.1%}" for k, v in s["class_pixel_frequency"].items()))
     if "keypoint_mean_score" in s:

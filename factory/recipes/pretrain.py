@@ -42,6 +42,7 @@ from factory.recipes.pretrain_flow import FlowRecipe
 from factory.recipes.pretrain_gan import GAN_FILE, GanRecipe
 from factory.recipes.ray_train import (
     STATE_FILE,
+    check_finite,
     fit_on_ray,
     report_checkpoint,
     restore_state,
@@ -107,6 +108,10 @@ def fit(
     state = restore() if restore else None
     step = start_step = int(state["step"]) if state else 0
     last: dict[str, float] = dict(state["losses"]) if state else {}
+    if step > recipe.total_steps:
+        raise ValueError(f"pretrain.steps={cfg.pretrain.steps} makes a run of {recipe.total_steps} steps, fewer than the "
+                         f"{step} this run has already taken: raise pretrain.steps to train on, or choose a new "
+                         "pretrain.run_name to train afresh")
     if state:
         lr_decay.check_resume(state.get("lr_decay"), recipe.lr_decay, step)
         recipe.load_state_dict(state["recipe"])
@@ -120,7 +125,9 @@ def fit(
             pending = False
         if step >= recipe.total_steps:
             break
-        losses.add(recipe.train_step(step, step_generator(cfg.pretrain.seed, rank, step)))
+        taken = recipe.train_step(step, step_generator(cfg.pretrain.seed, rank, step))
+        check_finite(taken, step, "pretrain")
+        losses.add(taken)
         pending = True
         step += 1
     return recipe, metrics
@@ -133,23 +140,42 @@ INPUTS = "images, backbone architecture or pretrain settings"
 """What `inputs_hash` covers, as messages name it."""
 
 
+PRETRAIN_INPUTS = ("batch_size", "lr", "seed", "num_workers", "flip", "r1_gamma", "r1_every", "ema_half_life",
+                   "vae_steps", "kl_weight", "prompt_dropout")
+DIT_INPUTS = ("dit_layers", "dit_heads", "dit_head_dim", "dit_patch", "flow_shift")
+
+
 def inputs_hash(cfg: FactoryConfig, data: ImageFolder) -> str:
     """What a checkpoint was trained on; resuming onto different inputs is refused."""
+    return config_lib.stable_hash(_inputs(cfg, data, named=False))
+
+
+def input_parts(cfg: FactoryConfig, data: ImageFolder) -> dict[str, str]:
+    """`inputs_hash`'s inputs by name, a hash each, so a refusal can say which of them changed."""
+    return {k: config_lib.stable_hash(v) for k, v in _inputs(cfg, data, named=True).items()}
+
+
+def _inputs(cfg: FactoryConfig, data: ImageFolder, named: bool) -> dict:
     p, b = cfg.pretrain, cfg.backbone
     arch = asdict(b.stylegan2) if b.kind == "stylegan2" else {"resolution": b.diffusion.resolution}
-    inputs = {
-        "images": data.content_hash, "kind": b.kind, "init_seed": b.init_seed, "arch": arch,
-        "pretrain": [p.batch_size, p.lr, p.seed, p.num_workers, p.flip, p.r1_gamma, p.r1_every,
-                     p.ema_half_life, p.vae_steps, p.kl_weight, p.prompt_dropout],
-    }
+    settings = {k: getattr(p, k) for k in PRETRAIN_INPUTS}
+    inputs = {"images": data.content_hash, "kind": b.kind, "init_seed": b.init_seed, "arch": arch,
+              "pretrain": list(settings.values())}
+    extra = {}
     if b.kind == "diffusion" and (p.family != "sd" or p.vae_from is not None):  # older runs' hashes unchanged
-        inputs["family"] = p.family
-        inputs["vae_from"] = vae_hash(p.vae_from)
+        inputs["family"] = extra["family"] = p.family
+        inputs["vae_from"] = extra["vae_from"] = vae_hash(p.vae_from)
         if p.family == "sd3":
-            inputs["dit"] = [p.dit_layers, p.dit_heads, p.dit_head_dim, p.dit_patch, p.flow_shift]
+            inputs["dit"] = [getattr(p, k) for k in DIT_INPUTS]
+            extra |= {k: getattr(p, k) for k in DIT_INPUTS}
     if b.kind == "diffusion" and p.denoiser_ema:  # what is published, and the state a checkpoint holds
-        inputs["denoiser_ema"] = True
-    return config_lib.stable_hash(inputs)
+        inputs["denoiser_ema"] = extra["denoiser_ema"] = True
+    if not named:
+        return inputs
+    section = "backbone.stylegan2" if b.kind == "stylegan2" else "backbone.diffusion"
+    return {"the images": data.content_hash, "backbone.kind": b.kind, "backbone.init_seed": b.init_seed,
+            **{f"{section}.{k}": v for k, v in arch.items()},
+            **{f"pretrain.{k}": v for k, v in (settings | extra).items()}}
 
 
 def vae_hash(folder: str | None) -> str | None:
@@ -229,6 +255,7 @@ def pretrain(cfg: FactoryConfig, command: str | None = None) -> dict:
         p,
         "pretrain",
         INPUTS,
+        input_parts(cfg, data),
     )
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -47,16 +48,17 @@ class RunSettings(Protocol):
 
 
 def fit_on_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], run: RunSettings, section: str,
-               inputs: str):
+               inputs: str, parts: dict[str, str]):
     """Run `worker(loop_config)` on `run.num_workers` Ray Train workers; returns the `ray.train.Result`
     (its last checkpoint and metrics). A failed run, or one that reported no checkpoint, raises
     TrainError. `section` names the config section in messages ("train", "pretrain"), `inputs` what
-    `loop_config["inputs_hash"]` covers (see `restore_state`)."""
+    `loop_config["inputs_hash"]` covers (see `restore_state`), `parts` the same inputs by name, a hash
+    each (see `check_run_inputs`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     check_run_history(run, section)
-    check_run_inputs(loop_config["inputs_hash"], run, section, inputs)
+    check_run_inputs(loop_config["inputs_hash"], parts, run, section, inputs)
 
     if storage.is_local(run.storage_path):
         storage_path, storage_fs = storage.local_path(run.storage_path), None
@@ -90,7 +92,7 @@ def fit_on_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], run:
     if result.checkpoint is None:
         raise TrainError(f"{section} in {run.storage_path}/{run.run_name} produced no checkpoint")
     storage.write_json(storage.join(run.storage_path, run.run_name, RUN_INPUTS),
-                       {"inputs_hash": loop_config["inputs_hash"]})
+                       {"inputs_hash": loop_config["inputs_hash"], "inputs": parts})
     return result
 
 
@@ -117,25 +119,44 @@ workers checked the checkpoints against it), so the next run's driver can refuse
 Ray Train starts its workers."""
 
 
-def check_run_inputs(expected_inputs: str, run: RunSettings, section: str, inputs: str) -> None:
+def check_run_inputs(expected_inputs: str, parts: dict[str, str], run: RunSettings, section: str, inputs: str) -> None:
     """In the driver: refuse a run whose recorded checkpoints were fitted on other inputs, before any
-    worker starts. Without a record (a run that never finished a fit) the workers' `restore_state`
-    is the check, as it always is."""
+    worker starts, naming the settings that changed (a ConfigError: the user sets them back or
+    chooses a new run name). Without a record (a run that never finished a fit) the workers'
+    `restore_state` is the check, as it always is."""
+    from factory.config import ConfigError
+
     root = storage.join(run.storage_path, run.run_name)
     url = storage.join(root, RUN_INPUTS)
     if not (storage.exists(url) and storage.exists(storage.join(root, RUN_HISTORY))):
         return
     try:
-        recorded = json.loads(storage.read_bytes(url)).get("inputs_hash")
+        record = json.loads(storage.read_bytes(url))
+        recorded, recorded_parts = record.get("inputs_hash"), record.get("inputs") or {}
     except (ValueError, AttributeError):
         return  # unreadable: the workers check the checkpoint itself
-    if recorded != expected_inputs:
-        raise different_inputs(run, section, inputs)
+    if recorded == expected_inputs:
+        return
+    changed = sorted(k for k in set(parts) | set(recorded_parts) if parts.get(k) != recorded_parts.get(k))
+    if not recorded_parts or not changed:  # a record from before parts were kept
+        raise ConfigError(str(different_inputs(run, section, inputs)))
+    raise ConfigError(f"run {run.run_name!r} in {run.storage_path} was fitted on other inputs: "
+                      f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''} changed since; set them back to "
+                      f"resume it, or choose a new {section}.run_name")
 
 
 def different_inputs(run: RunSettings, section: str, inputs: str) -> TrainError:
     return TrainError(f"run {run.run_name!r} in {run.storage_path} was fitted on different inputs ({inputs}); "
                       f"choose a new {section}.run_name")
+
+
+def check_finite(losses: dict[str, float], step: int, section: str) -> None:
+    """In the training loop: a loss that is NaN or infinite means the fit diverged; stop it before it
+    is checkpointed or published (its weights would make every label NaN)."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+        raise TrainError(f"{section} diverged at step {step} ({shown}): lower {section}.lr, or check the inputs")
 
 
 def root_cause(e: BaseException) -> str:

@@ -32,6 +32,7 @@ from factory.recipes.objectives import objective_for
 from factory.recipes.ray_train import (
     CHECKPOINT_RECORD,
     STATE_FILE,
+    check_finite,
     fit_on_ray,
     report_checkpoint,
     restore_state,
@@ -48,18 +49,26 @@ INPUTS = "labeled set, backbone, decoder or train settings"
 
 def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
     """What a checkpoint was fitted on; resuming onto different inputs is refused."""
-    labeled_sha = safetensors_fingerprint(labeled_path)
+    return config_lib.stable_hash(_inputs(cfg, labeled_path, named=False))
+
+
+def input_parts(cfg: FactoryConfig, labeled_path: str) -> dict[str, str]:
+    """`inputs_hash`'s inputs by name, a hash each, so a refusal can say which of them changed."""
+    return {k: config_lib.stable_hash(v) for k, v in _inputs(cfg, labeled_path, named=True).items()}
+
+
+def _inputs(cfg: FactoryConfig, labeled_path: str, named: bool) -> dict:
     t = cfg.train
+    settings = {k: getattr(t, k) for k in ("batch_pixels", "batch_images", "lr", "lr_schedule", "class_balanced",
+                                           "val_images", "seed")}
     views = extra_views(t)  # keyed only when on: earlier checkpoints keep their hash
-    return config_lib.stable_hash(
-        {
-            "labeled": labeled_sha,
-            "backbone": asdict(cfg.backbone),
-            "decoder": asdict(cfg.decoder),
-            "train": [t.batch_pixels, t.batch_images, t.lr, t.lr_schedule, t.class_balanced, t.val_images, t.seed,
-                      *([views] if views else [])],
-        }
-    )
+    parts = {"labeled": safetensors_fingerprint(labeled_path), "backbone": asdict(cfg.backbone),
+             "decoder": asdict(cfg.decoder)}
+    if not named:
+        return {**parts, "train": [*settings.values(), *([views] if views else [])]}
+    return {"the labeled set": parts["labeled"],
+            **{f"{section}.{k}": v for section in ("backbone", "decoder") for k, v in parts[section].items()},
+            **{f"train.{k}": v for k, v in (settings | views).items()}}
 
 
 def extra_views(t) -> dict:
@@ -166,10 +175,12 @@ def fit_objective(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(t, step)
         loss = objective.loss(model, step_generator(t.seed, rank, step))
+        value = loss.item()
+        check_finite({"loss": value}, step, "train")  # before the step: the weights stay finite
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        loss_sum, loss_count = loss_sum + value, loss_count + 1
         step += 1
     return unwrap(model), metrics
 
@@ -279,6 +290,7 @@ def train(cfg: FactoryConfig, checked: tuple | None = None) -> dict[str, float]:
         cfg.train,
         "train",
         INPUTS,
+        input_parts(cfg, cfg.train.labeled),
     )
 
     # 3. Publish the decoder from the last checkpoint, the weights last (readers take a folder
