@@ -27,6 +27,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (argparse names the option in front of the error)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+TOY_SIZES = (8, 1024)
+"""`factory toyworld --size`: below 8 px a face loses most of its parts (1 px shows none); a scene
+takes about 110 MiB to draw at 1024 px."""
+
+
+def _toy_size(text: str) -> int:
+    value = int(text)
+    if not TOY_SIZES[0] <= value <= TOY_SIZES[1]:
+        raise argparse.ArgumentTypeError(f"must be {TOY_SIZES[0]} to {TOY_SIZES[1]} pixels, got {value}")
+    return value
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="factory",
@@ -34,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         "examples into a sharded, reproducible image + label dataset.",
     )
     p.add_argument("--version", action="version", version=f"factory {__version__}")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="logging level (default INFO)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     d = sub.add_parser(
@@ -48,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--diffusion", action="store_true", help="the DatasetDM path instead of DatasetGAN's")
     d.add_argument("--workdir", help="folder for every output (default ./factory-demo, or ./factory-demo-dm)")
-    d.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    d.add_argument("overrides", nargs="*", default=[], help=_OVERRIDES_HELP)
 
     t = sub.add_parser(
         "train",
@@ -75,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     for verb in (t, g, pt):
         verb.add_argument("config", help=_CONFIG_HELP)
-        verb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+        verb.add_argument("overrides", nargs="*", default=[], help=_OVERRIDES_HELP)
 
     a = sub.add_parser("annotate", help="export images for labeling / import the labels",
                        description="The annotation round trip for the GAN path.")
@@ -108,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("--pool", type=int, default=None, help="candidates to score (default annotate.pool_size)")
     for verb in (ex, im, su):
         verb.add_argument("config", help=_CONFIG_HELP)
-        verb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+        verb.add_argument("overrides", nargs="*", default=[], help=_OVERRIDES_HELP)
 
     lab = sub.add_parser("labels", help="import a folder of real labeled images (diffusion path)",
                          description="The diffusion path's training data: real photos with their labels.")
@@ -121,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         "and write train.labeled. Every problem is listed with its file; nothing is written unless all pass.",
     )
     li.add_argument("config", help=_CONFIG_HELP)
-    li.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    li.add_argument("overrides", nargs="*", default=[], help=_OVERRIDES_HELP)
 
     pr = sub.add_parser("prompts", help="resolve a build's prompts (file, template or chat endpoint)",
                         description="Prompts for the diffusion path.")
@@ -133,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         "and write them to generate.output/prompts.jsonl, which `factory generate` then reads.",
     )
     pe.add_argument("config", help=_CONFIG_HELP)
-    pe.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    pe.add_argument("overrides", nargs="*", default=[], help=_OVERRIDES_HELP)
 
     tw = sub.add_parser(
         "toyworld",
@@ -143,8 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     tw.add_argument("folder", help="where to write images/, masks/, depth/, instances.json, prompts.jsonl")
     tw.add_argument("--num-images", type=_positive_int, default=100, help="scenes to render (default 100)")
-    tw.add_argument("--start-seed", type=int, default=0, help="seed of the first scene (default 0)")
-    tw.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    tw.add_argument("--start-seed", type=_non_negative_int, default=0, help="seed of the first scene (default 0)")
+    tw.add_argument("--size", type=_toy_size, default=64,
+                    help=f"image size in pixels, {TOY_SIZES[0]} to {TOY_SIZES[1]} (default 64)")
 
     wt = sub.add_parser("weights", help="convert or inspect StyleGAN2 checkpoints (official pickles, rosinality .pt)",
                         description="StyleGAN2 checkpoints in, read without executing anything from the file.")
@@ -199,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -209,11 +234,37 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 1
     except Exception as e:
-        code = _exit_code(e)
+        code = error_exit("factory", e)
         if code is None:
             raise
-        print(f"factory: error: {e}", file=sys.stderr)
         return code
+
+
+def error_exit(prog: str, e: Exception) -> int | None:
+    """Print `e` as one line, `PROG: error: ...`, and return its exit code (2: bad input, 1: a failed
+    run); the CLI and the Ray jobs (`jobs/*.py`) share it. None, printing nothing, for an exception
+    not known here: a bug, which the caller raises again with its traceback."""
+    code = _exit_code(e)
+    if code is not None:
+        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+    return code
+
+
+def _message(e: Exception) -> str:
+    """What to print for `e`: the OS's "Not a directory" rewritten to name the file in the way."""
+    if isinstance(e, NotADirectoryError) and e.filename is not None:
+        path = os.fspath(e.filename)
+        blocker = next((p for p in _parents(path) if os.path.exists(p) and not os.path.isdir(p)), path)
+        return f"{blocker}: a file is in the way; a folder is needed there (for {path})"
+    return str(e)
+
+
+def _parents(path: str) -> list[str]:
+    """`path` and the folders above it, outermost first."""
+    out = [path]
+    while os.path.dirname(out[-1]) not in ("", out[-1]):
+        out.append(os.path.dirname(out[-1]))
+    return out[::-1]
 
 
 def _exit_code(e: Exception) -> int | None:
@@ -227,7 +278,7 @@ def _exit_code(e: Exception) -> int | None:
     from factory.storage import StorageError
 
     if isinstance(e, (ConfigError, AnnotationError, ImageFolderError, FileNotFoundError, FileExistsError,
-                      StorageError)):
+                      NotADirectoryError, StorageError)):
         return 2
     if isinstance(e, (TrainError, GenerateError, LeaseError)):  # LeaseError: another build holds the output
         return 1
@@ -254,6 +305,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "demo":
         from factory.toy.demo import demo_config
 
+        if args.workdir is not None and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+            raise ConfigError(f"--workdir {args.workdir}: a file is in the way; the demo writes a folder there")
         workdir = args.workdir or ("factory-demo-dm" if args.diffusion else "factory-demo")
         cfg = demo_config(workdir, args.overrides, diffusion=args.diffusion)
     else:
@@ -266,6 +319,7 @@ def _run(args: argparse.Namespace) -> int:
         from factory.recipes import inspect
         from factory.toy.demo import run_demo
 
+        _check_backbone(cfg)  # a missing file or a tap the generator lacks fails in a second, before Ray starts
         summary = run_demo(cfg, command=shlex.join(
             ["factory", "demo", *(["--diffusion"] if args.diffusion else []),
              *(["--workdir", args.workdir] if args.workdir else []), *args.overrides]))
@@ -282,13 +336,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"exported {len(read_export(out)['images'])} images to {out}; label them as {out}/README.txt says, "
               f"then run: {shlex.join(['factory', 'annotate', 'import', args.config, *args.overrides])}")
     elif args.verb == "annotate" and args.action == "suggest":
-        from factory.recipes.suggest import suggest
+        from factory.recipes.suggest import check_inputs, suggest
         from factory.runtime import init_ray
 
         if args.num_images < 1 or (args.pool is not None and args.pool < 1):
             raise ConfigError(f"--num-images and --pool must be >= 1, got {args.num_images} and {args.pool}")
+        _check_backbone(cfg)
+        checked = check_inputs(cfg, args.num_images, args.pool)  # bad input fails before a cluster starts
         init_ray(cfg.ray)
-        record = suggest(cfg, args.num_images, args.pool)
+        record = suggest(cfg, args.num_images, args.pool, checked)
         where = cfg.labels.dir if cfg.backbone.kind == "diffusion" else cfg.annotate.dir
         verb = "labels" if cfg.backbone.kind == "diffusion" else "annotate"
         print(f"suggested {len(record['images'])} of {record['pool_scored']} candidates into {where} "
@@ -309,6 +365,9 @@ def _run(args: argparse.Namespace) -> int:
 
         from factory.backbones.diffusion import check_prompt_lengths
 
+        if cfg.backbone.kind != "diffusion":
+            raise ConfigError(f"prompts expand is for the diffusion path (backbone.kind: diffusion); this config's "
+                              f"backbone.kind is {cfg.backbone.kind!r}, whose images come from seeds, not prompts")
         rows, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, cfg.generate.output)
         check_prompt_lengths(cfg.backbone.weights, [r.text for r in rows], prompts.describe_source(cfg.prompts))
         prompts.store(rows, fresh, cfg.prompts, cfg.labels.classes, cfg.generate.output)
@@ -322,9 +381,12 @@ def _run(args: argparse.Namespace) -> int:
         metrics = train(cfg, checked)
         print(f"decoder written to {cfg.generate.decoder}  {_metrics(metrics)}")
     elif args.verb == "pretrain":
-        from factory.recipes.pretrain import pretrain
+        from factory.data.image_folder import load_image_folder
+        from factory.recipes.pretrain import pretrain, resolution_of
         from factory.runtime import init_ray
 
+        if cfg.pretrain.images is not None:  # every bad image named in seconds, before a cluster starts
+            load_image_folder(cfg.pretrain.images, resolution_of(cfg))
         init_ray(cfg.ray, training=True)
         record = pretrain(cfg, command=shlex.join(["factory", "pretrain", args.config, *args.overrides]))
         print(f"{cfg.backbone.kind} written to {cfg.pretrain.output} after {record['steps']} steps  "
@@ -340,6 +402,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_backbone(cfg) -> None:
+    """The backbone's weights and taps, checked in a second (its identity) before a cluster starts."""
+    from factory.backbones import backbone_identity
+    from factory.config import ConfigError
+
+    try:
+        backbone_identity(cfg.backbone)
+    except FileNotFoundError as e:
+        raise ConfigError(f"backbone.weights: {e}") from None
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from factory import storage
     from factory.config import StorageConfig
@@ -347,6 +420,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from factory.recipes import inspect
 
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
+    if args.dataset.endswith(versions.LATEST_SUFFIX) and not args.dataset.removesuffix(versions.LATEST_SUFFIX):
+        raise ValueError(f"{args.dataset!r} names no root: give ROOT{versions.LATEST_SUFFIX}, the nightly.root "
+                         f"the versions are published under (e.g. s3://bucket/datasets{versions.LATEST_SUFFIX})")
     dataset = versions.resolve(args.dataset)  # ROOT@latest -> the version LATEST names
     summary = inspect.summarize(dataset, stat_samples=args.samples, checksums=not args.no_verify)
     if not summary.get("in_progress"):

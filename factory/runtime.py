@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from factory.config import RayConfig
+from factory.config import ConfigError, RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,34 @@ def init_ray(cfg: RayConfig, training: bool = False) -> bool:
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
     if address is None:
         dashboard = training if cfg.dashboard is None else cfg.dashboard
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=dashboard, configure_logging=False)
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=dashboard, configure_logging=False, labels={LOCAL_LABEL: "1"})
     else:
         ray.init(address=address, configure_logging=False)
     log.info("ray: %s", ray.cluster_resources())
     return True
+
+
+LOCAL_LABEL = "factory-local"
+"""Node label of a cluster `init_ray` started in this process: nothing else will ever join it."""
+
+
+def check_placeable(cpus: float, gpus: float, keys: str) -> None:
+    """Refuse an actor no node of a local cluster can hold (Ray would wait for it forever, warning
+    that the cluster's resources are not enough); on a joined cluster, whose autoscaler may add a
+    larger node, only warn. `keys` names the settings that ask for the resources."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if any(n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus for n in nodes):
+        return
+    largest = max(nodes, key=lambda n: n["Resources"].get("CPU", 0), default={"Resources": {}})["Resources"]
+    have = f"{largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} GPUs"
+    wanted = f"{cpus:g} CPUs and {gpus:g} GPUs"
+    if any(n.get("Labels", {}).get(LOCAL_LABEL) for n in nodes):
+        raise ConfigError(f"{keys} ask each actor for {wanted}; the local cluster's node has {have} "
+                          "(ray.num_cpus sets its CPUs): lower them or raise ray.num_cpus")
+    log.warning("%s ask each actor for %s; no node of the cluster has that now (the largest: %s): it waits "
+                "for the autoscaler to add one", keys, wanted, have)
 
 
 @contextmanager

@@ -64,6 +64,18 @@ def test_unknown_key_in_file_is_named(tmp_path):
         ("train.val_images=16", "train.val_images"),
         ("generate.batch_size", "key=value"),
         ("generate.start_seed=9223372036854775800", r"generate.start_seed \+ generate.num_samples must be at most 2\*\*63"),
+        ("generate.start_seed=-1", "generate.start_seed must be >= 0, got -1"),
+        ("annotate.start_seed=-1", "annotate.start_seed must be >= 0, got -1"),
+        ("annotate.start_seed=99999999999999999999", r"annotate.start_seed \+ annotate.num_images must be at most 2\*\*63"),
+        ("annotate.pool_start_seed=-1", "annotate.pool_start_seed must be >= 0"),
+        ("train.max_failures=-1", "train.max_failures must be >= 0"),
+        ("train.seed=-2", "train.seed must be >= 0"),
+        ("pretrain.seed=-2", "pretrain.seed must be >= 0"),
+        ("prompts.seed=-2", "prompts.seed must be >= 0"),
+        ("backbone.init_seed=-1", "backbone.init_seed must be >= 0"),
+        ("decoder.init_seed=-1", "decoder.init_seed must be >= 0"),
+        ("nightly.label_samples=-5", "nightly.label_samples must be >= 0"),
+        ("ray.num_cpus=0", "ray.num_cpus must be >= 1"),
     ],
 )
 def test_bad_override_names_the_key(override, pattern):

@@ -123,9 +123,8 @@ def test_a_corrupted_finished_shard_is_caught_and_rebuilt(built, tmp_path, capsy
 
 
 def test_train_rerun_resumes_from_its_checkpoint(built):
-    from factory.config import load_config
+    from factory.config import ConfigError, load_config
     from factory.fingerprint import safetensors_fingerprint
-    from factory.config import ConfigError
     from factory.recipes.train import train
 
     work, args = built

@@ -73,6 +73,25 @@ def test_speed_ups_that_may_change_float_bits_are_part_of_the_sample_hash(tiny_c
     assert sample_hash(tiny_cfg, backbone.weights_hash, tiny_cfg.generate.decoder) == off
 
 
+def test_a_decoder_that_scores_nan_fails_its_batch_naming_the_seed(tiny_cfg, models):
+    """NaN features or weights make every label garbage and the score NaN (a NaN threshold, bare NaN in
+    JSON): the batch fails, naming the decoder and the seed, instead of being written."""
+    import dataclasses
+
+    backbone, decoder = models
+
+    class NaNFeatures:
+        def __getattr__(self, name):
+            return getattr(backbone, name)
+
+        def __call__(self, *args, **kwargs):
+            out = backbone(*args, **kwargs)
+            return dataclasses.replace(out, features=[f * float("nan") for f in out.features])
+
+    with pytest.raises(ValueError, match=r"scores seed 7 \(and 2 more of this batch\) as NaN or infinite"):
+        label_seeds(NaNFeatures(), decoder, [7, 8, 9], shard=0, cfg=tiny_cfg, config_hash="abc")
+
+
 def test_a_failing_shard_is_retried_then_reported_not_dropped(tiny_cfg, models, monkeypatch):
     import json
 

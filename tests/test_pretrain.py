@@ -444,10 +444,15 @@ def test_lr_restarts_extend_a_finished_decay_with_a_new_cycle(kind, folders, tmp
     assert_same(weights(straight), weights(again))
     for bad, says in [([f"pretrain.lr_restarts=[{steps}]", f"pretrain.steps={steps + 3}"], "needs pretrain.lr_decay_steps > 0"),
                       (["pretrain.lr_restarts=[2, 1]", "pretrain.lr_decay_steps=1"], "got 1 after 2"),
-                      (["pretrain.lr_restarts=[0]", "pretrain.lr_decay_steps=1"], "got 0 after 0"),
-                      ([f"pretrain.lr_restarts=[{steps}]", "pretrain.lr_decay_steps=1"], f"before pretrain.steps={steps}")]:
+                      (["pretrain.lr_restarts=[0]", "pretrain.lr_decay_steps=1"], "got 0 after 0")]:
         with pytest.raises(ConfigError, match=rf"pretrain.lr_restarts=\[.*{says}"):
             tiny_cfg(tmp_path, kind, *bad)
+    from factory.recipes.pretrain import check_restarts, run_steps
+
+    end = run_steps(one)
+    with pytest.raises(ConfigError, match=rf"pretrain.lr_restarts=\[{end}\]: the last restart must come before the "
+                                          r"run's last step"):  # by the config, or by the recipe, which knows the kind
+        check_restarts(tiny_cfg(tmp_path, kind, f"pretrain.lr_restarts=[{end}]", "pretrain.lr_decay_steps=1"))
 
 def test_lr_decay_windows_and_factors():
     """The schedule's arithmetic: one window per cycle, a short cycle decays over all of it, a
@@ -460,3 +465,22 @@ def test_lr_decay_windows_and_factors():
         [1.0, 1 / 20, 1.0, 1.0, 1.0, 1 / 30, 1.0, 1.0, 1 / 30]
     lr_decay.check_resume((90, 100), ((90, 100), (110, 120)), 100)  # the legacy record, then a restart
     lr_decay.check_resume(None, ((90, 100),), 90)  # a constant run continued into its decay
+
+
+def test_lr_restarts_count_the_run_s_steps_the_sd_family_s_vae_steps_first(tmp_path):
+    """The loop, its checkpoints and the decay windows count the SD family's VAE steps first; a restart
+    at the step a finished SD run ended (what the resume refusal advises) is accepted, one past the
+    run's end is refused naming how the steps are counted."""
+    from factory.config import ConfigError
+    from factory.recipes.pretrain import check_restarts, run_steps
+
+    sd = tiny_cfg(tmp_path, "diffusion", "pretrain.lr_decay_steps=1", "pretrain.lr_restarts=[3]", "pretrain.steps=3")
+    assert run_steps(sd) == 5
+    check_restarts(sd)  # refused before: 3 is not before pretrain.steps=3
+    sd.pretrain.lr_restarts = [5]
+    with pytest.raises(ConfigError, match=r"must come before the run's last step, 5 \(pretrain.vae_steps=2 \+ "
+                                          r"pretrain.steps=3: the VAE's steps count first\)"):
+        check_restarts(sd)
+    gan = tiny_cfg(tmp_path, "stylegan2", "pretrain.lr_decay_steps=1", "pretrain.lr_restarts=[4]")
+    with pytest.raises(ConfigError, match=r"the run's last step, 4 \(pretrain.steps=4\)"):
+        check_restarts(gan)

@@ -29,7 +29,8 @@ def ray_init(monkeypatch):
 ])
 def test_the_dashboard_starts_where_ray_train_needs_it(ray_init, dashboard, training, started):
     assert init_ray(RayConfig(num_cpus=2, dashboard=dashboard), training=training) is True
-    assert ray_init == [{"num_cpus": 2, "include_dashboard": started, "configure_logging": False}]
+    assert ray_init == [{"num_cpus": 2, "include_dashboard": started, "configure_logging": False,
+                         "labels": {"factory-local": "1"}}]
 
 
 def test_joining_a_cluster_leaves_the_dashboard_to_its_head(ray_init):
@@ -63,3 +64,32 @@ def test_a_bad_train_start_timeout_is_refused_naming_it():
 
     with pytest.raises(ConfigError, match="ray.train_start_timeout_s"):
         RayConfig(train_start_timeout_s=0)
+
+
+def test_an_actor_no_node_can_hold_is_refused_on_a_local_cluster_and_warned_about_on_a_joined_one(monkeypatch, caplog):
+    """Ray would wait forever for an actor asking more than the local cluster has (`generate.cpus_per_actor=5`
+    with `ray.num_cpus=4`); a joined cluster's autoscaler may still add a node that fits."""
+    import ray
+
+    from factory.config import ConfigError
+    from factory.runtime import check_placeable
+
+    node = {"Alive": True, "Resources": {"CPU": 4.0}, "Labels": {"factory-local": "1"}}
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}])
+    check_placeable(4, 0, "generate.cpus_per_actor / gpus_per_actor")
+    with pytest.raises(ConfigError, match=r"generate.cpus_per_actor / gpus_per_actor ask each actor for 5 CPUs and 0 GPUs; "
+                                          r"the local cluster's node has 4 CPUs and 0 GPUs"):
+        check_placeable(5, 0, "generate.cpus_per_actor / gpus_per_actor")
+    with pytest.raises(ConfigError, match="1 GPUs"):
+        check_placeable(1, 1, "generate.cpus_per_actor / gpus_per_actor")
+    node["Labels"] = {}
+    with caplog.at_level("WARNING", logger="factory.runtime"):
+        check_placeable(5, 0, "generate.cpus_per_actor / gpus_per_actor")
+    assert "waits for the autoscaler" in caplog.text
+
+
+def test_a_local_cluster_without_cpus_is_refused_naming_the_key():
+    from factory.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ray.num_cpus must be >= 1, got 0"):
+        RayConfig(num_cpus=0)

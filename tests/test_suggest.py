@@ -1,6 +1,8 @@
 """`factory annotate suggest`: uncertainty-weighted farthest-point selection, and the GAN path end to
 end on Ray: the chosen seeds join the export like `annotate export` writes it, `annotate import`
-takes both rounds together, and training regenerates every image bit for bit."""
+takes both rounds together, and training regenerates every image bit for bit. Bad input (a decoder
+fitted on other features, a pool of exported seeds, a last round still unlabeled) is refused before
+a cluster starts."""
 
 import json
 
@@ -51,6 +53,11 @@ def test_suggested_seeds_are_exported_imported_and_regenerated(tiny_cfg, labeled
     assert export["images"][:8] == first["images"] and len(new) == 5 and set(new) <= set(range(100_000, 100_030))
     assert sorted(r["seed"] for r in suggested["images"]) == new and sorted(r["rank"] for r in suggested["images"]) == list(range(5))
     assert export["batches"] == first["batches"] + [new[:3], new[3:]]  # annotate.batch_size=3
+    # a next round waits until this one is labeled and imported (import takes every exported image)
+    assert main(["annotate", "suggest", str(config), "--num-images", "2", "--pool", "30"]) == 2
+    assert "5 image(s) the last `annotate suggest` chose are not in train.labeled yet" in capsys.readouterr().err
+    annotate_by_rule(labeled_dir)
+    assert main(["annotate", "import", str(config)]) == 0
     # a second round never repeats a seed
     assert main(["annotate", "suggest", str(config), "--num-images", "2", "--pool", "30"]) == 0
     again = json.loads(open(f"{labeled_dir}/export.json").read())
@@ -65,7 +72,17 @@ def test_suggested_seeds_are_exported_imported_and_regenerated(tiny_cfg, labeled
     assert features[0].shape[0] == 15
 
 
-def test_suggest_errors_are_one_line(tiny_cfg, labeled_dir, tmp_path, capsys):
+def _no_cluster(monkeypatch):
+    import factory.runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Ray cluster was started before the input was checked")
+
+    monkeypatch.setattr(factory.runtime, "init_ray", refuse)
+
+
+def test_suggest_errors_are_one_line(tiny_cfg, labeled_dir, tmp_path, capsys, monkeypatch):
+    _no_cluster(monkeypatch)
     config = tmp_path / "factory.yaml"
     config.write_text(f"workdir: {tmp_path}\nannotate: {{num_images: 8}}\ndecoder: {{num_heads: 3}}\ntrain: {{val_images: 2}}\n")
     assert main(["annotate", "suggest", str(config), "--num-images", "0"]) == 2
@@ -102,3 +119,49 @@ def test_diffusion_path_suggests_unlabeled_photos_into_the_labeled_folder(tmp_pa
     assert len(os.listdir(labeled / "images")) == 5 and (labeled / "suggested.json").is_file()
     again = suggest(cfg, 2, pool_size=8)  # the next round leaves out what is in the labeled folder now
     assert not set(r["file"] for r in again["images"]) & set(names) and again["pool_scored"] == 5
+
+
+def _save_decoder_with_layout(cfg):
+    """An untrained decoder published with the feature layout it was fitted on, as `factory train` does."""
+    from factory import config as config_lib
+    from factory.backbones import backbone_identity, load_backbone
+    from factory.decoders import build_decoder
+    from factory.decoders.files import save_decoder
+
+    backbone = load_backbone(cfg.backbone)
+    model = build_decoder(cfg.decoder, backbone.feature_channels, len(cfg.label_names()), 0).eval()
+    save_decoder(cfg.generate.decoder, model, cfg.decoder, cfg.label_names(), backbone.feature_channels,
+                 backbone.weights_hash, config_lib.to_yaml(cfg), feature_names=backbone_identity(cfg.backbone).feature_names)
+
+
+def test_suggest_checks_the_decoder_and_pool_before_a_cluster_starts(tiny_cfg, labeled_dir, tmp_path, capsys, monkeypatch):
+    _no_cluster(monkeypatch)
+    config = tmp_path / "factory.yaml"
+    config.write_text(f"workdir: {tmp_path}\nannotate: {{num_images: 8}}\ndecoder: {{num_heads: 3}}\ntrain: {{val_images: 2}}\n")
+    _save_decoder_with_layout(tiny_cfg)
+    # the decoder reads other features than the config taps: generate's check, exit 2
+    assert main(["annotate", "suggest", str(config), "backbone.feature_resolutions=[16]", "--num-images", "2"]) == 2
+    assert "was fitted on features" in capsys.readouterr().err
+    # the pool overlaps the exported seeds 0-7: say by how much
+    assert main(["annotate", "suggest", str(config), "annotate.pool_start_seed=0", "--num-images", "5", "--pool", "10"]) == 2
+    assert ("annotate.pool_start_seed=0: 8 of the pool's 10 seeds (0 to 9) are exported already, leaving 2 candidates "
+            "for --num-images 5") in capsys.readouterr().err
+
+
+def test_a_suggested_round_not_yet_labeled_is_not_overwritten(tiny_cfg, labeled_dir, tmp_path, capsys, monkeypatch):
+    from factory.recipes.annotate import import_labels
+    from factory.recipes.suggest import unlabeled_suggestions
+
+    _no_cluster(monkeypatch)
+    config = tmp_path / "factory.yaml"
+    config.write_text(f"workdir: {tmp_path}\nannotate: {{num_images: 8}}\ndecoder: {{num_heads: 3}}\ntrain: {{val_images: 2}}\n")
+    save_untrained_decoder(tiny_cfg)
+    import_labels(tiny_cfg)  # the first round, 00000000.png .. 00000007.png
+    chosen = {"images": [{"file": "00100003.png"}, {"file": "00100009.png"}, {"file": "00000002.png"}]}
+    (tmp_path / "annotations" / "suggested.json").write_text(json.dumps(chosen))
+    assert main(["annotate", "suggest", str(config), "--num-images", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/annotations/suggested.json: 2 image(s) the last `annotate suggest` chose are not in " \
+           f"train.labeled yet (00100003.png, 00100009.png in {tmp_path}/annotations/images)" in err
+    (tmp_path / "annotations" / "skip.txt").write_text("00100003.png\n00100009.png\n")
+    assert unlabeled_suggestions(tiny_cfg) == []  # skipped counts as done

@@ -117,3 +117,16 @@ def test_a_shifted_world_moves_only_its_parameters():
     assert (small > 0).mean() < 0.8 * (plain > 0).mean()  # smaller faces: fewer face pixels
     shifted = toyworld.render(5, shift=toyworld.WorldShift(scale=0.8, roll=1.8, light=1.6))
     assert shifted.prompt == toyworld.render(5).prompt  # the same scene otherwise
+
+
+def test_large_faces_are_written_in_smaller_batches(tmp_path, monkeypatch):
+    """A batch's arrays stay near 256 scenes at 64 px (about 110 MiB), so `factory toyworld --size 1024`
+    draws one scene at a time instead of running out of memory."""
+    sizes = []
+    real = toyworld.render_batch
+    monkeypatch.setattr(toyworld, "render_batch", lambda seeds, size: sizes.append(len(seeds)) or real(seeds, size))
+    toyworld.write_folder(str(tmp_path / "big"), 5, size=512)
+    assert sizes == [4, 1]
+    sizes.clear()
+    toyworld.write_folder(str(tmp_path / "small"), 5, size=64)
+    assert sizes == [5]

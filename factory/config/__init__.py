@@ -14,10 +14,12 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf._utils import is_dict_annotation, is_list_annotation
 from omegaconf.errors import (
     GrammarParseError,
     InterpolationResolutionError,
@@ -110,10 +112,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file not found: {path}")
         try:
             with open(path, "rb") as f:
-                loaded = OmegaConf.load(io.StringIO(textfile.decode(f.read(), path)))
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"{path}: a config file is a mapping of sections (key: value), "
-                                  f"this one holds a {type(loaded).__name__}")
+                text = textfile.decode(f.read(), path)
+            root = yaml.compose(text, Loader=yaml.SafeLoader)  # the top level's kind, before OmegaConf reads it
+            if root is not None and not isinstance(root, yaml.MappingNode):
+                held = "a list" if isinstance(root, yaml.SequenceNode) else f"the single value {_short(root.value)}"
+                raise ConfigError(f"{path}: a config file is a mapping of sections (key: value), this one holds {held}")
+            loaded = OmegaConf.load(io.StringIO(text))
+            clash = _container_clash(merged, loaded)
+            if clash:
+                raise ConfigError(f"{path}: {clash}")
             merged = OmegaConf.merge(merged, loaded)
         except textfile.NotText as e:
             raise ConfigError(str(e)) from None
@@ -125,6 +132,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad[0]!r}")
     try:
+        for override in overrides:  # one at a time, to name the one whose list or mapping does not fit
+            given = OmegaConf.from_dotlist([override])
+            clash = _container_clash(merged, given)
+            if clash:
+                raise ConfigError(f"override {override!r}: {clash}")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)  # runs every __post_init__
     except yaml.YAMLError as e:
@@ -176,11 +188,25 @@ def absolute_paths(cfg: FactoryConfig) -> FactoryConfig:
 
 
 def from_dict(data: dict) -> FactoryConfig:
-    """Rebuild a config shipped across processes (e.g. to Ray workers) as a plain dict."""
+    """Rebuild a config shipped across processes (e.g. to Ray workers) as a plain dict (`to_dict`).
+    Its strings are final: load_config resolved the interpolations, and a `${` left in a value is
+    literal (the user escaped it), so it is escaped again rather than resolved a second time."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FactoryConfig), data))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FactoryConfig), _escaped(data)))
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
+
+
+def _escaped(value: object) -> object:
+    """`value` with every `${` in its strings escaped the way OmegaConf reads back literally: `\\${`,
+    with the backslashes before it doubled (OmegaConf reads `\\\\` before an interpolation as one)."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v) for v in value]
+    return value
 
 
 def to_dict(cfg: FactoryConfig) -> dict:
@@ -194,6 +220,33 @@ def to_yaml(cfg: FactoryConfig) -> str:
 def stable_hash(obj: object) -> str:
     """sha256 of a JSON-able object in canonical form: equal settings give equal hashes everywhere."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _container_clash(base: DictConfig, given: DictConfig, prefix: str = "") -> str | None:
+    """Where `given` holds a mapping and `base` (the config so far) a list, or the reverse, said
+    with the key: OmegaConf's merge only says "Cannot merge incompatible container types"."""
+    for key in given:
+        full = f"{prefix}{key}"
+        value = given._get_node(key)
+        expected = base._get_node(key)
+        if expected is None:  # a new entry of a typed mapping (prompts.attributes): its element type decides
+            element = base._metadata.element_type
+            expected = ListConfig([]) if is_list_annotation(element) else DictConfig({}) if is_dict_annotation(element) \
+                else None
+        if isinstance(expected, ListConfig) and isinstance(value, DictConfig):
+            return f"{full} is a list, got a mapping {_short(OmegaConf.to_container(value))} (give the whole list: [a, b])"
+        if isinstance(expected, DictConfig) and isinstance(value, ListConfig):
+            return f"{full} is a mapping (key: value), got a list {_short(OmegaConf.to_container(value))}"
+        if isinstance(expected, DictConfig) and isinstance(value, DictConfig):
+            clash = _container_clash(expected, value, f"{full}.")
+            if clash:
+                return clash
+    return None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(e: OmegaConfBaseException) -> str:

@@ -94,3 +94,13 @@ def classes_hint(classes: list[str], wrong: list[str] | tuple[str, ...] = ()) ->
     if len(close) == 1 and len(list(wrong)) == 1:
         return shown + f"; did you mean {close[0][1]!r}?"
     return shown + (f"; did you mean {', '.join(f'{m!r} for {w!r}' for w, m in close)}?" if close else "")
+
+
+def seeds_fit(section: str, start_key: str, start: int, count_key: str, count: int) -> None:
+    """Seeds `start` .. `start + count - 1` are 64-bit integers (a sample's seed is an int64 column,
+    an exported image is named by its seed): `start` >= 0 and the last below 2**63."""
+    if start < 0:
+        raise ConfigError(f"{section}.{start_key} must be >= 0, got {start}")
+    if start + count > 2**63:
+        raise ConfigError(f"{section}.{start_key} + {section}.{count_key} must be at most 2**63 (seeds are 64-bit "
+                          f"integers), got {start} + {count}")

@@ -227,6 +227,7 @@ class BackboneConfig:
         within("backbone.psi", self.psi, 0.0, 2.0)
         one_of("backbone.noise", self.noise, GAN_NOISE)
         at_least("backbone", self, 1, ("inversion_steps",))
+        at_least("backbone", self, 0, ("init_seed",))
         positive("backbone", self, ("inversion_lr",))
         one_of("backbone.dtype", self.dtype, GAN_DTYPES)
         bad = [c for c in self.classes if isinstance(c, bool) or not isinstance(c, int) or c < 0]
@@ -293,6 +294,7 @@ class DecoderConfig:
         if self.task not in DECODER_TASKS["interpreter"]:
             raise ConfigError(f"decoder.task must be 'segmentation' or 'keypoints', got {self.task!r}")
         distinct_subset("decoder.tasks", list(self.tasks), DECODER_TASKS["perception"])
+        at_least("decoder", self, 0, ("init_seed",))
         if self.hidden is not None and (len(self.hidden) != 2 or min(self.hidden) < 1):
             raise ConfigError(f"decoder.hidden must be two positive widths, got {self.hidden}")
         at_least("decoder", self, 1, ("num_heads", "dim", "num_queries", "num_layers"))

@@ -12,6 +12,7 @@ from factory.config.checks import (
     no_credentials,
     one_of,
     positive,
+    seeds_fit,
     within,
 )
 
@@ -39,6 +40,8 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         positive("ray", self, ("train_start_timeout_s",))
+        if self.num_cpus is not None:
+            at_least("ray", self, 1, ("num_cpus",))
 
 
 @dataclass
@@ -86,7 +89,8 @@ class AnnotateConfig:
 
     def __post_init__(self) -> None:
         at_least("annotate", self, 1, ("num_images", "batch_size", "pool_size"))
-        at_least("annotate", self, 0, ("pool_start_seed",))
+        seeds_fit("annotate", "start_seed", self.start_seed, "num_images", self.num_images)
+        seeds_fit("annotate", "pool_start_seed", self.pool_start_seed, "pool_size", self.pool_size)
         if self.latent_space not in ("z", "w"):
             raise ConfigError(f"annotate.latent_space must be 'z' or 'w', got {self.latent_space!r}")
 
@@ -138,7 +142,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         at_least("train", self, 1, ("num_workers", "steps", "batch_pixels", "batch_images", "checkpoint_every",
                                     "inversion_draws"))
-        at_least("train", self, 0, ("val_images",))
+        at_least("train", self, 0, ("val_images", "seed", "max_failures"))
         positive("train", self, ("lr", "cpus_per_worker"))
         one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
 
@@ -198,10 +202,8 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         at_least("generate", self, 1, ("num_samples", "shard_size", "batch_size", "num_actors", "calibration_samples"))
-        at_least("generate", self, 0, ("start_seed", "max_retries", "gpus_per_actor"))
-        if self.start_seed + self.num_samples > 2**63:  # a sample's seed is an int64 column
-            raise ConfigError(f"generate.start_seed + generate.num_samples must be at most 2**63 (seeds are 64-bit "
-                              f"integers), got {self.start_seed} + {self.num_samples}")
+        at_least("generate", self, 0, ("max_retries", "gpus_per_actor"))
+        seeds_fit("generate", "start_seed", self.start_seed, "num_samples", self.num_samples)
         within("generate.drop_uncertain", self.drop_uncertain, 0, 1, open_high=True)
         positive("generate", self, ("cpus_per_actor", "lease_seconds"))
         distinct_subset("generate.formats", list(self.formats), ("parquet", "webdataset"))
@@ -261,6 +263,7 @@ class PromptsConfig:
 
     def __post_init__(self) -> None:
         at_least("prompts", self, 1, ("num_prompts",))
+        at_least("prompts", self, 0, ("seed",))
         no_credentials("prompts.endpoint", self.endpoint)
         for name, values in self.attributes.items():  # a repeat doubles prompts; an empty value reads "with  hair"
             if any(not str(v).strip() for v in values):
@@ -372,7 +375,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         at_least("pretrain", self, 1, ("steps", "batch_size", "checkpoint_every", "num_workers", "r1_every"))
-        at_least("pretrain", self, 0, ("vae_steps", "max_failures", "r1_gamma", "kl_weight"))
+        at_least("pretrain", self, 0, ("vae_steps", "max_failures", "r1_gamma", "kl_weight", "seed"))
         positive("pretrain", self, ("lr", "cpus_per_worker", "ema_half_life"))
         within("pretrain.prompt_dropout", self.prompt_dropout, 0.0, 1.0, open_high=True)
         at_least("pretrain", self, 0, ("lr_decay_steps",))
@@ -386,9 +389,10 @@ class PretrainConfig:
             if not isinstance(at, int) or isinstance(at, bool) or at <= before:
                 raise ConfigError(f"pretrain.lr_restarts={self.lr_restarts}: restarts are increasing steps after 0, "
                                   f"got {at!r} after {before}")
-        if self.lr_restarts and self.lr_restarts[-1] >= self.steps:
-            raise ConfigError(f"pretrain.lr_restarts={self.lr_restarts}: the last restart must come before "
-                              f"pretrain.steps={self.steps}")
+        if self.lr_restarts and self.lr_restarts[-1] >= self.steps + self.vae_steps:  # `pretrain` checks its kind's
+            raise ConfigError(f"pretrain.lr_restarts={self.lr_restarts}: the last restart must come before the run's "
+                              f"last step (pretrain.steps={self.steps}, plus pretrain.vae_steps={self.vae_steps} for "
+                              "the SD family)")
         at_least("pretrain", self, 1, ("dit_layers", "dit_heads", "dit_head_dim", "dit_patch"))
         positive("pretrain", self, ("flow_shift",))
         if self.family not in ("sd", "sd3"):
@@ -415,7 +419,9 @@ class NightlyConfig:
     verify_checksums: bool = True
     """Validation: re-read every shard file and compare its sha256 with the completion record."""
     label_samples: int = 200
-    """Validation: samples whose labels are checked (ids within the label set, not all background)."""
+    """Validation: samples whose labels are checked (ids within the label set, not all background);
+    0 checks none."""
 
     def __post_init__(self) -> None:
         at_least("nightly", self, 1, ("keep", "min_samples"))
+        at_least("nightly", self, 0, ("label_samples",))

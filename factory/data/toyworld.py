@@ -354,6 +354,7 @@ def write_folder(directory: str, num_images: int, start_seed: int = 0, size: int
     visible part, the skin's carrying the face's keypoints), prompts.jsonl."""
     from pycocotools import mask as mask_utils
 
+    batch = max(1, min(batch, 256 * 64 * 64 // (size * size)))  # a batch's arrays stay near 256 scenes at 64 px
     for sub in ("images", "masks", "depth"):
         os.makedirs(os.path.join(directory, sub), exist_ok=True)
     categories = [{"id": i, "name": c} for i, c in enumerate(CLASSES) if i]

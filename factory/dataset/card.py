@@ -303,9 +303,9 @@ def reading_section(manifest: dict, where: str) -> list[str]:
                   '    wds.handle_extension("seg.png depth.png inst.png", as_stored), "rgb8")', "```", ""]
         first = (manifest.get("shards") or [{}])[0]
         if "parquet" in formats and first.get("count") == 0:  # datasets infers the columns from the first tar
-            lines += ["`datasets` reads one format per folder, the Parquet shards here; its `webdataset` loader "
-                      "infers a tar's columns from the first tar's samples, and the filter left the first tar here "
-                      "empty: read the tars with webdataset as above, or `ShardDataset(..., format=\"webdataset\")`.", ""]
+            lines += [("`datasets` reads one format per folder, the Parquet shards here; its `webdataset` loader "
+                       "infers a tar's columns from the first tar's samples, and the filter left the first tar here "
+                       "empty: read the tars with webdataset as above, or `ShardDataset(..., format=\"webdataset\")`."), ""]
         elif "parquet" in formats:
             lines += ["`datasets` reads one format per folder, the Parquet shards here; for the tars: "
                       f'`datasets.load_dataset("webdataset", data_files={tars})`.', ""]

@@ -57,6 +57,7 @@ def export_images(cfg: FactoryConfig) -> str:
     """Generate `annotate.num_images` images from consecutive seeds (or one image per row of the
     user's `annotate.latents`) into `annotate.dir`."""
     out = cfg.annotate.dir
+    check_folder("annotate.dir", out)
     backbone = load_backbone(cfg.backbone)
     given = user_latents(cfg, backbone)
     count = cfg.annotate.num_images if given is None else len(given)
@@ -143,6 +144,7 @@ def add_to_export(cfg: FactoryConfig, seeds: list[int]) -> list[str]:
 
 def import_labels(cfg: FactoryConfig) -> annotations.LabeledSet:
     """Validate the annotators' work and write `train.labeled`; raises AnnotationError listing problems."""
+    check_folder("train.labeled", cfg.train.labeled, os.path.dirname(os.path.abspath(cfg.train.labeled)))
     export = annotations.read_export(cfg.annotate.dir)
     backbone = backbone_identity(cfg.backbone)
     problems = []
@@ -161,6 +163,16 @@ def import_labels(cfg: FactoryConfig) -> annotations.LabeledSet:
     annotations.save_labeled_set(cfg.train.labeled, labeled)
     log.info("imported %d labeled images into %s", len(labeled.files), cfg.train.labeled)
     return labeled
+
+
+def check_folder(key: str, value: str, folder: str | None = None) -> None:
+    """A folder can be made at `folder` (default: `value`, the setting `key`): no file stands where it
+    or a folder above it goes. ConfigError naming the key and the file in the way."""
+    here = os.path.abspath(value if folder is None else folder)
+    while not os.path.exists(here) and os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise ConfigError(f"{key}={value}: {here} is a file, in the way of a folder this writes")
 
 
 def write_masks(directory: str, masks: dict[str, np.ndarray]) -> None:

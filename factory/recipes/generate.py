@@ -27,7 +27,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from factory import __version__, lease, storage
+from factory import __version__, lease, runtime, storage
 from factory import config as config_lib
 from factory.backbones import backbone_identity, load_backbone
 from factory.backbones.contract import BackboneIdentity
@@ -234,6 +234,7 @@ def map_on_actors(ds, actor: type, cfg: FactoryConfig, num_items: int, construct
     from ray.data import ActorPoolStrategy
 
     g = cfg.generate
+    runtime.check_placeable(g.cpus_per_actor, g.gpus_per_actor, "generate.cpus_per_actor / gpus_per_actor")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(

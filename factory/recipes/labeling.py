@@ -17,6 +17,7 @@ Batches are part of the contract: a shard's seeds go through the model in consec
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -69,6 +70,11 @@ def samples_from(out: BackboneOutput, labels: Decoded, seeds: list[int], shard: 
                  config_hash: str, decoder: FittedDecoder, prompts: list[str] | None) -> list[Sample]:
     """One batch's backbone and `decoder`'s outputs `labels` as Samples (arrays, nothing encoded yet)."""
     diffusion = cfg.backbone.diffusion if cfg.backbone.kind == "diffusion" else None
+    bad = [seed for seed, score in zip(seeds, labels.score.tolist()) if not math.isfinite(score)]
+    if bad:  # NaN features or weights: every label of the sample is garbage, and NaN is no JSON number
+        raise ValueError(f"the decoder {cfg.generate.decoder} scores seed {bad[0]} (and {len(bad) - 1} more of this "
+                         "batch) as NaN or infinite: its weights or the backbone's features are not finite; re-train it "
+                         "or check backbone.dtype")
     samples = []
     for i, seed in enumerate(seeds):
         keypoints = None

@@ -230,6 +230,23 @@ def record_path(cfg: FactoryConfig) -> str:
     return os.path.splitext(out)[0] + ".json" if cfg.backbone.kind == "stylegan2" else os.path.join(out, RECORD_FILE)
 
 
+def run_steps(cfg: FactoryConfig) -> int:
+    """The steps of the whole run, as the loop, its checkpoints and `pretrain.lr_restarts` count them:
+    the SD family's VAE steps first, then its UNet's; a GAN's or an SD3 transformer's steps alone."""
+    p = cfg.pretrain
+    return p.vae_steps + p.steps if cfg.backbone.kind == "diffusion" and p.family == "sd" else p.steps
+
+
+def check_restarts(cfg: FactoryConfig) -> None:
+    """`pretrain.lr_restarts` counts the run's steps (`run_steps`): the last restart comes before its end."""
+    p, total = cfg.pretrain, run_steps(cfg)
+    if p.lr_restarts and p.lr_restarts[-1] >= total:
+        counted = (f"pretrain.vae_steps={p.vae_steps} + pretrain.steps={p.steps}: the VAE's steps count first"
+                   if total != p.steps else f"pretrain.steps={p.steps}")
+        raise config_lib.ConfigError(f"pretrain.lr_restarts={p.lr_restarts}: the last restart must come before the "
+                                     f"run's last step, {total} ({counted})")
+
+
 def pretrain(cfg: FactoryConfig, command: str | None = None) -> dict:
     """Train `backbone.kind` on `pretrain.images` and publish it to `pretrain.output`; returns the
     record written beside it. `command` is recorded as the command line (default: this process's)."""
@@ -244,6 +261,7 @@ def pretrain(cfg: FactoryConfig, command: str | None = None) -> dict:
     if cfg.backbone.weights is not None:
         log.info("pretrain starts from seeded random weights (backbone.init_seed=%d); backbone.weights=%s "
                  "is not read", cfg.backbone.init_seed, cfg.backbone.weights)
+    check_restarts(cfg)
     data = load_image_folder(p.images, resolution_of(cfg))
     log.info("pretrain: %d images from %s (%d with prompts)", len(data.files), p.images,
              sum(1 for t in data.prompts if t))

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,9 +36,10 @@ from factory import storage
 from factory.backbones import backbone_identity
 from factory.config import ConfigError, FactoryConfig
 from factory.data import annotations
+from factory.data.image_folder import IMAGES_DIR, ImageFolder, load_image_folder
 from factory.recipes import annotate
 from factory.recipes.generate import (
-    GenerateError,
+    check_decoder_fits,
     fitted_decoder_metadata,
     load_models,
     map_on_actors,
@@ -109,8 +111,6 @@ class PoolScorer:
         self.backbone, self.decoder = load_models(self.cfg)
         self.photos = None
         if self.cfg.backbone.kind == "diffusion":
-            from factory.data.image_folder import load_image_folder
-
             self.photos = load_image_folder(self.cfg.annotate.candidates, self.backbone.resolution)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,30 +139,82 @@ def score_pool(cfg: FactoryConfig, ids: list[int]) -> tuple[np.ndarray, np.ndarr
 
 
 def check_decoder(cfg: FactoryConfig) -> None:
+    """The fitted decoder reads this backbone's features (the check `factory generate` makes)."""
     meta = fitted_decoder_metadata(cfg.generate.decoder)
-    backbone = backbone_identity(cfg.backbone)
-    if meta["backbone_hash"] != backbone.weights_hash:
-        raise GenerateError(f"decoder {cfg.generate.decoder} was fitted on backbone {meta['backbone_hash'][:12]}, "
-                            f"the config builds {backbone.weights_hash[:12]}; run `factory train` on the first round")
+    check_decoder_fits(meta, backbone_identity(cfg.backbone), cfg.generate.decoder)
 
 
-def suggest(cfg: FactoryConfig, num_images: int, pool_size: int | None = None) -> dict:
-    """Choose `num_images` candidates to label next and export them (see the module doc); returns
-    the record written to suggested.json."""
+@dataclass
+class Pool:
+    """What `check_inputs` found: the candidates to score and what is labeled already."""
+
+    ids: list[int]
+    """Seeds (GAN path) or indices into `photos` (diffusion path)."""
+    labeled: list[int] = field(default_factory=list)
+    """GAN path: the exported seeds, scored for distances."""
+    photos: ImageFolder | None = None
+    """Diffusion path: the candidate photos, as read."""
+
+
+def check_inputs(cfg: FactoryConfig, num_images: int, pool_size: int | None = None) -> Pool:
+    """1. Check inputs, in seconds and before a cluster starts: the decoder fits the backbone, the
+    last round is labeled, the pool holds `num_images` candidates."""
     a = cfg.annotate
     pool_size = pool_size or a.pool_size
     if num_images > pool_size:
         raise ConfigError(f"--num-images {num_images} is more than the pool of {pool_size} candidates (--pool)")
-    # 1. Check inputs.
     check_decoder(cfg)
     if cfg.backbone.kind == "diffusion":
-        return suggest_photos(cfg, num_images, pool_size)
+        return _photo_pool(cfg, num_images, pool_size)
     export = annotations.read_export(a.dir)
+    unlabeled = unlabeled_suggestions(cfg)
+    if unlabeled:
+        raise ConfigError(
+            f"{os.path.join(a.dir, SUGGESTED)}: {len(unlabeled)} image(s) the last `annotate suggest` chose are not in "
+            f"train.labeled yet ({', '.join(unlabeled[:4])}{' ...' if len(unlabeled) > 4 else ''} in "
+            f"{os.path.join(a.dir, annotations.IMAGES_DIR)}): label them (or list them in {annotations.SKIP_FILE}), "
+            "run `factory annotate import` and `factory train`, then suggest the next round")
     labeled_seeds = [r["seed"] for r in export["images"]]
     taken = set(labeled_seeds)
     pool = [s for s in range(a.pool_start_seed, a.pool_start_seed + pool_size) if s not in taken]
     if len(pool) < num_images:
-        raise ConfigError(f"annotate.pool_start_seed={a.pool_start_seed}: the pool overlaps the exported seeds")
+        raise ConfigError(
+            f"annotate.pool_start_seed={a.pool_start_seed}: {pool_size - len(pool)} of the pool's {pool_size} seeds "
+            f"({a.pool_start_seed} to {a.pool_start_seed + pool_size - 1}) are exported already, leaving {len(pool)} "
+            f"candidates for --num-images {num_images}; move annotate.pool_start_seed past the exported seeds "
+            f"or raise --pool")
+    return Pool(pool, labeled_seeds)
+
+
+def unlabeled_suggestions(cfg: FactoryConfig) -> list[str]:
+    """The images the last `annotate suggest` exported (suggested.json) that are neither in the
+    labeled set (`train.labeled`) nor listed in skip.txt: a new round would leave them unlabeled,
+    and `annotate import` takes every exported image."""
+    a = cfg.annotate
+    path = os.path.join(a.dir, SUGGESTED)
+    if not os.path.isfile(path):
+        return []
+    chosen = [r["file"] for r in storage.read_json(path)["images"]]
+    done: set[str] = set()
+    if os.path.isfile(cfg.train.labeled):
+        done |= set(annotations.load_labeled_set(cfg.train.labeled).files)
+    skip = os.path.join(a.dir, annotations.SKIP_FILE)
+    if os.path.isfile(skip):
+        text = annotations.read_text(skip, annotations.SKIP_FILE, []) or ""
+        done |= {line.strip() for line in text.split("\n") if line.strip()}
+    return [f for f in chosen if f not in done]
+
+
+def suggest(cfg: FactoryConfig, num_images: int, pool_size: int | None = None, checked: Pool | None = None) -> dict:
+    """Choose `num_images` candidates to label next and export them (see the module doc); returns
+    the record written to suggested.json. `checked`: what `check_inputs` returned, if called already."""
+    a = cfg.annotate
+    pool_size = pool_size or a.pool_size
+    # 1. Check inputs.
+    checked = checked or check_inputs(cfg, num_images, pool_size)
+    if cfg.backbone.kind == "diffusion":
+        return suggest_photos(cfg, num_images, checked)
+    pool, labeled_seeds = checked.ids, checked.labeled
     # 2. Score the pool and the labeled images (for distances) on Ray Data.
     scores, emb = score_pool(cfg, pool + labeled_seeds)
     # 3. Select.
@@ -181,18 +233,14 @@ def suggest(cfg: FactoryConfig, num_images: int, pool_size: int | None = None) -
     return record
 
 
-def suggest_photos(cfg: FactoryConfig, num_images: int, pool_size: int) -> dict:
-    """The diffusion path: choose among the unlabeled photos in `annotate.candidates` and copy them
-    into labels.dir/images/, where `factory labels import` expects them with their labels."""
-    from factory.data.image_folder import IMAGES_DIR, load_image_folder
-
+def _photo_pool(cfg: FactoryConfig, num_images: int, pool_size: int) -> Pool:
+    """The diffusion path's candidates: the photos in `annotate.candidates` not yet in labels.dir/images/."""
     a = cfg.annotate
     if a.candidates is None:
         raise ConfigError("annotate.candidates must name a folder of unlabeled photos to choose from "
                           "(diffusion backbones suggest real images, not seeds)")
     if cfg.labels.dir is None:
         raise ConfigError("labels.dir must name the labeled folder the chosen photos join")
-    # 2. Score the candidates and the labeled photos (for distances).
     candidates = load_image_folder(a.candidates, cfg.backbone.diffusion.resolution)
     target = os.path.join(cfg.labels.dir, IMAGES_DIR)
     have = set(os.listdir(target)) if os.path.isdir(target) else set()
@@ -200,6 +248,17 @@ def suggest_photos(cfg: FactoryConfig, num_images: int, pool_size: int) -> dict:
     if len(pool) < num_images:
         raise ConfigError(f"annotate.candidates={a.candidates}: {len(pool)} photos not yet in {target}, "
                           f"fewer than --num-images {num_images}")
+    return Pool(pool, photos=candidates)
+
+
+def suggest_photos(cfg: FactoryConfig, num_images: int, checked: Pool) -> dict:
+    """The diffusion path: choose among the unlabeled photos in `annotate.candidates` and copy them
+    into labels.dir/images/, where `factory labels import` expects them with their labels."""
+    a = cfg.annotate
+    candidates, pool = checked.photos, checked.ids
+    target = os.path.join(cfg.labels.dir, IMAGES_DIR)
+    have = set(os.listdir(target)) if os.path.isdir(target) else set()
+    # 2. Score the candidates and the labeled photos (for distances).
     scores, emb = score_pool(cfg, pool)
     labeled = None
     if have:
