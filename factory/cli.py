@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 
 from factory import __version__
 
@@ -248,6 +249,26 @@ def error_exit(prog: str, e: Exception) -> int | None:
     if code is not None:
         print(f"{prog}: error: {_message(e)}", file=sys.stderr)
     return code
+
+
+def run_job(prog: str, description: str, main: Callable, argv: list[str]) -> None:
+    """A Ray job's entry point (`jobs/*.py`): `PROG CONFIG [key=value ...]` parsed as the CLI's verbs
+    take them, `main(cfg)` run, its errors printed as the CLI prints them (one line, exit 2 or 1; a bug
+    keeps its traceback)."""
+    from factory import config as config_lib
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("config", help=_CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], help=_OVERRIDES_HELP)
+    args = p.parse_args(argv)
+    try:
+        main(config_lib.load_config(args.config, args.overrides))
+    except Exception as e:
+        code = error_exit(prog, e)
+        if code is None:
+            raise
+        sys.exit(code)
 
 
 def _message(e: Exception) -> str:
