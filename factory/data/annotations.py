@@ -178,14 +178,19 @@ def import_annotations(directory: str, task: str, label_names: list[str]) -> Lab
     )
 
 
-def _read_skip(directory: str, images: dict, problems: list[str]) -> set[str]:
+def skipped(directory: str, problems: list[str]) -> set[str]:
+    """The image names `directory`'s skip.txt lists (one per line, `#` comments), none without one."""
     path = os.path.join(directory, SKIP_FILE)
     if not os.path.isfile(path):
         return set()
     text = read_text(path, SKIP_FILE, problems)
     if text is None:
         return set()
-    names = {line.strip() for line in text.split("\n") if line.strip() and not line.startswith("#")}
+    return {line.strip() for line in text.split("\n") if line.strip() and not line.startswith("#")}
+
+
+def _read_skip(directory: str, images: dict, problems: list[str]) -> set[str]:
+    names = skipped(directory, problems)
     for name in sorted(names - set(images)):
         problems.append(f"{SKIP_FILE}: {name} is not an exported image")
     return names & set(images)

@@ -198,10 +198,7 @@ def unlabeled_suggestions(cfg: FactoryConfig) -> list[str]:
     done: set[str] = set()
     if os.path.isfile(cfg.train.labeled):
         done |= set(annotations.load_labeled_set(cfg.train.labeled).files)
-    skip = os.path.join(a.dir, annotations.SKIP_FILE)
-    if os.path.isfile(skip):
-        text = annotations.read_text(skip, annotations.SKIP_FILE, []) or ""
-        done |= {line.strip() for line in text.split("\n") if line.strip()}
+    done |= annotations.skipped(a.dir, [])  # an unreadable skip.txt is named by `annotate import`
     return [f for f in chosen if f not in done]
 
 
