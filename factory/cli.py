@@ -406,10 +406,10 @@ def _run(args: argparse.Namespace) -> int:
         from factory.recipes.pretrain import pretrain, resolution_of
         from factory.runtime import init_ray
 
-        if cfg.pretrain.images is not None:  # every bad image named in seconds, before a cluster starts
-            load_image_folder(cfg.pretrain.images, resolution_of(cfg))
+        # every bad image named in seconds, before a cluster starts; the recipe takes what was read
+        data = load_image_folder(cfg.pretrain.images, resolution_of(cfg)) if cfg.pretrain.images else None
         init_ray(cfg.ray, training=True)
-        record = pretrain(cfg, command=shlex.join(["factory", "pretrain", args.config, *args.overrides]))
+        record = pretrain(cfg, command=shlex.join(["factory", "pretrain", args.config, *args.overrides]), data=data)
         print(f"{cfg.backbone.kind} written to {cfg.pretrain.output} after {record['steps']} steps  "
               f"{_metrics(record['final_losses'])}")
     elif args.verb == "generate":
@@ -441,9 +441,6 @@ def _inspect(args: argparse.Namespace) -> int:
     from factory.recipes import inspect
 
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous))
-    if args.dataset.endswith(versions.LATEST_SUFFIX) and not args.dataset.removesuffix(versions.LATEST_SUFFIX):
-        raise ValueError(f"{args.dataset!r} names no root: give ROOT{versions.LATEST_SUFFIX}, the nightly.root "
-                         f"the versions are published under (e.g. s3://bucket/datasets{versions.LATEST_SUFFIX})")
     dataset = versions.resolve(args.dataset)  # ROOT@latest -> the version LATEST names
     summary = inspect.summarize(dataset, stat_samples=args.samples, checksums=not args.no_verify)
     if not summary.get("in_progress"):

@@ -17,10 +17,10 @@ log = logging.getLogger("jobs.pretrain")
 
 def main(cfg: config_lib.FactoryConfig) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
-    if cfg.pretrain.images is not None:  # every bad image named before a cluster starts or is joined
-        load_image_folder(cfg.pretrain.images, resolution_of(cfg))
+    # every bad image named before a cluster starts or is joined; the recipe takes what was read
+    data = load_image_folder(cfg.pretrain.images, resolution_of(cfg)) if cfg.pretrain.images else None
     with ray_session(cfg.ray, training=True):
-        record = pretrain(cfg)  # records this process's command line
+        record = pretrain(cfg, data=data)  # records this process's command line
     log.info("%s backbone at %s: %s", cfg.backbone.kind, cfg.pretrain.output, record["final_losses"])
     return record
 

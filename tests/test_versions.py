@@ -81,3 +81,10 @@ def test_validation_lists_damage(version):
     os.remove(f"{ds}/parquet/shard-00000.parquet")
     with pytest.raises(validate.ValidationError, match="shard-00000.parquet is missing"):
         validate.validate(ds)
+
+
+def test_latest_without_a_root_is_refused_naming_what_to_give():
+    from factory.dataset import versions
+
+    with pytest.raises(ValueError, match=r"'@latest' names no root: give ROOT@latest"):
+        versions.resolve("@latest")

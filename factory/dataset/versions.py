@@ -42,6 +42,9 @@ def resolve(url: str) -> str:
     if not url.endswith(LATEST_SUFFIX):
         return url
     root = url.removesuffix(LATEST_SUFFIX)
+    if not root.strip("/"):
+        raise ValueError(f"{url!r} names no root: give ROOT{LATEST_SUFFIX}, the nightly.root the versions are "
+                         f"published under (e.g. s3://bucket/datasets{LATEST_SUFFIX})")
     latest = read_latest(root)
     if latest is None:
         raise FileNotFoundError(f"{root} has no {LATEST} pointer yet: no version has been published")

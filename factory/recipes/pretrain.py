@@ -247,9 +247,11 @@ def check_restarts(cfg: FactoryConfig) -> None:
                                      f"run's last step, {total} ({counted})")
 
 
-def pretrain(cfg: FactoryConfig, command: str | None = None) -> dict:
+def pretrain(cfg: FactoryConfig, command: str | None = None, data: ImageFolder | None = None) -> dict:
     """Train `backbone.kind` on `pretrain.images` and publish it to `pretrain.output`; returns the
-    record written beside it. `command` is recorded as the command line (default: this process's)."""
+    record written beside it. `command` is recorded as the command line (default: this process's);
+    `data`: `pretrain.images` as `load_image_folder` read it, when the caller read it already (before
+    starting Ray, so that a bad image is named in seconds)."""
     started = time.perf_counter()
     p = cfg.pretrain
     storage.configure(cfg.storage)
@@ -262,7 +264,7 @@ def pretrain(cfg: FactoryConfig, command: str | None = None) -> dict:
         log.info("pretrain starts from seeded random weights (backbone.init_seed=%d); backbone.weights=%s "
                  "is not read", cfg.backbone.init_seed, cfg.backbone.weights)
     check_restarts(cfg)
-    data = load_image_folder(p.images, resolution_of(cfg))
+    data = data or load_image_folder(p.images, resolution_of(cfg))
     log.info("pretrain: %d images from %s (%d with prompts)", len(data.files), p.images,
              sum(1 for t in data.prompts if t))
 
