@@ -40,6 +40,12 @@ class AnnotationError(ValueError):
         super().__init__(f"{len(problems)} annotation problem(s): {shown}")
 
 
+MASK_MODES = ("L", "P", "I", "I;16")
+"""PNG modes a class-id mask may have, on both paths: 8-bit grey or palette indices, or 16/32-bit grey
+(the ids are checked against labels.classes). Not mode 1 (bilevel): save it as L."""
+MASK_PNG = f"a single-channel index PNG of class ids (mode {', '.join(MASK_MODES[:-1])} or {MASK_MODES[-1]})"
+
+
 @dataclass
 class LabeledSet:
     task: str
@@ -220,8 +226,8 @@ def _read_masks(
                 if im.format != "PNG":  # a lossy JPEG saved as .png shifts class ids at every edge
                     problems.append(f"{rel}: its content is {im.format}, not PNG; save masks as lossless PNG")
                     continue
-                if mode not in ("L", "P", "I", "I;16"):
-                    problems.append(f"{rel}: mode {mode}; expected a single-channel index PNG (mode L or P) of class ids")
+                if mode not in MASK_MODES:
+                    problems.append(f"{rel}: mode {mode}; expected {MASK_PNG}")
                     continue
                 if (w, h) != (size, size):
                     problems.append(f"{rel}: size {w}x{h}, expected {size}x{size} like {IMAGES_DIR}/{name}")

@@ -28,6 +28,8 @@ from PIL import Image
 from factory import tensorfile
 from factory.config.checks import classes_hint
 from factory.data.annotations import (
+    MASK_MODES,
+    MASK_PNG,
     AnnotationError,
     check_keypoint_names,
     coco_keypoints,
@@ -40,9 +42,6 @@ from factory.data.images import IMAGE_EXTENSIONS, square, to_rgb
 
 IMAGES_DIR, MASKS_DIR, DEPTH_DIR = "images", "masks", "depth"
 COCO_FILE, PROMPTS_FILE = "instances.json", "prompts.jsonl"
-MASK_MODES = ("L", "P", "I", "I;16")
-"""Class-id masks: 8-bit grey or palette indices, or 16/32-bit grey (ids checked against the classes),
-the modes `factory annotate import` reads on the GAN path. Not mode 1 (bilevel): save it as L."""
 DEPTH_MODES = ("I;16", "I", "I;16B")
 """Depth maps: 16-bit grey only. An 8-bit map (mode L) would read as at most 255 x 1/depth_scale
 metres, silently wrong, so it is refused."""
@@ -171,8 +170,7 @@ def import_folder(directory: str, tasks: list[str], classes: list[str], keypoint
             problems.append(f"{COCO_FILE}: image {name!r} has width x height {ann['size'][0]}x{ann['size'][1]}, "
                             f"but {rel} is {size[0]}x{size[1]}")
             ann = None
-        mask = _read_png(directory, MASKS_DIR, stem, size, problems, MASK_MODES,
-                         f"a single-channel index PNG of class ids (mode {', '.join(MASK_MODES[:-1])} or {MASK_MODES[-1]})")
+        mask = _read_png(directory, MASKS_DIR, stem, size, problems, MASK_MODES, MASK_PNG)
         if mask is not None and (int(mask.min()) < 0 or int(mask.max()) >= len(classes)):
             bad = int(mask.min()) if int(mask.min()) < 0 else int(mask.max())
             problems.append(f"{MASKS_DIR}/{stem}.png: class id {bad} is outside {classes_hint(classes)}")
