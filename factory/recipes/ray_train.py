@@ -114,9 +114,9 @@ def check_run_history(run: RunSettings, section: str) -> None:
 
 
 RUN_INPUTS = "factory_inputs.json"
-"""The inputs hash of a run's checkpoints, written by the driver after a fit that succeeded (its
-workers checked the checkpoints against it), so the next run's driver can refuse other inputs before
-Ray Train starts its workers."""
+"""The inputs hash of a run's checkpoints and the same inputs by name (a hash each), written by the
+driver after a fit that succeeded (its workers checked the checkpoints against it), so the next run's
+driver can refuse other inputs before Ray Train starts its workers, naming what changed."""
 
 
 def check_run_inputs(expected_inputs: str, parts: dict[str, str], run: RunSettings, section: str, inputs: str) -> None:
