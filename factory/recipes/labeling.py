@@ -72,9 +72,9 @@ def samples_from(out: BackboneOutput, labels: Decoded, seeds: list[int], shard: 
     diffusion = cfg.backbone.diffusion if cfg.backbone.kind == "diffusion" else None
     bad = [seed for seed, score in zip(seeds, labels.score.tolist()) if not math.isfinite(score)]
     if bad:  # NaN features or weights: every label of the sample is garbage, and NaN is no JSON number
-        raise ValueError(f"the decoder {cfg.generate.decoder} scores seed {bad[0]} (and {len(bad) - 1} more of this "
-                         "batch) as NaN or infinite: its weights or the backbone's features are not finite; re-train it "
-                         "or check backbone.dtype")
+        more = f" (and {len(bad) - 1} more of this batch)" if len(bad) > 1 else ""
+        raise ValueError(f"the decoder {cfg.generate.decoder} scores seed {bad[0]}{more} as NaN or infinite: its weights "
+                         "or the backbone's features are not finite; re-train it or check backbone.dtype")
     samples = []
     for i, seed in enumerate(seeds):
         keypoints = None
