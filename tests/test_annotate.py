@@ -241,11 +241,16 @@ def _coco_file(content):
         (_coco_file(_coco([{"segmentation": "abc"}])), 'segmentation must be polygons [[x1, y1, x2, y2, ...], ...] or RLE'),
         (_coco_file(_coco([{"segmentation": {"size": [4, 4], "counts": [16]}}])),
          "its RLE size [4, 4] differs from its image's [height, width] [8, 8]"),
+        (_coco_file(_coco([{"segmentation": {"size": [8, 8], "counts": "04"}}])),  # pycocotools: 4 runs of memory
+         "its RLE run lengths sum to 4, not the image's 8x8 = 64 pixels"),
+        (_coco_file(_coco([{"segmentation": {"size": [8, 8], "counts": "zzzz"}}])),
+         'its compressed RLE "counts" "zzzz" is not a valid COCO run-length string'),
     ],
     ids=["jpeg-mask", "bmp-mask", "gif-mask", "negative-tiff-mask", "skip-latin1", "coco-array", "coco-string",
          "coco-latin1", "coco-no-file-name", "coco-no-categories", "coco-unknown-category", "coco-unknown-image",
          "coco-bbox-only", "coco-empty-segmentation", "coco-2-point-polygon", "coco-odd-polygon", "coco-flat-polygon",
-         "coco-rle-no-counts", "coco-segmentation-string", "coco-rle-size"],
+         "coco-rle-no-counts", "coco-segmentation-string", "coco-rle-size", "coco-rle-string-short",
+         "coco-rle-string-invalid"],
 )
 def test_bad_labels_are_refused_naming_the_file(tmp_path, damage, message):
     d = _small_export(tmp_path / "export")
@@ -302,3 +307,15 @@ def test_unusual_but_valid_coco_imports(tmp_path, task):
         assert labeled.keypoints[0].tolist() == [[1, 2, 2], [5, 6, 1]]
     annotations.save_labeled_set(str(tmp_path / "not" / "yet" / "labeled.safetensors"), labeled)
     assert annotations.load_labeled_set(str(tmp_path / "not" / "yet" / "labeled.safetensors")).files == labeled.files
+
+
+def test_compressed_rle_strings_decode_to_the_runs_pycocotools_encodes():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        mask = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        runs = annotations.compressed_runs(mask_utils.encode(np.asfortranarray(mask))["counts"].decode())
+        flat = np.concatenate([np.full(r, i % 2, np.uint8) for i, r in enumerate(runs)])
+        np.testing.assert_array_equal(flat.reshape(w, h).T, mask)  # column-major runs, background first

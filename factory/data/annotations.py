@@ -267,6 +267,31 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def compressed_runs(counts: str) -> list[int] | None:
+    """The run lengths a COCO compressed RLE string encodes (the format of pycocotools' `encode`:
+    each run a little-endian sequence of 5-bit groups in characters '0' + value, bit 0x20 continuing,
+    bit 0x10 of the last group the sign, every run after the second stored as the difference from the
+    run two before it); None for a string that is not one. pycocotools decodes a malformed string into
+    a mask of whatever memory held, so it is checked here first."""
+    runs: list[int] = []
+    i = 0
+    while i < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if i == len(counts):
+                return None  # the string ends inside a run
+            c = ord(counts[i]) - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            i, shift = i + 1, shift + 5
+            if not more and c & 0x10:
+                value -= 1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
+
+
 def _segmentation_problem(seg: object, w: int, h: int) -> str | None:
     """What is wrong with one annotation's `segmentation` on a w x h image (None: nothing; a missing
     or empty one is no segmentation, which the reader judges by task)."""
@@ -278,8 +303,11 @@ def _segmentation_problem(seg: object, w: int, h: int) -> str | None:
             return f'its RLE segmentation needs "counts" (a string or a list of run lengths), got {_short(counts)}'
         if size != [h, w]:
             return f"its RLE size {_short(size)} differs from its image's [height, width] [{h}, {w}]"
-        if isinstance(counts, list) and sum(counts) != h * w:
-            return f"its RLE run lengths sum to {sum(counts)}, not the image's {h}x{w} = {h * w} pixels"
+        runs = compressed_runs(counts) if isinstance(counts, str) else counts
+        if runs is None or any(r < 0 for r in runs):
+            return f'its compressed RLE "counts" {_short(counts)} is not a valid COCO run-length string'
+        if sum(runs) != h * w:
+            return f"its RLE run lengths sum to {sum(runs)}, not the image's {h}x{w} = {h * w} pixels"
         return None
     if not isinstance(seg, list):
         return f"segmentation must be polygons [[x1, y1, x2, y2, ...], ...] or RLE, got {_short(seg)}"
