@@ -45,9 +45,23 @@ def current() -> StorageConfig:
     return _settings
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local path or an fsspec URL. A URL carrying credentials
-    (`s3://KEY:SECRET@bucket/...`, which fsspec would accept) is refused without repeating them."""
+@contextmanager
+def configured(cfg: StorageConfig) -> Iterator[None]:
+    """`cfg` for the calls inside the block, the process's settings back after it (a reader of one
+    endpoint among others: `configure` would change them for every reader in the process)."""
+    global _settings
+    before, _settings = _settings, cfg
+    try:
+        yield
+    finally:
+        _settings = before
+
+
+def filesystem(url: str, settings: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or an fsspec URL, built from `settings` (default:
+    the process's, see `configure`). A URL carrying credentials (`s3://KEY:SECRET@bucket/...`, which
+    fsspec would accept) is refused without repeating them."""
+    s = settings or _settings
     if "://" not in url:
         return LocalFileSystem(), os.path.abspath(url)
     scheme, _, rest = url.partition("://")
@@ -58,10 +72,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if url.startswith("s3://"):
         from s3fs import S3FileSystem
 
-        client_kwargs = {k: v for k, v in (("endpoint_url", _settings.endpoint_url),
-                                            ("region_name", _settings.region)) if v}
+        client_kwargs = {k: v for k, v in (("endpoint_url", s.endpoint_url), ("region_name", s.region)) if v}
         fs = S3FileSystem(
-            anon=_settings.anonymous,
+            anon=s.anonymous,
             client_kwargs=client_kwargs,
             config_kwargs={"connect_timeout": 10, "retries": {"max_attempts": 4, "mode": "standard"}},
             use_listings_cache=False,  # other processes (Ray actors) write the same prefixes

@@ -74,6 +74,41 @@ def test_round_trip_through_loopback_s3(dataset, s3_bucket):
         assert meta["key"] == ALL_KEYS[:4]
 
 
+def test_each_reader_reads_with_its_own_storage_settings(dataset, monkeypatch):
+    """Two readers of datasets on different endpoints, read in turn in one process (a train and a val
+    loader zipped), each read with its own settings: one process-wide setting let the second's
+    endpoint serve the first's later shards."""
+    from factory.config import StorageConfig
+
+    used = []
+    real = storage.filesystem
+    monkeypatch.setattr(storage, "filesystem", lambda url, settings=None: used.append(
+        (url, (settings or storage.current()).endpoint_url)) or real(url, settings))
+    a = read.ShardDataset(dataset, storage_cfg=StorageConfig(endpoint_url="http://a:9000"))
+    b = read.ShardDataset(dataset, storage_cfg=StorageConfig(endpoint_url="http://b:9000"))
+    default = read.ShardDataset(dataset)
+    assert default.storage_cfg == StorageConfig()  # not the last reader's endpoint
+    used.clear()
+    for (_, _, ma), (_, _, mb) in zip(a, b):
+        assert ma["key"] == mb["key"]
+    shards = [endpoint for url, endpoint in used if url.endswith(".parquet")]
+    assert shards[::2] == ["http://a:9000"] * NUM_SHARDS and shards[1::2] == ["http://b:9000"] * NUM_SHARDS
+
+
+def test_a_shuffled_epoch_reaches_workers_that_persist_across_epochs(dataset):
+    """`set_epoch` in the main process: DataLoader workers kept alive between epochs
+    (`persistent_workers=True`) read the new epoch's order too."""
+    orders = {}
+    for persistent in (False, True):
+        ds = read.ShardDataset(dataset, shuffle=True, seed=3)
+        loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=persistent)
+        orders[persistent] = []
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            orders[persistent].append([meta["key"] for _, _, meta in loader])
+    assert orders[True] == orders[False] and len({tuple(o) for o in orders[True]}) == 3
+
+
 def keys_seen(url, ranks, workers, **kwargs):
     seen = []
     for rank in range(ranks):

@@ -66,10 +66,11 @@ def record_tables(url: str, manifest: dict, columns: list[str] | None = None) ->
             yield record, pq.read_table(inner, filesystem=fs, columns=columns)
 
 
-def iter_tar(url: str) -> Iterator[dict]:
+def iter_tar(url: str, settings: StorageConfig | None = None) -> Iterator[dict]:
     """The samples of one WebDataset tar, streamed: rows with the Parquet columns (`image` and
-    `mask` as PNG bytes, `keypoints` as JSON text), so both formats feed the same decoding."""
-    fs, path = storage.filesystem(url)
+    `mask` as PNG bytes, `keypoints` as JSON text), so both formats feed the same decoding.
+    `settings`: the storage settings to read with (default: the process's)."""
+    fs, path = storage.filesystem(url, settings)
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         row: dict = {}
         for member in tar:
@@ -83,18 +84,20 @@ def iter_tar(url: str) -> Iterator[dict]:
             yield row_from_tar(row)
 
 
-def iter_rows(url: str, manifest: dict, fmt: str, records: list[dict]) -> Iterator[dict]:
-    """Undecoded sample rows of the given shards, in order, from one format."""
+def iter_rows(url: str, manifest: dict, fmt: str, records: list[dict],
+              settings: StorageConfig | None = None) -> Iterator[dict]:
+    """Undecoded sample rows of the given shards, in order, from one format, read with `settings`
+    (default: the process's storage settings)."""
     for record in records:
         if fmt == "parquet":
             for path in files_of(record, ".parquet"):
-                fs, inner = storage.filesystem(storage.join(url, path))
+                fs, inner = storage.filesystem(storage.join(url, path), settings)
                 with fs.open(inner, "rb") as f:
                     for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
                         yield from batch.to_pylist()
         else:
             for path in files_of(record, ".tar"):
-                yield from iter_tar(storage.join(url, path))
+                yield from iter_tar(storage.join(url, path), settings)
 
 
 def iter_samples(dataset: str, limit: int | None = None, fmt: str = "auto",
@@ -160,15 +163,17 @@ class ShardDataset(IterableDataset):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
         self.target = target
-        self.storage_cfg = storage_cfg or storage.current()
-        storage.configure(self.storage_cfg)
-        self.url, self.manifest = open_dataset(url)
-        self.format = choose_format(self.manifest, format, self.url)
+        self.storage_cfg = storage_cfg or storage.current()  # this reader's own: others may read elsewhere
+        with storage.configured(self.storage_cfg):
+            self.url, self.manifest = open_dataset(url)
+            self.format = choose_format(self.manifest, format, self.url)
+            self.kept = kept_counts(self.url, self.manifest, max_uncertainty)
         self.rank, self.world_size = _distributed(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
-        self.max_uncertainty, self.shuffle, self.seed, self.epoch = max_uncertainty, shuffle, seed, 0
-        self.kept = kept_counts(self.url, self.manifest, max_uncertainty)
+        self.max_uncertainty, self.shuffle, self.seed = max_uncertainty, shuffle, seed
+        # shared memory: DataLoader workers that persist across epochs see set_epoch too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         total = sum(self.kept.values())
         if total < self.world_size:  # every rank takes total // world_size samples: none
             kept = f" scoring at most max_uncertainty={max_uncertainty}" if max_uncertainty is not None else ""
@@ -176,7 +181,11 @@ class ShardDataset(IterableDataset):
                           "none (ranks take equal shares)", stacklevel=2)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def shard_order(self) -> list[dict]:
         records = list(self.manifest["shards"])
@@ -186,7 +195,6 @@ class ShardDataset(IterableDataset):
         return records
 
     def __iter__(self):
-        storage.configure(self.storage_cfg)  # DataLoader workers may be fresh processes
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         records = self.shard_order()
@@ -197,7 +205,7 @@ class ShardDataset(IterableDataset):
             if offset + count <= start or offset >= stop:
                 continue
             position = offset  # of the next kept sample in the epoch's order
-            for row in iter_rows(self.url, self.manifest, self.format, [record]):
+            for row in iter_rows(self.url, self.manifest, self.format, [record], self.storage_cfg):
                 if self.max_uncertainty is not None and row["uncertainty"] > self.max_uncertainty:
                     continue
                 position += 1
