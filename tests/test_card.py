@@ -266,13 +266,16 @@ def test_the_filter_section_says_what_was_dropped_and_when_scores_cannot_rank():
                    "score_quantiles": {"p10": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}}
     alike = {"calibration": calibration, "num_generated": 32, "num_samples": 32}
     flat = "\n".join(card.filter_section(alike))
-    assert "do not vary" in flat and "no sample was dropped" in flat and "most uncertain samples were dropped" not in flat
+    assert "do not vary" in flat and "no sample was dropped" in flat and "were dropped:" not in flat
     assert card.filter_sentence(alike).startswith("Nothing was dropped: the scores of the first 32 seeds do not vary")
     ranked = {**calibration, "threshold": 0.25, "score_quantiles": {"p10": 0.1, "p50": 0.2, "p90": 0.25, "p99": 0.3}}
     text = "\n".join(card.filter_section({"calibration": ranked, "num_generated": 40, "num_samples": 36}))
-    assert "The 10% most uncertain samples were dropped (4 of 40)" in text
+    assert "Samples scoring above **0.25000** were dropped: 4 of 40 (10%)" in text and "not exactly it" in text
     assert card.filter_sentence({"calibration": ranked, "num_generated": 40, "num_samples": 36}) == (
-        "The 10% most uncertain samples were dropped (4 of 40): scores above 0.25000, calibrated on 32 seeds.")
+        "Samples scoring above 0.25000 were dropped: 4 of 40 (10%; generate.drop_uncertain=0.1 set the threshold at "
+        "that quantile of the first 32 seeds' scores).")
+    realised = card.filter_sentence({"calibration": ranked, "num_generated": 60, "num_samples": 48})
+    assert "12 of 60 (20%" in realised and "most uncertain" not in realised  # the share dropped, not the target
     assert card.filter_sentence({"calibration": None, "num_generated": 4, "num_samples": 4}).startswith("Nothing")
 
 
@@ -290,6 +293,12 @@ def test_a_card_does_not_offer_the_tar_loader_that_fails_on_an_empty_first_tar()
     assert 'datasets.load_dataset("webdataset", data_files="/data/ds/webdataset/*.tar")' in text
 
 
-def test_a_webdataset_only_card_gives_the_ray_reader_its_format():
+def test_a_webdataset_only_card_gives_the_ray_reader_its_format_and_names_the_members_written():
     text = "\n".join(card.reading_section({"formats": ["webdataset"]}, "/data/ds"))
     assert 'ray_dataset("/data/ds", format="webdataset")' in text and 'ray_dataset("/data/ds")' not in text
+    manifest = {"formats": ["webdataset"], "tasks": ["segmentation", "depth"], "image_format": "webp",
+                "config": {"backbone": {"kind": "diffusion"}, "labels": {"depth_scale": 1000.0}}}
+    text = "\n".join(card.reading_section(manifest, "/data/ds"))
+    assert "members `KEY.webp`, `KEY.seg.png`, `KEY.depth.png`, `KEY.json`" in text and "KEY.png" not in text
+    assert "parquet/shard" not in text and "`prompts.jsonl`" in text and "empty_check=False" in text
+    assert "metres x `depth_scale` (1000 in this build" in text

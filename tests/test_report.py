@@ -58,7 +58,7 @@ def test_the_page_is_self_contained_with_every_section(report):
             assert im.width > 100 and im.height > 100
     assert "0.4321" in text and "val_miou" in text and "0.9876" not in text  # the metrics the build recorded
     assert "As recorded when this dataset was built" in text
-    assert "scores above 0.25000, calibrated on 10 seeds" in text  # the filter beside its histogram
+    assert "Samples scoring above 0.25000 were dropped" in text  # the filter beside its histogram
     assert "No failed shards, no missing or damaged files." in text
     assert "0: background" in text and "1: blue" in text  # the legend
 
@@ -148,4 +148,4 @@ def test_a_dataset_whose_every_sample_was_dropped_is_inspected_and_reported(tmp_
     assert main(["inspect", out, "--html", str(tmp_path / "r.html")]) == 0
     text = capsys.readouterr().out
     assert "0 kept of 5 generated" in text and "no samples: no label statistics" in text
-    assert "(5 of 5)" in (tmp_path / "r.html").read_text()
+    assert "were dropped: 5 of 5 (100%" in (tmp_path / "r.html").read_text()

@@ -75,15 +75,21 @@ LABEL_MEMBERS = {"segmentation": "mask", "depth": "depth", "instances": "instanc
 """Task -> the sample field (and so the WebDataset member) that carries its label map."""
 
 
+def media_members(manifest: dict) -> list[str]:
+    """The image and label-map member extensions of the build's tars (`png` or the image codec's,
+    then `seg.png`, `depth.png`, `inst.png` as its tasks write them)."""
+    tasks = manifest.get("tasks") or [manifest.get("task", "segmentation")]
+    return [IMAGE_FORMATS[manifest.get("image_format", "png")]] + [
+        TAR_MEMBERS[LABEL_MEMBERS[t]] for t in tasks if t in LABEL_MEMBERS]
+
+
 def webdataset_features(manifest: dict) -> list[dict]:
     """A WebDataset-only build's samples as `datasets` features: the image and label-map members
     its tasks write (`image`), `json` (META_SCHEMA, the JSON fields' items typed), `__key__` and
     `__url__`. Declared rather than left to `datasets` to infer from the first tar's first five
     samples, which, when those have no instances (`instance_classes: []`), types the list as null
     and then fails on the first sample that has some."""
-    tasks = manifest.get("tasks") or [manifest["task"]]
-    members = [IMAGE_FORMATS[manifest.get("image_format", "png")]] + [
-        TAR_MEMBERS[LABEL_MEMBERS[t]] for t in tasks if t in LABEL_MEMBERS]
+    members = media_members(manifest)
     meta = [{"name": f.name, "list": [{"name": n, "dtype": t} for n, t in JSON_ITEMS[f.name]]}
             if f.name in JSON_ITEMS else column_feature(f) for f in META_SCHEMA]
     return ([{"name": m, "dtype": "image"} for m in members] + [{"name": "json", "struct": meta}]
@@ -249,8 +255,9 @@ def filter_sentence(manifest: dict) -> str:
         return (f"Nothing was dropped: the scores of the first {c['num_scored']:,} seeds do not vary (all "
                 f"{c['threshold']:.5f}), so this decoder has no disagreement to rank samples by.")
     dropped = manifest["num_generated"] - manifest["num_samples"]
-    return (f"The {c['drop_fraction']:.0%} most uncertain samples were dropped ({dropped:,} of "
-            f"{manifest['num_generated']:,}): scores above {c['threshold']:.5f}, calibrated on {c['num_scored']:,} seeds.")
+    return (f"Samples scoring above {c['threshold']:.5f} were dropped: {dropped:,} of {manifest['num_generated']:,} "
+            f"({dropped / max(manifest['num_generated'], 1):.0%}; generate.drop_uncertain={c['drop_fraction']:g} "
+            f"set the threshold at that quantile of the first {c['num_scored']:,} seeds' scores).")
 
 
 def filter_section(manifest: dict) -> list[str]:
@@ -269,11 +276,12 @@ def filter_section(manifest: dict) -> list[str]:
             "dropped."), ""]
     return lines + [
         f"The decoder is an ensemble; a sample's `uncertainty` is the mean Jensen-Shannon disagreement of its "
-        f"heads over its most uncertain pixels. The {c['drop_fraction']:.0%} most uncertain samples were dropped "
-        f"({dropped:,} of {manifest['num_generated']:,}): "
-        f"scores above **{c['threshold']:.5f}**, the {1 - c['drop_fraction']:.0%} quantile of the first "
-        f"{c['num_scored']:,} seeds' scores (median {q.get('p50', float('nan')):.5f}, p90 {q.get('p90', float('nan')):.5f}). "
-        "Every kept sample keeps its score, so you can filter further.", ""]
+        f"heads over its most uncertain pixels. Samples scoring above **{c['threshold']:.5f}** were dropped: "
+        f"{dropped:,} of {manifest['num_generated']:,} ({dropped / max(manifest['num_generated'], 1):.0%}). The "
+        f"threshold is the {1 - c['drop_fraction']:.0%} quantile of the first {c['num_scored']:,} seeds' scores "
+        f"(`generate.drop_uncertain={c['drop_fraction']:g}`; median {q.get('p50', float('nan')):.5f}, p90 "
+        f"{q.get('p90', float('nan')):.5f}), so the share dropped over the whole build is near "
+        f"{c['drop_fraction']:.0%}, not exactly it. Every kept sample keeps its score, so you can filter further.", ""]
 
 
 def reading_section(manifest: dict, where: str) -> list[str]:
@@ -294,12 +302,15 @@ def reading_section(manifest: dict, where: str) -> list[str]:
     if "parquet" in formats:
         lines += ["With Ray Data or pyarrow alone:", "", "```python", "import ray", "",
                   f"ds = ray.data.read_parquet({json.dumps(where + '/parquet')})", "```", ""]
+    tasks = manifest.get("tasks") or [manifest.get("task", "segmentation")]
     if "webdataset" in formats:
-        lines += [("With webdataset (members `KEY.png`, `KEY.seg.png`, `KEY.json`, ...; the label maps decoded "
-                   "as stored: class ids, 16-bit depth):"), "", "```python",
+        members = [*media_members(manifest), "json"]
+        lines += [(f"With webdataset (members {', '.join(f'`KEY.{m}`' for m in members)}; the label maps decoded "
+                   "as stored: class ids, 16-bit depth; `empty_check=False` because a shard the filter emptied is "
+                   "an empty tar):"), "", "```python",
                   "import glob, io", "import numpy as np, PIL.Image, webdataset as wds", "",
-                  "def as_stored(data):", "    return np.asarray(PIL.Image.open(io.BytesIO(data)))", "",
-                  f"ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False).decode(",
+                  "def as_stored(data):", "    return np.array(PIL.Image.open(io.BytesIO(data)))", "",
+                  f"ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False, empty_check=False).decode(",
                   '    wds.handle_extension("seg.png depth.png inst.png", as_stored), "rgb8")', "```", ""]
         first = (manifest.get("shards") or [{}])[0]
         if "parquet" in formats and first.get("count") == 0:  # datasets infers the columns from the first tar
@@ -309,9 +320,18 @@ def reading_section(manifest: dict, where: str) -> list[str]:
         elif "parquet" in formats:
             lines += ["`datasets` reads one format per folder, the Parquet shards here; for the tars: "
                       f'`datasets.load_dataset("webdataset", data_files={tars})`.', ""]
-    lines += ["Files: `parquet/shard-NNNNN.parquet` (one row per sample), `webdataset/shard-NNNNN.tar` (+ "
-              "`.meta.parquet`), `_stats/` (a completion record per shard: counts, sha256 of every file, timings), "
-              "`manifest.json` (written last), `calibration.json`, `build.json`.", ""]
+    if "depth" in tasks:
+        scale = manifest.get("config", {}).get("labels", {}).get("depth_scale")
+        lines += [(f"Depth is a 16-bit PNG of metres x `depth_scale` ({scale:g} in this build; also a column and a "
+                   "`KEY.json` field): divide by it for metres; 0 is no depth." if scale else
+                   "Depth is a 16-bit PNG of metres x `depth_scale` (a column and a `KEY.json` field): divide by it "
+                   "for metres; 0 is no depth."), ""]
+    files = ([("`parquet/shard-NNNNN.parquet` (one row per sample)")] if "parquet" in formats else []) + (
+        ["`webdataset/shard-NNNNN.tar` (+ `.meta.parquet`)"] if "webdataset" in formats else [])
+    if manifest.get("config", {}).get("backbone", {}).get("kind") == "diffusion":
+        files.append("`prompts.jsonl` (the build's prompts; sample i takes prompt i mod their number)")
+    lines += [("Files: " + ", ".join(files) + ", `_stats/` (a completion record per shard: counts, sha256 of every "
+               "file, timings), `manifest.json` (written last), `calibration.json`, `build.json`."), ""]
     return lines
 
 
