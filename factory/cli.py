@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from factory import __version__
+from factory.runtime import check_outputs_outlive_the_job
 
 log = logging.getLogger("factory")
 
@@ -263,7 +264,9 @@ def run_job(prog: str, description: str, main: Callable, argv: list[str]) -> Non
     p.add_argument("overrides", nargs="*", default=[], help=_OVERRIDES_HELP)
     args = p.parse_args(argv)
     try:
-        main(config_lib.load_config(args.config, args.overrides))
+        cfg = config_lib.load_config(args.config, args.overrides)
+        check_outputs_outlive_the_job(cfg)
+        main(cfg)
     except Exception as e:
         code = error_exit(prog, e)
         if code is None:
@@ -333,6 +336,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = config_lib.load_config(args.config, args.overrides)
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
+    check_outputs_outlive_the_job(cfg)  # `ray job submit --working-dir . -- factory ...`
     storage.configure(cfg.storage)
     started = time.perf_counter()
 

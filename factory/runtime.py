@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from factory.config import ConfigError, RayConfig
+from factory.config import PATH_KEYS, ConfigError, FactoryConfig, RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,39 @@ def init_ray(cfg: RayConfig, training: bool = False) -> bool:
         ray.init(address=address, configure_logging=False)
     log.info("ray: %s", ray.cluster_resources())
     return True
+
+
+INPUT_KEYS = ("backbone.weights", "annotate.latents", "annotate.candidates", "labels.dir", "prompts.source",
+              "pretrain.images", "pretrain.vae_from")
+"""Path settings a job only reads: they may sit in the uploaded working folder with the code."""
+
+
+def unpacked_working_dir() -> str | None:
+    """The folder a `ray job submit --working-dir` job runs in (Ray unpacks the upload there, under
+    its session's temporary folder, and deletes it later), or None outside such a job."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except ValueError:
+        return None
+    return os.getcwd() if isinstance(job, dict) and (job.get("runtime_env") or {}).get("working_dir") else None
+
+
+def check_outputs_outlive_the_job(cfg: FactoryConfig) -> None:
+    """In a job submitted with `--working-dir`, refuse a path the job writes (or a later job reads back:
+    checkpoints, the labeled set, the decoder, datasets) that lies in the unpacked upload: a relative
+    `workdir` lands there, Ray deletes it, and the next submission unpacks elsewhere."""
+    unpacked = unpacked_working_dir()
+    if unpacked is None:
+        return
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in INPUT_KEYS or value is None or "://" in value:
+            continue
+        if os.path.commonpath([os.path.abspath(value), unpacked]) == unpacked:
+            raise ConfigError(f"{key}={value} lies in the folder Ray unpacked --working-dir into ({unpacked}), which "
+                              "Ray deletes after the job: give workdir (or this setting) as an absolute path on storage "
+                              "every node sees, or an s3:// URL")
 
 
 LOCAL_LABEL = "factory-local"

@@ -271,6 +271,15 @@ def write_json(url: str, obj: object) -> None:
     write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def write_file(url: str, write: Callable[[str], None]) -> None:
+    """A file that a library writes to a local path (`write(path)`), published at `url`: moved into
+    place through a temporary name, or uploaded to an object store."""
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, url.rstrip("/").rsplit("/", 1)[-1])
+        write(local)
+        put_file(local, url)
+
+
 def put_file(local_file: str, url: str, keep_source: bool = False) -> None:
     """Upload or move a finished local file to `url` through a temporary name (`keep_source`
     copies instead of moving a local file)."""

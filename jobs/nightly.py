@@ -1,6 +1,7 @@
 """Ray job: one night's dataset build, safe to schedule and to re-run.
 
-    ray job submit --working-dir . -- python jobs/nightly.py configs/demo.yaml ray.address=auto [--date 2026-11-24]
+    ray job submit --working-dir . -- python jobs/nightly.py configs/demo.yaml workdir=/shared/factory-work [--date 2026-11-24]
+    (workdir, outputs and checkpoints: an absolute path every node mounts, or s3://; see README)
 
 1. train: the decoder's run is named from its inputs (labeled set, backbone, decoder and train
    settings), so changed inputs train a new decoder and unchanged ones reuse the published one;
@@ -24,19 +25,20 @@ from factory.decoders.files import MODEL_FILE
 from factory.lease import LeaseError
 from factory.recipes.generate import GenerateError, generate
 from factory.recipes.ray_train import TrainError
-from factory.recipes.train import inputs_hash, train
-from factory.runtime import ray_session
+from factory.recipes.train import inputs_hash, labeled_file, train
+from factory.runtime import check_outputs_outlive_the_job, ray_session
 
 log = logging.getLogger("jobs.nightly")
 
 
 def decoder_run(cfg: config_lib.FactoryConfig) -> str:
     """A training run name that changes exactly when the decoder's inputs or length change."""
-    return "nightly-" + config_lib.stable_hash([inputs_hash(cfg, cfg.train.labeled), cfg.train.steps])[:12]
+    return "nightly-" + config_lib.stable_hash([inputs_hash(cfg, labeled_file(cfg)), cfg.train.steps])[:12]
 
 
 def main(cfg: config_lib.FactoryConfig, date: datetime.date) -> dict:
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
+    check_outputs_outlive_the_job(cfg)
     storage.configure(cfg.storage)
     with ray_session(cfg.ray, training=True):
         return build(cfg, date)

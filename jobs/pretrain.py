@@ -1,6 +1,7 @@
 """Ray job: train a backbone on a folder of images.
 
-    ray job submit --working-dir . -- python jobs/pretrain.py configs/toy_gan.yaml ray.address=auto
+    ray job submit --working-dir . -- python jobs/pretrain.py configs/toy_gan.yaml workdir=/shared/factory-work
+    (workdir, outputs and checkpoints: an absolute path every node mounts, or s3://; see README)
 """
 
 import logging

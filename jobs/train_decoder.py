@@ -1,6 +1,7 @@
 """Ray job: fit the decoder.
 
-    ray job submit --working-dir . -- python jobs/train_decoder.py configs/demo.yaml ray.address=auto
+    ray job submit --working-dir . -- python jobs/train_decoder.py configs/demo.yaml workdir=/shared/factory-work
+    (workdir, outputs and checkpoints: an absolute path every node mounts, or s3://; see README)
 """
 
 import logging

@@ -319,3 +319,19 @@ def test_compressed_rle_strings_decode_to_the_runs_pycocotools_encodes():
         runs = annotations.compressed_runs(mask_utils.encode(np.asfortranarray(mask))["counts"].decode())
         flat = np.concatenate([np.full(r, i % 2, np.uint8) for i, r in enumerate(runs)])
         np.testing.assert_array_equal(flat.reshape(w, h).T, mask)  # column-major runs, background first
+
+
+def test_the_labeled_set_can_live_on_s3_where_every_training_node_reads_it(tiny_cfg, labeled_dir, s3_bucket):
+    """On a cluster the Ray Train workers run on other nodes than the import: `train.labeled` may be
+    an s3:// URL, written by the import and read by the training's checks (and workers) through a
+    fetched copy."""
+    from factory import storage
+    from factory.recipes.train import check_inputs, inputs_hash, labeled_file
+
+    tiny_cfg.storage = storage.current()  # the loopback endpoint
+    tiny_cfg.train.labeled = f"{s3_bucket}/labels/labeled.safetensors"
+    annotate.import_labels(tiny_cfg)
+    assert storage.exists(tiny_cfg.train.labeled)
+    labeled, _ = check_inputs(tiny_cfg)
+    assert len(labeled.files) == 8 and os.path.isfile(labeled_file(tiny_cfg))
+    assert inputs_hash(tiny_cfg, labeled_file(tiny_cfg))  # hashed from the fetched copy

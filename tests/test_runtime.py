@@ -93,3 +93,28 @@ def test_a_local_cluster_without_cpus_is_refused_naming_the_key():
 
     with pytest.raises(ConfigError, match="ray.num_cpus must be >= 1, got 0"):
         RayConfig(num_cpus=0)
+
+
+def test_a_job_s_outputs_may_not_lie_in_the_working_folder_ray_unpacks_and_deletes(tmp_path, monkeypatch):
+    """`ray job submit --working-dir . -- python jobs/generate.py configs/demo.yaml`: the config's relative
+    workdir resolves inside Ray's unpacked upload, which Ray deletes after the job: refused, naming it."""
+    import json
+    import os
+
+    from factory.config import ConfigError, load_config
+    from factory.runtime import check_outputs_outlive_the_job
+
+    unpacked = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    unpacked.mkdir(parents=True)
+    monkeypatch.chdir(unpacked)
+    relative = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                        "demo.yaml"))
+    check_outputs_outlive_the_job(relative)  # not a job: a local run writes where the user stands
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    with pytest.raises(ConfigError, match=r"annotate.dir=.*_ray_pkg_1/factory-work/annotations lies in the folder Ray "
+                                          r"unpacked --working-dir into"):
+        check_outputs_outlive_the_job(relative)
+    shared = load_config(None, [f"workdir={tmp_path}/shared", "generate.output=s3://bucket/ds"])
+    check_outputs_outlive_the_job(shared)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # no --working-dir
+    check_outputs_outlive_the_job(relative)

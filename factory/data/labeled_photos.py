@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from factory import tensorfile
+from factory import storage, tensorfile
 from factory.config.checks import classes_hint
 from factory.data.annotations import (
     MASK_MODES,
@@ -249,7 +249,7 @@ def import_labels(cfg) -> RealLabeledSet:
     check_prompt_lengths(cfg.backbone.weights, labeled.prompts,
                          f"{os.path.join(cfg.labels.dir, PROMPTS_FILE)} (or made from classes)",
                          [f"the prompt of {IMAGES_DIR}/{name}" for name in labeled.files])
-    save_real_labeled_set(cfg.train.labeled, labeled)
+    storage.write_file(cfg.train.labeled, lambda path: save_real_labeled_set(path, labeled))
     return labeled
 
 

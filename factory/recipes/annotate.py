@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from factory import fingerprint
+from factory import fingerprint, storage
 from factory.backbones import backbone_identity, load_backbone
 from factory.backbones.stylegan2 import num_ws
 from factory.config import ConfigError, FactoryConfig
@@ -144,7 +144,8 @@ def add_to_export(cfg: FactoryConfig, seeds: list[int]) -> list[str]:
 
 def import_labels(cfg: FactoryConfig) -> annotations.LabeledSet:
     """Validate the annotators' work and write `train.labeled`; raises AnnotationError listing problems."""
-    check_folder("train.labeled", cfg.train.labeled, os.path.dirname(os.path.abspath(cfg.train.labeled)))
+    if storage.is_local(cfg.train.labeled):
+        check_folder("train.labeled", cfg.train.labeled, os.path.dirname(os.path.abspath(cfg.train.labeled)))
     export = annotations.read_export(cfg.annotate.dir)
     backbone = backbone_identity(cfg.backbone)
     problems = []
@@ -160,7 +161,7 @@ def import_labels(cfg: FactoryConfig) -> annotations.LabeledSet:
     if problems:
         raise annotations.AnnotationError(problems)
     labeled = annotations.import_annotations(cfg.annotate.dir, cfg.decoder.task, cfg.label_names())
-    annotations.save_labeled_set(cfg.train.labeled, labeled)
+    storage.write_file(cfg.train.labeled, lambda path: annotations.save_labeled_set(path, labeled))
     log.info("imported %d labeled images into %s", len(labeled.files), cfg.train.labeled)
     return labeled
 

@@ -78,12 +78,19 @@ def extra_views(t) -> dict:
     return on | ({"inversion_draws": t.inversion_draws} if t.inversion_draws != 1 else {})
 
 
+def labeled_file(cfg: FactoryConfig) -> str:
+    """A local path holding `train.labeled`: the file itself, or, for an `s3://` (or other) URL that
+    every Ray Train worker can reach, a copy fetched once per machine (`storage.fetch`)."""
+    url = cfg.train.labeled
+    return url if storage.is_local(url) else storage.fetch(url)
+
+
 def load_training_set(cfg: FactoryConfig) -> LabeledSet | RealLabeledSet:
     """The labeled set `train.labeled` names, of the kind the backbone trains on: annotated generated
     images (stylegan2) or imported real images (diffusion)."""
     if cfg.backbone.kind == "diffusion":
-        return load_real_labeled_set(cfg.train.labeled)
-    return load_labeled_set(cfg.train.labeled)
+        return load_real_labeled_set(labeled_file(cfg))
+    return load_labeled_set(labeled_file(cfg))
 
 
 class TrainingSetError(ValueError):
@@ -285,12 +292,12 @@ def train(cfg: FactoryConfig, checked: tuple | None = None) -> dict[str, float]:
             "in_channels": backbone.feature_channels,
             "backbone_hash": backbone.weights_hash,
             "feature_names": backbone.feature_names,
-            "inputs_hash": inputs_hash(cfg, cfg.train.labeled),
+            "inputs_hash": inputs_hash(cfg, labeled_file(cfg)),
         },
         cfg.train,
         "train",
         INPUTS,
-        input_parts(cfg, cfg.train.labeled),
+        input_parts(cfg, labeled_file(cfg)),
     )
 
     # 3. Publish the decoder from the last checkpoint, the weights last (readers take a folder
@@ -302,9 +309,9 @@ def train(cfg: FactoryConfig, checked: tuple | None = None) -> dict[str, float]:
     metrics = finite_metrics(result.metrics)
     storage.write_json(storage.join(target, METRICS_FILE), {
         "metrics": metrics, "steps": cfg.train.steps, "val_images": cfg.train.val_images,
-        "labeled_set": {"path": cfg.train.labeled, "fingerprint": safetensors_fingerprint(cfg.train.labeled),
+        "labeled_set": {"path": cfg.train.labeled, "fingerprint": safetensors_fingerprint(labeled_file(cfg)),
                         "images": len(labeled.files)},
-        "inputs_hash": inputs_hash(cfg, cfg.train.labeled),
+        "inputs_hash": inputs_hash(cfg, labeled_file(cfg)),
     })
     log.info("decoder written to %s; final metrics %s", target, metrics)
     return metrics
