@@ -285,6 +285,12 @@ def test_the_reading_snippets_name_a_file_url_by_its_path():
     assert 'ray_dataset("/data/my ds")' in text
 
 
+def test_the_webdataset_recipe_of_a_remote_dataset_says_how_to_reach_its_tars():
+    text = "\n".join(card.reading_section({"formats": ["webdataset"]}, "s3://bucket/ds"))
+    assert "not local files" in text and "pipe:aws s3 cp URL -" in text
+    assert "not local files" not in "\n".join(card.reading_section({"formats": ["webdataset"]}, "/data/ds"))
+
+
 def test_a_card_does_not_offer_the_tar_loader_that_fails_on_an_empty_first_tar():
     shards = [{"count": 0}, {"count": 5}]
     text = "\n".join(card.reading_section({"formats": ["parquet", "webdataset"], "shards": shards}, "/data/ds"))

@@ -312,6 +312,9 @@ def reading_section(manifest: dict, where: str) -> list[str]:
                   "def as_stored(data):", "    return np.array(PIL.Image.open(io.BytesIO(data)))", "",
                   f"ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False, empty_check=False).decode(",
                   '    wds.handle_extension("seg.png depth.png inst.png", as_stored), "rgb8")', "```", ""]
+        if not storage.is_local(where):  # glob and webdataset read local files (and `pipe:` commands)
+            lines += [("Here the tars are not local files: copy `webdataset/` down and glob the copy, or give "
+                       "webdataset one `pipe:aws s3 cp URL -` per tar; `ShardDataset` above reads them where they are."), ""]
         first = (manifest.get("shards") or [{}])[0]
         if "parquet" in formats and first.get("count") == 0:  # datasets infers the columns from the first tar
             lines += [("`datasets` reads one format per folder, the Parquet shards here; its `webdataset` loader "
