@@ -394,7 +394,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"prompts expand is for the diffusion path (backbone.kind: diffusion); this config's "
                               f"backbone.kind is {cfg.backbone.kind!r}, whose images come from seeds, not prompts")
         rows, fresh = prompts.resolve(cfg.prompts, cfg.labels.classes, cfg.generate.output)
-        check_prompt_lengths(cfg.backbone.weights, [r.text for r in rows], prompts.describe_source(cfg.prompts))
+        check_prompt_lengths(cfg.backbone.weights, [r.text for r in rows], prompts.describe_source(cfg.prompts),
+                             [r.where for r in rows])
         prompts.store(rows, fresh, cfg.prompts, cfg.labels.classes, cfg.generate.output)
         print(f"{len(rows)} prompts in {storage.join(cfg.generate.output, prompts.PROMPTS_FILE)}, e.g. {rows[0].text!r}")
     elif args.verb == "train":

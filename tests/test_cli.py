@@ -126,3 +126,11 @@ def test_ray_jobs_take_the_cli_arguments_and_fail_in_one_line(job, tmp_path, mon
     if job == "generate":
         code, err = run(config, f"workdir={tmp_path}")
         assert code == 2 and err.startswith("generate: error: fitted decoder") and "run `factory train` first" in err
+
+
+def test_prompts_expand_names_a_long_prompt_by_its_line(tmp_path, capsys):
+    source = tmp_path / "p.txt"
+    source.write_text("a cat\n# a comment\n" + "a very long prompt " + "word " * 100 + "\n")
+    config = os.path.join(ROOT, "configs", "demo_dm.yaml")
+    assert main(["prompts", "expand", config, f"workdir={tmp_path}", f"prompts.source={source}"]) == 2
+    assert f"{source}:3 (" in capsys.readouterr().err
