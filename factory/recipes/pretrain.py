@@ -44,6 +44,7 @@ from factory.recipes.ray_train import (
     STATE_FILE,
     check_finite,
     fit_on_ray,
+    hashed_inputs,
     report_checkpoint,
     restore_state,
     step_generator,
@@ -147,15 +148,16 @@ DIT_INPUTS = ("dit_layers", "dit_heads", "dit_head_dim", "dit_patch", "flow_shif
 
 def inputs_hash(cfg: FactoryConfig, data: ImageFolder) -> str:
     """What a checkpoint was trained on; resuming onto different inputs is refused."""
-    return config_lib.stable_hash(_inputs(cfg, data, named=False))
+    return run_inputs(cfg, data)[0]
 
 
 def input_parts(cfg: FactoryConfig, data: ImageFolder) -> dict[str, str]:
     """`inputs_hash`'s inputs by name, a hash each, so a refusal can say which of them changed."""
-    return {k: config_lib.stable_hash(v) for k, v in _inputs(cfg, data, named=True).items()}
+    return run_inputs(cfg, data)[1]
 
 
-def _inputs(cfg: FactoryConfig, data: ImageFolder, named: bool) -> dict:
+def run_inputs(cfg: FactoryConfig, data: ImageFolder) -> tuple[str, dict[str, str]]:
+    """(`inputs_hash`, `input_parts`) in one pass (the reused VAE's folder hashed once)."""
     p, b = cfg.pretrain, cfg.backbone
     arch = asdict(b.stylegan2) if b.kind == "stylegan2" else {"resolution": b.diffusion.resolution}
     settings = {k: getattr(p, k) for k in PRETRAIN_INPUTS}
@@ -170,12 +172,10 @@ def _inputs(cfg: FactoryConfig, data: ImageFolder, named: bool) -> dict:
             extra |= {k: getattr(p, k) for k in DIT_INPUTS}
     if b.kind == "diffusion" and p.denoiser_ema:  # what is published, and the state a checkpoint holds
         inputs["denoiser_ema"] = extra["denoiser_ema"] = True
-    if not named:
-        return inputs
     section = "backbone.stylegan2" if b.kind == "stylegan2" else "backbone.diffusion"
-    return {"the images": data.content_hash, "backbone.kind": b.kind, "backbone.init_seed": b.init_seed,
-            **{f"{section}.{k}": v for k, v in arch.items()},
-            **{f"pretrain.{k}": v for k, v in (settings | extra).items()}}
+    return hashed_inputs(inputs, {"the images": data.content_hash, "backbone.kind": b.kind,
+                                  "backbone.init_seed": b.init_seed, **{f"{section}.{k}": v for k, v in arch.items()},
+                                  **{f"pretrain.{k}": v for k, v in (settings | extra).items()}})
 
 
 def vae_hash(folder: str | None) -> str | None:
@@ -269,13 +269,14 @@ def pretrain(cfg: FactoryConfig, command: str | None = None, data: ImageFolder |
              sum(1 for t in data.prompts if t))
 
     # 2. Fit on Ray Train.
+    hashed, parts = run_inputs(cfg, data)
     result = fit_on_ray(
         _worker,
-        {"cfg": config_lib.to_dict(cfg), "data": asdict(data), "inputs_hash": inputs_hash(cfg, data)},
+        {"cfg": config_lib.to_dict(cfg), "data": asdict(data), "inputs_hash": hashed},
         p,
         "pretrain",
         INPUTS,
-        input_parts(cfg, data),
+        parts,
     )
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
 

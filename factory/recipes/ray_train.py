@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from factory import storage
+from factory.config import ConfigError, stable_hash
 
 STATE_FILE = "train_state.pt"
 CHECKPOINT_RECORD = "checkpoint.json"
@@ -124,8 +125,6 @@ def check_run_inputs(expected_inputs: str, parts: dict[str, str], run: RunSettin
     worker starts, naming the settings that changed (a ConfigError: the user sets them back or
     chooses a new run name). Without a record (a run that never finished a fit) the workers'
     `restore_state` is the check, as it always is."""
-    from factory.config import ConfigError
-
     root = storage.join(run.storage_path, run.run_name)
     url = storage.join(root, RUN_INPUTS)
     if not (storage.exists(url) and storage.exists(storage.join(root, RUN_HISTORY))):
@@ -143,6 +142,12 @@ def check_run_inputs(expected_inputs: str, parts: dict[str, str], run: RunSettin
     raise ConfigError(f"run {run.run_name!r} in {run.storage_path} was fitted on other inputs: "
                       f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''} changed since; set them back to "
                       f"resume it, or choose a new {section}.run_name")
+
+
+def hashed_inputs(inputs: object, by_name: dict[str, object]) -> tuple[str, dict[str, str]]:
+    """(the hash a run's checkpoints carry, of `inputs` as the recipe has always hashed them; the same
+    inputs by name, a hash each, for `check_run_inputs` to name what changed)."""
+    return stable_hash(inputs), {k: stable_hash(v) for k, v in by_name.items()}
 
 
 def different_inputs(run: RunSettings, section: str, inputs: str) -> TrainError:

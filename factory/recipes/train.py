@@ -34,6 +34,7 @@ from factory.recipes.ray_train import (
     STATE_FILE,
     check_finite,
     fit_on_ray,
+    hashed_inputs,
     report_checkpoint,
     restore_state,
     step_generator,
@@ -49,26 +50,26 @@ INPUTS = "labeled set, backbone, decoder or train settings"
 
 def inputs_hash(cfg: FactoryConfig, labeled_path: str) -> str:
     """What a checkpoint was fitted on; resuming onto different inputs is refused."""
-    return config_lib.stable_hash(_inputs(cfg, labeled_path, named=False))
+    return run_inputs(cfg, safetensors_fingerprint(labeled_path))[0]
 
 
 def input_parts(cfg: FactoryConfig, labeled_path: str) -> dict[str, str]:
     """`inputs_hash`'s inputs by name, a hash each, so a refusal can say which of them changed."""
-    return {k: config_lib.stable_hash(v) for k, v in _inputs(cfg, labeled_path, named=True).items()}
+    return run_inputs(cfg, safetensors_fingerprint(labeled_path))[1]
 
 
-def _inputs(cfg: FactoryConfig, labeled_path: str, named: bool) -> dict:
+def run_inputs(cfg: FactoryConfig, labeled_fingerprint: str) -> tuple[str, dict[str, str]]:
+    """(`inputs_hash`, `input_parts`) in one pass, from the labeled set's fingerprint read once."""
     t = cfg.train
     settings = {k: getattr(t, k) for k in ("batch_pixels", "batch_images", "lr", "lr_schedule", "class_balanced",
                                            "val_images", "seed")}
     views = extra_views(t)  # keyed only when on: earlier checkpoints keep their hash
-    parts = {"labeled": safetensors_fingerprint(labeled_path), "backbone": asdict(cfg.backbone),
-             "decoder": asdict(cfg.decoder)}
-    if not named:
-        return {**parts, "train": [*settings.values(), *([views] if views else [])]}
-    return {"the labeled set": parts["labeled"],
-            **{f"{section}.{k}": v for section in ("backbone", "decoder") for k, v in parts[section].items()},
-            **{f"train.{k}": v for k, v in (settings | views).items()}}
+    parts = {"labeled": labeled_fingerprint, "backbone": asdict(cfg.backbone), "decoder": asdict(cfg.decoder)}
+    return hashed_inputs(
+        {**parts, "train": [*settings.values(), *([views] if views else [])]},
+        {"the labeled set": labeled_fingerprint,
+         **{f"{section}.{k}": v for section in ("backbone", "decoder") for k, v in parts[section].items()},
+         **{f"train.{k}": v for k, v in (settings | views).items()}})
 
 
 def extra_views(t) -> dict:
@@ -282,6 +283,8 @@ def train(cfg: FactoryConfig, checked: tuple | None = None) -> dict[str, float]:
     `checked`: what `check_inputs(cfg)` returned, when the caller ran it already (before starting Ray)."""
     # 1. Check inputs.
     labeled, backbone = checked or check_inputs(cfg)
+    fingerprint = safetensors_fingerprint(labeled_file(cfg))
+    hashed, parts = run_inputs(cfg, fingerprint)
 
     # 2. Fit on Ray Train.
     result = fit_on_ray(
@@ -292,12 +295,12 @@ def train(cfg: FactoryConfig, checked: tuple | None = None) -> dict[str, float]:
             "in_channels": backbone.feature_channels,
             "backbone_hash": backbone.weights_hash,
             "feature_names": backbone.feature_names,
-            "inputs_hash": inputs_hash(cfg, labeled_file(cfg)),
+            "inputs_hash": hashed,
         },
         cfg.train,
         "train",
         INPUTS,
-        input_parts(cfg, labeled_file(cfg)),
+        parts,
     )
 
     # 3. Publish the decoder from the last checkpoint, the weights last (readers take a folder
@@ -309,9 +312,8 @@ def train(cfg: FactoryConfig, checked: tuple | None = None) -> dict[str, float]:
     metrics = finite_metrics(result.metrics)
     storage.write_json(storage.join(target, METRICS_FILE), {
         "metrics": metrics, "steps": cfg.train.steps, "val_images": cfg.train.val_images,
-        "labeled_set": {"path": cfg.train.labeled, "fingerprint": safetensors_fingerprint(labeled_file(cfg)),
-                        "images": len(labeled.files)},
-        "inputs_hash": inputs_hash(cfg, labeled_file(cfg)),
+        "labeled_set": {"path": cfg.train.labeled, "fingerprint": fingerprint, "images": len(labeled.files)},
+        "inputs_hash": hashed,
     })
     log.info("decoder written to %s; final metrics %s", target, metrics)
     return metrics
