@@ -121,31 +121,26 @@ def test_coco_polygons_import(tiny_cfg, capfd):
     assert "index" not in capfd.readouterr().out  # pycocotools' "creating index..." stays off the user's output
 
 
-def test_coco_unknown_category_is_named(tiny_cfg):
-    out = annotate.export_images(tiny_cfg)
+def _export_with_categories(cfg, categories: list[dict]) -> tuple[str, list[str]]:
+    """Export the images, then a coco.json over them listing `categories` and no annotations."""
+    out = annotate.export_images(cfg)
     names = [e["file"] for e in _export(out)["images"]]
-    coco = {
-        "images": [{"id": i, "file_name": n, "width": 32, "height": 32} for i, n in enumerate(names)],
-        "categories": [{"id": 3, "name": "wheel"}],
-        "annotations": [],
-    }
+    coco = {"images": [{"id": i, "file_name": n, "width": 32, "height": 32} for i, n in enumerate(names)],
+            "categories": categories, "annotations": []}
     with open(os.path.join(out, "coco.json"), "w") as f:
         json.dump(coco, f)
+    return out, names
+
+
+def test_coco_unknown_category_is_named(tiny_cfg):
+    _export_with_categories(tiny_cfg, [{"id": 3, "name": "wheel"}])
     with pytest.raises(AnnotationError, match=r"coco.json: category 'wheel' \(id 3\) is not in labels.classes"):
         annotate.import_labels(tiny_cfg)
 
 
 def test_problems_with_many_classes_stay_short_and_a_misspelt_category_gets_its_closest_name(tiny_cfg):
     tiny_cfg.labels.classes = ["background", "hair"] + [f"part{i:03d}" for i in range(253)]
-    out = annotate.export_images(tiny_cfg)
-    names = [e["file"] for e in _export(out)["images"]]
-    coco = {
-        "images": [{"id": i, "file_name": n, "width": 32, "height": 32} for i, n in enumerate(names)],
-        "categories": [{"id": 3, "name": "hiar"}],
-        "annotations": [],
-    }
-    with open(os.path.join(out, "coco.json"), "w") as f:
-        json.dump(coco, f)
+    out, names = _export_with_categories(tiny_cfg, [{"id": 3, "name": "hiar"}])
     with pytest.raises(AnnotationError) as err:
         annotate.import_labels(tiny_cfg)
     assert err.value.problems == [("coco.json: category 'hiar' (id 3) is not in labels.classes: ids 0..254, "
