@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 
 from factory import __version__
-from factory.runtime import check_outputs_outlive_the_job
 
 log = logging.getLogger("factory")
 
@@ -257,6 +256,7 @@ def run_job(prog: str, description: str, main: Callable, argv: list[str]) -> Non
     take them, `main(cfg)` run, its errors printed as the CLI prints them (one line, exit 2 or 1; a bug
     keeps its traceback)."""
     from factory import config as config_lib
+    from factory.runtime import check_outputs_outlive_the_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog=prog, description=description)
@@ -336,6 +336,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = config_lib.load_config(args.config, args.overrides)
     log.info("resolved config:\n%s", config_lib.to_yaml(cfg))
+    from factory.runtime import check_outputs_outlive_the_job
+
     check_outputs_outlive_the_job(cfg)  # `ray job submit --working-dir . -- factory ...`
     storage.configure(cfg.storage)
     started = time.perf_counter()
