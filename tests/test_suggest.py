@@ -5,6 +5,7 @@ fitted on other features, a pool of exported seeds, a last round still unlabeled
 a cluster starts."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -165,3 +166,19 @@ def test_a_suggested_round_not_yet_labeled_is_not_overwritten(tiny_cfg, labeled_
            f"train.labeled yet (00100003.png, 00100009.png in {tmp_path}/annotations/images)" in err
     (tmp_path / "annotations" / "skip.txt").write_text("00100003.png\n00100009.png\n")
     assert unlabeled_suggestions(tiny_cfg) == []  # skipped counts as done
+
+
+def test_the_last_round_is_read_from_a_labeled_set_on_s3(tiny_cfg, labeled_dir, s3_bucket):
+    """`train.labeled` may be an s3:// URL (a cluster's labeled set): the suggested images found in it
+    are labeled, as they are in a local one."""
+    from factory import storage
+    from factory.recipes.annotate import import_labels
+    from factory.recipes.suggest import unlabeled_suggestions
+
+    tiny_cfg.storage = storage.current()
+    tiny_cfg.train.labeled = f"{s3_bucket}/labels/labeled.safetensors"
+    import_labels(tiny_cfg)
+    chosen = {"images": [{"file": "00000002.png"}, {"file": "00100009.png"}]}
+    with open(os.path.join(tiny_cfg.annotate.dir, "suggested.json"), "w") as f:
+        json.dump(chosen, f)
+    assert unlabeled_suggestions(tiny_cfg) == ["00100009.png"]

@@ -44,6 +44,7 @@ from factory.recipes.generate import (
     load_models,
     map_on_actors,
 )
+from factory.recipes.train import labeled_file
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,8 @@ def unlabeled_suggestions(cfg: FactoryConfig) -> list[str]:
         return []
     chosen = [r["file"] for r in storage.read_json(path)["images"]]
     done: set[str] = set()
-    if os.path.isfile(cfg.train.labeled):
-        done |= set(annotations.load_labeled_set(cfg.train.labeled).files)
+    if storage.exists(cfg.train.labeled):  # local or, on a cluster, s3://
+        done |= set(annotations.load_labeled_set(labeled_file(cfg)).files)
     done |= annotations.skipped(a.dir, [])  # an unreadable skip.txt is named by `annotate import`
     return [f for f in chosen if f not in done]
 
