@@ -218,7 +218,7 @@ def prompts_empty_prompt(i: Inputs) -> Case:
 
 
 def prompts_too_long(i: Inputs) -> Case:
-    return _prompts_case(i, "long.txt", b"a face\n" + b" ".join([b"very"] * 120) + b" long prompt\n", "prompt 2 (")
+    return _prompts_case(i, "long.txt", b"a face\n" + b" ".join([b"very"] * 120) + b" long prompt\n", "long.txt:2 (")
 
 
 def prompts_row_not_object(i: Inputs) -> Case:
